@@ -1,0 +1,157 @@
+"""Tokenizers: train, save, load, encode and decode, on top of Hugging Face `tokenizers`.
+
+Two kinds:
+    bbpe  byte-level BPE as in GPT-2: text is UTF-8 bytes, each byte one of 256 base symbols, merges on
+          top. Any text round-trips exactly: decode(encode(s)) == s (emoji, CJK, tabs, newlines).
+    bpe   vanilla BPE over characters seen in training, with an unknown token. Words and punctuation are
+          pre-split; a space is kept as a "▁" marker at the start of the word that follows it (the
+          Metaspace scheme of SentencePiece), so decoding restores single spaces and newlines. It does not
+          preserve characters never seen in training (they decode as "<unk>").
+
+Special tokens, with ids fixed by their order:
+    0  <|endoftext|>  separates documents; generation stops at it     (both kinds)
+    1  <unk>          stands for a character outside the vocabulary   (bpe only)
+"""
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from errors import UsageError
+
+EOT = "<|endoftext|>"
+UNK = "<unk>"
+KINDS = ("bpe", "bbpe")
+READ_CHARS = 1 << 20  # text handed to the trainer at a time: the corpus is streamed, never read whole
+
+
+class Tokenizer:
+    """A trained tokenizer.json: encode/decode and the few facts the model needs."""
+
+    def __init__(self, hf: HFTokenizer) -> None:
+        self.hf = hf
+        eot = hf.token_to_id(EOT)
+        if eot is None:
+            raise UsageError(f"tokenizer has no {EOT} token: train it with preprocessing/train_tokenizer.py")
+        self.eot_id: int = eot
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Tokenizer":
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise UsageError(f"tokenizer file not found: {path}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"cannot read tokenizer file {path}: {e}") from None
+        return cls.from_json(text, source=str(path))
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "tokenizer JSON") -> "Tokenizer":
+        try:
+            return cls(HFTokenizer.from_str(text))
+        except Exception:  # tokenizers raises a bare Exception for malformed JSON
+            raise UsageError(f"{source} is not a tokenizer.json file") from None
+
+    def to_json(self) -> str:
+        return self.hf.to_str()
+
+    def save(self, path: str | Path) -> None:
+        """Write atomically: a temporary file beside `path`, then a rename."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        try:
+            tmp.write_text(self.to_json(), encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError as e:
+            raise UsageError(f"cannot write {path}: {e.strerror}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def kind(self) -> str:
+        return "bbpe" if isinstance(self.hf.pre_tokenizer, pre_tokenizers.ByteLevel) else "bpe"
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.hf.decode(ids, skip_special_tokens=False)
+
+
+def corpus_files(paths: list[str | Path]) -> list[Path]:
+    """The corpus arguments as a list of files: each path a file, or a folder of .txt files (sorted)."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(q for q in p.rglob("*.txt") if q.is_file())
+            if not found:
+                raise UsageError(f"no .txt files in folder {p}")
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise UsageError(f"corpus not found: {p}")
+    return files
+
+
+def iter_corpus(files: list[Path]) -> Iterator[str]:
+    """The corpus as a stream of text pieces (about 1 MB each); non-UTF-8 or empty input is an error."""
+    empty = True
+    for path in files:
+        with open(path, encoding="utf-8", newline="") as f:
+            while True:
+                try:
+                    piece = f.read(READ_CHARS)
+                except UnicodeDecodeError:
+                    raise UsageError(f"{path} is not UTF-8 text (a binary file?)") from None
+                if not piece:
+                    break
+                empty = empty and not piece.strip()
+                yield piece
+    if empty:
+        raise UsageError("the corpus is empty")
+
+
+def _new_tokenizer(kind: str) -> HFTokenizer:
+    if kind == "bbpe":
+        tok = HFTokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # True would add a space
+        tok.decoder = decoders.ByteLevel()
+        return tok
+    tok = HFTokenizer(models.BPE(unk_token=UNK))
+    # Split into words and single punctuation marks; each space becomes "▁" glued to the next piece.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True),
+        pre_tokenizers.Punctuation(),
+    ])
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="never", split=True)
+    return tok
+
+
+def _trainer(kind: str, vocab_size: int, show_progress: bool) -> trainers.BpeTrainer:
+    if kind == "bbpe":
+        return trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=show_progress,
+                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    return trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT, UNK], show_progress=show_progress)
+
+
+def train_tokenizer(files: list[Path], kind: str, vocab_size: int, show_progress: bool = True) -> Tokenizer:
+    """Learn BPE merges from the corpus, streamed; the same corpus always gives the same tokenizer."""
+    if kind not in KINDS:
+        raise UsageError(f"unknown tokenizer kind {kind!r}: choose bpe or bbpe")
+    minimum = 256 + 1 if kind == "bbpe" else 2 + 1
+    if vocab_size < minimum:
+        raise UsageError(f"--vocab_size must be at least {minimum} for {kind} (got {vocab_size})")
+    tok = _new_tokenizer(kind)
+    tok.train_from_iterator(iter_corpus(files), _trainer(kind, vocab_size, show_progress))
+    return Tokenizer(tok)
