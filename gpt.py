@@ -1,0 +1,299 @@
+"""The GPT: a stack of transformer blocks that predicts the next token (Radford et al. 2018, 2019).
+
+    tokens (B, T) -> token embedding + position embedding -> dropout
+                  -> num_of_layers x Block( attention, MLP, each with a residual connection and LayerNorm )
+                  -> final LayerNorm -> linear head tied to the token embedding -> logits (B, T, vocab_size)
+
+Pre-LayerNorm (GPT-2) normalises the input of each sub-layer; post-LayerNorm (the GPT-1 paper, as in the
+original transformer) normalises after adding the residual.
+"""
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attention import CORES, KVCache, MultiHeadAttention
+from errors import UsageError
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int
+    block_size: int = 256  # the longest context the model can see
+    embedding_dim: int = 384  # n_embd
+    num_of_layers: int = 4
+    num_of_heads: int = 4
+    dropout: float = 0.1
+    bias: bool = True  # biases in Linear layers and LayerNorms
+    attention: str = "sdpa"  # "sdpa" (fused kernels) or "scratch" (the reference written out)
+    norm_position: str = "pre"  # "pre" (GPT-2) or "post" (GPT-1)
+    init: str = "gpt2"  # "gpt2": N(0, 0.02), scaled residual projections; "pytorch": PyTorch's defaults
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "embedding_dim", "num_of_layers", "num_of_heads"):
+            if getattr(self, name) <= 0:
+                raise UsageError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.embedding_dim % self.num_of_heads:
+            raise UsageError(f"embedding_dim {self.embedding_dim} is not divisible by num_of_heads "
+                             f"{self.num_of_heads}")
+        if not 0 <= self.dropout < 1:
+            raise UsageError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name, allowed in (("attention", CORES), ("norm_position", ("pre", "post")),
+                              ("init", ("gpt2", "pytorch"))):
+            if getattr(self, name) not in allowed:
+                raise UsageError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward network: E -> 4E -> GELU -> E."""
+
+    def __init__(self, c: GPTConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(c.embedding_dim, 4 * c.embedding_dim, bias=c.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # the tanh approximation GPT-1 and GPT-2 used
+        self.proj = nn.Linear(4 * c.embedding_dim, c.embedding_dim, bias=c.bias)
+        self.dropout = nn.Dropout(c.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(self.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    """One transformer block: attention lets positions exchange information, the MLP transforms each one."""
+
+    def __init__(self, c: GPTConfig) -> None:
+        super().__init__()
+        self.pre_norm = c.norm_position == "pre"
+        self.ln_1 = nn.LayerNorm(c.embedding_dim, bias=c.bias)
+        self.attn = MultiHeadAttention(c.embedding_dim, c.num_of_heads, c.dropout, c.bias, c.attention)
+        self.ln_2 = nn.LayerNorm(c.embedding_dim, bias=c.bias)
+        self.mlp = MLP(c)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        if self.pre_norm:  # GPT-2: x + f(LN(x)), the residual path stays an identity
+            x = x + self.attn(self.ln_1(x), cache=cache)
+            return x + self.mlp(self.ln_2(x))
+        x = self.ln_1(x + self.attn(x, cache=cache))  # GPT-1: LN(x + f(x))
+        return self.ln_2(x + self.mlp(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        self.wte = nn.Embedding(c.vocab_size, c.embedding_dim)  # token embedding
+        self.wpe = nn.Embedding(c.block_size, c.embedding_dim)  # learned position embedding
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(Block(c) for _ in range(c.num_of_layers))
+        # Post-LN blocks already end in a LayerNorm; pre-LN needs one before the head.
+        self.ln_f = nn.LayerNorm(c.embedding_dim, bias=c.bias) if c.norm_position == "pre" else nn.Identity()
+        self.lm_head = nn.Linear(c.embedding_dim, c.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # weight tying: one matrix reads and writes tokens
+        if c.init == "gpt2":
+            self.apply(self._init_gpt2)
+            # GPT-2: residual projections scaled by 1/sqrt(2 * layers), since each block adds two of them
+            # to the residual stream and its variance would otherwise grow with depth.
+            for name, p in self.named_parameters():
+                if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * c.num_of_layers))
+
+    @staticmethod
+    def _init_gpt2(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear | nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    # ------------------------------------------------------------------ forward
+
+    def hidden_states(self, idx: torch.Tensor, caches: list[KVCache] | None = None,
+                      start_pos: int = 0) -> torch.Tensor:
+        """(B, T) token ids at positions start_pos .. start_pos + T - 1 -> (B, T, E) final hidden states."""
+        t = idx.size(1)
+        if start_pos + t > self.config.block_size:
+            raise ValueError(f"sequence of {start_pos + t} tokens, but block_size is {self.config.block_size}")
+        pos = torch.arange(start_pos, start_pos + t, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, E)
+        for i, block in enumerate(self.blocks):
+            x = block(x, caches[i] if caches is not None else None)
+        return self.ln_f(x)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, vocab_size) for the next token at every position; with targets (B, T), also the
+        mean cross-entropy (targets of -1 are ignored)."""
+        logits = self.lm_head(self.hidden_states(idx))
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    # ------------------------------------------------------------------ generation
+
+    def new_caches(self, batch: int, device: torch.device, dtype: torch.dtype) -> list[KVCache]:
+        c = self.config
+        return [KVCache(batch, c.num_of_heads, c.block_size, c.embedding_dim // c.num_of_heads, device, dtype)
+                for _ in range(c.num_of_layers)]
+
+    @torch.no_grad()
+    def stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+               top_p: float | None = None, eos_id: int | None = None, use_cache: bool = True,
+               generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+        """Yield max_new_tokens new tokens (B,) one at a time, continuing idx (B, T).
+
+        Stops early once every row has produced eos_id; rows that finished first keep emitting eos_id.
+        Call model.eval() first (dropout would otherwise stay on).
+
+        The context window: positions are learned and absolute, so cached keys/values are only valid while
+        the window's start stays put. The model sees the tokens from `start` on; when they would exceed
+        block_size, the window jumps forward to keep the last block_size // 2 tokens, which are run once
+        to rebuild the cache (a "prefill"). Without the cache the same window is recomputed every step,
+        so both ways give the same tokens, and the cached way pays the full price only once per jump.
+        """
+        block, keep = self.config.block_size, self.config.block_size // 2
+        start = max(0, idx.size(1) - block)
+        caches: list[KVCache] | None = None
+        cache_start = -1
+        finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            length = idx.size(1)
+            if length - start > block:
+                start = length - keep
+            if not use_cache:
+                hidden = self.hidden_states(idx[:, start:])
+            elif cache_start != start:  # prefill: run the whole window once, filling fresh caches
+                caches, cache_start = self.new_caches(idx.size(0), idx.device, self.wte.weight.dtype), start
+                hidden = self.hidden_states(idx[:, start:], caches)
+            else:  # one new token at its position in the window, attending to the cache
+                hidden = self.hidden_states(idx[:, -1:], caches, start_pos=length - 1 - start)
+            logits = self.lm_head(hidden[:, -1, :])  # only the last position predicts the next token
+            next_id = sample_next(logits, temperature, top_k, top_p, generator)
+            if eos_id is not None:
+                next_id = torch.where(finished, torch.full_like(next_id, eos_id), next_id)
+                finished |= next_id == eos_id
+            idx = torch.cat([idx, next_id[:, None]], dim=1)
+            yield next_id
+            if eos_id is not None and bool(finished.all()):
+                return
+
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, eos_id: int | None = None, use_cache: bool = True,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """idx (B, T) followed by up to max_new_tokens generated tokens: (B, T + n). See stream()."""
+        new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator))
+        return torch.cat([idx, torch.stack(new, dim=1)], dim=1) if new else idx
+
+    # ------------------------------------------------------------------ accounting and optimisation
+
+    def num_parameters(self, non_embedding: bool = True) -> int:
+        """Parameters, each once (the tied head is the token embedding). non_embedding leaves out the
+        position embedding, as is usual; the token embedding stays, since it does compute as the head."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.wpe.weight.numel() if non_embedding else n
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token, forward + backward (PaLM paper, appendix B): 6N for the weights
+        (2 per multiply-add forward, 4 backward) plus 12 * layers * block_size * embedding_dim for the
+        attention scores and weighted sums over a full context."""
+        c = self.config
+        return 6 * self.num_parameters() + 12 * c.num_of_layers * c.block_size * c.embedding_dim
+
+    def decay_parameter_names(self) -> tuple[list[str], list[str]]:
+        """(decayed, not decayed): weight decay (the GPT-1 paper's L2 on non-bias weights) applies to
+        matrices and embeddings, never to biases or LayerNorm gains, which only shift and scale."""
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            (decay if p.dim() >= 2 else no_decay).append(name)
+        return decay, no_decay
+
+    def optimizer_groups(self, weight_decay: float) -> list[dict]:
+        params = dict(self.named_parameters())
+        decay, no_decay = self.decay_parameter_names()
+        return [{"params": [params[n] for n in decay], "weight_decay": weight_decay},
+                {"params": [params[n] for n in no_decay], "weight_decay": 0.0}]
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick the next token from logits (B, V) -> (B,).
+
+    temperature 0 is greedy (argmax); otherwise logits are divided by the temperature (< 1 sharpens),
+    top_k keeps the k most likely tokens, and top_p (nucleus sampling, Holtzman et al. 2019) keeps the
+    smallest set of most likely tokens whose probabilities add up to at least p.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth_largest = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability of the tokens ranked above
+        drop_sorted = mass_before >= top_p  # the nucleus is already full without this token
+        drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
+        probs = probs.masked_fill(drop, 0.0)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # multinomial renormalises
+
+
+# ---------------------------------------------------------------------- Hugging Face GPT-2 conversion
+
+# Our parameter names -> transformers' GPT2LMHeadModel names ("{}" is the block index).
+_HF_NAMES = {
+    "wte.weight": "transformer.wte.weight",
+    "wpe.weight": "transformer.wpe.weight",
+    "ln_f.weight": "transformer.ln_f.weight",
+    "ln_f.bias": "transformer.ln_f.bias",
+    "blocks.{}.ln_1.weight": "transformer.h.{}.ln_1.weight",
+    "blocks.{}.ln_1.bias": "transformer.h.{}.ln_1.bias",
+    "blocks.{}.attn.qkv.weight": "transformer.h.{}.attn.c_attn.weight",
+    "blocks.{}.attn.qkv.bias": "transformer.h.{}.attn.c_attn.bias",
+    "blocks.{}.attn.proj.weight": "transformer.h.{}.attn.c_proj.weight",
+    "blocks.{}.attn.proj.bias": "transformer.h.{}.attn.c_proj.bias",
+    "blocks.{}.ln_2.weight": "transformer.h.{}.ln_2.weight",
+    "blocks.{}.ln_2.bias": "transformer.h.{}.ln_2.bias",
+    "blocks.{}.mlp.fc.weight": "transformer.h.{}.mlp.c_fc.weight",
+    "blocks.{}.mlp.fc.bias": "transformer.h.{}.mlp.c_fc.bias",
+    "blocks.{}.mlp.proj.weight": "transformer.h.{}.mlp.c_proj.weight",
+    "blocks.{}.mlp.proj.bias": "transformer.h.{}.mlp.c_proj.bias",
+}
+# GPT-2 stores these as Conv1D weights, (in, out): the transpose of nn.Linear's (out, in).
+_TRANSPOSED = ("attn.qkv.weight", "attn.proj.weight", "mlp.fc.weight", "mlp.proj.weight")
+
+
+def _name_pairs(num_of_layers: int) -> Iterator[tuple[str, str]]:
+    for ours, theirs in _HF_NAMES.items():
+        layers = range(num_of_layers) if "{}" in ours else [None]
+        for i in layers:
+            yield ours.format(i), theirs.format(i)
+
+
+def from_hf_gpt2(state_dict: dict[str, torch.Tensor], config: GPTConfig) -> GPT:
+    """A GPT (pre-LN, with biases) holding the weights of a transformers GPT2LMHeadModel state dict."""
+    if config.norm_position != "pre" or not config.bias:
+        raise UsageError("GPT-2 weights need norm_position='pre' and bias=True")
+    model = GPT(config)
+    ours = {}
+    for name, hf_name in _name_pairs(config.num_of_layers):
+        w = state_dict[hf_name]
+        ours[name] = w.t() if name.endswith(_TRANSPOSED) else w
+    ours["lm_head.weight"] = ours["wte.weight"]
+    model.load_state_dict(ours)
+    return model
+
+
+def to_hf_gpt2_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """Our weights under transformers' GPT2LMHeadModel names and layouts (load with strict=False: the
+    attention-mask buffers some transformers versions keep are not weights)."""
+    sd = model.state_dict()
+    out = {}
+    for name, hf_name in _name_pairs(model.config.num_of_layers):
+        w = sd[name]
+        out[hf_name] = (w.t() if name.endswith(_TRANSPOSED) else w).contiguous()
+    out["lm_head.weight"] = out["transformer.wte.weight"]
+    return out
