@@ -1,0 +1,148 @@
+"""From text files to training batches: tokenize once into a cached token file, then sample windows.
+
+corpus .txt files --build_token_cache--> train.bin / val.bin (+ meta.json) --get_batch--> (x, y)
+
+The corpus is split by bytes before tokenizing: the last `val_fraction` of its bytes (moved to a line
+start) is the validation text. Knowing the exact byte count of each split lets evaluation report bits
+per byte, which compares models with different tokenizers fairly.
+"""
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from errors import UsageError
+from preprocessing.tokenizer import Tokenizer
+
+CACHE_FORMAT = 1  # bump when the layout of the cache files changes
+CHUNK_BYTES = 1 << 20  # text handed to the tokenizer at once: large enough to keep its threads busy
+
+
+@dataclass(frozen=True)
+class TokenSplit:
+    """One split of the corpus, tokenized: a flat file of token ids and the size of the text it came from."""
+
+    path: Path
+    dtype: str  # "uint16" when the vocabulary fits, else "uint32"
+    num_tokens: int
+    num_bytes: int
+
+
+def token_dtype(vocab_size: int) -> str:
+    return "uint16" if vocab_size <= 1 << 16 else "uint32"
+
+
+def cache_key(files: list[Path], tokenizer: Tokenizer, val_fraction: float) -> str:
+    """A hash of everything the token files depend on: corpus contents, tokenizer, split, format."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{CACHE_FORMAT}|{val_fraction}|".encode())
+    h.update(tokenizer.to_json().encode())
+    for path in files:
+        h.update(b"\0file\0")
+        with open(path, "rb") as f:
+            while block := f.read(CHUNK_BYTES):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _split_lines(files: list[Path], val_fraction: float) -> Iterator[tuple[str, bytes | None]]:
+    """Yield (split, line) for every line of the corpus; (split, None) marks the end of a document (file).
+
+    The validation split starts at the first line that begins past (1 - val_fraction) of all bytes.
+    """
+    total = sum(p.stat().st_size for p in files)
+    val_start = int(total * (1 - val_fraction))
+    seen = 0
+    for path in files:
+        with open(path, "rb") as f:
+            for line in f:
+                yield ("train" if seen < val_start else "val"), line
+                seen += len(line)
+        yield ("train" if seen <= val_start else "val"), None
+
+
+def _decode(chunk: bytes, files: list[Path]) -> str:
+    try:
+        return chunk.decode("utf-8")
+    except UnicodeDecodeError:
+        names = ", ".join(str(p) for p in files)
+        raise UsageError(f"corpus is not UTF-8 text (binary file?): {names}") from None
+
+
+def build_token_cache(files: list[Path], tokenizer: Tokenizer, cache_dir: Path,
+                      val_fraction: float) -> dict[str, TokenSplit]:
+    """Tokenize the corpus into cache_dir/<key>/{train,val}.bin, or reuse them if they already exist."""
+    folder = cache_dir / cache_key(files, tokenizer, val_fraction)
+    meta_path = folder / "meta.json"
+    if not meta_path.exists():
+        _write_token_files(files, tokenizer, folder, val_fraction)
+    meta = json.loads(meta_path.read_text())
+    return {split: TokenSplit(folder / f"{split}.bin", meta["dtype"], meta[split]["num_tokens"],
+                              meta[split]["num_bytes"]) for split in ("train", "val")}
+
+
+def _write_token_files(files: list[Path], tokenizer: Tokenizer, folder: Path, val_fraction: float) -> None:
+    """Stream the corpus through the tokenizer; meta.json is written last, so a half-built cache is never used."""
+    folder.mkdir(parents=True, exist_ok=True)
+    dtype = token_dtype(tokenizer.vocab_size)
+    counts = {s: {"num_tokens": 0, "num_bytes": 0} for s in ("train", "val")}
+    outs = {s: open(folder / f"{s}.bin.tmp", "wb") for s in ("train", "val")}
+    pending: dict[str, list[bytes]] = {"train": [], "val": []}
+
+    def flush(split: str, end_of_document: bool) -> None:
+        ids = tokenizer.encode(_decode(b"".join(pending[split]), files)) if pending[split] else []
+        if end_of_document:
+            ids.append(tokenizer.eot_id)  # documents are separated by the end-of-text token
+        outs[split].write(np.asarray(ids, dtype=dtype).tobytes())
+        counts[split]["num_tokens"] += len(ids)
+        pending[split].clear()
+
+    total = sum(p.stat().st_size for p in files)
+    if total == 0:
+        raise UsageError("the corpus is empty")
+    buffered, current = 0, "train"
+    # disable=None: no bar when stderr is not a terminal (logs, pipes), where it would only add noise.
+    with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", leave=False, disable=None) as bar:
+        for split, line in _split_lines(files, val_fraction):
+            if split != current or buffered >= CHUNK_BYTES:
+                flush(current, end_of_document=False)
+                buffered, current = 0, split
+            if line is None:
+                flush(split, end_of_document=True)
+                continue
+            pending[split].append(line)
+            counts[split]["num_bytes"] += len(line)
+            buffered += len(line)
+            bar.update(len(line))
+    for split, f in outs.items():
+        f.close()
+        os.replace(folder / f"{split}.bin.tmp", folder / f"{split}.bin")
+    (folder / "meta.json").write_text(json.dumps({"dtype": dtype, **counts}))
+
+
+def batch_rng(seed: int, stream: int, index: int) -> np.random.Generator:
+    """A generator for one batch, fixed by (seed, stream, index).
+
+    Deriving every batch from its index (not from a running generator) makes the data order a pure
+    function of the step: resuming needs only the step number, and N processes drawing slots
+    rank, rank + N, ... see exactly the batches one process would draw.
+    """
+    return np.random.default_rng([seed, stream, index])
+
+
+def get_batch(split: TokenSplit, batch_size: int, block_size: int,
+              rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random contiguous windows: x = tokens[i : i+T], y = tokens[i+1 : i+T+1] (the next token at each place)."""
+    # A fresh memmap per batch: cheap, and a long-lived one has been seen to grow resident memory.
+    data = np.memmap(split.path, dtype=split.dtype, mode="r")
+    starts = rng.integers(0, len(data) - block_size, size=batch_size)
+    windows = np.stack([data[i:i + block_size + 1] for i in starts]).astype(np.int64)
+    tokens = torch.from_numpy(windows)
+    return tokens[:, :-1], tokens[:, 1:]

@@ -1,0 +1,482 @@
+"""Train a GPT on a text corpus: python playground.py [CORPUS ...] [--flags] [--config file.yaml]
+
+The whole job, top to bottom in `train()`:
+    corpus + tokenizer -> token cache -> batches -> GPT -> loss -> AdamW + lr schedule -> checkpoint
+with evaluation (train/val loss, val bits per byte), metrics (JSONL, optional wandb), resume, and
+DistributedDataParallel when started by torchrun.
+"""
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from checkpoint import load_checkpoint, save_checkpoint
+from config import MODEL_SHAPE_FIELDS, TrainConfig, parse_config
+from data import TokenSplit, batch_rng, build_token_cache, cache_key, get_batch
+from errors import UsageError, run_cli
+from gpt import GPT, GPTConfig
+from preprocessing.tokenizer import Tokenizer, corpus_files, train_tokenizer
+
+DEFAULT_VOCAB_SIZE = 8000
+TRAIN_STREAM, EVAL_TRAIN_STREAM, EVAL_VAL_STREAM = 0, 1, 2  # independent random streams of batches
+
+
+# ----------------------------------------------------------------------------- learning-rate schedules
+
+def learning_rate(it: int, c: TrainConfig) -> float:
+    """The learning rate for optimiser step `it` (0-based): linear warmup, then the chosen schedule.
+
+    With p the fraction of the post-warmup steps done (0 -> 1):
+        cosine        min + (lr - min) * (1 + cos(pi p)) / 2
+        linear        lr - (lr - min) * p
+        constant      lr
+        wsd           lr until the last `decay_fraction` of the run, then linear down to min
+        inverse_sqrt  lr * sqrt(warmup / (it + 1)), never below min
+    """
+    if it < c.warmup_iters:
+        return c.lr * (it + 1) / c.warmup_iters
+    p = min(1.0, (it - c.warmup_iters) / max(1, c.max_iters - c.warmup_iters))
+    lr, low = c.lr, c.final_lr
+    if c.lr_schedule == "cosine":
+        return low + (lr - low) * (1 + math.cos(math.pi * p)) / 2
+    if c.lr_schedule == "linear":
+        return lr - (lr - low) * p
+    if c.lr_schedule == "constant":
+        return lr
+    if c.lr_schedule == "wsd":
+        decay_start = c.max_iters * (1 - c.decay_fraction)
+        q = min(1.0, max(0.0, (it - decay_start) / max(1.0, c.max_iters - decay_start)))
+        return lr - (lr - low) * q
+    if c.lr_schedule == "inverse_sqrt":
+        return max(low, lr * math.sqrt(max(1, c.warmup_iters) / (it + 1)))
+    raise ValueError(c.lr_schedule)
+
+
+# ----------------------------------------------------------------------------- devices and processes
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where this process runs: decided once at start-up and passed down."""
+
+    device: torch.device
+    dtype: torch.dtype  # autocast precision (float32 = no autocast)
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+
+def pick_device(name: str) -> torch.device:
+    if name != "auto":
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise UsageError(f"unknown --device {name!r} (try auto, cpu, cuda, cuda:1, mps)") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError("--device cuda asked for, but torch sees no CUDA GPU")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        bf16_gpu = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16_gpu else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def setup_runtime(c: TrainConfig) -> Runtime:
+    """Single process, or one rank of a torchrun job (RANK/WORLD_SIZE/LOCAL_RANK in the environment)."""
+    if "RANK" not in os.environ:
+        device = pick_device(c.device)
+        return Runtime(device, pick_dtype(c.dtype, device))
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if c.device in ("auto", "cuda") and torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = pick_device(c.device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Runtime(device, pick_dtype(c.dtype, device), rank, world_size)
+
+
+# ----------------------------------------------------------------------------- data
+
+def resolve_tokenizer(c: TrainConfig, files: list[Path], rt: Runtime) -> Tokenizer:
+    """The --tokenizer file, or one trained on the corpus (once; kept in out_dir, keyed by corpus and size)."""
+    if c.tokenizer is not None:
+        tokenizer = Tokenizer.from_file(c.tokenizer)
+        if c.vocab_size is not None and c.vocab_size != tokenizer.vocab_size:
+            raise UsageError(f"--vocab_size {c.vocab_size} does not match {c.tokenizer}, which has "
+                             f"{tokenizer.vocab_size} tokens (leave --vocab_size out to use the tokenizer's)")
+        return tokenizer
+    vocab_size = c.vocab_size or DEFAULT_VOCAB_SIZE
+    corpus_hash = cache_key(files, _NO_TOKENIZER, 0.0)[:12]
+    path = Path(c.out_dir) / f"tokenizer-{c.tokenizer_kind}{vocab_size}-{corpus_hash}.json"
+    if rt.is_main and not path.exists():
+        print(f"training a {c.tokenizer_kind} tokenizer ({vocab_size} tokens) on the corpus -> {path}")
+        train_tokenizer(files, c.tokenizer_kind, vocab_size, show_progress=True).save(path)
+    _barrier(rt)
+    return Tokenizer.from_file(path)
+
+
+class _NoTokenizer:
+    """Stands in for a tokenizer when hashing the corpus alone."""
+
+    def to_json(self) -> str:
+        return ""
+
+
+_NO_TOKENIZER: Any = _NoTokenizer()
+
+
+def load_data(c: TrainConfig, tokenizer: Tokenizer, files: list[Path], rt: Runtime) -> dict[str, TokenSplit]:
+    """Token files for the train and val splits (built by rank 0 once, then reused)."""
+    cache_dir = Path(c.out_dir) / "token_cache"
+    if rt.is_main:
+        splits = build_token_cache(files, tokenizer, cache_dir, c.val_fraction)
+    _barrier(rt)
+    if not rt.is_main:
+        splits = build_token_cache(files, tokenizer, cache_dir, c.val_fraction)
+    for name, split in splits.items():
+        if split.num_tokens < c.block_size + 1:
+            raise UsageError(f"the {name} split has {split.num_tokens} tokens, fewer than block_size + 1 = "
+                             f"{c.block_size + 1}: use a longer corpus, a smaller --block_size or another "
+                             f"--val_fraction")
+    return splits
+
+
+def _barrier(rt: Runtime) -> None:
+    if rt.distributed:
+        dist.barrier()
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":  # pinned memory lets the copy overlap with compute
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def estimate_loss(model: GPT, split: TokenSplit, stream: int, c: TrainConfig, rt: Runtime) -> float:
+    """Mean loss over `eval_iters` batches; the same batches at every evaluation, so curves are comparable."""
+    model.eval()
+    losses = []
+    for i in range(c.eval_iters):
+        x, y = get_batch(split, c.batch_size, c.block_size, batch_rng(c.seed, stream, i))
+        with rt.autocast():
+            _, loss = model(to_device(x, rt.device), to_device(y, rt.device))
+        losses.append(loss.item())
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def bits_per_byte(loss_nats: float, split: TokenSplit) -> float:
+    """Loss per token in bits, times tokens per byte of text: comparable across tokenizers."""
+    return loss_nats / math.log(2) * split.num_tokens / split.num_bytes
+
+
+# ----------------------------------------------------------------------------- metrics
+
+class Metrics:
+    """One place metrics go: a JSONL file (always) and Weights & Biases (when asked)."""
+
+    def __init__(self, path: Path, c: TrainConfig, resumed: bool) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(path, "a" if resumed else "w", encoding="utf-8")
+        self.wandb_run = start_wandb(c) if c.wandb_project else None
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        self.file.write(json.dumps({"step": step, **values}) + "\n")
+        self.file.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log(values, step=step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
+def start_wandb(c: TrainConfig) -> Any:
+    """Start a wandb run without ever prompting or waiting on the network when it cannot be reached.
+
+    WANDB_MODE is honoured; when it is unset and no API key is configured, the run is kept offline
+    (sync it later with `wandb sync`). A failure to start only costs the wandb copy of the metrics.
+    """
+    try:
+        import wandb
+    except ImportError:
+        raise UsageError("--wandb_project needs the wandb package: pip install wandb") from None
+    mode = os.environ.get("WANDB_MODE")
+    if mode is None:
+        has_key = bool(os.environ.get("WANDB_API_KEY")) or _netrc_has_wandb()
+        mode = "online" if has_key else "offline"
+        if not has_key:
+            print("wandb: no API key configured, logging offline (upload later with `wandb sync`)")
+    try:
+        return wandb.init(project=c.wandb_project, name=c.wandb_run_name, config=c.to_dict(), mode=mode,
+                          dir=c.out_dir, settings=wandb.Settings(init_timeout=30, silent=True))
+    except Exception as e:  # noqa: BLE001 - logging must never stop training
+        print(f"wandb: could not start ({str(e).splitlines()[0]}); metrics stay in the local JSONL file")
+        return None
+
+
+def _netrc_has_wandb() -> bool:
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def plot_losses(metrics_path: Path, png_path: Path) -> bool:
+    """Train and val loss against step, from the JSONL file; skipped when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    evals = [r for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in rows if "loss" in r], [r["loss"] for r in rows if "loss" in r],
+            alpha=0.4, label="train (batch)")
+    ax.plot([r["step"] for r in evals], [r["train_loss"] for r in evals], "o-", label="train (eval)")
+    ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+# ----------------------------------------------------------------------------- model and optimiser
+
+def gpt_config(c: TrainConfig, vocab_size: int) -> GPTConfig:
+    return GPTConfig(vocab_size=vocab_size, block_size=c.block_size, embedding_dim=c.embedding_dim,
+                     num_of_layers=c.num_of_layers, num_of_heads=c.num_of_heads, dropout=c.dropout,
+                     bias=c.bias, attention=c.attention, norm_position=c.norm_position, init=c.init)
+
+
+def make_optimizer(model: GPT, c: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    # fused AdamW updates all parameters in one kernel; it exists for CPU and CUDA tensors.
+    fused = device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(model.optimizer_groups(c.weight_decay), lr=c.lr, betas=(c.beta1, c.beta2),
+                             fused=fused)
+
+
+def resume_config(c: TrainConfig, set_by_flags: set[str]) -> tuple[TrainConfig, dict[str, Any]]:
+    """On --resume, the run continues with the checkpoint's config; flags typed now override it,
+    except those that would change the model's shape."""
+    ckpt = load_checkpoint(c.checkpoint)
+    if "optimizer" not in ckpt or "config" not in ckpt:
+        raise UsageError(f"{c.checkpoint} holds no training state to resume (was it exported?)")
+    saved = ckpt["config"]
+    for name in set_by_flags & set(MODEL_SHAPE_FIELDS):
+        if getattr(c, name) != saved[name]:
+            raise UsageError(f"--{name} {getattr(c, name)} differs from the checkpoint's {saved[name]}: "
+                             f"a checkpoint resumes only with the model shape it was trained with")
+    merged = {**saved, **{name: getattr(c, name) for name in set_by_flags}}
+    return TrainConfig.from_dict(merged), ckpt
+
+
+# ----------------------------------------------------------------------------- training
+
+def train(c: TrainConfig, set_by_flags: set[str] = frozenset()) -> dict[str, float]:
+    """Run the whole training job; returns the final metrics."""
+    ckpt = None
+    if c.resume:
+        c, ckpt = resume_config(c, set_by_flags)
+    rt = setup_runtime(c)
+    try:
+        return _train(c, ckpt, rt)
+    finally:
+        if rt.distributed:
+            dist.destroy_process_group()
+
+
+def _train(c: TrainConfig, ckpt: dict[str, Any] | None, rt: Runtime) -> dict[str, float]:
+    torch.manual_seed(c.seed + rt.rank)  # dropout differs per rank; init is overwritten by rank 0's below
+    files = corpus_files(list(c.corpus))
+    tokenizer = Tokenizer.from_json(ckpt["tokenizer"]) if ckpt else resolve_tokenizer(c, files, rt)
+    splits = load_data(c, tokenizer, files, rt)
+
+    model = GPT(gpt_config(c, tokenizer.vocab_size)).to(rt.device)
+    optimizer = make_optimizer(model, c, rt.device)
+    start_iter, best_val_loss = 0, math.inf
+    if ckpt is not None:
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError:
+            raise UsageError(f"{c.checkpoint} holds a model of a different shape") from None
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_iter, best_val_loss = ckpt["iteration"], ckpt["best_val_loss"]
+        torch.set_rng_state(ckpt["rng"]["torch"][rt.rank % len(ckpt["rng"]["torch"])])
+    raw_model = model
+    if c.compile:
+        model = torch.compile(model)
+    if rt.distributed:  # DDP broadcasts rank 0's weights, so every rank starts identical
+        model = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
+
+    tokens_per_step = c.batch_size * c.block_size * c.grad_accum_steps * rt.world_size
+    stem = Path(c.checkpoint).stem
+    metrics_path = Path(c.out_dir) / f"{stem}.metrics.jsonl"
+    metrics = Metrics(metrics_path, c, resumed=ckpt is not None) if rt.is_main else None
+    if rt.is_main:
+        print(f"model: {raw_model.num_parameters() / 1e6:.2f}M parameters (non-embedding), vocab "
+              f"{tokenizer.vocab_size}, device {rt.device}, autocast {str(rt.dtype).removeprefix('torch.')}, "
+              f"{rt.world_size} process(es)")
+        print(f"data: train {splits['train'].num_tokens:,} tokens, val {splits['val'].num_tokens:,} tokens; "
+              f"effective batch {c.batch_size} x {c.grad_accum_steps} accum x {rt.world_size} ranks = "
+              f"{tokens_per_step:,} tokens/step")
+
+    def state(it: int) -> dict[str, Any]:
+        return {"config": c.to_dict(), "model_config": asdict(raw_model.config), "model": raw_model.state_dict(),
+                "optimizer": optimizer.state_dict(), "iteration": it, "best_val_loss": best_val_loss,
+                "rng": {"torch": _gather_rng_states(rt)}, "tokenizer": tokenizer.to_json()}
+
+    bar = tqdm(total=c.max_iters, initial=start_iter, desc="training", disable=not rt.is_main,
+               dynamic_ncols=True)
+    final: dict[str, float] = {}
+    t_last, tokens_since = time.perf_counter(), 0
+    for it in range(start_iter, c.max_iters):
+        lr = learning_rate(it, c)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss = train_step(model, optimizer, scaler, splits["train"], it, c, rt)
+        step = it + 1
+        tokens_since += tokens_per_step
+        evaluating = step % c.eval_interval == 0 or step == c.max_iters
+        saving = step % c.checkpoint_interval == 0 or step == c.max_iters
+        if step % c.log_interval == 0 or evaluating or saving:
+            loss_value = _mean_over_ranks(loss, rt)  # .item(): the only host-device sync, once per log
+            if not math.isfinite(loss_value):
+                raise UsageError(f"loss became {loss_value} at step {step}; stopping (the last checkpoint "
+                                 f"in {c.checkpoint} is untouched). Try a lower --lr or --grad_clip.")
+            elapsed = time.perf_counter() - t_last
+            tok_s = tokens_since / elapsed
+            t_last, tokens_since = time.perf_counter(), 0
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+            if metrics:
+                metrics.log(step, {"loss": loss_value, "lr": lr, "tokens_per_s": tok_s})
+        bar.update(1)
+        if evaluating and rt.is_main:
+            final = evaluate(raw_model, splits, c, rt)
+            best_val_loss = min(best_val_loss, final["val_loss"])
+            bar.write(f"step {step}: train loss {final['train_loss']:.4f}, val loss {final['val_loss']:.4f}, "
+                      f"val bits/byte {final['val_bpb']:.4f}")
+            metrics.log(step, final)
+            t_last = time.perf_counter()  # evaluation time is not training throughput
+        if saving:
+            snapshot = state(step)  # every rank takes part: it gathers their RNG states
+            if rt.is_main:
+                save_checkpoint(snapshot, c.checkpoint)
+    bar.close()
+    if rt.is_main:
+        metrics.close()
+        if plot_losses(metrics_path, Path(c.out_dir) / f"{stem}.loss.png"):
+            print(f"loss curve: {Path(c.out_dir) / f'{stem}.loss.png'}")
+        print(f"checkpoint: {c.checkpoint}")
+        if c.sample_tokens:
+            print("sample:\n" + sample(raw_model, tokenizer, c.sample_tokens, rt))
+    return final
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               split: TokenSplit, it: int, c: TrainConfig, rt: Runtime) -> torch.Tensor:
+    """One optimiser step over grad_accum_steps micro-batches; returns the mean micro-batch loss (a tensor)."""
+    total = torch.zeros((), device=rt.device)
+    for micro in range(c.grad_accum_steps):
+        # Global slot of this micro-batch: the batches depend on the step, not on how many ranks share it.
+        slot = (it * c.grad_accum_steps + micro) * rt.world_size + rt.rank
+        x, y = get_batch(split, c.batch_size, c.block_size, batch_rng(c.seed, TRAIN_STREAM, slot))
+        last = micro == c.grad_accum_steps - 1
+        # DDP all-reduces gradients in backward(); skip that on all but the last micro-step.
+        no_sync = model.no_sync() if rt.distributed and not last else contextlib.nullcontext()
+        with no_sync:
+            with rt.autocast():
+                _, loss = model(to_device(x, rt.device), to_device(y, rt.device))
+            scaler.scale(loss / c.grad_accum_steps).backward()
+        total += loss.detach()
+    if c.grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return total / c.grad_accum_steps
+
+
+def evaluate(model: GPT, splits: dict[str, TokenSplit], c: TrainConfig, rt: Runtime) -> dict[str, float]:
+    train_loss = estimate_loss(model, splits["train"], EVAL_TRAIN_STREAM, c, rt)
+    val_loss = estimate_loss(model, splits["val"], EVAL_VAL_STREAM, c, rt)
+    return {"train_loss": train_loss, "val_loss": val_loss, "val_bpb": bits_per_byte(val_loss, splits["val"])}
+
+
+def _mean_over_ranks(loss: torch.Tensor, rt: Runtime) -> float:
+    if rt.distributed:
+        loss = loss.clone()
+        dist.all_reduce(loss)
+        loss /= rt.world_size
+    return loss.item()
+
+
+def _gather_rng_states(rt: Runtime) -> list[torch.Tensor]:
+    """Every rank's torch RNG state (dropout masks), so a resumed run draws the same masks."""
+    state = torch.get_rng_state()
+    if not rt.distributed:
+        return [state]
+    states = [torch.empty_like(state) for _ in range(rt.world_size)]
+    dist.all_gather(states, state) if rt.device.type == "cpu" else dist.all_gather_object(states, state)
+    return states
+
+
+def sample(model: GPT, tokenizer: Tokenizer, max_new_tokens: int, rt: Runtime) -> str:
+    """A short continuation of an end-of-text token, i.e. text from scratch."""
+    model.eval()
+    start = torch.tensor([[tokenizer.eot_id]], device=rt.device)
+    generator = torch.Generator(device=rt.device).manual_seed(0)
+    with torch.no_grad(), rt.autocast():
+        out = model.generate(start, max_new_tokens, temperature=0.8, top_k=200, eos_id=tokenizer.eot_id,
+                             generator=generator)
+    return tokenizer.decode(out[0, 1:].tolist())
+
+
+def main() -> None:
+    c, set_by_flags = parse_config()
+    train(c, set_by_flags)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,215 @@
+"""playground.py end to end on tiny models: loss falls, resume is exact, the token cache is reused,
+wandb never needs the network, and user mistakes are one line on stderr with nothing overwritten."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import checkpoint as checkpoint_module
+import playground
+from checkpoint import load_checkpoint
+from config import parse_config
+from data import build_token_cache
+from errors import UsageError
+from preprocessing.tokenizer import EOT, Tokenizer, corpus_files, train_tokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+BUNDLED = REPO / "data" / "shakespeare.txt"
+TINY = ["--embedding_dim", "32", "--num_of_layers", "2", "--num_of_heads", "2", "--block_size", "32",
+        "--batch_size", "8", "--eval_iters", "2", "--log_interval", "5", "--warmup_iters", "5", "--lr", "3e-3",
+        "--sample_tokens", "0"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """The first 60 kB of the bundled corpus (cut at a line end)."""
+    text = BUNDLED.read_text(encoding="utf-8")[:60_000]
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(text[: text.rindex("\n") + 1], encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(corpus, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    train_tokenizer(corpus_files([corpus]), "bbpe", 320, show_progress=False).save(path)
+    return path
+
+
+def run_args(tmp_path: Path, corpus: Path, tokenizer: Path, *extra: str) -> list[str]:
+    return [str(corpus), "--tokenizer", str(tokenizer), "--out_dir", str(tmp_path / "runs"),
+            "--checkpoint", str(tmp_path / "ckpt.tar"), *TINY, *extra]
+
+
+def train(argv: list[str]) -> dict[str, float]:
+    c, set_by_flags = parse_config(argv)
+    return playground.train(c, set_by_flags)
+
+
+def metrics(tmp_path: Path, name: str = "ckpt") -> list[dict]:
+    lines = (tmp_path / "runs" / f"{name}.metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def test_loss_falls_on_the_bundled_corpus(tmp_path, corpus, tokenizer_path):
+    final = train(run_args(tmp_path, corpus, tokenizer_path, "--max_iters", "60", "--eval_interval", "60",
+                           "--dropout", "0"))
+    first = metrics(tmp_path)[0]["loss"]
+    assert first > 5.0  # about ln(320) = 5.77 at random init
+    assert final["val_loss"] < first - 1.0
+    assert final["val_bpb"] == pytest.approx(playground.bits_per_byte(final["val_loss"], _val_split(tmp_path)))
+    ckpt = load_checkpoint(tmp_path / "ckpt.tar")
+    assert ckpt["iteration"] == 60 and ckpt["best_val_loss"] == pytest.approx(final["val_loss"])
+    assert (tmp_path / "runs" / "ckpt.loss.png").exists()
+
+
+def _val_split(tmp_path: Path):
+    meta_files = list((tmp_path / "runs" / "token_cache").glob("*/meta.json"))
+    assert len(meta_files) == 1
+    meta = json.loads(meta_files[0].read_text())
+    return playground.TokenSplit(meta_files[0].parent / "val.bin", meta["dtype"], meta["val"]["num_tokens"],
+                                 meta["val"]["num_bytes"])
+
+
+def test_resume_reproduces_an_uninterrupted_run_exactly(tmp_path, corpus, tokenizer_path, monkeypatch):
+    """Run 20 steps, keeping a copy of the step-10 checkpoint; resume that copy to 20: same losses, same weights."""
+    args = run_args(tmp_path, corpus, tokenizer_path, "--max_iters", "20", "--checkpoint_interval", "10",
+                    "--eval_interval", "10", "--dropout", "0.1")  # dropout: the RNG state must be restored too
+    real_save = checkpoint_module.save_checkpoint
+
+    def save_and_keep_step_10(state, path):
+        real_save(state, path)
+        if state["iteration"] == 10:
+            shutil.copy(path, tmp_path / "step10.tar")
+
+    monkeypatch.setattr(playground, "save_checkpoint", save_and_keep_step_10)
+    train(args)
+    monkeypatch.undo()
+    uninterrupted = load_checkpoint(tmp_path / "ckpt.tar")
+    losses = {r["step"]: r["loss"] for r in metrics(tmp_path) if "loss" in r}
+
+    train(["--resume", "--checkpoint", str(tmp_path / "step10.tar"), "--out_dir", str(tmp_path / "runs")])
+    resumed = load_checkpoint(tmp_path / "step10.tar")
+    assert resumed["iteration"] == 20
+    for name, tensor in uninterrupted["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+    resumed_losses = {r["step"]: r["loss"] for r in metrics(tmp_path, "step10") if "loss" in r}
+    assert resumed_losses == {step: loss for step, loss in losses.items() if step > 10}
+    assert resumed["best_val_loss"] == uninterrupted["best_val_loss"]
+
+
+def test_token_cache_is_reused_and_rebuilt_when_the_corpus_changes(tmp_path, corpus, tokenizer_path, monkeypatch):
+    args = run_args(tmp_path, corpus, tokenizer_path, "--max_iters", "1", "--eval_interval", "1")
+    builds = []
+    real_write = playground.build_token_cache.__globals__["_write_token_files"]
+    monkeypatch.setitem(playground.build_token_cache.__globals__, "_write_token_files",
+                        lambda *a: (builds.append(a[0]), real_write(*a)))
+    train(args)
+    train(args)
+    assert len(builds) == 1  # the second run reused the cache
+    changed = tmp_path / "changed.txt"
+    changed.write_text(corpus.read_text() + "A new line at the end.\n")
+    train([str(changed), *args[1:]])
+    assert len(builds) == 2
+    assert len(list((tmp_path / "runs" / "token_cache").iterdir())) == 2
+
+
+def test_documents_are_separated_by_end_of_text(tmp_path, tokenizer_path):
+    """Two files become two documents: the token stream holds an end-of-text token after each."""
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.txt").write_text("First document.\n" * 50)
+    (folder / "b.txt").write_text("Second document.\n" * 50)
+    tok = Tokenizer.from_file(tokenizer_path)
+    splits = build_token_cache(corpus_files([folder]), tok, tmp_path / "cache", val_fraction=0.1)
+    train_ids = np.fromfile(splits["train"].path, dtype=splits["train"].dtype).tolist()
+    val_ids = np.fromfile(splits["val"].path, dtype=splits["val"].dtype).tolist()
+    assert train_ids.count(tok.eot_id) == 1 and val_ids[-1] == tok.eot_id
+    first, second = "First document.\n" * 50, "Second document.\n" * 50
+    assert tok.decode(train_ids + val_ids) == first + EOT + second + EOT
+    assert splits["train"].num_bytes + splits["val"].num_bytes == 16 * 50 + 17 * 50
+    # val starts at the first line that begins at or after 90% of the 1650 bytes: 9 lines of 17 bytes
+    assert splits["val"].num_bytes == 17 * 9
+
+
+def test_wandb_offline_needs_no_network(tmp_path, corpus, tokenizer_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    train(run_args(tmp_path, corpus, tokenizer_path, "--max_iters", "2", "--eval_interval", "2",
+                   "--wandb_project", "gptx-test"))
+    runs = list((tmp_path / "runs" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert any(r.get("val_loss") for r in metrics(tmp_path))  # the local copy is always written
+
+
+# ----------------------------------------------------------------------------- mistakes on the command line
+
+def cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "playground.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def good_checkpoint(corpus, tokenizer_path, tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("good")
+    train(run_args(tmp, corpus, tokenizer_path, "--max_iters", "2", "--eval_interval", "2"))
+    return tmp / "ckpt.tar"
+
+
+@pytest.mark.parametrize("case", ["missing corpus", "empty corpus", "short corpus", "heads", "vocab mismatch",
+                                  "corrupt resume", "shape change on resume", "non-numeric", "negative interval"])
+def test_user_mistakes_are_one_line_and_overwrite_nothing(case, tmp_path, corpus, tokenizer_path, good_checkpoint):
+    ckpt = tmp_path / "ckpt.tar"
+    shutil.copy(good_checkpoint, ckpt)
+    before = ckpt.read_bytes()
+    empty, short = tmp_path / "empty.txt", tmp_path / "short.txt"
+    empty.write_text("")
+    short.write_text("To be, or not to be.\n" * 3)
+    common = ["--tokenizer", str(tokenizer_path), "--checkpoint", str(ckpt), "--out_dir", str(tmp_path / "r"),
+              "--max_iters", "2", *TINY]
+    args, expected = {
+        "missing corpus": ([str(tmp_path / "nope.txt"), *common], "nope.txt"),
+        "empty corpus": ([str(empty), *common], "empty"),
+        "short corpus": ([str(short), *common], "fewer than block_size + 1"),
+        "heads": ([str(corpus), *common, "--num_of_heads", "3"], "not divisible by --num_of_heads 3"),
+        "vocab mismatch": ([str(corpus), *common, "--vocab_size", "999"], "--vocab_size 999 does not match"),
+        "corrupt resume": (["--resume", "--checkpoint", str(_corrupt(tmp_path))], "not a readable checkpoint"),
+        "shape change on resume": (["--resume", "--checkpoint", str(ckpt), "--embedding_dim", "64"],
+                                   "differs from the checkpoint's 32"),
+        "non-numeric": ([str(corpus), *common, "--batch_size", "many"], "invalid int value: 'many'"),
+        "negative interval": ([str(corpus), *common, "--eval_interval", "-1"], "--eval_interval must be a positive"),
+    }[case]
+    result = cli(*args)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
+    assert ckpt.read_bytes() == before
+
+
+def _corrupt(tmp_path: Path) -> Path:
+    path = tmp_path / "corrupt.tar"
+    path.write_bytes(b"this is not a checkpoint" * 100)
+    return path
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, corpus, tokenizer_path, monkeypatch):
+    """A loss that turns NaN after step 7 stops the run at the next check; the step-5 checkpoint survives."""
+    real_step = playground.train_step
+
+    def step_going_nan(*args):
+        loss = real_step(*args)
+        return loss * float("nan") if args[4] >= 7 else loss  # args[4]: the iteration
+
+    monkeypatch.setattr(playground, "train_step", step_going_nan)
+    with pytest.raises(UsageError, match="loss became nan at step 10"):
+        train(run_args(tmp_path, corpus, tokenizer_path, "--max_iters", "20", "--checkpoint_interval", "5",
+                       "--eval_interval", "100"))
+    assert load_checkpoint(tmp_path / "ckpt.tar")["iteration"] == 5
