@@ -141,7 +141,8 @@ def resolve_tokenizer(c: TrainConfig, files: list[Path], rt: Runtime) -> Tokeniz
     path = Path(c.out_dir) / f"tokenizer-{c.tokenizer_kind}{vocab_size}-{corpus_hash}.json"
     if rt.is_main and not path.exists():
         print(f"training a {c.tokenizer_kind} tokenizer ({vocab_size} tokens) on the corpus -> {path}")
-        train_tokenizer(files, c.tokenizer_kind, vocab_size, show_progress=True).save(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        train_tokenizer(files, c.tokenizer_kind, vocab_size, show_progress=sys.stderr.isatty()).save(path)
     _barrier(rt)
     return Tokenizer.from_file(path)
 
