@@ -25,7 +25,7 @@ from errors import UsageError
 EOT = "<|endoftext|>"
 UNK = "<unk>"
 KINDS = ("bpe", "bbpe")
-READ_CHARS = 1 << 20  # text handed to the trainer at a time: the corpus is streamed, never read whole
+READ_CHARS = 1 << 16  # text handed to the trainer at a time: streamed in small pieces, never read whole
 
 
 class Tokenizer:

@@ -1,0 +1,64 @@
+"""Benchmark: tokenizer training time and peak memory against corpus size (prints a markdown table).
+
+    python preprocessing/bench_tokenizer.py [--sizes_mb 10 100] [--kind bbpe] [--vocab_size 8000]
+
+Each size is the bundled corpus repeated to that many MB and trained on in a fresh process, so each peak
+resident memory (ru_maxrss) belongs to that size alone. The corpus is streamed: memory should grow far
+less than the corpus does (reading a 100 MB file into one Python string alone would cost 100+ MB).
+"""
+
+import argparse
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def make_corpus(folder: Path, mb: int) -> Path:
+    text = (REPO / "data" / "shakespeare.txt").read_bytes()
+    path = folder / f"corpus_{mb}mb.txt"
+    with open(path, "wb") as f:
+        written = 0
+        while written < mb * 1_000_000:
+            f.write(text)
+            written += len(text)
+    return path
+
+
+def train_once(corpus: str, kind: str, vocab_size: int) -> None:
+    """Runs in the child process: train, then print seconds and peak RSS in MB."""
+    from preprocessing.tokenizer import train_tokenizer
+
+    start = time.perf_counter()
+    tok = train_tokenizer([Path(corpus)], kind, vocab_size, show_progress=False)
+    seconds = time.perf_counter() - start
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports kB
+    print(f"{seconds:.2f} {peak_mb:.0f} {tok.vocab_size}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes_mb", type=int, nargs="+", default=[10, 100])
+    parser.add_argument("--kind", default="bbpe", choices=("bpe", "bbpe"))
+    parser.add_argument("--vocab_size", type=int, default=8000)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return train_once(args.child, args.kind, args.vocab_size)
+    print("| corpus MB | kind | vocab | seconds | peak RSS MB |\n|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for mb in args.sizes_mb:
+            corpus = make_corpus(Path(tmp), mb)
+            out = subprocess.run([sys.executable, __file__, "--child", str(corpus), "--kind", args.kind,
+                                  "--vocab_size", str(args.vocab_size)], capture_output=True, text=True, check=True)
+            seconds, peak, vocab = out.stdout.split()
+            print(f"| {corpus.stat().st_size / 1e6:.0f} | {args.kind} | {vocab} | {seconds} | {peak} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""Tokenizers: exact round-trips (bbpe), readable decoding (bpe), sizes, special ids, determinism, and the
+CLI's handling of bad input."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from errors import UsageError
+from preprocessing.tokenizer import EOT, UNK, Tokenizer, corpus_files, train_tokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+MIXED = ("Plain ASCII, with punctuation!\n\tTabbed line; accents: café, naïve, Ærøskøbing, ñandú.\n"
+         "CJK: 日本語のテキスト, 中文文本, 한국어.\nEmoji: 😀🚀👩‍👩‍👧 and symbols ∑∫√ €£¥.\n\n"
+         "  Two leading spaces, trailing spaces   \n")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """Some Shakespeare plus mixed-script text, about 60 kB."""
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text((REPO / "data" / "shakespeare.txt").read_text()[:50_000] + MIXED * 20, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def bbpe(corpus) -> Tokenizer:
+    return train_tokenizer([corpus], "bbpe", 500, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def bpe(corpus) -> Tokenizer:
+    return train_tokenizer([corpus], "bpe", 500, show_progress=False)
+
+
+def test_bbpe_round_trips_any_text_exactly(bbpe):
+    unseen = "Ünïcödé never seen in training: Ελληνικά, עברית, 🦀🧪, \r\n\x00 and \u200b zero width."
+    for text in (MIXED, unseen, "", " ", "\n\n\n", "a" * 1000):
+        assert bbpe.decode(bbpe.encode(text)) == text
+
+
+def test_bpe_decodes_to_the_original_words_and_spacing(bpe):
+    text = "To be, or not to be: that is the question.\nWhether 'tis nobler in the mind to suffer\n"
+    assert bpe.decode(bpe.encode(text)) == text
+    assert bpe.decode(bpe.encode(MIXED)).split() == MIXED.split()
+
+
+def test_bpe_maps_unseen_characters_to_unk(bpe):
+    ids = bpe.encode("a ⚗ b")
+    assert bpe.hf.token_to_id(UNK) in ids
+    assert bpe.decode(ids) == f"a {UNK} b"
+
+
+@pytest.mark.parametrize("kind, size", [("bbpe", 300), ("bbpe", 1000), ("bpe", 300), ("bpe", 1000)])
+def test_vocab_size_is_honoured_exactly(corpus, kind, size):
+    assert train_tokenizer([corpus], kind, size, show_progress=False).vocab_size == size  # specials included
+
+
+def test_special_tokens_have_their_documented_ids(bbpe, bpe):
+    assert bbpe.eot_id == 0 and bbpe.hf.token_to_id(EOT) == 0
+    assert bpe.eot_id == 0 and bpe.hf.token_to_id(UNK) == 1
+    assert bbpe.hf.token_to_id(UNK) is None  # byte-level BPE never needs one
+    assert bbpe.encode(EOT) == [0]  # the special token is recognised in text, not split into bytes
+    assert bbpe.kind == "bbpe" and bpe.kind == "bpe"
+
+
+def test_several_files_and_a_folder_of_them_give_the_same_tokenizer(tmp_path, corpus):
+    text = corpus.read_text(encoding="utf-8")
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    parts = [folder / "a.txt", folder / "b.txt", folder / "c.txt"]
+    for i, part in enumerate(parts):
+        part.write_text(text[i * 20_000:(i + 1) * 20_000], encoding="utf-8")
+    (folder / "notes.md").write_text("not a .txt file: ignored")
+    as_files = train_tokenizer(corpus_files(parts), "bbpe", 400, show_progress=False)
+    as_folder = train_tokenizer(corpus_files([folder]), "bbpe", 400, show_progress=False)
+    assert corpus_files([folder]) == parts
+    assert as_files.to_json() == as_folder.to_json()
+
+
+def test_training_is_deterministic(corpus):
+    for kind in ("bpe", "bbpe"):
+        a, b = (train_tokenizer([corpus], kind, 400, show_progress=False) for _ in range(2))
+        assert a.to_json() == b.to_json()
+
+
+def test_save_and_load_round_trip(tmp_path, bbpe):
+    path = tmp_path / "tok.json"
+    bbpe.save(path)
+    loaded = Tokenizer.from_file(path)
+    assert loaded.to_json() == bbpe.to_json()
+    assert loaded.encode(MIXED) == bbpe.encode(MIXED)
+
+
+def test_loading_a_file_that_is_not_a_tokenizer_is_a_usage_error(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"hello": 1}')
+    with pytest.raises(UsageError, match="not a tokenizer.json"):
+        Tokenizer.from_file(bad)
+    with pytest.raises(UsageError, match="not found"):
+        Tokenizer.from_file(tmp_path / "missing.json")
+
+
+# ---------------------------------------------------------------------- the CLI
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "preprocessing" / "train_tokenizer.py"), *args],
+                          cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_trains_and_reports(tmp_path, corpus):
+    result = cli(str(corpus), "bbpe", "--vocab_size", "400", "--out", "tok.json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "bbpe tokenizer: 400 tokens (asked 400)" in result.stdout and "tokens/byte" in result.stdout
+    assert Tokenizer.from_file(tmp_path / "tok.json").vocab_size == 400
+
+
+def test_cli_default_output_is_tokenizer_json_in_the_current_folder(tmp_path, corpus):
+    assert cli(str(corpus), "bpe", "--vocab_size", "300", cwd=tmp_path).returncode == 0
+    assert Tokenizer.from_file(tmp_path / "tokenizer.json").kind == "bpe"
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "binary", "kind", "small bbpe", "zero", "unwritable"])
+def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, corpus, case):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "binary.txt").write_bytes(bytes(range(256)) * 10)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    args, expected = {
+        "missing": (["nope.txt", "bbpe"], "corpus not found: nope.txt"),
+        "empty": (["empty.txt", "bbpe"], "the corpus is empty"),
+        "binary": (["binary.txt", "bbpe"], "binary.txt is not UTF-8 text"),
+        "kind": ([str(corpus), "wordpiece"], "unknown tokenizer kind 'wordpiece'"),
+        "small bbpe": ([str(corpus), "bbpe", "--vocab_size", "200"], "at least 257"),
+        "zero": ([str(corpus), "bpe", "--vocab_size", "0"], "at least 3"),
+        "unwritable": ([str(corpus), "bbpe", "--out", "no/such/folder/tok.json"], "does not exist"),
+    }[case]
+    out = tmp_path / "out.json"
+    result = cli(*args, *([] if "--out" in args else ["--out", str(out)]), cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if "json" in p.name or "tmp" in p.name] == []
