@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from errors import UsageError
+from errors import CliParser, UsageError
 
 BUNDLED_CORPUS = str(Path(__file__).resolve().parent / "data" / "shakespeare.txt")
 LR_SCHEDULES = ("cosine", "linear", "constant", "wsd", "inverse_sqrt")
@@ -193,15 +193,8 @@ def load_yaml(path: str) -> dict[str, Any]:
     return data
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports mistakes as one UsageError line instead of usage text + exit."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = CliParser(
         prog="playground.py",
         description="Train a GPT on a text corpus. Defaults < --config YAML < command-line flags.",
         # SUPPRESS: a flag that was not typed does not appear at all, so it cannot hide the YAML value.

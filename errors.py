@@ -6,12 +6,20 @@ stderr and the process exits with status 2. Any other exception is a bug and kee
 its traceback.
 """
 
+import argparse
 import sys
 from collections.abc import Callable
 
 
 class UsageError(Exception):
     """A mistake in what the user asked for, with a message they can act on."""
+
+
+class CliParser(argparse.ArgumentParser):
+    """argparse whose mistakes (unknown flag, bad number) are a UsageError: one line, exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
 
 
 def run_cli(main: Callable[[], None]) -> None:

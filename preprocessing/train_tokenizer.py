@@ -14,17 +14,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from any folder
 
-from errors import UsageError, run_cli  # noqa: E402
+from errors import CliParser, UsageError, run_cli  # noqa: E402
 from preprocessing.tokenizer import KINDS, Tokenizer, corpus_files, iter_corpus, train_tokenizer  # noqa: E402
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(message)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = _Parser(description="Train a BPE (bpe) or byte-level BPE (bbpe) tokenizer on text files.")
+    parser = CliParser(description="Train a BPE (bpe) or byte-level BPE (bbpe) tokenizer on text files.")
     parser.add_argument("inputs", nargs="+", metavar="CORPUS ... KIND",
                         help="text files or folders of .txt files, then the kind: bpe or bbpe")
     parser.add_argument("--vocab_size", type=int, default=8000, help="tokens in the vocabulary (default 8000)")

@@ -1,0 +1,73 @@
+"""Loss, perplexity and bits per byte of a checkpoint on any text, to compare models and tokenizers fairly.
+
+    python evaluate.py --checkpoint model_checkpoint.tar FILE [FILE ...] [--batch_size 8] [--device auto]
+
+The text's tokens are cut into consecutive windows of block_size + 1 tokens that share their boundary
+token; in each, every token is predicted from those before it in the same window (so a window's first
+tokens see little context: slightly pessimistic next to a sliding window, and far faster).
+
+    loss           mean cross-entropy per predicted token, in nats
+    perplexity     exp(loss)
+    bits per byte  total cross-entropy in bits / UTF-8 bytes of the text: independent of the tokenizer
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from checkpoint import load_checkpoint, model_from_checkpoint
+from errors import CliParser, UsageError, run_cli
+from gpt import GPT
+from playground import pick_device
+from preprocessing.tokenizer import Tokenizer, corpus_files, iter_corpus
+
+
+@torch.no_grad()
+def evaluate_text(model: GPT, tokenizer: Tokenizer, text: str, batch_size: int = 8,
+                  progress: bool = False) -> dict[str, float]:
+    ids = tokenizer.encode(text)
+    if len(ids) < 2:
+        raise UsageError("the text is too short to evaluate (fewer than 2 tokens)")
+    device = next(model.parameters()).device
+    step = model.config.block_size
+    # Window i holds tokens [i*T, i*T + T] (T + 1 of them): neighbours share one token, so every token
+    # but the very first is predicted exactly once.
+    windows = [ids[start:start + step + 1] for start in range(0, len(ids) - 1, step)]
+    full = [w for w in windows if len(w) == step + 1]
+    batches = [full[i:i + batch_size] for i in range(0, len(full), batch_size)]
+    batches += [[w] for w in windows if len(w) < step + 1]  # the text's last window may be shorter
+    total_nats, predicted = 0.0, 0
+    # disable=None: a bar on terminals only
+    for batch in tqdm(batches, desc="evaluating", unit="batch", disable=None if progress else True):
+        tokens = torch.tensor(batch, device=device)
+        logits, _ = model(tokens[:, :-1])
+        total_nats += F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="sum").item()
+        predicted += tokens[:, 1:].numel()
+    n_bytes = len(text.encode("utf-8"))
+    loss = total_nats / predicted
+    return {"loss": loss, "perplexity": math.exp(loss), "bits_per_byte": total_nats / math.log(2) / n_bytes,
+            "tokens": len(ids), "bytes": n_bytes}
+
+
+def main() -> None:
+    parser = CliParser(description="Loss, perplexity and bits per byte of a checkpoint on text.")
+    parser.add_argument("files", nargs="+", help="text files or folders of .txt files")
+    parser.add_argument("--checkpoint", default="model_checkpoint.tar", help="checkpoint (default %(default)s)")
+    parser.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    args = parser.parse_args()
+    if args.batch_size <= 0:
+        raise UsageError(f"--batch_size must be positive, got {args.batch_size}")
+    device = pick_device(args.device)
+    model, tokenizer = model_from_checkpoint(load_checkpoint(args.checkpoint, map_location=device), device)
+    for path in corpus_files(args.files):
+        text = "".join(iter_corpus([path]))
+        r = evaluate_text(model, tokenizer, text, args.batch_size, progress=True)
+        print(f"{path}: loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.2f}, "
+              f"{r['bits_per_byte']:.4f} bits/byte ({r['tokens']:,} tokens, {r['bytes']:,} bytes)")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,161 @@
+"""Generate text from a trained checkpoint, streamed token by token.
+
+    python generate.py --checkpoint model_checkpoint.tar --prompt "ROMEO:" [--max_new_tokens 500]
+                       [--temperature 0.8] [--top_k 200] [--top_p 0.95] [--num_samples 1] [--seed 1337]
+
+The prompt comes from --prompt, --prompt_file, or standard input when it is piped; with none of them on a
+terminal, an interactive loop reads one prompt per line. An empty prompt generates from scratch (from the
+end-of-text token). What is printed: the prompt, then its continuation as it is produced.
+"""
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+from checkpoint import load_checkpoint, model_from_checkpoint
+from errors import CliParser, UsageError, run_cli
+from gpt import GPT
+from playground import pick_device
+from preprocessing.tokenizer import Tokenizer
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = CliParser(description="Generate text from a checkpoint written by playground.py.")
+    p.add_argument("--checkpoint", default="model_checkpoint.tar", help="checkpoint file (default %(default)s)")
+    p.add_argument("--prompt", help="text to continue (default: standard input, or an interactive loop)")
+    p.add_argument("--prompt_file", help="read the prompt from this file")
+    p.add_argument("--max_new_tokens", type=int, default=500, help="tokens to generate (default %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; <1 sharper, >1 more random")
+    p.add_argument("--top_k", type=int, default=200, help="sample among the k most likely tokens")
+    p.add_argument("--top_p", type=float, default=None, help="nucleus sampling: the smallest set of tokens "
+                   "with probability >= p")
+    p.add_argument("--num_samples", type=int, default=1, help="independent samples per prompt")
+    p.add_argument("--seed", type=int, default=1337, help="same seed, checkpoint and flags: same text")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    p.add_argument("--tokenizer", help="a tokenizer.json to use instead of the checkpoint's (must be the same)")
+    p.add_argument("--no_cache", action="store_true", help="recompute the whole context each step (slow)")
+    p.add_argument("--stats", action="store_true", help="print tokens generated and tokens/s on stderr")
+    args = p.parse_args(argv)
+    if args.max_new_tokens <= 0:
+        raise UsageError(f"--max_new_tokens must be positive, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.top_k is not None and args.top_k <= 0:
+        raise UsageError(f"--top_k must be positive, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UsageError(f"--top_p must be in (0, 1], got {args.top_p}")
+    if args.num_samples <= 0:
+        raise UsageError(f"--num_samples must be positive, got {args.num_samples}")
+    if args.prompt is not None and args.prompt_file is not None:
+        raise UsageError("give --prompt or --prompt_file, not both")
+    return args
+
+
+def check_tokenizer(path: str, checkpoint_tokenizer: Tokenizer) -> Tokenizer:
+    """A --tokenizer override is accepted only if it is the checkpoint's own tokenizer."""
+    tokenizer = Tokenizer.from_file(path)
+    if tokenizer.to_json() != checkpoint_tokenizer.to_json():
+        raise UsageError(f"tokenizer {path} does not match the checkpoint's ({tokenizer.vocab_size} vs "
+                         f"{checkpoint_tokenizer.vocab_size} tokens, or different merges)")
+    return tokenizer
+
+
+def prompt_ids(model: GPT, tokenizer: Tokenizer, prompt: str) -> list[int]:
+    """The prompt's tokens; an empty prompt starts from end-of-text. Longer than block_size: the last
+    block_size tokens are kept, with a notice."""
+    ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
+    block = model.config.block_size
+    if len(ids) > block:
+        print(f"notice: the prompt has {len(ids)} tokens; only its last {block} (block_size) are used",
+              file=sys.stderr)
+        ids = ids[-block:]
+    return ids
+
+
+def generate_text(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, temperature: float = 0.8,
+                  top_k: int | None = None, top_p: float | None = None, seed: int = 1337, use_cache: bool = True,
+                  on_text: Callable[[str], None] | None = None) -> tuple[str, int]:
+    """The continuation of `prompt` and its number of tokens; each new piece of text is passed to on_text
+    as soon as it is known.
+
+    Byte-level tokens can end inside a multi-byte character, which decodes to U+FFFD until the rest
+    arrives: such a tail is held back, so streamed pieces are always whole characters.
+    """
+    device = next(model.parameters()).device
+    idx = torch.tensor([prompt_ids(model, tokenizer, prompt)], device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    new_ids: list[int] = []
+    shown = ""
+    for token in model.stream(idx, max_new_tokens, temperature, top_k, top_p, tokenizer.eot_id, use_cache,
+                              generator):
+        if int(token) == tokenizer.eot_id:
+            break
+        new_ids.append(int(token))
+        text = tokenizer.decode(new_ids)
+        if not text.endswith("\ufffd") and on_text is not None:
+            on_text(text[len(shown):])
+            shown = text
+    text = tokenizer.decode(new_ids)
+    if on_text is not None and text != shown:
+        on_text(text[len(shown):])
+    return text, len(new_ids)
+
+
+def write(piece: str) -> None:
+    sys.stdout.write(piece)
+    sys.stdout.flush()
+
+
+def run_prompt(model: GPT, tokenizer: Tokenizer, prompt: str, args: argparse.Namespace) -> None:
+    for i in range(args.num_samples):
+        if args.num_samples > 1:
+            write(f"\n---------- sample {i + 1} of {args.num_samples} ----------\n")
+        write(prompt)
+        start = time.perf_counter()
+        _, n = generate_text(model, tokenizer, prompt, args.max_new_tokens, args.temperature, args.top_k,
+                             args.top_p, args.seed + i, not args.no_cache, on_text=write)
+        write("\n")
+        if args.stats:
+            seconds = time.perf_counter() - start
+            print(f"stats: {n} tokens in {seconds:.2f}s, {n / seconds:.1f} tokens/s", file=sys.stderr)
+
+
+def read_prompt(args: argparse.Namespace) -> str | None:
+    """The prompt text, or None for the interactive loop."""
+    if args.prompt is not None:
+        return args.prompt
+    if args.prompt_file is not None:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                return f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"cannot read --prompt_file {args.prompt_file}: {e}") from None
+    if sys.stdin.isatty():
+        return None
+    return sys.stdin.read()
+
+
+def main() -> None:
+    args = parse_args()
+    device = pick_device(args.device)
+    model, tokenizer = model_from_checkpoint(load_checkpoint(args.checkpoint, map_location=device), device)
+    if args.tokenizer:
+        tokenizer = check_tokenizer(args.tokenizer, tokenizer)
+    prompt = read_prompt(args)
+    if prompt is not None:
+        return run_prompt(model, tokenizer, prompt, args)
+    print("interactive: type a prompt and press Enter (Ctrl-D to quit)", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        run_prompt(model, tokenizer, line, args)
+
+
+if __name__ == "__main__":
+    run_cli(main)
