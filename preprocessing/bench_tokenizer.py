@@ -1,6 +1,6 @@
 """Benchmark: tokenizer training time and peak memory against corpus size (prints a markdown table).
 
-    python preprocessing/bench_tokenizer.py [--sizes_mb 10 100] [--kind bbpe] [--vocab_size 8000]
+    python preprocessing/bench_tokenizer.py [--mb 10 100] [--kind bbpe] [--vocab_size 8000]
 
 Each size is the bundled corpus repeated to that many MB and trained on in a fresh process, so each peak
 resident memory (ru_maxrss) belongs to that size alone. The corpus is streamed: memory should grow far
@@ -16,7 +16,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO))  # run as a script from any folder
+
+from preprocessing.tokenizer import train_tokenizer  # noqa: E402
 
 
 def make_corpus(folder: Path, mb: int) -> Path:
@@ -32,8 +34,6 @@ def make_corpus(folder: Path, mb: int) -> Path:
 
 def train_once(corpus: str, kind: str, vocab_size: int) -> None:
     """Runs in the child process: train, then print seconds and peak RSS in MB."""
-    from preprocessing.tokenizer import train_tokenizer
-
     start = time.perf_counter()
     tok = train_tokenizer([Path(corpus)], kind, vocab_size, show_progress=False)
     seconds = time.perf_counter() - start
@@ -43,7 +43,7 @@ def train_once(corpus: str, kind: str, vocab_size: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes_mb", type=int, nargs="+", default=[10, 100])
+    parser.add_argument("--mb", type=int, nargs="+", default=[10, 100], help="corpus sizes to try, in MB")
     parser.add_argument("--kind", default="bbpe", choices=("bpe", "bbpe"))
     parser.add_argument("--vocab_size", type=int, default=8000)
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -52,7 +52,7 @@ def main() -> None:
         return train_once(args.child, args.kind, args.vocab_size)
     print("| corpus MB | kind | vocab | seconds | peak RSS MB |\n|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
-        for mb in args.sizes_mb:
+        for mb in args.mb:
             corpus = make_corpus(Path(tmp), mb)
             out = subprocess.run([sys.executable, __file__, "--child", str(corpus), "--kind", args.kind,
                                   "--vocab_size", str(args.vocab_size)], capture_output=True, text=True, check=True)

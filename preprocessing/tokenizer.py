@@ -1,14 +1,21 @@
 """Tokenizers: train, save, load, encode and decode, on top of Hugging Face `tokenizers`.
 
-Two kinds:
+Two kinds (the kind is read back from the saved JSON: a ByteLevel pre-tokenizer means bbpe):
     bbpe  byte-level BPE as in GPT-2: text is UTF-8 bytes, each byte one of 256 base symbols, merges on
-          top. Any text round-trips exactly: decode(encode(s)) == s (emoji, CJK, tabs, newlines).
-    bpe   vanilla BPE over characters seen in training, with an unknown token. Words and punctuation are
-          pre-split; a space is kept as a "▁" marker at the start of the word that follows it (the
-          Metaspace scheme of SentencePiece), so decoding restores single spaces and newlines. It does not
-          preserve characters never seen in training (they decode as "<unk>").
+          top. Any text round-trips exactly: decode(encode(s)) == s (emoji, CJK, tabs, newlines, \r).
+    bpe   vanilla BPE over the characters seen in training, with an unknown token. Text is split at
+          spaces and punctuation; each space becomes a "▁" marker glued to the front of what follows it
+          (SentencePiece's Metaspace scheme, never prepended at the start of the text), so decoding
+          restores spaces, runs of spaces and newlines exactly. What bpe does NOT preserve:
+            - characters never seen in training (often the tab, "\r", accents, emoji): they become <unk>
+              and decode as the five characters "<unk>";
+            - a "▁" (U+2581) in the input: it decodes as a space.
 
-Special tokens, with ids fixed by their order:
+Both kinds encode pieces of a text independently of each other: decode(encode(a) + encode(b)) equals
+decode(encode(a + b)), so a long corpus can be encoded in chunks. The literal text "<|endoftext|>" (and
+"<unk>" for bpe) in the input is encoded as the special token.
+
+Special tokens, with ids fixed by their order in the trainer's list:
     0  <|endoftext|>  separates documents; generation stops at it     (both kinds)
     1  <unk>          stands for a character outside the vocabulary   (bpe only)
 """
@@ -25,7 +32,9 @@ from errors import UsageError
 EOT = "<|endoftext|>"
 UNK = "<unk>"
 KINDS = ("bpe", "bbpe")
-READ_CHARS = 1 << 16  # text handed to the trainer at a time: streamed in small pieces, never read whole
+# The corpus is streamed in pieces of a few kB, never read into one string. Small pieces matter: the trainer
+# reads hundreds of pieces ahead, so memory grows with the piece size (1 MB pieces: +300 MB on a 20 MB corpus).
+READ_CHARS = 1 << 12
 
 
 class Tokenizer:
@@ -66,7 +75,7 @@ class Tokenizer:
             tmp.write_text(self.to_json(), encoding="utf-8")
             os.replace(tmp, path)
         except OSError as e:
-            raise UsageError(f"cannot write {path}: {e.strerror}") from None
+            raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -105,18 +114,25 @@ def corpus_files(paths: list[str | Path]) -> list[Path]:
 
 
 def iter_corpus(files: list[Path]) -> Iterator[str]:
-    """The corpus as a stream of text pieces (about 1 MB each); non-UTF-8 or empty input is an error."""
+    """The corpus as a stream of text pieces of a few kB, each ending at a line end so no word is cut.
+
+    A file that is not UTF-8, or holds NUL characters (binary data can decode as UTF-8: a token cache
+    of small ids does), is an error; so is a corpus with no text but whitespace.
+    """
     empty = True
     for path in files:
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8", newline="") as f:  # newline="": keep "\r\n" as it is in the file
             while True:
                 try:
                     piece = f.read(READ_CHARS)
+                    piece += f.readline(READ_CHARS)  # finish the line, but never read a huge line whole
                 except UnicodeDecodeError:
                     raise UsageError(f"{path} is not UTF-8 text (a binary file?)") from None
                 if not piece:
                     break
-                empty = empty and not piece.strip()
+                if "\x00" in piece:
+                    raise UsageError(f"{path} holds NUL characters: a binary file, not text")
+                empty = empty and piece.isspace()
                 yield piece
     if empty:
         raise UsageError("the corpus is empty")

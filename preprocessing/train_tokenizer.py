@@ -20,17 +20,11 @@ from preprocessing.tokenizer import KINDS, Tokenizer, corpus_files, iter_corpus,
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = CliParser(description="Train a BPE (bpe) or byte-level BPE (bbpe) tokenizer on text files.")
-    parser.add_argument("inputs", nargs="+", metavar="CORPUS ... KIND",
-                        help="text files or folders of .txt files, then the kind: bpe or bbpe")
+    parser.add_argument("corpus", nargs="+", metavar="CORPUS", help="text files and/or folders of .txt files")
+    parser.add_argument("kind", choices=KINDS, help="bpe: BPE with an unknown token; bbpe: byte-level BPE")
     parser.add_argument("--vocab_size", type=int, default=8000, help="tokens in the vocabulary (default 8000)")
     parser.add_argument("--out", default="tokenizer.json", help="where to write it (default tokenizer.json)")
-    args = parser.parse_args(argv)
-    *args.corpus, args.kind = args.inputs
-    if not args.corpus:
-        raise UsageError("give at least one corpus path before the kind (bpe or bbpe)")
-    if args.kind not in KINDS:
-        raise UsageError(f"unknown tokenizer kind {args.kind!r}: choose bpe or bbpe")
-    return args
+    return parser.parse_args(argv)
 
 
 def check_writable(out: Path) -> None:

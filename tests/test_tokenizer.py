@@ -1,5 +1,5 @@
-"""Tokenizers: exact round-trips (bbpe), readable decoding (bpe), sizes, special ids, determinism, and the
-CLI's handling of bad input."""
+"""Tokenizers: exact round-trips (bbpe), readable decoding (bpe), sizes, special ids, determinism, the
+streamed corpus reader, and the CLI's handling of bad input."""
 
 import subprocess
 import sys
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from errors import UsageError
-from preprocessing.tokenizer import EOT, UNK, Tokenizer, corpus_files, train_tokenizer
+from preprocessing.tokenizer import EOT, READ_CHARS, UNK, Tokenizer, corpus_files, iter_corpus, train_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 MIXED = ("Plain ASCII, with punctuation!\n\tTabbed line; accents: café, naïve, Ærøskøbing, ñandú.\n"
@@ -41,15 +41,25 @@ def test_bbpe_round_trips_any_text_exactly(bbpe):
 
 
 def test_bpe_decodes_to_the_original_words_and_spacing(bpe):
-    text = "To be, or not to be: that is the question.\nWhether 'tis nobler in the mind to suffer\n"
-    assert bpe.decode(bpe.encode(text)) == text
-    assert bpe.decode(bpe.encode(MIXED)).split() == MIXED.split()
+    unseen = "Wolves  quaffed the jugs of kvass -- quickly!\n\n   Whither, Horatio?  \n"  # not in the corpus
+    assert bpe.decode(bpe.encode(unseen)).split() == unseen.split()
+    assert bpe.decode(bpe.encode(unseen)) == unseen  # spaces, runs of spaces and blank lines too
+    assert bpe.decode(bpe.encode(MIXED)) == MIXED  # every character of MIXED was seen in training
 
 
-def test_bpe_maps_unseen_characters_to_unk(bpe):
+def test_bpe_loses_only_unseen_characters_and_the_space_marker(bpe):
     ids = bpe.encode("a ⚗ b")
     assert bpe.hf.token_to_id(UNK) in ids
     assert bpe.decode(ids) == f"a {UNK} b"
+    assert bpe.decode(bpe.encode("a ▁ b")) == "a   b"  # the marker itself reads back as a space
+
+
+@pytest.mark.parametrize("kind", ["bpe", "bbpe"])
+def test_text_encoded_in_pieces_decodes_like_the_whole(bbpe, bpe, kind):
+    tok = bbpe if kind == "bbpe" else bpe
+    text = "To be, or not to be:  that is\nthe question. " + MIXED
+    for cut in (1, 5, 6, 7, 14, 30, 31, len(text) - 1):  # inside words, at spaces, inside runs of spaces
+        assert tok.decode(tok.encode(text[:cut]) + tok.encode(text[cut:])) == text
 
 
 @pytest.mark.parametrize("kind, size", [("bbpe", 300), ("bbpe", 1000), ("bpe", 300), ("bpe", 1000)])
@@ -61,7 +71,8 @@ def test_special_tokens_have_their_documented_ids(bbpe, bpe):
     assert bbpe.eot_id == 0 and bbpe.hf.token_to_id(EOT) == 0
     assert bpe.eot_id == 0 and bpe.hf.token_to_id(UNK) == 1
     assert bbpe.hf.token_to_id(UNK) is None  # byte-level BPE never needs one
-    assert bbpe.encode(EOT) == [0]  # the special token is recognised in text, not split into bytes
+    assert bbpe.encode(EOT) == [0] and bpe.encode(EOT) == [0]  # recognised in text, not split into pieces
+    assert bbpe.decode([0]) == EOT
     assert bbpe.kind == "bbpe" and bpe.kind == "bpe"
 
 
@@ -102,6 +113,34 @@ def test_loading_a_file_that_is_not_a_tokenizer_is_a_usage_error(tmp_path):
         Tokenizer.from_file(tmp_path / "missing.json")
 
 
+def test_a_failed_save_is_a_usage_error_and_leaves_no_file(tmp_path, bbpe):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    for target in (tmp_path / "no" / "such" / "folder.json", folder):  # missing folder; a folder in the way
+        with pytest.raises(UsageError, match="cannot write"):
+            bbpe.save(target)
+    assert [p.name for p in tmp_path.rglob("*")] == ["models"]
+
+
+def test_the_corpus_is_streamed_in_bounded_pieces_that_end_at_line_ends(tmp_path):
+    lines = "".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(3000))
+    (tmp_path / "lines.txt").write_text(lines, encoding="utf-8")
+    (tmp_path / "one_line.txt").write_text("x" * (5 * READ_CHARS), encoding="utf-8")
+    for name, text in (("lines.txt", lines), ("one_line.txt", "x" * (5 * READ_CHARS))):
+        pieces = list(iter_corpus([tmp_path / name]))
+        assert "".join(pieces) == text and len(pieces) > 1
+        assert max(map(len, pieces)) <= 2 * READ_CHARS
+    assert all(piece.endswith("\n") for piece in iter_corpus([tmp_path / "lines.txt"]))
+
+
+def test_folders_are_searched_for_txt_files_only(tmp_path):
+    (tmp_path / "notes.md").write_text("no .txt here")
+    with pytest.raises(UsageError, match="no .txt files in folder"):
+        corpus_files([tmp_path])
+    with pytest.raises(UsageError, match="corpus not found"):
+        corpus_files([tmp_path / "missing.txt"])
+
+
 # ---------------------------------------------------------------------- the CLI
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -113,7 +152,10 @@ def test_cli_trains_and_reports(tmp_path, corpus):
     result = cli(str(corpus), "bbpe", "--vocab_size", "400", "--out", "tok.json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "bbpe tokenizer: 400 tokens (asked 400)" in result.stdout and "tokens/byte" in result.stdout
-    assert Tokenizer.from_file(tmp_path / "tok.json").vocab_size == 400
+    saved = Tokenizer.from_file(tmp_path / "tok.json")
+    assert saved.vocab_size == 400
+    # Another process trains the same tokenizer: training does not depend on hash seeds or thread timing.
+    assert saved.to_json() == train_tokenizer([corpus], "bbpe", 400, show_progress=False).to_json()
 
 
 def test_cli_default_output_is_tokenizer_json_in_the_current_folder(tmp_path, corpus):
@@ -121,17 +163,21 @@ def test_cli_default_output_is_tokenizer_json_in_the_current_folder(tmp_path, co
     assert Tokenizer.from_file(tmp_path / "tokenizer.json").kind == "bpe"
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "binary", "kind", "small bbpe", "zero", "unwritable"])
+@pytest.mark.parametrize("case", ["missing", "no txt", "empty", "binary", "nul", "kind", "small bbpe", "zero",
+                                  "unwritable"])
 def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, corpus, case):
-    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "empty.txt").write_text(" \n\n")
     (tmp_path / "binary.txt").write_bytes(bytes(range(256)) * 10)
-    locked = tmp_path / "locked"
-    locked.mkdir()
+    (tmp_path / "ids.txt").write_bytes(bytes([5, 0, 17, 0, 99, 1]) * 100)  # a uint16 token cache: valid UTF-8
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.md").write_text("not a .txt file")
     args, expected = {
         "missing": (["nope.txt", "bbpe"], "corpus not found: nope.txt"),
+        "no txt": (["notes", "bbpe"], "no .txt files in folder notes"),
         "empty": (["empty.txt", "bbpe"], "the corpus is empty"),
         "binary": (["binary.txt", "bbpe"], "binary.txt is not UTF-8 text"),
-        "kind": ([str(corpus), "wordpiece"], "unknown tokenizer kind 'wordpiece'"),
+        "nul": (["ids.txt", "bpe"], "ids.txt holds NUL characters"),
+        "kind": ([str(corpus), "wordpiece"], "invalid choice: 'wordpiece'"),
         "small bbpe": ([str(corpus), "bbpe", "--vocab_size", "200"], "at least 257"),
         "zero": ([str(corpus), "bpe", "--vocab_size", "0"], "at least 3"),
         "unwritable": ([str(corpus), "bbpe", "--out", "no/such/folder/tok.json"], "does not exist"),
@@ -139,7 +185,8 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, corpus, case):
     out = tmp_path / "out.json"
     result = cli(*args, *([] if "--out" in args else ["--out", str(out)]), cwd=tmp_path)
     assert result.returncode == 2
+    assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
     assert not out.exists()
-    assert [p.name for p in tmp_path.iterdir() if "json" in p.name or "tmp" in p.name] == []
+    assert [p.name for p in tmp_path.rglob("*") if "json" in p.name or "tmp" in p.name] == []
