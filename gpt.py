@@ -139,7 +139,7 @@ class GPT(nn.Module):
         return [KVCache(batch, c.num_of_heads, c.block_size, c.embedding_dim // c.num_of_heads, device, dtype)
                 for _ in range(c.num_of_layers)]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                top_p: float | None = None, eos_id: int | None = None, use_cache: bool = True,
                generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
