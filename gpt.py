@@ -146,7 +146,7 @@ class GPT(nn.Module):
         """Yield max_new_tokens new tokens (B,) one at a time, continuing idx (B, T).
 
         Stops early once every row has produced eos_id; rows that finished first keep emitting eos_id.
-        Call model.eval() first (dropout would otherwise stay on).
+        Runs without autograd (inference mode); call model.eval() first, or dropout stays on.
 
         The context window: positions are learned and absolute, so cached keys/values are only valid while
         the window's start stays put. The model sees the tokens from `start` on; when they would exceed
@@ -236,6 +236,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability of the tokens ranked above
         drop_sorted = mass_before >= top_p  # the nucleus is already full without this token
+        drop_sorted[:, 0] = False  # the most likely token always stays, whatever p
         drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
         probs = probs.masked_fill(drop, 0.0)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # multinomial renormalises

@@ -82,6 +82,8 @@ def test_top_p_keeps_only_the_nucleus():
     assert 0.55 < (draws == 0).float().mean() < 0.70  # renormalised: 0.5 / 0.8 = 0.625
     draws = torch.stack([sample_next(probs.log(), top_p=0.4, generator=g) for _ in range(200)])
     assert set(draws.unique().tolist()) == {0}  # the top token alone already covers 0.4
+    logits = torch.randn(3, 20, generator=g)
+    assert torch.equal(sample_next(logits, top_p=0.0, generator=g), logits.argmax(-1))  # never an empty set
 
 
 def test_top_k_keeps_only_the_k_most_likely():
@@ -198,6 +200,8 @@ def test_parameter_count_and_flops():
     (dict(attention="flash"), "attention must be one of"),
     (dict(norm_position="middle"), "norm_position must be one of"),
     (dict(block_size=0), "block_size must be positive"),
+    (dict(init="xavier"), "init must be one of"),
+    (dict(dropout=1.0), "dropout must be in"),
 ])
 def test_invalid_config_is_a_usage_error(kw, message):
     with pytest.raises(UsageError, match=message):
