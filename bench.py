@@ -88,35 +88,46 @@ def bench_train(args: argparse.Namespace) -> None:
           f"{tokens / seconds:,.0f} | {mfu} |")
 
 
+def model_size(text: str) -> tuple[int, int, int, int]:
+    """'64,4,128,12' -> (block_size, num_of_layers, embedding_dim, batch_size)."""
+    try:
+        block, layers, width, batch = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"want block,layers,width,batch (like 64,4,128,12), not {text!r}") from None
+    return block, layers, width, batch
+
+
 def bench_attention(args: argparse.Namespace) -> None:
     """Forward + backward of a whole GPT with each attention core, at a few sizes."""
     device = pick_device(args.device)
-    sizes = [(64, 4, 128, 12), (128, 4, 256, 8), (256, 6, 384, 4)]  # (block, layers, width, batch)
-    print(f"device {device}, float32, heads = width / 64 (at least 2), vocab 2048, dropout 0")
-    print("| block | layers | width | batch | scratch tokens/s | sdpa tokens/s | sdpa speed-up |")
-    print("|---|---|---|---|---|---|---|")
-    for block, layers, width, batch in sizes:
+    print(f"device {device}, float32, heads = max(2, width / 64), vocab {args.vocab_size}, dropout 0, "
+          f"{args.warmup} warm-up + {args.iters} timed steps")
+    print("| block | layers | width | heads | batch | scratch tokens/s | sdpa tokens/s | sdpa speed-up |")
+    print("|---|---|---|---|---|---|---|---|")
+    for block, layers, width, batch in args.sizes:
+        heads = max(2, width // 64)
         rates = []
         for core in ("scratch", "sdpa"):
             torch.manual_seed(0)
-            model = GPT(GPTConfig(vocab_size=2048, block_size=block, embedding_dim=width, num_of_layers=layers,
-                                  num_of_heads=max(2, width // 64), dropout=0.0, attention=core)).to(device)
-            x = torch.randint(0, 2048, (batch, block), device=device)
+            model = GPT(GPTConfig(vocab_size=args.vocab_size, block_size=block, embedding_dim=width,
+                                  num_of_layers=layers, num_of_heads=heads, dropout=0.0, attention=core)).to(device)
+            x = torch.randint(0, args.vocab_size, (batch, block), device=device)
             rates.append(batch * block / timed(lambda m=model, x=x: m(x, x)[1].backward(), args.warmup, args.iters,
                                                device))
-        print(f"| {block} | {layers} | {width} | {batch} | {rates[0]:,.0f} | {rates[1]:,.0f} | "
+        print(f"| {block} | {layers} | {width} | {heads} | {batch} | {rates[0]:,.0f} | {rates[1]:,.0f} | "
               f"{rates[1] / rates[0]:.2f}x |")
 
 
 def bench_generate(args: argparse.Namespace) -> None:
-    """Tokens/s generating 500 tokens from one token, with and without the KV cache."""
+    """Tokens/s generating --new_tokens greedily from one token, with and without the KV cache."""
     device = pick_device(args.device)
-    config = GPTConfig(vocab_size=2048, block_size=256, embedding_dim=256, num_of_layers=4, num_of_heads=4,
-                       dropout=0.0)
+    config = GPTConfig(vocab_size=args.vocab_size, block_size=args.block_size, embedding_dim=args.embedding_dim,
+                       num_of_layers=args.num_of_layers, num_of_heads=args.num_of_heads, dropout=0.0)
     torch.manual_seed(0)
     model = GPT(config).to(device).eval()
     start = torch.zeros(1, 1, dtype=torch.long, device=device)
-    print(f"device {device}, float32, {config}, {args.new_tokens} new tokens, greedy")
+    print(f"device {device}, float32, batch 1, {config}, {model.num_parameters() / 1e6:.2f}M parameters, "
+          f"{args.new_tokens} new tokens, greedy, mean of {args.repeats} runs after 1 warm-up")
     print("| KV cache | tokens/s | speed-up |\n|---|---|---|")
     rates = {}
     for use_cache in (False, True):
@@ -144,10 +155,18 @@ def main() -> None:
     train.add_argument("--warmup", type=int, default=10)
     train.add_argument("--iters", type=int, default=100)
     attention = sub.add_parser("attention", help="scratch vs SDPA attention, forward + backward")
+    attention.add_argument("--sizes", type=model_size, nargs="+", metavar="BLOCK,LAYERS,WIDTH,BATCH",
+                           default=[(64, 4, 128, 12), (128, 4, 256, 8), (256, 6, 384, 4)])
+    attention.add_argument("--vocab_size", type=int, default=2048)
     attention.add_argument("--warmup", type=int, default=3)
     attention.add_argument("--iters", type=int, default=10)
     generate = sub.add_parser("generate", help="generation with and without the KV cache")
     generate.add_argument("--new_tokens", type=int, default=500)
+    generate.add_argument("--block_size", type=int, default=256)
+    generate.add_argument("--embedding_dim", type=int, default=256)
+    generate.add_argument("--num_of_layers", type=int, default=4)
+    generate.add_argument("--num_of_heads", type=int, default=4)
+    generate.add_argument("--vocab_size", type=int, default=2048)
     generate.add_argument("--repeats", type=int, default=2)
     for p in (train, attention, generate):
         p.add_argument("--device", default="auto")
