@@ -32,6 +32,7 @@ class GPTConfig:
     attention: str = "sdpa"  # "sdpa" (fused kernels) or "scratch" (the reference written out)
     norm_position: str = "pre"  # "pre" (GPT-2) or "post" (GPT-1)
     init: str = "gpt2"  # "gpt2": N(0, 0.02), scaled residual projections; "pytorch": PyTorch's defaults
+    causal: bool = True  # True: a decoder (GPT) sees only the past; False: a bidirectional encoder (BERT)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "embedding_dim", "num_of_layers", "num_of_heads"):
@@ -69,15 +70,16 @@ class Block(nn.Module):
         super().__init__()
         self.pre_norm = c.norm_position == "pre"
         self.ln_1 = nn.LayerNorm(c.embedding_dim, bias=c.bias)
-        self.attn = MultiHeadAttention(c.embedding_dim, c.num_of_heads, c.dropout, c.bias, c.attention)
+        self.attn = MultiHeadAttention(c.embedding_dim, c.num_of_heads, c.dropout, c.bias, c.attention, c.causal)
         self.ln_2 = nn.LayerNorm(c.embedding_dim, bias=c.bias)
         self.mlp = MLP(c)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None,
+                padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.pre_norm:  # GPT-2: x + f(LN(x)), the residual path stays an identity
-            x = x + self.attn(self.ln_1(x), cache=cache)
+            x = x + self.attn(self.ln_1(x), padding_mask, cache)
             return x + self.mlp(self.ln_2(x))
-        x = self.ln_1(x + self.attn(x, cache=cache))  # GPT-1: LN(x + f(x))
+        x = self.ln_1(x + self.attn(x, padding_mask, cache))  # GPT-1: LN(x + f(x))
         return self.ln_2(x + self.mlp(x))
 
 
@@ -110,23 +112,25 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def hidden_states(self, idx: torch.Tensor, caches: list[KVCache] | None = None,
-                      start_pos: int = 0) -> torch.Tensor:
-        """(B, T) token ids at positions start_pos .. start_pos + T - 1 -> (B, T, E) final hidden states."""
+    def hidden_states(self, idx: torch.Tensor, caches: list[KVCache] | None = None, start_pos: int = 0,
+                      padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) token ids at positions start_pos .. start_pos + T - 1 -> (B, T, E) final hidden states.
+        padding_mask (B, T), True for real tokens: no position attends to the others (padding)."""
         t = idx.size(1)
         if start_pos + t > self.config.block_size:
             raise ValueError(f"sequence of {start_pos + t} tokens, but block_size is {self.config.block_size}")
         pos = torch.arange(start_pos, start_pos + t, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, E)
         for i, block in enumerate(self.blocks):
-            x = block(x, caches[i] if caches is not None else None)
+            x = block(x, caches[i] if caches is not None else None, padding_mask)
         return self.ln_f(x)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, T, vocab_size) for the next token at every position; with targets (B, T), also the
-        mean cross-entropy (targets of -1 are ignored)."""
-        logits = self.lm_head(self.hidden_states(idx))
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, vocab_size) at every position (a decoder predicts the next token, an encoder the
+        token hidden at that position); with targets (B, T), also the mean cross-entropy (targets of -1
+        are ignored)."""
+        logits = self.lm_head(self.hidden_states(idx, padding_mask=padding_mask))
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
@@ -154,6 +158,8 @@ class GPT(nn.Module):
         to rebuild the cache (a "prefill"). Without the cache the same window is recomputed every step,
         so both ways give the same tokens, and the cached way pays the full price only once per jump.
         """
+        if not self.config.causal:
+            raise UsageError("an encoder (causal=False) fills masks; it does not generate left to right")
         block, keep = self.config.block_size, self.config.block_size // 2
         start = max(0, idx.size(1) - block)
         caches: list[KVCache] | None = None

@@ -18,6 +18,12 @@ decode(encode(a + b)), so a long corpus can be encoded in chunks. The literal te
 Special tokens, with ids fixed by their order in the trainer's list:
     0  <|endoftext|>  separates documents; generation stops at it     (both kinds)
     1  <unk>          stands for a character outside the vocabulary   (bpe only)
+and, when trained with bert_tokens (for masked-language-model pretraining and fine-tuning), next in order
+(ids 1-4 for bbpe, 2-5 for bpe):
+       <mask>         a hidden token the encoder must predict
+       <pad>          fills short sequences in a batch; never attended to
+       <cls>          a sequence's summary position: the encoder's first token, the decoder's last
+       <sep>          separates the two texts of a pair
 """
 
 import os
@@ -31,6 +37,8 @@ from errors import UsageError
 
 EOT = "<|endoftext|>"
 UNK = "<unk>"
+MASK, PAD, CLS, SEP = "<mask>", "<pad>", "<cls>", "<sep>"
+BERT_TOKENS = (MASK, PAD, CLS, SEP)
 KINDS = ("bpe", "bbpe")
 # The corpus is streamed in pieces of a few kB, never read into one string. Small pieces matter: the trainer
 # reads hundreds of pieces ahead, so memory grows with the piece size (1 MB pieces: +300 MB on a 20 MB corpus).
@@ -96,6 +104,14 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(ids, skip_special_tokens=False)
 
+    def special_id(self, token: str, purpose: str) -> int:
+        """The id of a special token that `purpose` needs; a clear error when the tokenizer lacks it."""
+        token_id = self.hf.token_to_id(token)
+        if token_id is None:
+            raise UsageError(f"{purpose} needs the {token} token, which this tokenizer lacks: train one with "
+                             f"preprocessing/train_tokenizer.py ... --bert_tokens")
+        return token_id
+
 
 def corpus_files(paths: list[str | Path]) -> list[Path]:
     """The corpus arguments as a list of files: each path a file, or a folder of .txt files (sorted)."""
@@ -154,20 +170,28 @@ def _new_tokenizer(kind: str) -> HFTokenizer:
     return tok
 
 
-def _trainer(kind: str, vocab_size: int, show_progress: bool) -> trainers.BpeTrainer:
+def special_tokens(kind: str, bert_tokens: bool) -> list[str]:
+    """The special tokens in id order (see the module docstring)."""
+    tokens = [EOT] if kind == "bbpe" else [EOT, UNK]
+    return tokens + list(BERT_TOKENS) if bert_tokens else tokens
+
+
+def _trainer(kind: str, vocab_size: int, specials: list[str], show_progress: bool) -> trainers.BpeTrainer:
     if kind == "bbpe":
-        return trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=show_progress,
+        return trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=show_progress,
                                    initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    return trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT, UNK], show_progress=show_progress)
+    return trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=show_progress)
 
 
-def train_tokenizer(files: list[Path], kind: str, vocab_size: int, show_progress: bool = True) -> Tokenizer:
+def train_tokenizer(files: list[Path], kind: str, vocab_size: int, show_progress: bool = True,
+                    bert_tokens: bool = False) -> Tokenizer:
     """Learn BPE merges from the corpus, streamed; the same corpus always gives the same tokenizer."""
     if kind not in KINDS:
         raise UsageError(f"unknown tokenizer kind {kind!r}: choose bpe or bbpe")
-    minimum = 256 + 1 if kind == "bbpe" else 2 + 1
+    specials = special_tokens(kind, bert_tokens)
+    minimum = (256 if kind == "bbpe" else 1) + len(specials)
     if vocab_size < minimum:
         raise UsageError(f"--vocab_size must be at least {minimum} for {kind} (got {vocab_size})")
     tok = _new_tokenizer(kind)
-    tok.train_from_iterator(iter_corpus(files), _trainer(kind, vocab_size, show_progress))
+    tok.train_from_iterator(iter_corpus(files), _trainer(kind, vocab_size, specials, show_progress))
     return Tokenizer(tok)

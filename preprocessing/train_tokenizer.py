@@ -1,6 +1,7 @@
 """Train a tokenizer on a corpus and save it as tokenizer.json.
 
     python preprocessing/train_tokenizer.py CORPUS [CORPUS ...] {bpe,bbpe} [--vocab_size N] [--out PATH]
+                                            [--bert_tokens]
 
 CORPUS: .txt files and/or folders of .txt files. See preprocessing/tokenizer.py for the two kinds and the
 special-token ids.
@@ -24,6 +25,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("kind", choices=KINDS, help="bpe: BPE with an unknown token; bbpe: byte-level BPE")
     parser.add_argument("--vocab_size", type=int, default=8000, help="tokens in the vocabulary (default 8000)")
     parser.add_argument("--out", default="tokenizer.json", help="where to write it (default tokenizer.json)")
+    parser.add_argument("--bert_tokens", action="store_true", help="also add <mask> <pad> <cls> <sep>, needed "
+                        "for masked-LM pretraining (--objective mlm) and fine-tuning")
     return parser.parse_args(argv)
 
 
@@ -53,7 +56,8 @@ def main() -> None:
     check_writable(out)
     files = corpus_files(args.corpus)
     start = time.perf_counter()
-    tokenizer = train_tokenizer(files, args.kind, args.vocab_size, show_progress=sys.stderr.isatty())
+    tokenizer = train_tokenizer(files, args.kind, args.vocab_size, show_progress=sys.stderr.isatty(),
+                                bert_tokens=args.bert_tokens)
     seconds = time.perf_counter() - start
     tokenizer.save(out)
     print(f"{args.kind} tokenizer: {tokenizer.vocab_size} tokens (asked {args.vocab_size}), trained in "

@@ -211,3 +211,32 @@ def test_invalid_config_is_a_usage_error(kw, message):
 def test_sequence_longer_than_block_size_is_refused():
     with pytest.raises(ValueError, match="block_size"):
         tiny()(torch.zeros(1, 17, dtype=torch.long))
+
+
+# ---------------------------------------------------------------------- encoder (causal=False)
+
+def test_encoder_position_0_sees_the_last_token_and_the_decoder_does_not():
+    idx = torch.randint(0, 50, (1, 12), generator=torch.Generator().manual_seed(0))
+    changed = idx.clone()
+    changed[0, -1] = (idx[0, -1] + 1) % 50
+    for causal, should_change in ((False, True), (True, False)):
+        model = tiny(causal=causal)
+        first, _ = model(idx)
+        first_changed, _ = model(changed)
+        assert (not torch.allclose(first[0, 0], first_changed[0, 0])) == should_change
+
+
+def test_encoder_ignores_padding_tokens():
+    model = tiny(causal=False)
+    idx = torch.randint(0, 50, (1, 12), generator=torch.Generator().manual_seed(1))
+    real = torch.tensor([[True] * 9 + [False] * 3])
+    other_padding = idx.clone()
+    other_padding[0, 9:] = 7
+    a, _ = model(idx, padding_mask=real)
+    b, _ = model(other_padding, padding_mask=real)
+    torch.testing.assert_close(a[:, :9], b[:, :9], atol=0, rtol=0)
+
+
+def test_an_encoder_does_not_generate():
+    with pytest.raises(UsageError, match="does not generate"):
+        tiny(causal=False).generate(torch.zeros(1, 1, dtype=torch.long), 3)

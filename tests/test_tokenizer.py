@@ -8,7 +8,17 @@ from pathlib import Path
 import pytest
 
 from errors import UsageError
-from preprocessing.tokenizer import EOT, READ_CHARS, UNK, Tokenizer, corpus_files, iter_corpus, train_tokenizer
+from preprocessing.tokenizer import (
+    BERT_TOKENS,
+    EOT,
+    MASK,
+    READ_CHARS,
+    UNK,
+    Tokenizer,
+    corpus_files,
+    iter_corpus,
+    train_tokenizer,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 MIXED = ("Plain ASCII, with punctuation!\n\tTabbed line; accents: café, naïve, Ærøskøbing, ñandú.\n"
@@ -190,3 +200,18 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, corpus, case):
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
     assert not out.exists()
     assert [p.name for p in tmp_path.rglob("*") if "json" in p.name or "tmp" in p.name] == []
+
+
+@pytest.mark.parametrize("kind, first_id", [("bbpe", 1), ("bpe", 2)])
+def test_bert_tokens_follow_the_base_specials_in_documented_order(corpus, kind, first_id):
+    tok = train_tokenizer([corpus], kind, 500, show_progress=False, bert_tokens=True)
+    assert tok.eot_id == 0
+    for offset, token in enumerate(BERT_TOKENS):
+        assert tok.special_id(token, "test") == first_id + offset
+        assert tok.encode(f"a {token} b").count(first_id + offset) == 1  # the literal text is the token
+    assert tok.vocab_size == 500
+
+
+def test_missing_bert_token_is_a_clear_error(bbpe):
+    with pytest.raises(UsageError, match="fill-mask needs the <mask> token.*--bert_tokens"):
+        bbpe.special_id(MASK, "fill-mask")
