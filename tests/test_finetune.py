@@ -1,0 +1,250 @@
+"""finetune.py on tiny models: a separable task (single texts and pairs) is learned, the input
+transformations put the special tokens where the paper does, the auxiliary LM loss is there only when
+asked for, and bad input is one line on stderr with nothing written."""
+
+import csv
+import dataclasses
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import finetune
+from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from gpt import GPT, GPTConfig
+from preprocessing.tokenizer import CLS, PAD, SEP, corpus_files, train_tokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+# Two disjoint vocabularies: a sentence's class is which list its words come from.
+ANIMALS = "cat dog horse sheep goat mouse owl fox bear wolf deer hare".split()
+TOOLS = "hammer saw drill chisel wrench spanner file plane axe rake spade lever".split()
+
+
+def sentence(words: list[str], rng: random.Random) -> str:
+    return " ".join(rng.choice(words) for _ in range(rng.randint(3, 7)))
+
+
+def single_rows(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"text": sentence(ANIMALS if i % 2 else TOOLS, rng), "label": "animal" if i % 2 else "tool"}
+            for i in range(n)]
+
+
+def pair_rows(n: int, seed: int) -> list[dict]:
+    """One text from each list; label: which list comes first (a tiny decoder learns this in a few epochs;
+    "do both come from the same list", an XOR, it did not learn at this size)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        a, b = (ANIMALS, TOOLS) if i % 2 else (TOOLS, ANIMALS)
+        rows.append({"text_a": sentence(a, rng), "text_b": sentence(b, rng),
+                     "label": "animal first" if i % 2 else "tool first"})
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def tiny_checkpoint(path: Path, tokenizer, causal: bool = True) -> Path:
+    """A freshly initialised tiny model saved as playground.py saves checkpoints."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=64, embedding_dim=32, num_of_layers=2,
+                          num_of_heads=2, dropout=0.0, causal=causal))
+    save_checkpoint({"model_config": dataclasses.asdict(model.config), "model": model.state_dict(),
+                     "tokenizer": tokenizer.to_json()}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("finetune")
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp):
+    corpus = tmp / "words.txt"
+    rng = random.Random(0)
+    corpus.write_text("\n".join(sentence(ANIMALS + TOOLS, rng) for _ in range(300)), encoding="utf-8")
+    files = corpus_files([corpus])
+    return (train_tokenizer(files, "bbpe", 300, show_progress=False, bert_tokens=True),
+            train_tokenizer(files, "bbpe", 300, show_progress=False))
+
+
+@pytest.fixture(scope="module")
+def decoder_ckpt(tmp, tokenizers) -> Path:
+    return tiny_checkpoint(tmp / "decoder.tar", tokenizers[0])
+
+
+@pytest.fixture(scope="module")
+def single_data(tmp) -> tuple[Path, Path]:
+    return write_csv(tmp / "train.csv", single_rows(256, 1)), write_csv(tmp / "val.csv", single_rows(100, 2))
+
+
+# Settings for a tiny model: it needs a higher learning rate and more steps than the paper's defaults.
+FAST = {"lr": 3e-3, "epochs": 3, "batch_size": 16, "warmup_fraction": 0.05}
+
+
+def config(ckpt: Path, train: Path, val: Path, out_dir: Path, **overrides) -> finetune.FinetuneConfig:
+    return finetune.FinetuneConfig(checkpoint=str(ckpt), train=str(train), val=str(val),
+                                   out=str(out_dir / "ft.tar"), predictions=str(out_dir / "pred.jsonl"),
+                                   device="cpu", **{**FAST, **overrides})
+
+
+def test_decoder_learns_a_separable_single_text_task(decoder_ckpt, single_data, tmp_path):
+    result = finetune.fine_tune(config(decoder_ckpt, *single_data, tmp_path))
+    assert result["task"] == "single" and result["labels"] == ["animal", "tool"]
+    assert result["history"][-1]["val_accuracy"] >= 0.95
+    predictions = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
+    assert len(predictions) == 100
+    assert set(predictions[0]) == {"text", "label", "predicted", "probability"}
+    ckpt = load_checkpoint(tmp_path / "ft.tar")  # weights_only: only plain values inside
+    assert ckpt["labels"] == ["animal", "tool"] and ckpt["input_format"] == "text <cls>"
+    model_from_checkpoint(ckpt)  # still an ordinary checkpoint for generate.py and evaluate.py
+
+    # --predict with the fine-tuned checkpoint reproduces the val accuracy, unlabelled files work too
+    predicted = finetune.predict(finetune.FinetuneConfig(checkpoint=str(tmp_path / "ft.tar"),
+                                                         predict=str(single_data[1]), device="cpu",
+                                                         predictions=str(tmp_path / "again.jsonl")))
+    assert predicted["accuracy"] == pytest.approx(result["history"][-1]["val_accuracy"])
+    unlabelled = write_jsonl(tmp_path / "new.jsonl", [{"text": "owl fox bear"}, {"text": "saw axe rake"}])
+    finetune.predict(finetune.FinetuneConfig(checkpoint=str(tmp_path / "ft.tar"), predict=str(unlabelled),
+                                             device="cpu", predictions=str(tmp_path / "new_pred.jsonl")))
+    lines = [json.loads(line) for line in (tmp_path / "new_pred.jsonl").read_text().splitlines()]
+    assert [p["predicted"] for p in lines] == ["animal", "tool"]
+
+
+def test_decoder_learns_a_pair_task_from_jsonl(decoder_ckpt, tmp, tmp_path):
+    train = write_jsonl(tmp / "pairs_train.jsonl", pair_rows(256, 3))
+    val = write_jsonl(tmp / "pairs_val.jsonl", pair_rows(100, 4))
+    result = finetune.fine_tune(config(decoder_ckpt, train, val, tmp_path, epochs=6))  # learnt in 3-4 epochs
+    assert result["task"] == "pair" and result["labels"] == ["animal first", "tool first"]
+    assert result["history"][-1]["val_accuracy"] >= 0.95
+
+
+def test_encoder_classifies_from_its_first_token(tmp, tokenizers, single_data, tmp_path):
+    ckpt = tiny_checkpoint(tmp / "encoder.tar", tokenizers[0], causal=False)
+    result = finetune.fine_tune(config(ckpt, *single_data, tmp_path))
+    assert result["history"][-1]["val_accuracy"] >= 0.95
+    assert load_checkpoint(tmp_path / "ft.tar")["input_format"] == "<cls> text <sep>"
+
+
+def test_input_transformations_and_truncation(tokenizers):
+    tok = tokenizers[0]
+    cls, sep = tok.special_id(CLS, "test"), tok.special_id(SEP, "test")
+    decoder = finetune.InputFormat(causal=True, cls_id=cls, sep_id=sep, pad_id=tok.special_id(PAD, "test"),
+                                   block_size=8)
+    encoder = dataclasses.replace(decoder, causal=False)
+    assert decoder.build([5, 6], None) == ([5, 6, cls], False)
+    assert decoder.build([5, 6], [7]) == ([5, 6, sep, 7, cls], False)
+    assert encoder.build([5, 6], None) == ([cls, 5, 6, sep], False)
+    assert encoder.build([5, 6], [7]) == ([cls, 5, 6, sep, 7, sep], False)
+    # too long: the text is cut, the special tokens stay, and a pair loses from its longer text first
+    assert decoder.build(list(range(10, 30)), None) == ([10, 11, 12, 13, 14, 15, 16, cls], True)
+    assert encoder.build(list(range(10, 20)), [7, 8]) == ([cls, 10, 11, 12, sep, 7, 8, sep], True)
+
+
+def test_collate_pads_on_the_right_and_the_classifier_reads_the_last_real_token(decoder_ckpt):
+    gpt, _ = model_from_checkpoint(load_checkpoint(decoder_ckpt))
+    idx, mask = finetune.collate([[3, 4, 5], [6]], pad_id=99)
+    assert idx.tolist() == [[3, 4, 5], [6, 99, 99]] and mask.tolist() == [[True] * 3, [True, False, False]]
+    model = finetune.Classifier(gpt, 2, 0.0).eval()
+    logits, _ = model(idx, mask)
+    alone, _ = model(torch.tensor([[6]]), torch.tensor([[True]]))  # padding changes nothing
+    torch.testing.assert_close(logits[1], alone[0])
+
+
+@pytest.mark.parametrize("lm_weight", [0.5, 0.0])
+def test_auxiliary_lm_loss_only_when_weighted(decoder_ckpt, lm_weight):
+    gpt, tok = model_from_checkpoint(load_checkpoint(decoder_ckpt))
+    model = finetune.Classifier(gpt, 2, 0.0)
+    fmt = finetune.InputFormat.for_model(gpt, tok)
+    idx, mask = finetune.collate([fmt.build(tok.encode("cat dog owl"), None)[0], fmt.build(tok.encode("saw"), None)[0]],
+                                 fmt.pad_id)
+    terms = finetune.loss_terms(model, idx, mask, torch.tensor([0, 1]), lm_weight)
+    if lm_weight > 0:
+        assert terms["lm"] > 1.0  # an untrained model predicts the next token poorly
+        torch.testing.assert_close(terms["total"], terms["classification"] + lm_weight * terms["lm"])
+        # the LM loss covers exactly the real tokens: padding the batch further changes nothing
+        wider = torch.cat([idx, torch.full((2, 3), fmt.pad_id)], dim=1)
+        wider_mask = torch.cat([mask, torch.zeros(2, 3, dtype=torch.bool)], dim=1)
+        torch.testing.assert_close(finetune.loss_terms(model, wider, wider_mask, torch.tensor([0, 1]),
+                                                       lm_weight)["lm"], terms["lm"])
+    else:
+        assert "lm" not in terms
+        torch.testing.assert_close(terms["total"], terms["classification"])
+
+
+def test_learning_rate_warms_up_then_decays_linearly_to_zero():
+    lrs = [finetune.learning_rate(s, total_steps=10, warmup_steps=2, lr=1.0) for s in range(10)]
+    assert lrs[:3] == [0.5, 1.0, 1.0] and lrs[-1] == pytest.approx(0.125)
+    assert all(a > b for a, b in zip(lrs[2:], lrs[3:], strict=False))
+
+
+def test_defaults_are_the_papers():
+    c = finetune.parse_args(["--train", "t.csv", "--val", "v.csv"])
+    assert (c.lr, c.batch_size, c.epochs, c.warmup_fraction, c.classifier_dropout, c.lm_weight) == \
+        (6.25e-5, 32, 3, 0.002, 0.1, 0.5)
+
+
+BAD_INPUTS = {  # case -> what its one-line message must mention
+    "no_label_column": "no label column",
+    "unseen_label": "'bird'",
+    "no_special_tokens": "--bert_tokens",
+    "pairs_for_single": "pairs",
+    "bad_json_line": "line 2",
+    "missing_train_file": "not found",
+}
+
+
+def bad_input_command(case: str, folder: Path, tokenizers, ckpt: Path, train: Path, val: Path) -> list[str]:
+    extra: list[str] = []
+    if case == "no_label_column":
+        val = write_csv(folder / "nolabel.csv", [{"text": r["text"]} for r in single_rows(10, 5)])
+    elif case == "unseen_label":
+        val = write_csv(folder / "unseen.csv", single_rows(10, 5) + [{"text": "owl", "label": "bird"}])
+    elif case == "no_special_tokens":
+        ckpt = tiny_checkpoint(folder / "plain.tar", tokenizers[1])
+    elif case == "pairs_for_single":
+        train, extra = write_csv(folder / "pairs.csv", pair_rows(10, 6)), ["--task", "single"]
+    elif case == "bad_json_line":
+        val = folder / "bad.jsonl"
+        val.write_text('{"text": "cat", "label": "animal"}\n{"text": "saw", "label": \n', encoding="utf-8")
+    elif case == "missing_train_file":
+        train = folder / "nowhere.csv"
+    return [sys.executable, str(REPO / "finetune.py"), "--checkpoint", str(ckpt), "--train", str(train), "--val",
+            str(val), "--out", str(folder / "ft.tar"), "--predictions", str(folder / "pred.jsonl"), "--device",
+            "cpu", *extra]
+
+
+def test_bad_input_is_one_line_and_writes_nothing(tokenizers, decoder_ckpt, single_data, tmp_path):
+    runs = {}
+    for case in BAD_INPUTS:  # all at once: each process spends most of its time importing torch
+        folder = tmp_path / case
+        folder.mkdir()
+        (folder / "ft.tar").write_bytes(b"an earlier fine-tuned model")  # must survive untouched
+        command = bad_input_command(case, folder, tokenizers, decoder_ckpt, *single_data)
+        runs[case] = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      cwd=folder)
+    for case, process in runs.items():
+        _, stderr = process.communicate(timeout=120)
+        lines = stderr.strip().splitlines()
+        assert process.returncode == 2, (case, stderr)
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in stderr, (case, stderr)
+        assert BAD_INPUTS[case] in lines[0], (case, lines[0])
+        folder = tmp_path / case
+        assert (folder / "ft.tar").read_bytes() == b"an earlier fine-tuned model", case
+        assert not any(p.name.startswith(("pred", "ft.tar.")) for p in folder.iterdir()), case
