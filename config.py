@@ -20,9 +20,9 @@ from errors import CliParser, UsageError
 BUNDLED_CORPUS = str(Path(__file__).resolve().parent / "data" / "shakespeare.txt")
 LR_SCHEDULES = ("cosine", "linear", "constant", "wsd", "inverse_sqrt")
 
-# Fields that fix the shape of the model's weights: a checkpoint can only be resumed with the same ones.
+# Fields that define the model (its weights' shapes, what it predicts): a run resumes only with the same ones.
 MODEL_SHAPE_FIELDS = ("vocab_size", "block_size", "embedding_dim", "num_of_layers", "num_of_heads", "bias",
-                      "norm_position")
+                      "norm_position", "objective")
 
 
 def _opt(default: Any, group: str, help: str, **argparse_kwargs: Any) -> Any:
@@ -44,6 +44,10 @@ class TrainConfig:
     out_dir: str = _opt("runs", "data", "folder for the token cache, a trained tokenizer, metrics.jsonl "
                         "and the loss-curve PNG")
     # model
+    objective: str = _opt("clm", "model", "clm: next-token prediction with a causal decoder (GPT); mlm: "
+                          "masked-token prediction with a bidirectional encoder (BERT)", choices=("clm", "mlm"))
+    mask_prob: float = _opt(0.15, "model", "mlm only: fraction of tokens chosen for prediction (of those, "
+                            "80%% become <mask>, 10%% a random token, 10%% stay)")
     block_size: int = _opt(256, "model", "context length in tokens")
     embedding_dim: int = _opt(384, "model", "width of the residual stream (n_embd)")
     num_of_layers: int = _opt(4, "model", "number of transformer blocks")
@@ -132,6 +136,8 @@ def _validate(c: TrainConfig) -> None:
             raise UsageError(f"--{name} must be a finite number >= 0, got {getattr(c, name)}")
     if c.final_lr > c.lr:
         raise UsageError(f"--min_lr {c.final_lr} is above --lr {c.lr}")
+    if not 0 < c.mask_prob < 1:
+        raise UsageError(f"--mask_prob must be in (0, 1), got {c.mask_prob}")
     for name in ("dropout", "decay_fraction"):
         if not 0 <= getattr(c, name) < 1:
             raise UsageError(f"--{name} must be in [0, 1), got {getattr(c, name)}")

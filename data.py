@@ -2,6 +2,9 @@
 
 corpus .txt files --build_token_cache--> train.bin / val.bin (+ meta.json) --get_batch--> (x, y)
 
+Two kinds of batches from the same token files: a GPT predicts each window's next tokens; a BERT-style
+encoder (with a Masking) sees the window with some tokens hidden and predicts those.
+
 The corpus is split by bytes before tokenizing: the last `val_fraction` of its bytes (moved to a line
 start) is the validation text. Knowing the exact byte count of each split lets evaluation report bits
 per byte, which compares models with different tokenizers fairly.
@@ -127,6 +130,34 @@ def _write_token_files(files: list[Path], tokenizer: Tokenizer, folder: Path, va
     (folder / "meta.json").write_text(json.dumps({"dtype": dtype, **counts}))
 
 
+@dataclass(frozen=True)
+class Masking:
+    """BERT's masked-language-model corruption (Devlin et al. 2019, section 3.1): each ordinary token is
+    chosen with probability `prob`; a chosen token becomes <mask> 80% of the time, a random ordinary token
+    10%, and stays itself 10% (so the model cannot assume that an unmasked token is never a target)."""
+
+    mask_id: int
+    special_ids: tuple[int, ...]  # never chosen and never drawn as random replacements
+    vocab_size: int
+    prob: float = 0.15
+
+
+def mask_tokens(tokens: torch.Tensor, m: Masking, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) for the masked-LM loss: targets hold the original token where one was chosen,
+    -1 (ignored by the loss) everywhere else."""
+    original = tokens.numpy()
+    chosen = (rng.random(original.shape) < m.prob) & ~np.isin(original, m.special_ids)
+    action = rng.random(original.shape)
+    to_mask = chosen & (action < 0.8)
+    to_random = chosen & (action >= 0.8) & (action < 0.9)  # the remaining 10% keep their token
+    ordinary = np.setdiff1d(np.arange(m.vocab_size), m.special_ids)
+    inputs = original.copy()
+    inputs[to_mask] = m.mask_id
+    inputs[to_random] = rng.choice(ordinary, size=int(to_random.sum()))
+    targets = np.where(chosen, original, -1)
+    return torch.from_numpy(inputs), torch.from_numpy(targets)
+
+
 def batch_rng(seed: int, stream: int, index: int) -> np.random.Generator:
     """A generator for one batch, fixed by (seed, stream, index).
 
@@ -137,12 +168,15 @@ def batch_rng(seed: int, stream: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, stream, index])
 
 
-def get_batch(split: TokenSplit, batch_size: int, block_size: int,
-              rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random contiguous windows: x = tokens[i : i+T], y = tokens[i+1 : i+T+1] (the next token at each place)."""
+def get_batch(split: TokenSplit, batch_size: int, block_size: int, rng: np.random.Generator,
+              masking: Masking | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random contiguous windows: x = tokens[i : i+T], y = tokens[i+1 : i+T+1] (the next token at each place).
+    With masking, x = tokens[i : i+T] corrupted and y the tokens to recover (see mask_tokens)."""
     # A fresh memmap per batch: cheap, and a long-lived one has been seen to grow resident memory.
     data = np.memmap(split.path, dtype=split.dtype, mode="r")
     starts = rng.integers(0, len(data) - block_size, size=batch_size)
     windows = np.stack([data[i:i + block_size + 1] for i in starts]).astype(np.int64)
     tokens = torch.from_numpy(windows)
+    if masking is not None:
+        return mask_tokens(tokens[:, :-1], masking, rng)
     return tokens[:, :-1], tokens[:, 1:]

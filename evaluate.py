@@ -62,6 +62,9 @@ def main() -> None:
         raise UsageError(f"--batch_size must be positive, got {args.batch_size}")
     device = pick_device(args.device)
     model, tokenizer = model_from_checkpoint(load_checkpoint(args.checkpoint, map_location=device), device)
+    if not model.config.causal:
+        raise UsageError(f"{args.checkpoint} is an encoder (masked LM): it has no next-token loss to evaluate; "
+                         f"its masked-token loss and accuracy are reported during training")
     for path in corpus_files(args.files):
         text = "".join(iter_corpus([path]))
         r = evaluate_text(model, tokenizer, text, args.batch_size, progress=True)

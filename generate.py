@@ -6,6 +6,11 @@
 The prompt comes from --prompt, --prompt_file, or standard input when it is piped; with none of them on a
 terminal, an interactive loop reads one prompt per line. An empty prompt generates from scratch (from the
 end-of-text token). What is printed: the prompt, then its continuation as it is produced.
+
+An encoder checkpoint (trained with --objective mlm) does not continue text; it fills masks instead: for each
+<mask> in the prompt it prints the --top_k (default 5) most likely tokens and their probabilities.
+
+    python generate.py --checkpoint mlm.tar --prompt "To be, or not to <mask>: that is the question"
 """
 
 import argparse
@@ -19,7 +24,7 @@ from checkpoint import load_checkpoint, model_from_checkpoint
 from errors import CliParser, UsageError, run_cli
 from gpt import GPT
 from playground import pick_device
-from preprocessing.tokenizer import Tokenizer
+from preprocessing.tokenizer import MASK, Tokenizer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,7 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt_file", help="read the prompt from this file")
     p.add_argument("--max_new_tokens", type=int, default=500, help="tokens to generate (default %(default)s)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; <1 sharper, >1 more random")
-    p.add_argument("--top_k", type=int, default=200, help="sample among the k most likely tokens")
+    p.add_argument("--top_k", type=int, default=None, help="sample among the k most likely tokens (default 200); "
+                   "for an encoder, the predictions shown per <mask> (default 5)")
     p.add_argument("--top_p", type=float, default=None, help="nucleus sampling: the smallest set of tokens "
                    "with probability >= p")
     p.add_argument("--num_samples", type=int, default=1, help="independent samples per prompt")
@@ -104,18 +110,40 @@ def generate_text(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens:
     return text, len(new_ids)
 
 
+@torch.no_grad()
+def fill_mask(model: GPT, tokenizer: Tokenizer, text: str, top_k: int = 5) -> list[list[tuple[str, float]]]:
+    """For each <mask> in the text, in order, its top_k candidate tokens (decoded) with their probabilities."""
+    mask_id = tokenizer.special_id(MASK, "fill-mask")
+    ids = tokenizer.encode(text)
+    positions = [i for i, token in enumerate(ids) if token == mask_id]
+    if not positions:
+        raise UsageError(f"this checkpoint is an encoder: it fills masks, so put at least one {MASK} in the prompt")
+    if len(ids) > model.config.block_size:  # no cropping here: it could cut off a mask or its context
+        raise UsageError(f"the prompt has {len(ids)} tokens, more than block_size {model.config.block_size}")
+    device = next(model.parameters()).device
+    logits, _ = model(torch.tensor([ids], device=device))
+    probs, candidates = logits[0, positions].float().softmax(-1).topk(min(top_k, logits.size(-1)))
+    return [[(tokenizer.decode([i]), p) for i, p in zip(row_ids.tolist(), row_probs.tolist(), strict=True)]
+            for row_ids, row_probs in zip(candidates, probs, strict=True)]
+
+
 def write(piece: str) -> None:
     sys.stdout.write(piece)
     sys.stdout.flush()
 
 
 def run_prompt(model: GPT, tokenizer: Tokenizer, prompt: str, args: argparse.Namespace) -> None:
+    if not model.config.causal:
+        for n, candidates in enumerate(fill_mask(model, tokenizer, prompt, args.top_k or 5), start=1):
+            write(f"{MASK} {n}: " + "  ".join(f"{text!r} {p:.3f}" for text, p in candidates) + "\n")
+        return
+    top_k = args.top_k or 200
     for i in range(args.num_samples):
         if args.num_samples > 1:
             write(f"\n---------- sample {i + 1} of {args.num_samples} ----------\n")
         write(prompt)
         start = time.perf_counter()
-        _, n = generate_text(model, tokenizer, prompt, args.max_new_tokens, args.temperature, args.top_k,
+        _, n = generate_text(model, tokenizer, prompt, args.max_new_tokens, args.temperature, top_k,
                              args.top_p, args.seed + i, not args.no_cache, on_text=write)
         write("\n")
         if args.stats:

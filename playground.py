@@ -23,10 +23,10 @@ from tqdm import tqdm
 
 from checkpoint import load_checkpoint, save_checkpoint
 from config import MODEL_SHAPE_FIELDS, TrainConfig, parse_config
-from data import TokenSplit, batch_rng, build_token_cache, cache_key, get_batch
+from data import Masking, TokenSplit, batch_rng, build_token_cache, cache_key, get_batch
 from errors import UsageError, run_cli
 from gpt import GPT, GPTConfig
-from preprocessing.tokenizer import Tokenizer, corpus_files, train_tokenizer
+from preprocessing.tokenizer import MASK, Tokenizer, corpus_files, train_tokenizer
 
 DEFAULT_VOCAB_SIZE = 8000
 TRAIN_STREAM, EVAL_TRAIN_STREAM, EVAL_VAL_STREAM = 0, 1, 2  # independent random streams of batches
@@ -139,11 +139,13 @@ def resolve_tokenizer(c: TrainConfig, files: list[Path], rt: Runtime) -> Tokeniz
         return tokenizer
     vocab_size = c.vocab_size or DEFAULT_VOCAB_SIZE
     corpus_hash = cache_key(files, _NO_TOKENIZER, 0.0)[:12]
-    path = Path(c.out_dir) / f"tokenizer-{c.tokenizer_kind}{vocab_size}-{corpus_hash}.json"
+    bert = c.objective == "mlm"  # masked-LM pretraining needs <mask> (and fine-tuning <pad> <cls> <sep>)
+    path = Path(c.out_dir) / f"tokenizer-{c.tokenizer_kind}{vocab_size}{'-bert' if bert else ''}-{corpus_hash}.json"
     if rt.is_main and not path.exists():
         print(f"training a {c.tokenizer_kind} tokenizer ({vocab_size} tokens) on the corpus -> {path}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        train_tokenizer(files, c.tokenizer_kind, vocab_size, show_progress=sys.stderr.isatty()).save(path)
+        train_tokenizer(files, c.tokenizer_kind, vocab_size, show_progress=sys.stderr.isatty(),
+                        bert_tokens=bert).save(path)
     _barrier(rt)
     return Tokenizer.from_file(path)
 
@@ -174,6 +176,14 @@ def load_data(c: TrainConfig, tokenizer: Tokenizer, files: list[Path], rt: Runti
     return splits
 
 
+def masking_for(c: TrainConfig, tokenizer: Tokenizer) -> Masking | None:
+    """How batches are corrupted for a masked-LM run; None for next-token prediction."""
+    if c.objective == "clm":
+        return None
+    return Masking(tokenizer.special_id(MASK, "--objective mlm"), tokenizer.special_ids, tokenizer.vocab_size,
+                   c.mask_prob)
+
+
 def _barrier(rt: Runtime) -> None:
     if rt.distributed:
         dist.barrier()
@@ -188,17 +198,23 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 # ----------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def estimate_loss(model: GPT, split: TokenSplit, stream: int, c: TrainConfig, rt: Runtime) -> float:
-    """Mean loss over `eval_iters` batches; the same batches at every evaluation, so curves are comparable."""
+def estimate_loss(model: GPT, split: TokenSplit, stream: int, c: TrainConfig, rt: Runtime,
+                  masking: Masking | None = None) -> tuple[float, float]:
+    """Mean loss over `eval_iters` batches, and the fraction of predicted tokens the model ranks first;
+    the same batches (and masks) at every evaluation, so curves are comparable."""
     model.eval()
-    losses = []
+    losses, correct, predicted = [], 0, 0
     for i in range(c.eval_iters):
-        x, y = get_batch(split, c.batch_size, c.block_size, batch_rng(c.seed, stream, i))
+        x, y = get_batch(split, c.batch_size, c.block_size, batch_rng(c.seed, stream, i), masking)
+        x, y = to_device(x, rt.device), to_device(y, rt.device)
         with rt.autocast():
-            _, loss = model(to_device(x, rt.device), to_device(y, rt.device))
+            logits, loss = model(x, y)
         losses.append(loss.item())
+        scored = y != -1
+        correct += int((logits.argmax(-1)[scored] == y[scored]).sum())
+        predicted += int(scored.sum())
     model.train()
-    return sum(losses) / len(losses)
+    return sum(losses) / len(losses), correct / max(predicted, 1)
 
 
 def bits_per_byte(loss_nats: float, split: TokenSplit) -> float:
@@ -287,7 +303,8 @@ def plot_losses(metrics_path: Path, png_path: Path) -> bool:
 def gpt_config(c: TrainConfig, vocab_size: int) -> GPTConfig:
     return GPTConfig(vocab_size=vocab_size, block_size=c.block_size, embedding_dim=c.embedding_dim,
                      num_of_layers=c.num_of_layers, num_of_heads=c.num_of_heads, dropout=c.dropout,
-                     bias=c.bias, attention=c.attention, norm_position=c.norm_position, init=c.init)
+                     bias=c.bias, attention=c.attention, norm_position=c.norm_position, init=c.init,
+                     causal=c.objective == "clm")
 
 
 def make_optimizer(model: GPT, c: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -331,6 +348,7 @@ def _train(c: TrainConfig, ckpt: dict[str, Any] | None, rt: Runtime) -> dict[str
     torch.manual_seed(c.seed + rt.rank)  # dropout differs per rank; init is overwritten by rank 0's below
     files = corpus_files(list(c.corpus))
     tokenizer = Tokenizer.from_json(ckpt["tokenizer"]) if ckpt else resolve_tokenizer(c, files, rt)
+    masking = masking_for(c, tokenizer)
     splits = load_data(c, tokenizer, files, rt)
 
     model = GPT(gpt_config(c, tokenizer.vocab_size)).to(rt.device)
@@ -376,7 +394,7 @@ def _train(c: TrainConfig, ckpt: dict[str, Any] | None, rt: Runtime) -> dict[str
         lr = learning_rate(it, c)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss = train_step(model, optimizer, scaler, splits["train"], it, c, rt)
+        loss = train_step(model, optimizer, scaler, splits["train"], it, c, rt, masking)
         step = it + 1
         tokens_since += tokens_per_step
         evaluating = step % c.eval_interval == 0 or step == c.max_iters
@@ -394,10 +412,12 @@ def _train(c: TrainConfig, ckpt: dict[str, Any] | None, rt: Runtime) -> dict[str
                 metrics.log(step, {"loss": loss_value, "lr": lr, "tokens_per_s": tok_s})
         bar.update(1)
         if evaluating and rt.is_main:
-            final = evaluate(raw_model, splits, c, rt)
+            final = evaluate(raw_model, splits, c, rt, masking)
             best_val_loss = min(best_val_loss, final["val_loss"])
+            quality = (f"val bits/byte {final['val_bpb']:.4f}" if masking is None else
+                       f"val masked-token accuracy {final['val_accuracy']:.4f}")
             bar.write(f"step {step}: train loss {final['train_loss']:.4f}, val loss {final['val_loss']:.4f}, "
-                      f"val bits/byte {final['val_bpb']:.4f}")
+                      f"{quality}")
             metrics.log(step, final)
             t_last = time.perf_counter()  # evaluation time is not training throughput
         if saving:
@@ -410,19 +430,23 @@ def _train(c: TrainConfig, ckpt: dict[str, Any] | None, rt: Runtime) -> dict[str
         if plot_losses(metrics_path, Path(c.out_dir) / f"{stem}.loss.png"):
             print(f"loss curve: {Path(c.out_dir) / f'{stem}.loss.png'}")
         print(f"checkpoint: {c.checkpoint}")
-        if c.sample_tokens:
+        if c.sample_tokens and masking is None:
             print("sample:\n" + sample(raw_model, tokenizer, c.sample_tokens, rt))
+        elif c.sample_tokens:
+            print(f"an encoder fills masks rather than writing text: try python generate.py --checkpoint "
+                  f"{c.checkpoint} --prompt 'To be, or not to {MASK}'")
     return final
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-               split: TokenSplit, it: int, c: TrainConfig, rt: Runtime) -> torch.Tensor:
+               split: TokenSplit, it: int, c: TrainConfig, rt: Runtime, masking: Masking | None = None
+               ) -> torch.Tensor:
     """One optimiser step over grad_accum_steps micro-batches; returns the mean micro-batch loss (a tensor)."""
     total = torch.zeros((), device=rt.device)
     for micro in range(c.grad_accum_steps):
         # Global slot of this micro-batch: the batches depend on the step, not on how many ranks share it.
         slot = (it * c.grad_accum_steps + micro) * rt.world_size + rt.rank
-        x, y = get_batch(split, c.batch_size, c.block_size, batch_rng(c.seed, TRAIN_STREAM, slot))
+        x, y = get_batch(split, c.batch_size, c.block_size, batch_rng(c.seed, TRAIN_STREAM, slot), masking)
         last = micro == c.grad_accum_steps - 1
         # DDP all-reduces gradients in backward(); skip that on all but the last micro-step.
         no_sync = model.no_sync() if rt.distributed and not last else contextlib.nullcontext()
@@ -440,10 +464,15 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler:
     return total / c.grad_accum_steps
 
 
-def evaluate(model: GPT, splits: dict[str, TokenSplit], c: TrainConfig, rt: Runtime) -> dict[str, float]:
-    train_loss = estimate_loss(model, splits["train"], EVAL_TRAIN_STREAM, c, rt)
-    val_loss = estimate_loss(model, splits["val"], EVAL_VAL_STREAM, c, rt)
-    return {"train_loss": train_loss, "val_loss": val_loss, "val_bpb": bits_per_byte(val_loss, splits["val"])}
+def evaluate(model: GPT, splits: dict[str, TokenSplit], c: TrainConfig, rt: Runtime,
+             masking: Masking | None = None) -> dict[str, float]:
+    """Train and val loss; val bits per byte for a GPT, val masked-token accuracy for an encoder (whose
+    loss covers only the masked tokens, so bits per byte would not mean anything)."""
+    train_loss, _ = estimate_loss(model, splits["train"], EVAL_TRAIN_STREAM, c, rt, masking)
+    val_loss, val_accuracy = estimate_loss(model, splits["val"], EVAL_VAL_STREAM, c, rt, masking)
+    if masking is None:
+        return {"train_loss": train_loss, "val_loss": val_loss, "val_bpb": bits_per_byte(val_loss, splits["val"])}
+    return {"train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_accuracy}
 
 
 def _mean_over_ranks(loss: torch.Tensor, rt: Runtime) -> float:

@@ -20,7 +20,7 @@ Special tokens, with ids fixed by their order in the trainer's list:
     1  <unk>          stands for a character outside the vocabulary   (bpe only)
 and, when trained with bert_tokens (for masked-language-model pretraining and fine-tuning), next in order
 (ids 1-4 for bbpe, 2-5 for bpe):
-       <mask>         a hidden token the encoder must predict
+       <mask>         a hidden token the encoder must predict (it takes the space before it along)
        <pad>          fills short sequences in a batch; never attended to
        <cls>          a sequence's summary position: the encoder's first token, the decoder's last
        <sep>          separates the two texts of a pair
@@ -30,8 +30,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from errors import UsageError
 
@@ -90,6 +90,11 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self.hf.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def special_ids(self) -> tuple[int, ...]:
+        """Ids of all special tokens (end-of-text, unknown, and the BERT ones when present)."""
+        return tuple(sorted(i for i, t in self.hf.get_added_tokens_decoder().items() if t.special))
 
     @property
     def kind(self) -> str:
@@ -170,10 +175,14 @@ def _new_tokenizer(kind: str) -> HFTokenizer:
     return tok
 
 
-def special_tokens(kind: str, bert_tokens: bool) -> list[str]:
+def special_tokens(kind: str, bert_tokens: bool) -> list[str | AddedToken]:
     """The special tokens in id order (see the module docstring)."""
-    tokens = [EOT] if kind == "bbpe" else [EOT, UNK]
-    return tokens + list(BERT_TOKENS) if bert_tokens else tokens
+    tokens: list[str | AddedToken] = [EOT] if kind == "bbpe" else [EOT, UNK]
+    if not bert_tokens:
+        return tokens
+    # "a <mask> b": the mask stands for a whole word, and words carry their leading space (" b"), so the mask
+    # absorbs the space before it (lstrip) instead of leaving a lone space token in front of it.
+    return tokens + [AddedToken(MASK, special=True, lstrip=True), PAD, CLS, SEP]
 
 
 def _trainer(kind: str, vocab_size: int, specials: list[str], show_progress: bool) -> trainers.BpeTrainer:
