@@ -42,7 +42,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--plays", nargs="+", default=["HAMLET, PRINCE OF DENMARK", "MACBETH", "ROMEO AND JULIET"],
                    help="play titles as in the corpus (default: %(default)s)")
-    p.add_argument("--per_play", type=int, default=600, help="speeches per play (default %(default)s)")
+    p.add_argument("--per_play", type=int, default=400, help="speeches per play (default %(default)s)")
     p.add_argument("--min_words", type=int, default=8, help="shortest speech kept, in words")
     p.add_argument("--val_fraction", type=float, default=0.2, help="share of each play's speeches for val")
     p.add_argument("--seed", type=int, default=0)
