@@ -5,6 +5,7 @@ asked for, and bad input is one line on stderr with nothing written."""
 import csv
 import dataclasses
 import json
+import os
 import random
 import subprocess
 import sys
@@ -67,6 +68,16 @@ def tiny_checkpoint(path: Path, tokenizer, causal: bool = True) -> Path:
     save_checkpoint({"model_config": dataclasses.asdict(model.config), "model": model.state_dict(),
                      "tokenizer": tokenizer.to_json()}, path)
     return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread; a second one only spins when other jobs share the cores
+    (measured: this file took 4 min with two threads on a busy 2-core VM, 17 s with one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +249,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tokenizers, decoder_ckpt, sing
         (folder / "ft.tar").write_bytes(b"an earlier fine-tuned model")  # must survive untouched
         command = bad_input_command(case, folder, tokenizers, decoder_ckpt, *single_data)
         runs[case] = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                      cwd=folder)
+                                      cwd=folder, env={**os.environ, "OMP_NUM_THREADS": "1"})
     for case, process in runs.items():
         _, stderr = process.communicate(timeout=120)
         lines = stderr.strip().splitlines()
