@@ -4,8 +4,9 @@ What a checkpoint holds (all tensors or plain Python values, so `torch.load(weig
     version         CHECKPOINT_VERSION, checked on load
     config          the TrainConfig as a dict (schedule, data settings: what --resume continues with)
     model_config    the GPTConfig as a dict (all that is needed to rebuild the model)
-    model           the model's state dict (never a torch.compile or DDP wrapper's)
-    optimizer       the AdamW state dict
+    model           the model's full state dict (never a torch.compile, DDP or FSDP wrapper's, nor a shard)
+    optimizer       the full AdamW state dict keyed by parameter name (torch.distributed.checkpoint's
+                    format, so single-process, DDP and FSDP runs save alike and resume each other's)
     iteration       optimiser steps done; the learning rate and the data order follow from it
     best_val_loss   the lowest validation loss seen so far
     rng             torch CPU (and CUDA) RNG states, for dropout
@@ -22,7 +23,7 @@ from errors import UsageError
 from gpt import GPT, GPTConfig
 from preprocessing.tokenizer import Tokenizer
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 REQUIRED_KEYS = ("version", "model_config", "model", "tokenizer")
 
 

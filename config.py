@@ -94,6 +94,9 @@ class TrainConfig:
     dtype: str = _opt("auto", "system", "autocast precision; auto: bfloat16 on GPUs that support it, "
                       "else float32", choices=("auto", "float32", "bfloat16", "float16"))
     compile: bool = _opt(False, "system", "torch.compile the model (first steps are slow while it compiles)")
+    fsdp: bool = _opt(False, "system", "under torchrun: shard parameters, gradients and optimizer state across "
+                      "processes (FSDP2) instead of replicating them (DDP); for models that do not fit one device. "
+                      "Ignored in a single process")
 
     def __post_init__(self) -> None:
         _validate(self)

@@ -2,8 +2,9 @@
 
 The whole job, top to bottom in `train()`:
     corpus + tokenizer -> token cache -> batches -> GPT -> loss -> AdamW + lr schedule -> checkpoint
-with evaluation (train/val loss, val bits per byte), metrics (JSONL, optional wandb), resume, and
-DistributedDataParallel when started by torchrun.
+with evaluation (train/val loss, val bits per byte), metrics (JSONL, optional wandb), resume, and, when
+started by torchrun, DistributedDataParallel (a full replica per process) or FSDP2 (--fsdp: each process
+holds a shard of the parameters, gradients and optimizer state).
 """
 
 import contextlib
@@ -12,12 +13,20 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -30,6 +39,9 @@ from preprocessing.tokenizer import MASK, Tokenizer, corpus_files, train_tokeniz
 
 DEFAULT_VOCAB_SIZE = 8000
 TRAIN_STREAM, EVAL_TRAIN_STREAM, EVAL_VAL_STREAM = 0, 1, 2  # independent random streams of batches
+# Checkpointed state dicts: whole (unsharded) tensors under a plain GPT's names, copied to the CPU; under
+# FSDP or DDP only rank 0 receives them (the others get empty dicts), so no rank holds the full model twice.
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 # ----------------------------------------------------------------------------- learning-rate schedules
@@ -73,6 +85,7 @@ class Runtime:
     dtype: torch.dtype  # autocast precision (float32 = no autocast)
     rank: int = 0
     world_size: int = 1
+    fsdp: bool = False  # the model is sharded across the ranks (FSDP2) rather than replicated (DDP)
 
     @property
     def is_main(self) -> bool:
@@ -81,6 +94,12 @@ class Runtime:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def mode(self) -> str:
+        if not self.distributed:
+            return "single process"
+        return "FSDP" if self.fsdp else "DDP"
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype == torch.float32:
@@ -124,7 +143,7 @@ def setup_runtime(c: TrainConfig) -> Runtime:
     else:
         device = pick_device(c.device)
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Runtime(device, pick_dtype(c.dtype, device), rank, world_size)
+    return Runtime(device, pick_dtype(c.dtype, device), rank, world_size, fsdp=c.fsdp and world_size > 1)
 
 
 # ----------------------------------------------------------------------------- data
@@ -307,8 +326,28 @@ def gpt_config(c: TrainConfig, vocab_size: int) -> GPTConfig:
                      causal=c.objective == "clm")
 
 
+def shard(model: GPT) -> None:
+    """FSDP2, in place: each block, then the root (embeddings, final norm and the head tied to the token
+    embedding), becomes a unit whose parameters are split across the ranks and gathered whole only while
+    that unit computes. The parameters become DTensors, so make the optimizer afterwards."""
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+
+
+def unsharded_copy(model: GPT, rt: Runtime) -> GPT | None:
+    """Rank 0's plain copy of an FSDP model (None on the other ranks), for work rank 0 does alone: a
+    sharded forward pass would wait for the others. Every rank must call it, since it all-gathers."""
+    full = get_model_state_dict(model, options=FULL_STATE)
+    if not rt.is_main:
+        return None
+    copy = GPT(model.config)
+    copy.load_state_dict(full)
+    return copy.to(rt.device)
+
+
 def make_optimizer(model: GPT, c: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    # fused AdamW updates all parameters in one kernel; it exists for CPU and CUDA tensors.
+    # fused AdamW updates all parameters in one kernel; it exists for CPU and CUDA tensors (DTensors too).
     fused = device.type in ("cpu", "cuda")
     return torch.optim.AdamW(model.optimizer_groups(c.weight_decay), lr=c.lr, betas=(c.beta1, c.beta2),
                              fused=fused)
@@ -345,27 +384,35 @@ def train(c: TrainConfig, set_by_flags: set[str] = frozenset()) -> dict[str, flo
 
 
 def _train(c: TrainConfig, ckpt: dict[str, Any] | None, rt: Runtime) -> dict[str, float]:
-    torch.manual_seed(c.seed + rt.rank)  # dropout differs per rank; init is overwritten by rank 0's below
+    if rt.fsdp and rt.dtype == torch.float16:
+        raise UsageError("--fsdp with --dtype float16 is not supported: the loss scaler would look for "
+                         "overflows in each rank's shard alone; use --dtype bfloat16")
     files = corpus_files(list(c.corpus))
     tokenizer = Tokenizer.from_json(ckpt["tokenizer"]) if ckpt else resolve_tokenizer(c, files, rt)
     masking = masking_for(c, tokenizer)
     splits = load_data(c, tokenizer, files, rt)
 
+    torch.manual_seed(c.seed)  # the same initial weights on every rank (FSDP keeps each rank's shard of them)
     model = GPT(gpt_config(c, tokenizer.vocab_size)).to(rt.device)
-    optimizer = make_optimizer(model, c, rt.device)
+    torch.manual_seed(c.seed + rt.rank)  # but different dropout masks
     start_iter, best_val_loss = 0, math.inf
     if ckpt is not None:
         try:
             model.load_state_dict(ckpt["model"])
         except RuntimeError:
             raise UsageError(f"{c.checkpoint} holds a model of a different shape") from None
-        optimizer.load_state_dict(ckpt["optimizer"])
         start_iter, best_val_loss = ckpt["iteration"], ckpt["best_val_loss"]
         torch.set_rng_state(ckpt["rng"]["torch"][rt.rank % len(ckpt["rng"]["torch"])])
+    if rt.fsdp:
+        shard(model)
+    optimizer = make_optimizer(model, c, rt.device)
+    if ckpt is not None:  # the saved state is whole; under FSDP each rank keeps its shard of it
+        set_optimizer_state_dict(model, optimizer, ckpt["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
     raw_model = model
     if c.compile:
         model = torch.compile(model)
-    if rt.distributed:  # DDP broadcasts rank 0's weights, so every rank starts identical
+    if rt.distributed and not rt.fsdp:
         model = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
 
@@ -379,12 +426,19 @@ def _train(c: TrainConfig, ckpt: dict[str, Any] | None, rt: Runtime) -> dict[str
               f"{rt.world_size} process(es)")
         print(f"data: train {splits['train'].num_tokens:,} tokens, val {splits['val'].num_tokens:,} tokens; "
               f"effective batch {c.batch_size} x {c.grad_accum_steps} accum x {rt.world_size} ranks = "
-              f"{tokens_per_step:,} tokens/step")
+              f"{tokens_per_step:,} tokens/step ({rt.mode})")
+        if c.fsdp and not rt.fsdp:
+            print("--fsdp: one process has nothing to shard across, so the model stays whole (start with "
+                  "torchrun --nproc_per_node N to shard it)")
 
     def state(it: int) -> dict[str, Any]:
-        return {"config": c.to_dict(), "model_config": asdict(raw_model.config), "model": raw_model.state_dict(),
-                "optimizer": optimizer.state_dict(), "iteration": it, "best_val_loss": best_val_loss,
-                "rng": {"torch": _gather_rng_states(rt)}, "tokenizer": tokenizer.to_json()}
+        """The checkpoint's contents. Every rank must call it: it gathers their RNG states and, under FSDP,
+        their shards of the model and optimizer state."""
+        return {"config": c.to_dict(), "model_config": asdict(raw_model.config),
+                "model": get_model_state_dict(raw_model, options=FULL_STATE),
+                "optimizer": get_optimizer_state_dict(raw_model, optimizer, options=FULL_STATE),
+                "iteration": it, "best_val_loss": best_val_loss, "rng": {"torch": _gather_rng_states(rt)},
+                "tokenizer": tokenizer.to_json()}
 
     bar = tqdm(total=c.max_iters, initial=start_iter, desc="training", disable=not rt.is_main,
                dynamic_ncols=True)
@@ -411,27 +465,32 @@ def _train(c: TrainConfig, ckpt: dict[str, Any] | None, rt: Runtime) -> dict[str
             if metrics:
                 metrics.log(step, {"loss": loss_value, "lr": lr, "tokens_per_s": tok_s})
         bar.update(1)
-        if evaluating and rt.is_main:
+        if evaluating and (rt.is_main or rt.fsdp):
+            # DDP: rank 0 alone, on its replica. FSDP: every rank, on the same batches, since a sharded
+            # forward pass gathers each unit's parameters from all of them.
             final = evaluate(raw_model, splits, c, rt, masking)
             best_val_loss = min(best_val_loss, final["val_loss"])
+            t_last = time.perf_counter()  # evaluation time is not training throughput
+        if evaluating and rt.is_main:
             quality = (f"val bits/byte {final['val_bpb']:.4f}" if masking is None else
                        f"val masked-token accuracy {final['val_accuracy']:.4f}")
             bar.write(f"step {step}: train loss {final['train_loss']:.4f}, val loss {final['val_loss']:.4f}, "
                       f"{quality}")
             metrics.log(step, final)
-            t_last = time.perf_counter()  # evaluation time is not training throughput
         if saving:
-            snapshot = state(step)  # every rank takes part: it gathers their RNG states
+            snapshot = state(step)  # every rank takes part: it gathers from all of them
             if rt.is_main:
                 save_checkpoint(snapshot, c.checkpoint)
     bar.close()
+    writes_text = c.sample_tokens > 0 and masking is None
+    sampler = unsharded_copy(raw_model, rt) if rt.fsdp and writes_text else raw_model
     if rt.is_main:
         metrics.close()
         if plot_losses(metrics_path, Path(c.out_dir) / f"{stem}.loss.png"):
             print(f"loss curve: {Path(c.out_dir) / f'{stem}.loss.png'}")
         print(f"checkpoint: {c.checkpoint}")
-        if c.sample_tokens and masking is None:
-            print("sample:\n" + sample(raw_model, tokenizer, c.sample_tokens, rt))
+        if writes_text:
+            print("sample:\n" + sample(sampler, tokenizer, c.sample_tokens, rt))
         elif c.sample_tokens:
             print(f"an encoder fills masks rather than writing text: try python generate.py --checkpoint "
                   f"{c.checkpoint} --prompt 'To be, or not to {MASK}'")
@@ -447,10 +506,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler:
         # Global slot of this micro-batch: the batches depend on the step, not on how many ranks share it.
         slot = (it * c.grad_accum_steps + micro) * rt.world_size + rt.rank
         x, y = get_batch(split, c.batch_size, c.block_size, batch_rng(c.seed, TRAIN_STREAM, slot), masking)
-        last = micro == c.grad_accum_steps - 1
-        # DDP all-reduces gradients in backward(); skip that on all but the last micro-step.
-        no_sync = model.no_sync() if rt.distributed and not last else contextlib.nullcontext()
-        with no_sync:
+        with gradient_sync(model, micro == c.grad_accum_steps - 1):
             with rt.autocast():
                 _, loss = model(to_device(x, rt.device), to_device(y, rt.device))
             scaler.scale(loss / c.grad_accum_steps).backward()
@@ -462,6 +518,28 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler:
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return total / c.grad_accum_steps
+
+
+def gradient_sync(model: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+    """DDP all-reduces and FSDP reduce-scatters gradients in backward(); on all micro-steps but the last
+    (sync=False) the gradients only accumulate on each rank. Enter before the forward pass."""
+    if sync:
+        return contextlib.nullcontext()
+    if isinstance(model, DistributedDataParallel):
+        return model.no_sync()
+    unwrapped = getattr(model, "_orig_mod", model)  # torch.compile wraps an FSDP model
+    if isinstance(unwrapped, FSDPModule):
+        return _fsdp_no_sync(unwrapped)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model: FSDPModule) -> Iterator[None]:
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 def evaluate(model: GPT, splits: dict[str, TokenSplit], c: TrainConfig, rt: Runtime,

@@ -1,5 +1,6 @@
 """torchrun with 2 CPU processes (gloo): the same training as one process with the same global batch,
-one checkpoint writer, resume under 2 ranks, and a crashed rank ends the job instead of hanging it."""
+one checkpoint writer, resume under 2 ranks, and a crashed rank ends the job instead of hanging it; the
+same for --fsdp (sharded model), whose checkpoint a plain single-process GPT loads."""
 
 import os
 import signal
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoint import load_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint
 from preprocessing.tokenizer import corpus_files, train_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -89,6 +90,69 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path, setup):
     run(torchrun(2, "--resume", "--checkpoint", str(two / "ckpt.tar"), "--max_iters", "12"))
     assert load_checkpoint(two / "ckpt.tar")["iteration"] == 12
     assert_same_weights(one / "ckpt.tar", two / "ckpt.tar")
+
+
+# Global batch 16 either way; the lr does not depend on max_iters (so a run stopped early and resumed
+# matches one that was not); a tight clip so that clipping the sharded gradients is exercised every step.
+FSDP_RUN = ("--batch_size", "4", "--eval_interval", "3", "--lr_schedule", "constant", "--grad_clip", "0.1",
+            "--sample_tokens", "8")
+ONE_PROCESS, TWO_FSDP_RANKS = ("--grad_accum_steps", "4"), ("--grad_accum_steps", "2", "--fsdp")
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory, setup) -> tuple[Path, Path, str, str]:
+    """Six steps in one process and in two FSDP ranks: (folder, folder, stdout, stdout)."""
+    corpus, tokenizer = setup
+    one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("fsdp")
+    out_one = run([sys.executable, str(REPO / "playground.py"),
+                   *args_for(one, corpus, tokenizer, *FSDP_RUN, *ONE_PROCESS, "--max_iters", "6")])
+    out_two = run(torchrun(2, *args_for(two, corpus, tokenizer, *FSDP_RUN, *TWO_FSDP_RANKS, "--max_iters", "6")))
+    return one, two, out_one.stdout, out_two.stdout
+
+
+def val_losses(folder: Path) -> list[float]:
+    import json
+    rows = (folder / "runs" / "ckpt.metrics.jsonl").read_text().splitlines()
+    return [json.loads(r)["val_loss"] for r in rows if '"val_loss"' in r]
+
+
+def test_fsdp_two_ranks_match_one_rank_with_the_same_global_batch(fsdp_runs):
+    one, two, out_one, out_two = fsdp_runs
+    assert "effective batch 4 x 2 accum x 2 ranks = 512 tokens/step (FSDP)" in out_two
+    assert losses(one) == pytest.approx(losses(two), abs=1e-5)
+    assert len(val_losses(two)) == 2  # every rank took part in both evaluations, rank 0 logged them
+    assert val_losses(one) == pytest.approx(val_losses(two), abs=1e-5)
+    assert_same_weights(one / "ckpt.tar", two / "ckpt.tar")
+    assert sorted(p.name for p in two.iterdir()) == ["ckpt.tar", "runs"]  # one writer, no temporary files
+    assert out_two.count("sample:") == 1 and out_two.split("sample:")[1] == out_one.split("sample:")[1]
+
+
+def test_fsdp_checkpoint_loads_in_a_plain_gpt(fsdp_runs):
+    one, two, _, _ = fsdp_runs
+    plain, sharded = load_checkpoint(one / "ckpt.tar"), load_checkpoint(two / "ckpt.tar")
+    assert list(sharded["model"]) == list(plain["model"])  # same names, lm_head.weight included
+    assert list(sharded["optimizer"]["state"]) == list(plain["optimizer"]["state"])
+    model_one, _ = model_from_checkpoint(plain)
+    model_two, _ = model_from_checkpoint(sharded)
+    idx = torch.randint(0, model_one.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model_two(idx)[0], model_one(idx)[0], atol=1e-4, rtol=0)
+
+
+def test_fsdp_resume_continues_exactly(tmp_path, setup, fsdp_runs):
+    corpus, tokenizer = setup
+    one, two, _, _ = fsdp_runs
+    resumed = tmp_path / "resumed"
+    run(torchrun(2, *args_for(resumed, corpus, tokenizer, *FSDP_RUN, *TWO_FSDP_RANKS, "--max_iters", "3")))
+    (resumed / "start.tar").write_bytes((resumed / "ckpt.tar").read_bytes())
+    run(torchrun(2, "--resume", "--checkpoint", str(resumed / "ckpt.tar"), "--max_iters", "6"))
+    assert losses(resumed) == pytest.approx(losses(two), abs=1e-6)
+    assert_same_weights(resumed / "ckpt.tar", two / "ckpt.tar", tol=1e-6)
+
+    # The sharded run's checkpoint also resumes in one process (same global batch), as that run continues.
+    run([sys.executable, str(REPO / "playground.py"), "--resume", "--checkpoint", str(resumed / "start.tar"),
+         *ONE_PROCESS, "--no-fsdp", "--max_iters", "6"])
+    assert_same_weights(resumed / "start.tar", one / "ckpt.tar")
 
 
 def _children(pid: int) -> list[int]:
