@@ -24,10 +24,7 @@ import torch
 from config import TrainConfig
 from data import TokenSplit
 from gpt import GPT, GPTConfig
-from playground import Runtime, make_optimizer, pick_device, pick_dtype, train_step
-
-# Dense bf16 peak FLOP/s of common GPUs (vendor datasheets, no sparsity).
-GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
+from playground import Runtime, make_optimizer, peak_flops, pick_device, pick_dtype, train_step
 
 
 def timed(fn: Callable[[], object], warmup: int, iters: int, device: torch.device) -> float:
@@ -41,15 +38,6 @@ def timed(fn: Callable[[], object], warmup: int, iters: int, device: torch.devic
         fn()
     sync()
     return (time.perf_counter() - start) / iters
-
-
-def peak_flops(device: torch.device, override_tflops: float | None) -> float | None:
-    if override_tflops:
-        return override_tflops * 1e12
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), None)
-    return None
 
 
 def random_split(folder: Path, vocab_size: int, n: int = 200_000) -> TokenSplit:
@@ -79,7 +67,7 @@ def bench_train(args: argparse.Namespace) -> None:
         seconds = timed(lambda: train_step(step_model, optimizer, scaler, split, next(counter), c, rt),
                         args.warmup, args.iters, device)
     tokens = c.batch_size * c.block_size
-    peak = peak_flops(device, args.peak_tflops)
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(device)
     mfu = f"{model.flops_per_token() * tokens / seconds / peak * 100:.1f}%" if peak else "n/a"
     print(f"config: {vars(args)}\nparameters: {model.num_parameters() / 1e6:.2f}M, "
           f"{model.flops_per_token() * tokens / 1e9:.2f} GFLOP per step")

@@ -130,6 +130,19 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+# Dense bf16 peak FLOP/s of common GPUs (vendor datasheets, no sparsity), the denominator of MFU.
+GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
+                  "4090": 165e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The device's peak FLOP/s if it is a GPU in the table; None otherwise (a CPU's is not guessed)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in GPU_PEAK_FLOPS.items() if key in name), None)
+
+
 def setup_runtime(c: TrainConfig) -> Runtime:
     """Single process, or one rank of a torchrun job (RANK/WORLD_SIZE/LOCAL_RANK in the environment)."""
     if "RANK" not in os.environ:
@@ -158,13 +171,14 @@ def resolve_tokenizer(c: TrainConfig, files: list[Path], rt: Runtime) -> Tokeniz
         return tokenizer
     vocab_size = c.vocab_size or DEFAULT_VOCAB_SIZE
     corpus_hash = cache_key(files, _NO_TOKENIZER, 0.0)[:12]
-    bert = c.objective == "mlm"  # masked-LM pretraining needs <mask> (and fine-tuning <pad> <cls> <sep>)
-    path = Path(c.out_dir) / f"tokenizer-{c.tokenizer_kind}{vocab_size}{'-bert' if bert else ''}-{corpus_hash}.json"
+    path = Path(c.out_dir) / f"tokenizer-{c.tokenizer_kind}{vocab_size}-{corpus_hash}.json"
     if rt.is_main and not path.exists():
         print(f"training a {c.tokenizer_kind} tokenizer ({vocab_size} tokens) on the corpus -> {path}")
         path.parent.mkdir(parents=True, exist_ok=True)
+        # With <mask> <pad> <cls> <sep> (4 of the vocab_size ids), so that the same tokenizer serves masked-LM
+        # pretraining and fine-tuning (finetune.py) of the model trained here.
         train_tokenizer(files, c.tokenizer_kind, vocab_size, show_progress=sys.stderr.isatty(),
-                        bert_tokens=bert).save(path)
+                        bert_tokens=True).save(path)
     _barrier(rt)
     return Tokenizer.from_file(path)
 
@@ -444,6 +458,7 @@ def _train(c: TrainConfig, ckpt: dict[str, Any] | None, rt: Runtime) -> dict[str
                dynamic_ncols=True)
     final: dict[str, float] = {}
     t_last, tokens_since = time.perf_counter(), 0
+    peak = peak_flops(rt.device)
     for it in range(start_iter, c.max_iters):
         lr = learning_rate(it, c)
         for group in optimizer.param_groups:
@@ -461,9 +476,13 @@ def _train(c: TrainConfig, ckpt: dict[str, Any] | None, rt: Runtime) -> dict[str
             elapsed = time.perf_counter() - t_last
             tok_s = tokens_since / elapsed
             t_last, tokens_since = time.perf_counter(), 0
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+            logged = {"loss": loss_value, "lr": lr, "tokens_per_s": tok_s}
+            if peak:  # model FLOPs utilisation: achieved FLOP/s over the peak of all the ranks' GPUs
+                logged["mfu"] = raw_model.flops_per_token() * tok_s / (peak * rt.world_size)
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}",
+                            **({"mfu": f"{logged['mfu']:.1%}"} if peak else {}))
             if metrics:
-                metrics.log(step, {"loss": loss_value, "lr": lr, "tokens_per_s": tok_s})
+                metrics.log(step, logged)
         bar.update(1)
         if evaluating and (rt.is_main or rt.fsdp):
             # DDP: rank 0 alone, on its replica. FSDP: every rank, on the same batches, since a sharded

@@ -17,7 +17,7 @@ from checkpoint import load_checkpoint
 from config import parse_config
 from data import build_token_cache
 from errors import UsageError
-from preprocessing.tokenizer import EOT, Tokenizer, corpus_files, train_tokenizer
+from preprocessing.tokenizer import BERT_TOKENS, EOT, Tokenizer, corpus_files, train_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 BUNDLED = REPO / "data" / "shakespeare.txt"
@@ -118,6 +118,29 @@ def test_token_cache_is_reused_and_rebuilt_when_the_corpus_changes(tmp_path, cor
     train([str(changed), *args[1:]])
     assert len(builds) == 2
     assert len(list((tmp_path / "runs" / "token_cache").iterdir())) == 2
+
+
+def test_without_a_tokenizer_one_is_trained_once_and_serves_fine_tuning(tmp_path, corpus, capsys):
+    args = [str(corpus), "--tokenizer_kind", "bpe", "--vocab_size", "120", "--out_dir", str(tmp_path / "runs"),
+            *TINY, "--max_iters", "1", "--eval_interval", "1"]
+    train([*args, "--checkpoint", str(tmp_path / "a.tar")])
+    assert "training a bpe tokenizer (120 tokens)" in capsys.readouterr().out
+    [saved] = (tmp_path / "runs").glob("tokenizer-bpe120-*.json")
+    train([*args, "--checkpoint", str(tmp_path / "b.tar")])
+    assert "training a bpe tokenizer" not in capsys.readouterr().out  # the saved one is reused
+    tok = Tokenizer.from_file(saved)
+    assert tok.vocab_size == 120 and Tokenizer.from_json(load_checkpoint(tmp_path / "b.tar")["tokenizer"]).to_json() \
+        == tok.to_json()
+    # <mask> <pad> <cls> <sep> are there, so this decoder can be fine-tuned without a new tokenizer
+    assert [tok.special_id(t, "fine-tuning") for t in BERT_TOKENS] == [2, 3, 4, 5]
+
+
+def test_mfu_is_logged_when_the_device_peak_is_known(tmp_path, corpus, tokenizer_path, monkeypatch):
+    monkeypatch.setattr(playground, "peak_flops", lambda device: 1e9)  # pretend the CPU is a known 1 GFLOP/s GPU
+    train(run_args(tmp_path, corpus, tokenizer_path, "--max_iters", "5", "--eval_interval", "5"))
+    [row] = [m for m in metrics(tmp_path) if "tokens_per_s" in m]
+    model = checkpoint_module.model_from_checkpoint(load_checkpoint(tmp_path / "ckpt.tar"))[0]
+    assert row["mfu"] == pytest.approx(model.flops_per_token() * row["tokens_per_s"] / 1e9)
 
 
 def test_documents_are_separated_by_end_of_text(tmp_path, tokenizer_path):
