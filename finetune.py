@@ -424,7 +424,7 @@ def fine_tune(c: FinetuneConfig) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(c.seed)
     steps_per_epoch = math.ceil(len(train_x) / c.batch_size)
     lm_note = f", lm_weight {c.lm_weight}" if gpt.config.causal else " (an encoder: no auxiliary LM loss)"
-    print(f"fine-tuning a {'decoder' if gpt.config.causal else 'encoder'} on {len(train_x)} examples "
+    print(f"fine-tuning {'a decoder' if gpt.config.causal else 'an encoder'} on {len(train_x)} examples "
           f"({task}: {fmt.describe(task)}), {len(labels)} labels, {c.epochs} epochs x {steps_per_epoch} steps"
           f"{lm_note}; val {len(val_x)} examples")
 
