@@ -1,6 +1,6 @@
 """Speed benchmarks; each prints a markdown table and the exact configuration it measured.
 
-    python bench.py train     [--device cpu] [--dtype float32] [--compile] [model flags]   training step
+    python bench.py train     [--device cpu] [--dtype float32] [--compile] [--profile] [model flags]  training step
     python bench.py attention [--device cpu]                                               scratch vs SDPA
     python bench.py generate  [--device cpu]                                               KV cache vs none
 
@@ -14,6 +14,7 @@ tokens; tokens/s counts the tokens of every optimiser step, and MFU divides the 
 """
 
 import argparse
+import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -64,8 +65,11 @@ def bench_train(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         split = random_split(Path(tmp), args.vocab_size)
         counter = iter(range(10 ** 9))
-        seconds = timed(lambda: train_step(step_model, optimizer, scaler, split, next(counter), c, rt),
-                        args.warmup, args.iters, device)
+        activities = [torch.profiler.ProfilerActivity.CPU] + (
+            [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with (torch.profiler.profile(activities=activities) if args.profile else contextlib.nullcontext()) as prof:
+            seconds = timed(lambda: train_step(step_model, optimizer, scaler, split, next(counter), c, rt),
+                            args.warmup, args.iters, device)
     tokens = c.batch_size * c.block_size
     peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(device)
     mfu = f"{model.flops_per_token() * tokens / seconds / peak * 100:.1f}%" if peak else "n/a"
@@ -74,6 +78,8 @@ def bench_train(args: argparse.Namespace) -> None:
     print("| device | dtype | attention | compile | ms/step | tokens/s | MFU |\n|---|---|---|---|---|---|---|")
     print(f"| {device} | {str(rt.dtype).removeprefix('torch.')} | {c.attention} | {c.compile} | {seconds * 1e3:.1f} | "
           f"{tokens / seconds:,.0f} | {mfu} |")
+    if args.profile:  # warm-up steps included; the profiler itself slows the steps a little
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
 def model_size(text: str) -> tuple[int, int, int, int]:
@@ -142,6 +148,7 @@ def main() -> None:
     train.add_argument("--peak_tflops", type=float, help="device peak for MFU (known GPUs are looked up)")
     train.add_argument("--warmup", type=int, default=10)
     train.add_argument("--iters", type=int, default=100)
+    train.add_argument("--profile", action="store_true", help="also print where the time of the timed steps goes")
     attention = sub.add_parser("attention", help="scratch vs SDPA attention, forward + backward")
     attention.add_argument("--sizes", type=model_size, nargs="+", metavar="BLOCK,LAYERS,WIDTH,BATCH",
                            default=[(64, 4, 128, 12), (128, 4, 256, 8), (256, 6, 384, 4)])
