@@ -98,3 +98,25 @@ def test_resuming_with_another_objective_is_refused(pattern_run):
     c, flags = parse_config(["--checkpoint", str(checkpoint), "--resume", "--objective", "clm"])
     with pytest.raises(UsageError, match="objective"):
         playground.train(c, flags)
+
+
+def test_resume_reproduces_an_uninterrupted_masked_lm_run(tmp_path):
+    """The masks, like the batches, are a function of (seed, step): 5 steps + 5 resumed = 10 steps at once."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text((" ".join(WORDS) + "\n") * 300, encoding="utf-8")
+
+    def run(checkpoint: str, *extra: str) -> dict[str, float]:
+        # a constant schedule, so that the learning rate of a step does not depend on max_iters
+        c, flags = parse_config([str(corpus), "--out_dir", str(tmp_path / "runs"), "--checkpoint",
+                                 str(tmp_path / checkpoint), "--eval_interval", "5", *TINY, "--dropout", "0.1",
+                                 "--lr_schedule", "constant", "--warmup_iters", "2", *extra])
+        return playground.train(c, flags)
+
+    uninterrupted = run("a.tar", "--max_iters", "10")
+    run("b.tar", "--max_iters", "5")
+    resumed = run("b.tar", "--max_iters", "10", "--resume")
+    assert resumed == uninterrupted  # the same val loss and masked-token accuracy at step 10
+    a, b = torch.load(tmp_path / "a.tar", weights_only=True), torch.load(tmp_path / "b.tar", weights_only=True)
+    assert b["iteration"] == 10
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
