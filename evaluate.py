@@ -12,40 +12,57 @@ tokens see little context: slightly pessimistic next to a sliding window, and fa
 """
 
 import math
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import load_checkpoint, model_from_checkpoint
+from data import CHUNK_BYTES, token_dtype
 from errors import CliParser, UsageError, run_cli
 from gpt import GPT
 from playground import pick_device
 from preprocessing.tokenizer import Tokenizer, corpus_files, iter_corpus
 
 
+def encode_file(path: Path, tokenizer: Tokenizer) -> tuple[np.ndarray, int]:
+    """The file's token ids, 2 or 4 bytes each, and its size in UTF-8 bytes. The text goes to the tokenizer
+    in line-aligned pieces of about CHUNK_BYTES, as for the training cache, so it is never held whole."""
+    arrays, pending, pending_chars, n_bytes = [], [], 0, 0
+    for piece in iter_corpus([path]):
+        pending.append(piece)
+        pending_chars += len(piece)
+        n_bytes += len(piece.encode("utf-8"))
+        if pending_chars >= CHUNK_BYTES:
+            arrays.append(np.asarray(tokenizer.encode("".join(pending)), dtype=token_dtype(tokenizer.vocab_size)))
+            pending, pending_chars = [], 0
+    arrays.append(np.asarray(tokenizer.encode("".join(pending)), dtype=token_dtype(tokenizer.vocab_size)))
+    return np.concatenate(arrays), n_bytes
+
+
 @torch.no_grad()
-def evaluate_text(model: GPT, tokenizer: Tokenizer, text: str, batch_size: int = 8,
-                  progress: bool = False) -> dict[str, float]:
-    ids = tokenizer.encode(text)
+def evaluate_tokens(model: GPT, ids: np.ndarray, n_bytes: int, batch_size: int = 8,
+                    progress: bool = False) -> dict[str, float]:
+    """Loss, perplexity and bits per byte of the model on a text's tokens (n_bytes: the text's UTF-8 size)."""
     if len(ids) < 2:
         raise UsageError("the text is too short to evaluate (fewer than 2 tokens)")
     device = next(model.parameters()).device
     step = model.config.block_size
     # Window i holds tokens [i*T, i*T + T] (T + 1 of them): neighbours share one token, so every token
-    # but the very first is predicted exactly once.
-    windows = [ids[start:start + step + 1] for start in range(0, len(ids) - 1, step)]
-    full = [w for w in windows if len(w) == step + 1]
-    batches = [full[i:i + batch_size] for i in range(0, len(full), batch_size)]
-    batches += [[w] for w in windows if len(w) < step + 1]  # the text's last window may be shorter
+    # but the very first is predicted exactly once. Only the text's last window may be shorter.
+    starts = range(0, len(ids) - 1, step)
+    full = [start for start in starts if start + step + 1 <= len(ids)]
+    batches = [[ids[s:s + step + 1] for s in full[i:i + batch_size]] for i in range(0, len(full), batch_size)]
+    batches += [[ids[s:s + step + 1]] for s in starts if s + step + 1 > len(ids)]
     total_nats, predicted = 0.0, 0
     # disable=None: a bar on terminals only
     for batch in tqdm(batches, desc="evaluating", unit="batch", disable=None if progress else True):
-        tokens = torch.tensor(batch, device=device)
+        tokens = torch.from_numpy(np.stack(batch).astype(np.int64)).to(device)
         logits, _ = model(tokens[:, :-1])
         total_nats += F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="sum").item()
         predicted += tokens[:, 1:].numel()
-    n_bytes = len(text.encode("utf-8"))
     loss = total_nats / predicted
     return {"loss": loss, "perplexity": math.exp(loss), "bits_per_byte": total_nats / math.log(2) / n_bytes,
             "tokens": len(ids), "bytes": n_bytes}
@@ -66,8 +83,7 @@ def main() -> None:
         raise UsageError(f"{args.checkpoint} is an encoder (masked LM): it has no next-token loss to evaluate; "
                          f"its masked-token loss and accuracy are reported during training")
     for path in corpus_files(args.files):
-        text = "".join(iter_corpus([path]))
-        r = evaluate_text(model, tokenizer, text, args.batch_size, progress=True)
+        r = evaluate_tokens(model, *encode_file(path, tokenizer), args.batch_size, progress=True)
         print(f"{path}: loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.2f}, "
               f"{r['bits_per_byte']:.4f} bits/byte ({r['tokens']:,} tokens, {r['bytes']:,} bytes)")
 

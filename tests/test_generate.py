@@ -7,12 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+import evaluate
 import generate
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from evaluate import evaluate_text
+from evaluate import encode_file, evaluate_tokens
 from gpt import GPT, GPTConfig
 from preprocessing.tokenizer import corpus_files, train_tokenizer
 
@@ -75,10 +77,11 @@ def test_prompt_round_trips_through_the_checkpoint_tokenizer(loaded):
     assert tok.decode(tok.encode(prompt)) == prompt
 
 
-def test_evaluate_bits_per_byte_equals_a_hand_computation(loaded):
+def test_evaluate_bits_per_byte_equals_a_hand_computation(loaded, tmp_path):
     model, tok = loaded
     text = (REPO / "data" / "shakespeare.txt").read_text(encoding="utf-8")[50_000:52_000]
-    result = evaluate_text(model, tok, text, batch_size=3)
+    (tmp_path / "t.txt").write_text(text, encoding="utf-8", newline="")
+    result = evaluate_tokens(model, *encode_file(tmp_path / "t.txt", tok), batch_size=3)
     ids = tok.encode(text)
     nats, count = 0.0, 0
     for start in range(0, len(ids) - 1, 32):  # windows of 33 tokens sharing their boundary token
@@ -91,6 +94,16 @@ def test_evaluate_bits_per_byte_equals_a_hand_computation(loaded):
     assert result["bits_per_byte"] == pytest.approx(nats / math.log(2) / len(text.encode("utf-8")), rel=1e-5)
     assert result["perplexity"] == pytest.approx(math.exp(nats / count), rel=1e-5)
 
+
+
+def test_evaluate_encodes_a_large_file_piece_by_piece_without_losing_text(loaded, tmp_path, monkeypatch):
+    _, tok = loaded
+    text = (REPO / "data" / "shakespeare.txt").read_text(encoding="utf-8")[:40_000]
+    (tmp_path / "t.txt").write_text(text, encoding="utf-8", newline="")
+    monkeypatch.setattr(evaluate, "CHUNK_BYTES", 5_000)  # so the text goes to the tokenizer in about 8 pieces
+    ids, n_bytes = encode_file(tmp_path / "t.txt", tok)
+    assert ids.dtype == np.uint16 and n_bytes == len(text.encode("utf-8"))
+    assert tok.decode(ids.tolist()) == text  # pieces end at line ends: nothing is cut or lost
 
 # ---------------------------------------------------------------------- the CLI
 
