@@ -3,6 +3,7 @@ kind of mask and with a KV cache; and causal attention never looks ahead."""
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from attention import KVCache, MultiHeadAttention
 
@@ -28,7 +29,7 @@ def outputs_and_grads(module: MultiHeadAttention, x: torch.Tensor, **kw) -> list
     x = x.clone().requires_grad_(True)
     module.zero_grad()
     y = module(x, **kw)
-    (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()  # a loss touching every output
+    (y * torch.linspace(-1, 1, y.numel(), device=y.device).view_as(y)).sum().backward()  # a loss touching every output
     return [y.detach(), x.grad] + [p.grad for p in module.parameters()]
 
 
@@ -40,6 +41,20 @@ def test_scratch_equals_sdpa_in_outputs_and_gradients(b, t, e, h, mask):
     kw = {"padding_mask": random_padding(b, t)} if "padding" in mask else {}
     for ours, ref in zip(outputs_and_grads(scratch, x, **kw), outputs_and_grads(sdpa, x, **kw), strict=True):
         torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_sdpa_runs_the_flash_kernel_in_bfloat16_and_equals_scratch(device):
+    """Training's case (causal, no padding, 64-wide heads, bf16 autocast): SDPA can take the flash kernel
+    (forced here: an error if it could not), and agrees with the scratch core to bf16 precision."""
+    scratch, sdpa = (m.to(device) for m in twin_modules(128, 2, causal=True))
+    x = torch.randn(4, 64, 128, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        reference = outputs_and_grads(scratch, x)
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            flash = outputs_and_grads(sdpa, x)
+    for ours, ref in zip(flash, reference, strict=True):  # bf16 rounding: compare whole tensors, by norm
+        assert (ours.float() - ref.float()).norm() <= 2e-2 * ref.float().norm()
 
 
 @pytest.mark.parametrize("core", ["scratch", "sdpa"])

@@ -69,6 +69,17 @@ def test_loss_falls_on_the_bundled_corpus(tmp_path, corpus, tokenizer_path):
     assert (tmp_path / "runs" / "ckpt.loss.png").exists()
 
 
+@pytest.mark.gpu
+def test_loss_falls_on_cuda_in_bfloat16_compiled_with_mfu_logged(tmp_path, corpus, tokenizer_path):
+    device = "cuda"
+    final = train(run_args(tmp_path, corpus, tokenizer_path, "--max_iters", "60", "--eval_interval", "60",
+                           "--dropout", "0", "--device", device, "--dtype", "bfloat16", "--compile"))
+    rows = metrics(tmp_path)
+    assert final["val_loss"] < rows[0]["loss"] - 1.0
+    if playground.peak_flops(torch.device(device)):  # a GPU in the table: MFU is a fraction, beside tokens/s
+        assert all(0 < row["mfu"] < 1 for row in rows if "tokens_per_s" in row)
+
+
 def _val_split(tmp_path: Path):
     meta_files = list((tmp_path / "runs" / "token_cache").glob("*/meta.json"))
     assert len(meta_files) == 1
