@@ -1,8 +1,9 @@
 """Speed benchmarks; each prints a markdown table and the exact configuration it measured.
 
-    python bench.py train     [--device cpu] [--dtype float32] [--compile] [--profile] [model flags]  training step
-    python bench.py attention [--device cpu]                                               scratch vs SDPA
-    python bench.py generate  [--device cpu]                                               KV cache vs none
+    python bench.py train     [--device cpu] [--dtype float32] [--compile] [--profile] [model flags]
+                                                                              training step (and its profile)
+    python bench.py attention [--device cpu]                                  scratch vs SDPA
+    python bench.py generate  [--device cpu]                                  KV cache vs none
 
 Model flags (train): --embedding_dim --num_of_layers --num_of_heads --block_size --batch_size --vocab_size
 --attention; the defaults are nanoGPT's CPU recipe (4 layers, 4 heads, 128 wide, block 64, batch 12,

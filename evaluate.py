@@ -30,15 +30,16 @@ from preprocessing.tokenizer import Tokenizer, corpus_files, iter_corpus
 def encode_file(path: Path, tokenizer: Tokenizer) -> tuple[np.ndarray, int]:
     """The file's token ids, 2 or 4 bytes each, and its size in UTF-8 bytes. The text goes to the tokenizer
     in line-aligned pieces of about CHUNK_BYTES, as for the training cache, so it is never held whole."""
+    dtype = token_dtype(tokenizer.vocab_size)
     arrays, pending, pending_chars, n_bytes = [], [], 0, 0
     for piece in iter_corpus([path]):
         pending.append(piece)
         pending_chars += len(piece)
         n_bytes += len(piece.encode("utf-8"))
         if pending_chars >= CHUNK_BYTES:
-            arrays.append(np.asarray(tokenizer.encode("".join(pending)), dtype=token_dtype(tokenizer.vocab_size)))
+            arrays.append(np.asarray(tokenizer.encode("".join(pending)), dtype=dtype))
             pending, pending_chars = [], 0
-    arrays.append(np.asarray(tokenizer.encode("".join(pending)), dtype=token_dtype(tokenizer.vocab_size)))
+    arrays.append(np.asarray(tokenizer.encode("".join(pending)), dtype=dtype))  # the rest (maybe nothing)
     return np.concatenate(arrays), n_bytes
 
 

@@ -95,7 +95,6 @@ def test_evaluate_bits_per_byte_equals_a_hand_computation(loaded, tmp_path):
     assert result["perplexity"] == pytest.approx(math.exp(nats / count), rel=1e-5)
 
 
-
 def test_evaluate_encodes_a_large_file_piece_by_piece_without_losing_text(loaded, tmp_path, monkeypatch):
     _, tok = loaded
     text = (REPO / "data" / "shakespeare.txt").read_text(encoding="utf-8")[:40_000]
@@ -104,6 +103,7 @@ def test_evaluate_encodes_a_large_file_piece_by_piece_without_losing_text(loaded
     ids, n_bytes = encode_file(tmp_path / "t.txt", tok)
     assert ids.dtype == np.uint16 and n_bytes == len(text.encode("utf-8"))
     assert tok.decode(ids.tolist()) == text  # pieces end at line ends: nothing is cut or lost
+
 
 # ---------------------------------------------------------------------- the CLI
 

@@ -140,8 +140,8 @@ def test_without_a_tokenizer_one_is_trained_once_and_serves_fine_tuning(tmp_path
     train([*args, "--checkpoint", str(tmp_path / "b.tar")])
     assert "training a bpe tokenizer" not in capsys.readouterr().out  # the saved one is reused
     tok = Tokenizer.from_file(saved)
-    assert tok.vocab_size == 120 and Tokenizer.from_json(load_checkpoint(tmp_path / "b.tar")["tokenizer"]).to_json() \
-        == tok.to_json()
+    assert tok.vocab_size == 120
+    assert Tokenizer.from_json(load_checkpoint(tmp_path / "b.tar")["tokenizer"]).to_json() == tok.to_json()
     # <mask> <pad> <cls> <sep> are there, so this decoder can be fine-tuned without a new tokenizer
     assert [tok.special_id(t, "fine-tuning") for t in BERT_TOKENS] == [2, 3, 4, 5]
 
