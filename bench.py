@@ -9,7 +9,7 @@ Model flags (train): --embedding_dim --num_of_layers --num_of_heads --block_size
 --attention; the defaults are nanoGPT's CPU recipe (4 layers, 4 heads, 128 wide, block 64, batch 12,
 dropout 0, a 65-token character-level vocabulary).
 
-Training is timed through playground.train_step, the very function the training loop runs, on random
+Training is timed through training.train_step, the very function the training loop runs, on random
 tokens; tokens/s counts the tokens of every optimiser step, and MFU divides the model FLOPs per second
 (gpt.flops_per_token) by the device's peak (--peak_tflops, or known GPUs' bf16 dense peak).
 """
@@ -26,7 +26,8 @@ import torch
 from config import TrainConfig
 from data import TokenSplit
 from gpt import GPT, GPTConfig
-from playground import Runtime, make_optimizer, peak_flops, pick_device, pick_dtype, train_step
+from runtime import Runtime, peak_flops, pick_device, pick_dtype
+from training import make_optimizer, train_step
 
 
 def timed(fn: Callable[[], object], warmup: int, iters: int, device: torch.device) -> float:

@@ -23,8 +23,8 @@ from checkpoint import load_checkpoint, model_from_checkpoint
 from data import CHUNK_BYTES, token_dtype
 from errors import CliParser, UsageError, run_cli
 from gpt import GPT
-from playground import pick_device
 from preprocessing.tokenizer import Tokenizer, corpus_files, iter_corpus
+from runtime import pick_device
 
 
 def encode_file(path: Path, tokenizer: Tokenizer) -> tuple[np.ndarray, int]:

@@ -33,8 +33,8 @@ from tqdm import tqdm
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from errors import CliParser, UsageError, run_cli
 from gpt import GPT
-from playground import pick_device
 from preprocessing.tokenizer import CLS, PAD, SEP, Tokenizer
+from runtime import pick_device
 
 TASKS = ("single", "pair")
 Label = str | int

@@ -23,8 +23,8 @@ import torch
 from checkpoint import load_checkpoint, model_from_checkpoint
 from errors import CliParser, UsageError, run_cli
 from gpt import GPT
-from playground import pick_device
 from preprocessing.tokenizer import MASK, Tokenizer
+from runtime import pick_device
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

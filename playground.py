@@ -7,14 +7,12 @@ started by torchrun, DistributedDataParallel (a full replica per process) or FSD
 holds a shard of the parameters, gradients and optimizer state).
 """
 
-import contextlib
 import json
 import math
 import os
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +24,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -36,127 +34,14 @@ from data import Masking, TokenSplit, batch_rng, build_token_cache, cache_key, g
 from errors import UsageError, run_cli
 from gpt import GPT, GPTConfig
 from preprocessing.tokenizer import MASK, Tokenizer, corpus_files, train_tokenizer
+from runtime import Runtime, barrier, peak_flops, setup_runtime, teardown, to_device
+from training import learning_rate, make_optimizer, train_step
 
 DEFAULT_VOCAB_SIZE = 8000
-TRAIN_STREAM, EVAL_TRAIN_STREAM, EVAL_VAL_STREAM = 0, 1, 2  # independent random streams of batches
+EVAL_TRAIN_STREAM, EVAL_VAL_STREAM = 1, 2  # random streams of evaluation batches, apart from training's (0)
 # Checkpointed state dicts: whole (unsharded) tensors under a plain GPT's names, copied to the CPU; under
 # FSDP or DDP only rank 0 receives them (the others get empty dicts), so no rank holds the full model twice.
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
-# ----------------------------------------------------------------------------- learning-rate schedules
-
-def learning_rate(it: int, c: TrainConfig) -> float:
-    """The learning rate for optimiser step `it` (0-based): linear warmup, then the chosen schedule.
-
-    With p the fraction of the post-warmup steps done (0 -> 1):
-        cosine        min + (lr - min) * (1 + cos(pi p)) / 2
-        linear        lr - (lr - min) * p
-        constant      lr
-        wsd           lr until the last `decay_fraction` of the run, then linear down to min
-        inverse_sqrt  lr * sqrt(warmup / (it + 1)), never below min
-    """
-    if it < c.warmup_iters:
-        return c.lr * (it + 1) / c.warmup_iters
-    p = min(1.0, (it - c.warmup_iters) / max(1, c.max_iters - c.warmup_iters))
-    lr, low = c.lr, c.final_lr
-    if c.lr_schedule == "cosine":
-        return low + (lr - low) * (1 + math.cos(math.pi * p)) / 2
-    if c.lr_schedule == "linear":
-        return lr - (lr - low) * p
-    if c.lr_schedule == "constant":
-        return lr
-    if c.lr_schedule == "wsd":
-        decay_start = c.max_iters * (1 - c.decay_fraction)
-        q = min(1.0, max(0.0, (it - decay_start) / max(1.0, c.max_iters - decay_start)))
-        return lr - (lr - low) * q
-    if c.lr_schedule == "inverse_sqrt":
-        return max(low, lr * math.sqrt(max(1, c.warmup_iters) / (it + 1)))
-    raise ValueError(c.lr_schedule)
-
-
-# ----------------------------------------------------------------------------- devices and processes
-
-@dataclass(frozen=True)
-class Runtime:
-    """Where this process runs: decided once at start-up and passed down."""
-
-    device: torch.device
-    dtype: torch.dtype  # autocast precision (float32 = no autocast)
-    rank: int = 0
-    world_size: int = 1
-    fsdp: bool = False  # the model is sharded across the ranks (FSDP2) rather than replicated (DDP)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def mode(self) -> str:
-        if not self.distributed:
-            return "single process"
-        return "FSDP" if self.fsdp else "DDP"
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
-
-
-def pick_device(name: str) -> torch.device:
-    if name != "auto":
-        try:
-            device = torch.device(name)
-        except RuntimeError:
-            raise UsageError(f"unknown --device {name!r} (try auto, cpu, cuda, cuda:1, mps)") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UsageError("--device cuda asked for, but torch sees no CUDA GPU")
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        bf16_gpu = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if bf16_gpu else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-# Dense bf16 peak FLOP/s of common GPUs (vendor datasheets, no sparsity), the denominator of MFU.
-GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
-                  "4090": 165e12}
-
-
-def peak_flops(device: torch.device) -> float | None:
-    """The device's peak FLOP/s if it is a GPU in the table; None otherwise (a CPU's is not guessed)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in GPU_PEAK_FLOPS.items() if key in name), None)
-
-
-def setup_runtime(c: TrainConfig) -> Runtime:
-    """Single process, or one rank of a torchrun job (RANK/WORLD_SIZE/LOCAL_RANK in the environment)."""
-    if "RANK" not in os.environ:
-        device = pick_device(c.device)
-        return Runtime(device, pick_dtype(c.dtype, device))
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if c.device in ("auto", "cuda") and torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = pick_device(c.device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Runtime(device, pick_dtype(c.dtype, device), rank, world_size, fsdp=c.fsdp and world_size > 1)
 
 
 # ----------------------------------------------------------------------------- data
@@ -179,7 +64,7 @@ def resolve_tokenizer(c: TrainConfig, files: list[Path], rt: Runtime) -> Tokeniz
         # pretraining and fine-tuning (finetune.py) of the model trained here.
         train_tokenizer(files, c.tokenizer_kind, vocab_size, show_progress=sys.stderr.isatty(),
                         bert_tokens=True).save(path)
-    _barrier(rt)
+    barrier(rt)
     return Tokenizer.from_file(path)
 
 
@@ -198,7 +83,7 @@ def load_data(c: TrainConfig, tokenizer: Tokenizer, files: list[Path], rt: Runti
     cache_dir = Path(c.out_dir) / "token_cache"
     if rt.is_main:
         splits = build_token_cache(files, tokenizer, cache_dir, c.val_fraction)
-    _barrier(rt)
+    barrier(rt)
     if not rt.is_main:
         splits = build_token_cache(files, tokenizer, cache_dir, c.val_fraction)
     for name, split in splits.items():
@@ -217,15 +102,6 @@ def masking_for(c: TrainConfig, tokenizer: Tokenizer) -> Masking | None:
                    c.mask_prob)
 
 
-def _barrier(rt: Runtime) -> None:
-    if rt.distributed:
-        dist.barrier()
-
-
-def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type == "cuda":  # pinned memory lets the copy overlap with compute
-        return x.pin_memory().to(device, non_blocking=True)
-    return x.to(device)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -360,13 +236,6 @@ def unsharded_copy(model: GPT, rt: Runtime) -> GPT | None:
     return copy.to(rt.device)
 
 
-def make_optimizer(model: GPT, c: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    # fused AdamW updates all parameters in one kernel; it exists for CPU and CUDA tensors (DTensors too).
-    fused = device.type in ("cpu", "cuda")
-    return torch.optim.AdamW(model.optimizer_groups(c.weight_decay), lr=c.lr, betas=(c.beta1, c.beta2),
-                             fused=fused)
-
-
 def resume_config(c: TrainConfig, set_by_flags: set[str]) -> tuple[TrainConfig, dict[str, Any]]:
     """On --resume, the run continues with the checkpoint's config; flags typed now override it,
     except those that would change the model's shape."""
@@ -389,12 +258,11 @@ def train(c: TrainConfig, set_by_flags: set[str] = frozenset()) -> dict[str, flo
     ckpt = None
     if c.resume:
         c, ckpt = resume_config(c, set_by_flags)
-    rt = setup_runtime(c)
+    rt = setup_runtime(c.device, c.dtype, c.fsdp)
     try:
         return _train(c, ckpt, rt)
     finally:
-        if rt.distributed:
-            dist.destroy_process_group()
+        teardown(rt)
 
 
 def _train(c: TrainConfig, ckpt: dict[str, Any] | None, rt: Runtime) -> dict[str, float]:
@@ -458,7 +326,7 @@ def _train(c: TrainConfig, ckpt: dict[str, Any] | None, rt: Runtime) -> dict[str
                dynamic_ncols=True)
     final: dict[str, float] = {}
     t_last, tokens_since = time.perf_counter(), 0
-    peak = peak_flops(rt.device)
+    peak = peak_flops(rt.device, rt.dtype)
     for it in range(start_iter, c.max_iters):
         lr = learning_rate(it, c)
         for group in optimizer.param_groups:
@@ -514,51 +382,6 @@ def _train(c: TrainConfig, ckpt: dict[str, Any] | None, rt: Runtime) -> dict[str
             print(f"an encoder fills masks rather than writing text: try python generate.py --checkpoint "
                   f"{c.checkpoint} --prompt 'To be, or not to {MASK}'")
     return final
-
-
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-               split: TokenSplit, it: int, c: TrainConfig, rt: Runtime, masking: Masking | None = None
-               ) -> torch.Tensor:
-    """One optimiser step over grad_accum_steps micro-batches; returns the mean micro-batch loss (a tensor)."""
-    total = torch.zeros((), device=rt.device)
-    for micro in range(c.grad_accum_steps):
-        # Global slot of this micro-batch: the batches depend on the step, not on how many ranks share it.
-        slot = (it * c.grad_accum_steps + micro) * rt.world_size + rt.rank
-        x, y = get_batch(split, c.batch_size, c.block_size, batch_rng(c.seed, TRAIN_STREAM, slot), masking)
-        with gradient_sync(model, micro == c.grad_accum_steps - 1):
-            with rt.autocast():
-                _, loss = model(to_device(x, rt.device), to_device(y, rt.device))
-            scaler.scale(loss / c.grad_accum_steps).backward()
-        total += loss.detach()
-    if c.grad_clip > 0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return total / c.grad_accum_steps
-
-
-def gradient_sync(model: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager:
-    """DDP all-reduces and FSDP reduce-scatters gradients in backward(); on all micro-steps but the last
-    (sync=False) the gradients only accumulate on each rank. Enter before the forward pass."""
-    if sync:
-        return contextlib.nullcontext()
-    if isinstance(model, DistributedDataParallel):
-        return model.no_sync()
-    unwrapped = getattr(model, "_orig_mod", model)  # torch.compile wraps an FSDP model
-    if isinstance(unwrapped, FSDPModule):
-        return _fsdp_no_sync(unwrapped)
-    return contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def _fsdp_no_sync(model: FSDPModule) -> Iterator[None]:
-    model.set_requires_gradient_sync(False)
-    try:
-        yield
-    finally:
-        model.set_requires_gradient_sync(True)
 
 
 def evaluate(model: GPT, splits: dict[str, TokenSplit], c: TrainConfig, rt: Runtime,

@@ -7,8 +7,9 @@ import pytest
 import torch
 import transformers
 
+from convert import from_hf_gpt2, to_hf_gpt2_state_dict
 from errors import UsageError
-from gpt import GPT, GPTConfig, from_hf_gpt2, sample_next, to_hf_gpt2_state_dict
+from gpt import GPT, GPTConfig, sample_next
 
 
 def tiny(**kw) -> GPT:

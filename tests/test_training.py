@@ -147,7 +147,7 @@ def test_without_a_tokenizer_one_is_trained_once_and_serves_fine_tuning(tmp_path
 
 
 def test_mfu_is_logged_when_the_device_peak_is_known(tmp_path, corpus, tokenizer_path, monkeypatch):
-    monkeypatch.setattr(playground, "peak_flops", lambda device: 1e9)  # pretend the CPU is a known 1 GFLOP/s GPU
+    monkeypatch.setattr(playground, "peak_flops", lambda device, dtype: 1e9)  # pretend the CPU is a known 1 GFLOP/s GPU
     train(run_args(tmp_path, corpus, tokenizer_path, "--max_iters", "5", "--eval_interval", "5"))
     [row] = [m for m in metrics(tmp_path) if "tokens_per_s" in m]
     model = checkpoint_module.model_from_checkpoint(load_checkpoint(tmp_path / "ckpt.tar"))[0]

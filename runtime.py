@@ -1,0 +1,165 @@
+"""Where a process runs: the device, the precision, and (under torchrun) its place in the process group.
+
+Decided once at start-up by `setup_runtime` and passed down; no other module looks at globals for it.
+`teardown` ends a distributed run in the one order that is safe on every rank (see its docstring).
+"""
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from errors import UsageError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where this process runs: decided once at start-up and passed down."""
+
+    device: torch.device
+    dtype: torch.dtype  # autocast precision (float32 = no autocast)
+    rank: int = 0
+    world_size: int = 1
+    fsdp: bool = False  # the model is sharded across the ranks (FSDP2) rather than replicated (DDP)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def mode(self) -> str:
+        if not self.distributed:
+            return "single process"
+        return "FSDP" if self.fsdp else "DDP"
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+
+def pick_device(name: str) -> torch.device:
+    """auto: cuda, then mps, then cpu. A named device must exist on this machine."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown --device {name!r} (try auto, cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name} asked for, but torch sees no CUDA GPU")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+        torch.cuda.set_device(device)  # or cuda:1 work would also open a context on GPU 0
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {name} asked for, but this torch build or machine has no MPS")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {name}: only cpu, cuda and mps are supported")
+    return device
+
+
+def native_bf16(device: torch.device) -> bool:
+    """bfloat16 in hardware: CUDA compute capability 8.0 (Ampere) or newer. torch.cuda.is_bf16_supported()
+    also counts emulation (T4, V100), which is slower than float16 there."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto: bfloat16 on GPUs with native support, float16 (with a loss scaler) on older GPUs, else float32."""
+    if name != "auto":
+        return DTYPES[name]
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if native_bf16(device) else torch.float16
+
+
+def allow_tf32(device: torch.device) -> None:
+    """float32 matmuls on a GPU's tensor cores (TF32) where float32 is asked for: nearly free accuracy-wise."""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+
+
+# Dense peak FLOP/s of GPUs (vendor datasheets, no sparsity) by exact device name, per precision: the
+# denominator of MFU. float32 runs use the TF32 tensor-core peak (what `allow_tf32` turns on).
+GPU_PEAK_FLOPS = {
+    "NVIDIA H100 80GB HBM3": {"bf16": 989e12, "fp32": 494e12},  # SXM
+    "NVIDIA H100 PCIe": {"bf16": 756e12, "fp32": 378e12},
+    "NVIDIA H100 NVL": {"bf16": 835e12, "fp32": 418e12},
+    "NVIDIA H200": {"bf16": 989e12, "fp32": 494e12},
+    "NVIDIA A100-SXM4-80GB": {"bf16": 312e12, "fp32": 156e12},
+    "NVIDIA A100-SXM4-40GB": {"bf16": 312e12, "fp32": 156e12},
+    "NVIDIA A100-PCIE-40GB": {"bf16": 312e12, "fp32": 156e12},
+    "NVIDIA A100 80GB PCIe": {"bf16": 312e12, "fp32": 156e12},
+    "NVIDIA L40S": {"bf16": 362e12, "fp32": 183e12},
+    "NVIDIA L40": {"bf16": 181e12, "fp32": 90.5e12},
+    "NVIDIA L4": {"bf16": 121e12, "fp32": 60e12},
+    "NVIDIA A10": {"bf16": 125e12, "fp32": 62.5e12},
+    "NVIDIA GeForce RTX 4090": {"bf16": 165e12, "fp32": 82.6e12},
+    "Tesla T4": {"fp16": 65e12, "fp32": 8.1e12},
+    "Tesla V100-SXM2-16GB": {"fp16": 125e12, "fp32": 15.7e12},
+}
+_PRECISION = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float | None:
+    """The device's peak FLOP/s at the precision in use, if it is a GPU in the table (by exact name); None
+    otherwise (a CPU's peak is not guessed). A GPU whose bf16 and fp16 peaks are equal lists one of them."""
+    if device.type != "cuda":
+        return None
+    peaks = GPU_PEAK_FLOPS.get(torch.cuda.get_device_name(device), {})
+    precision = _PRECISION[dtype]
+    if precision in ("bf16", "fp16"):
+        return peaks.get(precision) or peaks.get("bf16") or peaks.get("fp16")
+    return peaks.get(precision)
+
+
+def setup_runtime(device: str, dtype: str, fsdp: bool = False) -> Runtime:
+    """Single process, or one rank of a torchrun job (RANK/WORLD_SIZE/LOCAL_RANK in the environment)."""
+    if "RANK" not in os.environ:
+        picked = pick_device(device)
+        allow_tf32(picked)
+        return Runtime(picked, pick_dtype(dtype, picked))
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        picked = torch.device("cuda", local_rank)  # one GPU per process, whatever the flag's index
+        torch.cuda.set_device(picked)
+    elif device.startswith("cuda:"):
+        raise UsageError(f"--device {device} under torchrun would put every rank on one GPU: use --device cuda "
+                         f"(each rank takes the GPU of its LOCAL_RANK)")
+    else:
+        picked = pick_device(device)
+    allow_tf32(picked)
+    dist.init_process_group(backend="nccl" if picked.type == "cuda" else "gloo",
+                            device_id=picked if picked.type == "cuda" else None)
+    return Runtime(picked, pick_dtype(dtype, picked), rank, world_size, fsdp=fsdp and world_size > 1)
+
+
+def barrier(rt: Runtime) -> None:
+    if rt.distributed:
+        dist.barrier()
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":  # pinned memory lets the copy overlap with compute
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
+def teardown(rt: Runtime) -> None:
+    """End this process's part in a distributed run."""
+    if rt.distributed and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,98 @@
+"""What the training loop (playground.py) and the benchmark (bench.py) share: the learning-rate schedule,
+the optimizer, and one optimiser step over gradient-accumulation micro-batches (with DDP/FSDP gradient sync)."""
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+from torch.distributed.fsdp import FSDPModule
+from torch.nn.parallel import DistributedDataParallel
+
+from config import TrainConfig
+from data import Masking, TokenSplit, batch_rng, get_batch
+from gpt import GPT
+from runtime import Runtime, to_device
+
+TRAIN_STREAM = 0  # the random stream of training batches (evaluation draws from its own streams)
+
+
+def learning_rate(it: int, c: TrainConfig) -> float:
+    """The learning rate for optimiser step `it` (0-based): linear warmup, then the chosen schedule.
+
+    With p the fraction of the post-warmup steps done (0 -> 1):
+        cosine        min + (lr - min) * (1 + cos(pi p)) / 2
+        linear        lr - (lr - min) * p
+        constant      lr
+        wsd           lr until the last `decay_fraction` of the run, then linear down to min
+        inverse_sqrt  lr * sqrt(warmup / (it + 1)), never below min
+    """
+    if it < c.warmup_iters:
+        return c.lr * (it + 1) / c.warmup_iters
+    p = min(1.0, (it - c.warmup_iters) / max(1, c.max_iters - c.warmup_iters))
+    lr, low = c.lr, c.final_lr
+    if c.lr_schedule == "cosine":
+        return low + (lr - low) * (1 + math.cos(math.pi * p)) / 2
+    if c.lr_schedule == "linear":
+        return lr - (lr - low) * p
+    if c.lr_schedule == "constant":
+        return lr
+    if c.lr_schedule == "wsd":
+        decay_start = c.max_iters * (1 - c.decay_fraction)
+        q = min(1.0, max(0.0, (it - decay_start) / max(1.0, c.max_iters - decay_start)))
+        return lr - (lr - low) * q
+    if c.lr_schedule == "inverse_sqrt":
+        return max(low, lr * math.sqrt(max(1, c.warmup_iters) / (it + 1)))
+    raise ValueError(c.lr_schedule)
+
+
+def make_optimizer(model: GPT, c: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    # fused AdamW updates all parameters in one kernel; it exists for CPU and CUDA tensors (DTensors too).
+    fused = device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(model.optimizer_groups(c.weight_decay), lr=c.lr, betas=(c.beta1, c.beta2),
+                             fused=fused)
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               split: TokenSplit, it: int, c: TrainConfig, rt: Runtime, masking: Masking | None = None
+               ) -> torch.Tensor:
+    """One optimiser step over grad_accum_steps micro-batches; returns the mean micro-batch loss (a tensor)."""
+    total = torch.zeros((), device=rt.device)
+    for micro in range(c.grad_accum_steps):
+        # Global slot of this micro-batch: the batches depend on the step, not on how many ranks share it.
+        slot = (it * c.grad_accum_steps + micro) * rt.world_size + rt.rank
+        x, y = get_batch(split, c.batch_size, c.block_size, batch_rng(c.seed, TRAIN_STREAM, slot), masking)
+        with gradient_sync(model, micro == c.grad_accum_steps - 1):
+            with rt.autocast():
+                _, loss = model(to_device(x, rt.device), to_device(y, rt.device))
+            scaler.scale(loss / c.grad_accum_steps).backward()
+        total += loss.detach()
+    if c.grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return total / c.grad_accum_steps
+
+
+def gradient_sync(model: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+    """DDP all-reduces and FSDP reduce-scatters gradients in backward(); on all micro-steps but the last
+    (sync=False) the gradients only accumulate on each rank. Enter before the forward pass."""
+    if sync:
+        return contextlib.nullcontext()
+    if isinstance(model, DistributedDataParallel):
+        return model.no_sync()
+    unwrapped = getattr(model, "_orig_mod", model)  # torch.compile wraps an FSDP model
+    if isinstance(unwrapped, FSDPModule):
+        return _fsdp_no_sync(unwrapped)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model: FSDPModule) -> Iterator[None]:
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
