@@ -1,0 +1,143 @@
+"""One way to build a command line: a dataclass whose fields are the flags.
+
+Each field is declared once with `setting(default, help, ...)`; from that one declaration come the flag
+(`--name`), its type (from the type hint), its --help text, its allowed choices, the check of its value
+(`check_fields`, called from the dataclass's __post_init__) and the YAML/checkpoint key of the same name.
+
+    @dataclass(frozen=True)
+    class Args:
+        steps: int = setting(10, "how many steps", rule=POSITIVE)
+        def __post_init__(self) -> None:
+            check_fields(self)
+
+    args = parse_dataclass(Args, "what this command does")
+"""
+
+import argparse
+import dataclasses
+import math
+import sys
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from errors import CliParser, UsageError
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a value must be: a phrase for the error message and a test."""
+
+    says: str
+    test: Callable[[Any], bool]
+
+
+POSITIVE = Rule("a positive number", lambda v: v > 0)
+NON_NEGATIVE = Rule("a number >= 0", lambda v: v >= 0)
+FRACTION = Rule("in [0, 1)", lambda v: 0 <= v < 1)  # dropout, betas
+OPEN_FRACTION = Rule("in (0, 1)", lambda v: 0 < v < 1)
+MAX_INT = 2 ** 63 - 1  # what torch and numpy take as a seed or a count
+
+
+def setting(default: Any, help: str, *, rule: Rule | None = None, choices: tuple[str, ...] | None = None,
+            group: str = "options", flag: bool = True) -> Any:
+    """A dataclass field that is also a flag. flag=False: a field the program sets, never the user."""
+    return dataclasses.field(default=default, metadata={"help": help, "rule": rule, "choices": choices,
+                                                        "group": group, "flag": flag})
+
+
+def flag_fields(cls: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if f.metadata.get("flag", False)]
+
+
+def scalar_type(f: dataclasses.Field) -> type:
+    """The type a flag's text converts to, read from the type hint: `int | None` -> int, `tuple[str, ...]` -> str."""
+    hint = f.type
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if typing.get_origin(hint) in (tuple, list):
+        hint = typing.get_args(hint)[0]
+    return hint
+
+
+def check_fields(obj: Any) -> None:
+    """Every field's value against its type's sanity (finite floats, ints in range), its choices and its rule."""
+    for f in flag_fields(type(obj)):
+        value = getattr(obj, f.name)
+        if value is None or isinstance(value, bool | str | tuple):
+            if f.metadata["choices"] and value not in f.metadata["choices"]:
+                raise UsageError(f"--{f.name} must be one of {', '.join(f.metadata['choices'])}, got {value!r}")
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"--{f.name} must be a finite number, got {value}")
+        if isinstance(value, int) and not -MAX_INT <= value <= MAX_INT:
+            raise UsageError(f"--{f.name} is out of range: {value}")
+        rule = f.metadata["rule"]
+        if rule is not None and not rule.test(value):
+            raise UsageError(f"--{f.name} must be {rule.says}, got {value}")
+
+
+def coerce(f: dataclasses.Field, value: Any) -> Any:
+    """A YAML (or checkpoint) value checked against the field's type; ints are accepted for floats."""
+    kind = scalar_type(f)
+    if value is None:
+        if dataclasses.MISSING is f.default or f.default is not None:
+            raise UsageError(f"config key '{f.name}' cannot be empty (null)")
+        return None
+    if typing.get_origin(f.type) is tuple or tuple in typing.get_args(f.type):
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list | tuple) or not all(isinstance(x, str) for x in items):
+            raise UsageError(f"config key '{f.name}' must be a path or a list of paths, got {value!r}")
+        return tuple(items)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is float and isinstance(value, str):  # YAML reads "6e-4" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if type(value) is not kind:
+        raise UsageError(f"config key '{f.name}' must be of type {kind.__name__}, got {value!r}")
+    return value
+
+
+def _number(kind: type) -> Callable[[str], Any]:
+    """int/float parsing for argparse whose failures read well ('--lr: not a number: abc')."""
+    def parse(text: str) -> Any:
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type, positional: str | None = None) -> None:
+    """One flag per field of `cls` (grouped), or a positional argument for the field named `positional`."""
+    groups: dict[str, Any] = {}
+    for f in flag_fields(cls):
+        meta = f.metadata
+        group = groups.get(meta["group"]) or groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
+        help_text = f"{meta['help']} (default: {f.default})".replace("%", "%%")
+        kind = scalar_type(f)
+        if f.name == positional:
+            group.add_argument(f.name, nargs="*", help=help_text)
+        elif kind is bool:
+            group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            group.add_argument(f"--{f.name}", type=_number(kind) if kind in (int, float) else kind,
+                               choices=meta["choices"], help=help_text)
+
+
+def parse_dataclass(cls: type, description: str, argv: list[str] | None = None,
+                    positional: str | None = None) -> Any:
+    """Parse the command line straight into `cls` (flags not typed keep the dataclass defaults)."""
+    parser = CliParser(description=description, argument_default=argparse.SUPPRESS)
+    add_flags(parser, cls, positional)
+    values = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
+    if positional is not None and values.get(positional) == []:
+        del values[positional]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    return cls(**{name: coerce(fields[name], v) if name == positional else v for name, v in values.items()})
