@@ -26,6 +26,7 @@ import torch
 from config import TrainConfig
 from data import TokenSplit
 from gpt import GPT, GPTConfig
+from objectives import NextToken
 from runtime import Runtime, peak_flops, pick_device, pick_dtype
 from training import make_optimizer, train_step
 
@@ -54,13 +55,12 @@ def bench_train(args: argparse.Namespace) -> None:
 
     device = pick_device(args.device)
     rt = Runtime(device, pick_dtype(args.dtype, device))
-    c = TrainConfig(block_size=args.block_size, embedding_dim=args.embedding_dim, num_of_layers=args.num_of_layers,
-                    num_of_heads=args.num_of_heads, dropout=0.0, batch_size=args.batch_size, attention=args.attention,
-                    compile=args.compile, warmup_iters=0)
+    model_config = GPTConfig(vocab_size=args.vocab_size, block_size=args.block_size, embedding_dim=args.embedding_dim,
+                             num_of_layers=args.num_of_layers, num_of_heads=args.num_of_heads, dropout=0.0,
+                             attention=args.attention)
+    c = TrainConfig(model=model_config, batch_size=args.batch_size, compile=args.compile, warmup_iters=0)
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=args.vocab_size, block_size=c.block_size, embedding_dim=c.embedding_dim,
-                          num_of_layers=c.num_of_layers, num_of_heads=c.num_of_heads, dropout=0.0,
-                          attention=c.attention)).to(device)
+    model = GPT(model_config).to(device)
     optimizer = make_optimizer(model, c, device)
     step_model = torch.compile(model) if c.compile else model
     scaler = torch.amp.GradScaler(device.type, enabled=rt.dtype == torch.float16)
@@ -70,16 +70,16 @@ def bench_train(args: argparse.Namespace) -> None:
         activities = [torch.profiler.ProfilerActivity.CPU] + (
             [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with (torch.profiler.profile(activities=activities) if args.profile else contextlib.nullcontext()) as prof:
-            seconds = timed(lambda: train_step(step_model, optimizer, scaler, split, next(counter), c, rt),
+            seconds = timed(lambda: train_step(step_model, optimizer, scaler, split, next(counter), c, rt, NextToken()),
                             args.warmup, args.iters, device)
-    tokens = c.batch_size * c.block_size
-    peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(device)
+    tokens = c.batch_size * model_config.block_size
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(device, rt.dtype)
     mfu = f"{model.flops_per_token() * tokens / seconds / peak * 100:.1f}%" if peak else "n/a"
     print(f"config: {vars(args)}\nparameters: {model.num_parameters() / 1e6:.2f}M, "
           f"{model.flops_per_token() * tokens / 1e9:.2f} GFLOP per step")
     print("| device | dtype | attention | compile | ms/step | tokens/s | MFU |\n|---|---|---|---|---|---|---|")
-    print(f"| {device} | {str(rt.dtype).removeprefix('torch.')} | {c.attention} | {c.compile} | {seconds * 1e3:.1f} | "
-          f"{tokens / seconds:,.0f} | {mfu} |")
+    print(f"| {device} | {str(rt.dtype).removeprefix('torch.')} | {model_config.attention} | {c.compile} | "
+          f"{seconds * 1e3:.1f} | {tokens / seconds:,.0f} | {mfu} |")
     if args.profile:  # warm-up steps included; the profiler itself slows the steps a little
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 

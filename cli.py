@@ -35,7 +35,7 @@ class Rule:
 
 
 POSITIVE = Rule("a positive number", lambda v: v > 0)
-NON_NEGATIVE = Rule("a number >= 0", lambda v: v >= 0)
+NON_NEGATIVE = Rule("a number >= 0", lambda v: v >= 0)  # "an integer >= 0" for ints
 FRACTION = Rule("in [0, 1)", lambda v: 0 <= v < 1)  # dropout, betas
 OPEN_FRACTION = Rule("in (0, 1)", lambda v: 0 < v < 1)
 MAX_INT = 2 ** 63 - 1  # what torch and numpy take as a seed or a count
@@ -52,6 +52,11 @@ def flag_fields(cls: type) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if f.metadata.get("flag", False)]
 
 
+def declared_fields(cls: type) -> list[dataclasses.Field]:
+    """The fields declared with setting(), flags or not."""
+    return [f for f in dataclasses.fields(cls) if "help" in f.metadata]
+
+
 def scalar_type(f: dataclasses.Field) -> type:
     """The type a flag's text converts to, read from the type hint: `int | None` -> int, `tuple[str, ...]` -> str."""
     hint = f.type
@@ -64,7 +69,7 @@ def scalar_type(f: dataclasses.Field) -> type:
 
 def check_fields(obj: Any) -> None:
     """Every field's value against its type's sanity (finite floats, ints in range), its choices and its rule."""
-    for f in flag_fields(type(obj)):
+    for f in declared_fields(type(obj)):
         value = getattr(obj, f.name)
         if value is None or isinstance(value, bool | str | tuple):
             if f.metadata["choices"] and value not in f.metadata["choices"]:
@@ -76,7 +81,9 @@ def check_fields(obj: Any) -> None:
             raise UsageError(f"--{f.name} is out of range: {value}")
         rule = f.metadata["rule"]
         if rule is not None and not rule.test(value):
-            raise UsageError(f"--{f.name} must be {rule.says}, got {value}")
+            says = rule.says.replace("a number", "an integer").replace("positive number", "positive integer") \
+                if isinstance(value, int) else rule.says
+            raise UsageError(f"--{f.name} must be {says}, got {value}")
 
 
 def coerce(f: dataclasses.Field, value: Any) -> Any:

@@ -1,13 +1,13 @@
-"""Training configuration: one frozen dataclass, filled from defaults <- a YAML file <- command-line flags.
+"""Training configuration: defaults <- a YAML file <- command-line flags, into one frozen dataclass.
 
-Every field of `TrainConfig` is a flag of the same name (`--embedding_dim`, `--lr`, ...) and a key
-of the same name in a `--config file.yaml`. Flags given on the command line win over the YAML file,
-which wins over the defaults below. Unknown YAML keys and values of the wrong type are errors.
+The model's settings are declared once, in gpt.GPTConfig; the training's here, in TrainConfig, which holds a
+GPTConfig as `model`. On the command line and in YAML files both are flat and share one namespace:
+`--embedding_dim 128` sets `c.model.embedding_dim`, `--lr 1e-3` sets `c.lr`. Flags typed on the command line
+win over the YAML file, which wins over the defaults. Unknown keys and values of the wrong type are errors.
 """
 
 import argparse
 import dataclasses
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,184 +15,138 @@ from typing import Any
 
 import yaml
 
+from cli import FRACTION, NON_NEGATIVE, OPEN_FRACTION, POSITIVE, add_flags, check_fields, coerce, flag_fields, setting
 from errors import CliParser, UsageError
+from gpt import GPTConfig
 
 BUNDLED_CORPUS = str(Path(__file__).resolve().parent / "data" / "shakespeare.txt")
 LR_SCHEDULES = ("cosine", "linear", "constant", "wsd", "inverse_sqrt")
-
-# Fields that define the model (its weights' shapes, what it predicts): a run resumes only with the same ones.
-MODEL_SHAPE_FIELDS = ("vocab_size", "block_size", "embedding_dim", "num_of_layers", "num_of_heads", "bias",
-                      "norm_position", "objective")
-
-
-def _opt(default: Any, group: str, help: str, **argparse_kwargs: Any) -> Any:
-    """A dataclass field that also carries its --help text and flag group."""
-    return field(default=default, metadata={"group": group, "help": help, **argparse_kwargs})
+MAX_VOCAB_SIZE = 1_000_000  # far above any tokenizer trained here; beyond it the trainer runs out of memory
 
 
 @dataclass(frozen=True)
 class TrainConfig:
+    model: GPTConfig = field(default_factory=GPTConfig)  # the model's settings (their flags: see gpt.py)
     # data and tokenizer
-    corpus: tuple[str, ...] = _opt((BUNDLED_CORPUS,), "data", "text file(s) or folder(s) of .txt files")
-    tokenizer: str | None = _opt(None, "data", "tokenizer.json to use; if omitted, a byte-level BPE "
-                                 "tokenizer is trained on the corpus and saved in out_dir")
-    tokenizer_kind: str = _opt("bbpe", "data", "kind of tokenizer to train when --tokenizer is not given",
-                               choices=("bbpe", "bpe"))
-    vocab_size: int | None = _opt(None, "data", "vocabulary size of the trained tokenizer (default 8000); "
-                                  "with --tokenizer it must match the tokenizer's size")
-    val_fraction: float = _opt(0.1, "data", "fraction of the corpus (its last bytes) held out for validation")
-    out_dir: str = _opt("runs", "data", "folder for the token cache, a trained tokenizer, metrics.jsonl "
-                        "and the loss-curve PNG")
-    # model
-    objective: str = _opt("clm", "model", "clm: next-token prediction with a causal decoder (GPT); mlm: "
-                          "masked-token prediction with a bidirectional encoder (BERT)", choices=("clm", "mlm"))
-    mask_prob: float = _opt(0.15, "model", "mlm only: fraction of tokens chosen for prediction (of those, "
-                            "80%% become <mask>, 10%% a random token, 10%% stay)")
-    block_size: int = _opt(256, "model", "context length in tokens")
-    embedding_dim: int = _opt(384, "model", "width of the residual stream (n_embd)")
-    num_of_layers: int = _opt(4, "model", "number of transformer blocks")
-    num_of_heads: int = _opt(4, "model", "attention heads per block (must divide embedding_dim)")
-    dropout: float = _opt(0.1, "model", "dropout on embeddings, attention weights and residual branches")
-    bias: bool = _opt(True, "model", "biases in linear layers and LayerNorms")
-    attention: str = _opt("sdpa", "model", "sdpa: PyTorch's fused kernels; scratch: the from-scratch "
-                          "reference path", choices=("sdpa", "scratch"))
-    norm_position: str = _opt("pre", "model", "pre: LayerNorm before each sub-layer (GPT-2); post: after "
-                              "(GPT-1 paper)", choices=("pre", "post"))
-    init: str = _opt("gpt2", "model", "gpt2: N(0, 0.02) with scaled residual projections; pytorch: "
-                     "PyTorch's default init", choices=("gpt2", "pytorch"))
+    corpus: tuple[str, ...] = setting((BUNDLED_CORPUS,), "text file(s) or folder(s) of .txt files", group="data")
+    tokenizer: str | None = setting(None, "tokenizer.json to use; if omitted, a byte-level BPE tokenizer is "
+                                    "trained on the corpus and saved in out_dir", group="data")
+    tokenizer_kind: str = setting("bbpe", "kind of tokenizer to train when --tokenizer is not given",
+                                  choices=("bbpe", "bpe"), group="data")
+    vocab_size: int | None = setting(None, "vocabulary size of the trained tokenizer (default 8000); with "
+                                     "--tokenizer it must match the tokenizer's size", rule=POSITIVE, group="data")
+    val_fraction: float = setting(0.1, "fraction of the corpus (its last bytes) held out for validation",
+                                  rule=OPEN_FRACTION, group="data")
+    out_dir: str = setting("runs", "folder for the token cache, a trained tokenizer, metrics.jsonl and the "
+                           "loss-curve PNG", group="data")
+    # what the model learns
+    objective: str = setting("clm", "clm: next-token prediction with a causal decoder (GPT); mlm: masked-token "
+                             "prediction with a bidirectional encoder (BERT)", choices=("clm", "mlm"), group="model")
+    mask_prob: float = setting(0.15, "mlm only: fraction of tokens chosen for prediction (of those, 80% become "
+                               "<mask>, 10% a random token, 10% stay)", rule=OPEN_FRACTION, group="model")
     # optimisation
-    batch_size: int = _opt(16, "optimisation", "sequences per micro-batch (per process)")
-    grad_accum_steps: int = _opt(1, "optimisation", "micro-batches accumulated per optimiser step")
-    max_iters: int = _opt(5000, "optimisation", "optimiser steps in the whole run")
-    lr: float = _opt(6e-4, "optimisation", "peak learning rate")
-    min_lr: float | None = _opt(None, "optimisation", "final learning rate (default lr / 10)")
-    lr_schedule: str = _opt("cosine", "optimisation", "shape of the learning rate after warmup",
-                            choices=LR_SCHEDULES)
-    warmup_iters: int = _opt(2000, "optimisation", "linear warmup steps (the GPT-1 paper used 2000)")
-    decay_fraction: float = _opt(0.2, "optimisation", "wsd only: fraction of the run spent decaying to min_lr")
-    weight_decay: float = _opt(0.01, "optimisation", "decoupled weight decay on matrices and embeddings "
-                               "(never on biases or LayerNorm gains)")
-    beta1: float = _opt(0.9, "optimisation", "AdamW beta1")
-    beta2: float = _opt(0.95, "optimisation", "AdamW beta2")
-    grad_clip: float = _opt(1.0, "optimisation", "clip the global gradient norm to this (0 = off)")
+    batch_size: int = setting(16, "sequences per micro-batch (per process)", rule=POSITIVE, group="optimisation")
+    grad_accum_steps: int = setting(1, "micro-batches accumulated per optimiser step", rule=POSITIVE,
+                                    group="optimisation")
+    max_iters: int = setting(5000, "optimiser steps in the whole run", rule=POSITIVE, group="optimisation")
+    time_budget: float | None = setting(None, "train for this many seconds of wall time (from the command's start, "
+                                        "tokenizer and evaluations included): max_iters is then chosen after "
+                                        "timing the first steps", rule=POSITIVE, group="optimisation")
+    lr: float = setting(6e-4, "peak learning rate", rule=NON_NEGATIVE, group="optimisation")
+    min_lr: float | None = setting(None, "final learning rate (default lr / 10)", rule=NON_NEGATIVE,
+                                   group="optimisation")
+    lr_schedule: str = setting("cosine", "shape of the learning rate after warmup", choices=LR_SCHEDULES,
+                               group="optimisation")
+    warmup_iters: int = setting(2000, "linear warmup steps (the GPT-1 paper used 2000)", rule=NON_NEGATIVE,
+                                group="optimisation")
+    decay_fraction: float = setting(0.2, "wsd only: fraction of the run spent decaying to min_lr", rule=FRACTION,
+                                    group="optimisation")
+    weight_decay: float = setting(0.01, "decoupled weight decay on matrices and embeddings (never on biases or "
+                                  "LayerNorm gains)", rule=NON_NEGATIVE, group="optimisation")
+    beta1: float = setting(0.9, "AdamW beta1", rule=FRACTION, group="optimisation")
+    beta2: float = setting(0.95, "AdamW beta2", rule=FRACTION, group="optimisation")
+    grad_clip: float = setting(1.0, "clip the global gradient norm to this (0 = off)", rule=NON_NEGATIVE,
+                               group="optimisation")
     # evaluation, checkpoints and logging
-    eval_interval: int = _opt(500, "evaluation", "steps between evaluations of train/val loss")
-    eval_iters: int = _opt(50, "evaluation", "batches averaged per evaluation")
-    log_interval: int = _opt(10, "evaluation", "steps between progress-bar/metrics updates")
-    checkpoint_interval: int = _opt(500, "evaluation", "steps between checkpoints (one is always written "
-                                    "at the end)")
-    checkpoint: str = _opt("model_checkpoint.tar", "evaluation", "checkpoint file to write (and to read "
-                           "with --resume)")
-    resume: bool = _opt(False, "evaluation", "continue the run saved in --checkpoint")
-    sample_tokens: int = _opt(200, "evaluation", "tokens of text sampled from the model at the end (0 = none)")
-    wandb_project: str | None = _opt(None, "evaluation", "log metrics to this Weights & Biases project "
-                                     "(honours WANDB_MODE; offline when not logged in)")
-    wandb_run_name: str | None = _opt(None, "evaluation", "Weights & Biases run name")
+    eval_interval: int = setting(500, "steps between evaluations of train/val loss", rule=POSITIVE,
+                                 group="evaluation")
+    eval_iters: int = setting(50, "batches averaged per evaluation", rule=POSITIVE, group="evaluation")
+    log_interval: int = setting(10, "steps between progress-bar/metrics updates", rule=POSITIVE, group="evaluation")
+    checkpoint_interval: int = setting(500, "steps between checkpoints (one is always written at the end, and one "
+                                       "at the step where Ctrl-C stops a run)", rule=POSITIVE, group="evaluation")
+    checkpoint: str = setting("model_checkpoint.tar", "checkpoint file to write (and to read with --resume)",
+                              group="evaluation")
+    resume: bool = setting(False, "continue the run saved in --checkpoint", group="evaluation")
+    overwrite: bool = setting(False, "let a fresh run replace an existing --checkpoint (and its metrics)",
+                              group="evaluation")
+    sample_tokens: int = setting(200, "tokens of text sampled from the model at the end (0 = none)",
+                                 rule=NON_NEGATIVE, group="evaluation")
+    wandb_project: str | None = setting(None, "log metrics to this Weights & Biases project (honours WANDB_MODE; "
+                                        "offline when not logged in)", group="evaluation")
+    wandb_run_name: str | None = setting(None, "Weights & Biases run name", group="evaluation")
     # system
-    seed: int = _opt(1337, "system", "random seed (model init, batches, dropout)")
-    device: str = _opt("auto", "system", "auto picks cuda, then mps, then cpu")
-    dtype: str = _opt("auto", "system", "autocast precision; auto: bfloat16 on GPUs that support it, "
-                      "else float32", choices=("auto", "float32", "bfloat16", "float16"))
-    compile: bool = _opt(False, "system", "torch.compile the model (first steps are slow while it compiles)")
-    fsdp: bool = _opt(False, "system", "under torchrun: shard parameters, gradients and optimizer state across "
-                      "processes (FSDP2) instead of replicating them (DDP); for models that do not fit one device. "
-                      "Ignored in a single process")
+    seed: int = setting(1337, "random seed (model init, batches, dropout)", rule=NON_NEGATIVE, group="system")
+    device: str = setting("auto", "auto picks cuda, then mps, then cpu", group="system")
+    dtype: str = setting("auto", "autocast precision; auto: bfloat16 on GPUs with native support, float16 on "
+                         "older GPUs, else float32", choices=("auto", "float32", "bfloat16", "float16"),
+                         group="system")
+    compile: bool = setting(False, "torch.compile the model (first steps are slow while it compiles)",
+                            group="system")
+    fsdp: bool = setting(False, "under torchrun: shard parameters, gradients and optimizer state across processes "
+                         "(FSDP2) instead of replicating them (DDP); for models that do not fit one device. Ignored "
+                         "in a single process", group="system")
 
     def __post_init__(self) -> None:
-        _validate(self)
+        check_fields(self)
+        if not self.corpus:
+            raise UsageError("no corpus given")
+        if self.final_lr > self.lr:
+            raise UsageError(f"--min_lr {self.final_lr} is above --lr {self.lr}")
+        if self.vocab_size is not None and self.vocab_size > MAX_VOCAB_SIZE:
+            raise UsageError(f"--vocab_size {self.vocab_size} is above the largest supported, {MAX_VOCAB_SIZE:,}")
+        if self.checkpoint == "" or self.out_dir == "":
+            raise UsageError("--checkpoint and --out_dir cannot be empty")
 
     @property
     def final_lr(self) -> float:
         return self.lr / 10 if self.min_lr is None else self.min_lr
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain Python values only, so a checkpoint holding it loads with weights_only=True."""
-        d = dataclasses.asdict(self)
-        d["corpus"] = list(self.corpus)
-        return d
+        """The flat view (every flag's value under its name), in plain Python values, so a checkpoint holding
+        it loads with weights_only=True."""
+        flat = {f.name: getattr(self.model, f.name) for f in flag_fields(GPTConfig)}
+        flat.update({f.name: getattr(self, f.name) for f in flag_fields(TrainConfig)})
+        flat["corpus"] = list(self.corpus)
+        return flat
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    def from_dict(cls, flat: dict[Any, Any]) -> "TrainConfig":
+        """From a flat mapping (YAML, flags, a checkpoint's config); unknown keys are errors."""
+        model_fields = {f.name: f for f in flag_fields(GPTConfig)}
+        train_fields = {f.name: f for f in flag_fields(TrainConfig)}
+        unknown = [str(k) for k in flat if k not in model_fields and k not in train_fields]
         if unknown:
             raise UsageError(f"unknown config key(s): {', '.join(sorted(unknown))}")
-        d = {k: _coerce(k, v) for k, v in d.items()}
-        return cls(**d)
+        model = GPTConfig(**{k: coerce(model_fields[k], v) for k, v in flat.items() if k in model_fields})
+        return cls(model=model, **{k: coerce(train_fields[k], v) for k, v in flat.items() if k in train_fields})
+
+    def replace(self, **flat: Any) -> "TrainConfig":
+        """A copy with some flat settings changed (model ones included)."""
+        return TrainConfig.from_dict({**self.to_dict(), **flat})
 
 
-def _validate(c: TrainConfig) -> None:
-    positive = ("block_size", "embedding_dim", "num_of_layers", "num_of_heads", "batch_size",
-                "grad_accum_steps", "max_iters", "eval_interval", "eval_iters", "log_interval",
-                "checkpoint_interval")
-    for name in positive:
-        if getattr(c, name) <= 0:
-            raise UsageError(f"--{name} must be a positive integer, got {getattr(c, name)}")
-    if c.warmup_iters < 0:
-        raise UsageError(f"--warmup_iters must be >= 0, got {c.warmup_iters}")
-    if c.vocab_size is not None and c.vocab_size <= 0:
-        raise UsageError(f"--vocab_size must be positive, got {c.vocab_size}")
-    if c.embedding_dim % c.num_of_heads:
-        raise UsageError(f"--embedding_dim {c.embedding_dim} is not divisible by --num_of_heads "
-                         f"{c.num_of_heads}")
-    for name in ("lr", "weight_decay", "grad_clip", "sample_tokens"):
-        if getattr(c, name) < 0 or not math.isfinite(getattr(c, name)):
-            raise UsageError(f"--{name} must be a finite number >= 0, got {getattr(c, name)}")
-    if c.final_lr > c.lr:
-        raise UsageError(f"--min_lr {c.final_lr} is above --lr {c.lr}")
-    if not 0 < c.mask_prob < 1:
-        raise UsageError(f"--mask_prob must be in (0, 1), got {c.mask_prob}")
-    for name in ("dropout", "decay_fraction"):
-        if not 0 <= getattr(c, name) < 1:
-            raise UsageError(f"--{name} must be in [0, 1), got {getattr(c, name)}")
-    if not 0 < c.val_fraction < 1:
-        raise UsageError(f"--val_fraction must be in (0, 1), got {c.val_fraction}")
-    if not c.corpus:
-        raise UsageError("no corpus given")
-    for f in dataclasses.fields(c):
-        choices = f.metadata.get("choices")
-        if choices and getattr(c, f.name) not in choices:
-            raise UsageError(f"--{f.name} must be one of {', '.join(choices)}, got {getattr(c, f.name)!r}")
-
-
-def _field_type(name: str) -> type:
-    """The scalar type behind a field's annotation (`int | None` -> int, `tuple[str, ...]` -> str)."""
-    f = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
-    default = f.default
-    if isinstance(default, tuple):
-        return str
-    if default is None:
-        return {"vocab_size": int, "min_lr": float}.get(name, str)
-    return type(default)
-
-
-def _coerce(name: str, value: Any) -> Any:
-    """Check a YAML (or checkpoint) value against the field's type; ints are accepted for floats."""
-    if value is None:
-        return None
-    kind = _field_type(name)
-    if name == "corpus":
-        items = [value] if isinstance(value, str) else value
-        if not isinstance(items, list | tuple) or not all(isinstance(x, str) for x in items):
-            raise UsageError(f"config key 'corpus' must be a path or a list of paths, got {value!r}")
-        return tuple(items)
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if kind is float and isinstance(value, str):  # YAML reads "6e-4" (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if type(value) is not kind:
-        raise UsageError(f"config key '{name}' must be of type {kind.__name__}, got {value!r}")
-    return value
+def model_shape_fields() -> tuple[str, ...]:
+    """Settings that fix the model's weights or what it predicts: a run resumes only with the same ones."""
+    changeable = {"dropout", "attention", "init"}
+    return tuple(f.name for f in flag_fields(GPTConfig) if f.name not in changeable) + ("objective",)
 
 
 def load_yaml(path: str) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
-    except OSError as e:
-        raise UsageError(f"cannot read config file {path}: {e.strerror}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read config file {path}: {getattr(e, 'strerror', None) or e}") from None
     except yaml.YAMLError as e:
         raise UsageError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if data is None:
@@ -210,25 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,
     )
     parser.add_argument("--config", help="YAML file with any of the keys below")
-    groups: dict[str, argparse._ArgumentGroup] = {}
-    for f in dataclasses.fields(TrainConfig):
-        meta = dict(f.metadata)
-        group_name = meta.pop("group")
-        group = groups.get(group_name) or groups.setdefault(group_name, parser.add_argument_group(group_name))
-        help_text = f"{meta.pop('help')} (default: {_show_default(f.default)})"
-        if f.name == "corpus":
-            group.add_argument("corpus", nargs="*", help=help_text)
-        elif isinstance(f.default, bool):
-            group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=help_text)
-        else:
-            group.add_argument(f"--{f.name}", type=_field_type(f.name), help=help_text, **meta)
+    add_flags(parser, GPTConfig)
+    add_flags(parser, TrainConfig, positional="corpus")
     return parser
-
-
-def _show_default(default: Any) -> str:
-    if isinstance(default, tuple):
-        return "the bundled corpus data/shakespeare.txt"
-    return str(default)
 
 
 def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
@@ -239,3 +177,8 @@ def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
         del args["corpus"]
     values.update(args)
     return TrainConfig.from_dict(values), set(args)
+
+
+def config_fields() -> dict[str, dataclasses.Field]:
+    """Every flat setting's declaration, by name (for tools that check keys, like experiment.py)."""
+    return {f.name: f for cls in (GPTConfig, TrainConfig) for f in flag_fields(cls)}

@@ -42,11 +42,11 @@ def token_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 1 << 16 else "uint32"
 
 
-def cache_key(files: list[Path], tokenizer: Tokenizer, val_fraction: float) -> str:
+def cache_key(files: list[Path], tokenizer: Tokenizer | None, val_fraction: float) -> str:
     """A hash of everything the token files depend on: corpus contents, tokenizer, split, format."""
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{CACHE_FORMAT}|{val_fraction}|".encode())
-    h.update(tokenizer.to_json().encode())
+    h.update(tokenizer.to_json().encode() if tokenizer is not None else b"")
     for path in files:
         h.update(b"\0file\0")
         with open(path, "rb") as f:

@@ -17,36 +17,43 @@ import torch.nn.functional as F
 from torch import nn
 
 from attention import CORES, KVCache, MultiHeadAttention
+from cli import FRACTION, POSITIVE, check_fields, setting
 from errors import UsageError
 
 
 @dataclass
 class GPTConfig:
-    vocab_size: int
-    block_size: int = 256  # the longest context the model can see
-    embedding_dim: int = 384  # n_embd
-    num_of_layers: int = 4
-    num_of_heads: int = 4
-    dropout: float = 0.1
-    bias: bool = True  # biases in Linear layers and LayerNorms
-    attention: str = "sdpa"  # "sdpa" (fused kernels) or "scratch" (the reference written out)
-    norm_position: str = "pre"  # "pre" (GPT-2) or "post" (GPT-1)
-    init: str = "gpt2"  # "gpt2": N(0, 0.02), scaled residual projections; "pytorch": PyTorch's defaults
-    causal: bool = True  # True: a decoder (GPT) sees only the past; False: a bidirectional encoder (BERT)
+    """Every setting of the model, declared once: each is also a playground.py flag and YAML key of the same
+    name (see cli.py), except vocab_size (the tokenizer's) and causal (the training objective's)."""
+
+    vocab_size: int = setting(8000, "tokens in the vocabulary", rule=POSITIVE, flag=False)
+    block_size: int = setting(256, "context length in tokens", rule=POSITIVE, group="model")
+    embedding_dim: int = setting(384, "width of the residual stream (n_embd)", rule=POSITIVE, group="model")
+    num_of_layers: int = setting(4, "number of transformer blocks", rule=POSITIVE, group="model")
+    num_of_heads: int = setting(4, "attention heads per block (must divide embedding_dim)", rule=POSITIVE,
+                                group="model")
+    dropout: float = setting(0.1, "dropout on embeddings, attention weights and residual branches", rule=FRACTION,
+                             group="model")
+    bias: bool = setting(True, "biases in linear layers and LayerNorms", group="model")
+    attention: str = setting("sdpa", "sdpa: PyTorch's fused kernels; scratch: the from-scratch reference path",
+                             choices=CORES, group="model")
+    norm_position: str = setting("pre", "pre: LayerNorm before each sub-layer (GPT-2); post: after (GPT-1 paper)",
+                                 choices=("pre", "post"), group="model")
+    init: str = setting("gpt2", "gpt2: N(0, 0.02) with scaled residual projections; pytorch: PyTorch's default "
+                        "init", choices=("gpt2", "pytorch"), group="model")
+    causal: bool = setting(True, "True: a decoder (GPT) sees only the past; False: a bidirectional encoder (BERT)",
+                           flag=False)
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "block_size", "embedding_dim", "num_of_layers", "num_of_heads"):
-            if getattr(self, name) <= 0:
-                raise UsageError(f"{name} must be positive, got {getattr(self, name)}")
+        check_fields(self)
         if self.embedding_dim % self.num_of_heads:
-            raise UsageError(f"embedding_dim {self.embedding_dim} is not divisible by num_of_heads "
+            raise UsageError(f"--embedding_dim {self.embedding_dim} is not divisible by --num_of_heads "
                              f"{self.num_of_heads}")
-        if not 0 <= self.dropout < 1:
-            raise UsageError(f"dropout must be in [0, 1), got {self.dropout}")
-        for name, allowed in (("attention", CORES), ("norm_position", ("pre", "post")),
-                              ("init", ("gpt2", "pytorch"))):
-            if getattr(self, name) not in allowed:
-                raise UsageError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+
+    def estimated_parameters(self) -> int:
+        """Parameters of the model this config builds (for a memory check before allocating it)."""
+        e, layers = self.embedding_dim, self.num_of_layers
+        return self.vocab_size * e + self.block_size * e + layers * (12 * e * e + 13 * e) + 2 * e
 
 
 class MLP(nn.Module):

@@ -163,3 +163,37 @@ def teardown(rt: Runtime) -> None:
     """End this process's part in a distributed run."""
     if rt.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes the device can hold: a GPU's free memory, or the machine's RAM; None when unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits(parameters: int, activations_per_layer_width: int, device: torch.device) -> None:
+    """Refuse a model that cannot fit before allocating it. A lower bound of what training holds: 16 bytes per
+    parameter (float32 weights, gradients and AdamW's two moments) and, for activations, about 34 bytes per
+    (token, layer, width) unit (Korthikanti et al. 2022, no recomputation)."""
+    need = 16 * parameters + 34 * activations_per_layer_width
+    have = available_memory(device)
+    if have is not None and need > have:
+        raise UsageError(f"the model needs at least {need / 2**30:,.1f} GiB to train ({parameters:,} parameters), "
+                         f"but {device} has {have / 2**30:,.1f} GiB: use a smaller model or batch")
+
+
+def seconds_since_start() -> float:
+    """How long this process has existed (Linux: from /proc), so a time budget can include the imports;
+    0 where it cannot be read."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))

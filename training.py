@@ -10,8 +10,9 @@ from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
 from config import TrainConfig
-from data import Masking, TokenSplit, batch_rng, get_batch
+from data import TokenSplit, batch_rng
 from gpt import GPT
+from objectives import Objective
 from runtime import Runtime, to_device
 
 TRAIN_STREAM = 0  # the random stream of training batches (evaluation draws from its own streams)
@@ -54,17 +55,16 @@ def make_optimizer(model: GPT, c: TrainConfig, device: torch.device) -> torch.op
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-               split: TokenSplit, it: int, c: TrainConfig, rt: Runtime, masking: Masking | None = None
-               ) -> torch.Tensor:
+               split: TokenSplit, it: int, c: TrainConfig, rt: Runtime, objective: Objective) -> torch.Tensor:
     """One optimiser step over grad_accum_steps micro-batches; returns the mean micro-batch loss (a tensor)."""
     total = torch.zeros((), device=rt.device)
     for micro in range(c.grad_accum_steps):
         # Global slot of this micro-batch: the batches depend on the step, not on how many ranks share it.
         slot = (it * c.grad_accum_steps + micro) * rt.world_size + rt.rank
-        x, y = get_batch(split, c.batch_size, c.block_size, batch_rng(c.seed, TRAIN_STREAM, slot), masking)
+        x, y = objective.batch(split, c.batch_size, c.model.block_size, batch_rng(c.seed, TRAIN_STREAM, slot))
         with gradient_sync(model, micro == c.grad_accum_steps - 1):
             with rt.autocast():
-                _, loss = model(to_device(x, rt.device), to_device(y, rt.device))
+                _, loss = objective.loss(model, to_device(x, rt.device), to_device(y, rt.device))
             scaler.scale(loss / c.grad_accum_steps).backward()
         total += loss.detach()
     if c.grad_clip > 0:

@@ -2,6 +2,7 @@
 wandb never needs the network, and user mistakes are one line on stderr with nothing overwritten."""
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -63,7 +64,8 @@ def test_loss_falls_on_the_bundled_corpus(tmp_path, corpus, tokenizer_path):
     first = metrics(tmp_path)[0]["loss"]
     assert first > 5.0  # about ln(320) = 5.77 at random init
     assert final["val_loss"] < first - 1.0
-    assert final["val_bpb"] == pytest.approx(playground.bits_per_byte(final["val_loss"], _val_split(tmp_path)))
+    bpb = final["val_loss"] / math.log(2) * _val_split(tmp_path).num_tokens / _val_split(tmp_path).num_bytes
+    assert final["val_bpb"] == pytest.approx(bpb)
     ckpt = load_checkpoint(tmp_path / "ckpt.tar")
     assert ckpt["iteration"] == 60 and ckpt["best_val_loss"] == pytest.approx(final["val_loss"])
     assert (tmp_path / "runs" / "ckpt.loss.png").exists()
@@ -116,7 +118,7 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(tmp_path, corpus, tokeni
 
 
 def test_token_cache_is_reused_and_rebuilt_when_the_corpus_changes(tmp_path, corpus, tokenizer_path, monkeypatch):
-    args = run_args(tmp_path, corpus, tokenizer_path, "--max_iters", "1", "--eval_interval", "1")
+    args = run_args(tmp_path, corpus, tokenizer_path, "--max_iters", "1", "--eval_interval", "1", "--overwrite")
     builds = []
     real_write = playground.build_token_cache.__globals__["_write_token_files"]
     monkeypatch.setitem(playground.build_token_cache.__globals__, "_write_token_files",
@@ -206,8 +208,9 @@ def test_user_mistakes_are_one_line_and_overwrite_nothing(case, tmp_path, corpus
     empty, short = tmp_path / "empty.txt", tmp_path / "short.txt"
     empty.write_text("")
     short.write_text("To be, or not to be.\n" * 3)
+    # --overwrite: even a run allowed to replace the checkpoint must leave it untouched when it fails its checks
     common = ["--tokenizer", str(tokenizer_path), "--checkpoint", str(ckpt), "--out_dir", str(tmp_path / "r"),
-              "--max_iters", "2", *TINY]
+              "--max_iters", "2", "--overwrite", *TINY]
     args, expected = {
         "missing corpus": ([str(tmp_path / "nope.txt"), *common], "nope.txt"),
         "empty corpus": ([str(empty), *common], "empty"),
@@ -217,7 +220,7 @@ def test_user_mistakes_are_one_line_and_overwrite_nothing(case, tmp_path, corpus
         "corrupt resume": (["--resume", "--checkpoint", str(_corrupt(tmp_path))], "not a readable checkpoint"),
         "shape change on resume": (["--resume", "--checkpoint", str(ckpt), "--embedding_dim", "64"],
                                    "differs from the checkpoint's 32"),
-        "non-numeric": ([str(corpus), *common, "--batch_size", "many"], "invalid int value: 'many'"),
+        "non-numeric": ([str(corpus), *common, "--batch_size", "many"], "--batch_size: not an integer: 'many'"),
         "negative interval": ([str(corpus), *common, "--eval_interval", "-1"], "--eval_interval must be a positive"),
     }[case]
     result = cli(*args)

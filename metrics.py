@@ -1,0 +1,109 @@
+"""Where a run's numbers go: a JSONL file (always), Weights & Biases (when asked), and a loss-curve PNG.
+
+One JSON object per line: training lines {"step", "loss", "lr", "tokens_per_s", ["mfu"], "time_s"} and
+evaluation lines {"step", "train_loss", "val_loss", "val_bpb" or "val_accuracy", "time_s"}; time_s is wall
+seconds since the run's command started (summed over resumed runs).
+"""
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from errors import UsageError
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics file; a line torn by a kill (the last one) is skipped."""
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+class Metrics:
+    """One place metrics go: a JSONL file (always) and Weights & Biases (when asked)."""
+
+    def __init__(self, path: Path, config: dict[str, Any], resumed_at: int | None, wandb_project: str | None,
+                 wandb_run_name: str | None) -> None:
+        """resumed_at: the checkpoint's step when resuming (lines past it, logged before a kill, are dropped so
+        no step appears twice); None for a fresh run, which starts the file anew."""
+        kept = []
+        if resumed_at is not None and path.exists():
+            kept = [row for row in read_metrics(path) if row.get("step", 0) <= resumed_at]
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(path, "w", encoding="utf-8")
+        except OSError as e:
+            raise UsageError(f"cannot write metrics file {path}: {e.strerror}") from None
+        self.file.writelines(json.dumps(row) + "\n" for row in kept)
+        self.file.flush()
+        self.wandb_run = start_wandb(wandb_project, wandb_run_name, config, path.parent) if wandb_project else None
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        self.file.write(json.dumps({"step": step, **values}) + "\n")
+        self.file.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log(values, step=step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
+def start_wandb(project: str, run_name: str | None, config: dict[str, Any], folder: Path) -> Any:
+    """Start a wandb run without ever prompting or waiting on the network when it cannot be reached.
+
+    WANDB_MODE is honoured; when it is unset and no API key is configured, the run is kept offline
+    (sync it later with `wandb sync`). A failure to start only costs the wandb copy of the metrics.
+    """
+    try:
+        import wandb
+    except ImportError:
+        raise UsageError("--wandb_project needs the wandb package: pip install wandb") from None
+    mode = os.environ.get("WANDB_MODE")
+    if mode is None:
+        has_key = bool(os.environ.get("WANDB_API_KEY")) or _netrc_has_wandb()
+        mode = "online" if has_key else "offline"
+        if not has_key:
+            print("wandb: no API key configured, logging offline (upload later with `wandb sync`)")
+    try:
+        return wandb.init(project=project, name=run_name, config=config, mode=mode, dir=str(folder),
+                          settings=wandb.Settings(init_timeout=30, silent=True))
+    except Exception as e:  # noqa: BLE001 - logging must never stop training
+        print(f"wandb: could not start ({str(e).splitlines()[0]}); metrics stay in the local JSONL file")
+        return None
+
+
+def _netrc_has_wandb() -> bool:
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def plot_losses(metrics_path: Path, png_path: Path) -> bool:
+    """Train and val loss against step, from the JSONL file; skipped when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = read_metrics(metrics_path)
+    evals = [r for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in rows if "loss" in r], [r["loss"] for r in rows if "loss" in r],
+            alpha=0.4, label="train (batch)")
+    ax.plot([r["step"] for r in evals], [r["train_loss"] for r in evals], "o-", label="train (eval)")
+    ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return True
