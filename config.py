@@ -65,6 +65,13 @@ class TrainConfig:
                                   "LayerNorm gains)", rule=NON_NEGATIVE, group="optimisation")
     beta1: float = setting(0.9, "AdamW beta1", rule=FRACTION, group="optimisation")
     beta2: float = setting(0.95, "AdamW beta2", rule=FRACTION, group="optimisation")
+    optimizer: str = setting("adamw", "adamw: AdamW for every parameter; muon: Muon (orthogonalised momentum) for "
+                             "the matrices inside the blocks, AdamW for embeddings, head, gains and biases",
+                             choices=("adamw", "muon"), group="optimisation")
+    muon_lr: float = setting(0.02, "muon only: peak learning rate of the Muon matrices (follows the same "
+                             "schedule as --lr)", rule=NON_NEGATIVE, group="optimisation")
+    muon_momentum: float = setting(0.95, "muon only: momentum of the Muon matrices", rule=FRACTION,
+                                   group="optimisation")
     grad_clip: float = setting(1.0, "clip the global gradient norm to this (0 = off)", rule=NON_NEGATIVE,
                                group="optimisation")
     # evaluation, checkpoints and logging
@@ -135,10 +142,11 @@ class TrainConfig:
         return TrainConfig.from_dict({**self.to_dict(), **flat})
 
 
-def model_shape_fields() -> tuple[str, ...]:
-    """Settings that fix the model's weights or what it predicts: a run resumes only with the same ones."""
+def fixed_on_resume() -> tuple[str, ...]:
+    """Settings that fix the model's weights, what it predicts, or the optimizer's state: a run resumes only with
+    the same ones."""
     changeable = {"dropout", "attention", "init"}
-    return tuple(f.name for f in flag_fields(GPTConfig) if f.name not in changeable) + ("objective",)
+    return tuple(f.name for f in flag_fields(GPTConfig) if f.name not in changeable) + ("objective", "optimizer")
 
 
 def load_yaml(path: str) -> dict[str, Any]:

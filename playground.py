@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from checkpoint import load_checkpoint, save_checkpoint
-from config import TrainConfig, model_shape_fields, parse_config
+from config import TrainConfig, fixed_on_resume, parse_config
 from data import TokenSplit, batch_rng, build_token_cache, cache_key
 from errors import UsageError, run_cli
 from gpt import GPT
@@ -37,7 +37,7 @@ from metrics import Metrics, plot_losses
 from objectives import Objective, objective_for
 from preprocessing.tokenizer import MASK, Tokenizer, corpus_files, train_tokenizer
 from runtime import Runtime, barrier, check_fits, peak_flops, seconds_since_start, setup_runtime, teardown, to_device
-from training import learning_rate, make_optimizer, train_step
+from training import learning_rate, make_optimizer, set_learning_rate, train_step
 
 DEFAULT_VOCAB_SIZE = 8000
 EVAL_TRAIN_STREAM, EVAL_VAL_STREAM = 1, 2  # random streams of evaluation batches, apart from training's (0)
@@ -200,8 +200,7 @@ def train_loop(run: Run) -> None:
     meter, first_iteration = Throughput(), run.iteration
     while run.iteration < run.c.max_iters:
         lr = learning_rate(run.iteration, run.c)
-        for group in run.optimizer.param_groups:
-            group["lr"] = lr
+        set_learning_rate(run.optimizer, lr, run.c)
         loss = train_step(run.step_model, run.optimizer, run.scaler, run.splits["train"], run.iteration, run.c,
                           run.rt, run.objective)
         run.iteration += 1
@@ -438,10 +437,10 @@ def resume_config(c: TrainConfig, set_by_flags: set[str]) -> tuple[TrainConfig, 
     if "optimizer" not in ckpt or "config" not in ckpt:
         raise UsageError(f"{c.checkpoint} holds no training state to resume (was it exported?)")
     saved = TrainConfig.from_dict(ckpt["config"]).to_dict()  # older checkpoints lack newer settings
-    for name in set_by_flags & set(model_shape_fields()):
+    for name in set_by_flags & set(fixed_on_resume()):
         if c.to_dict()[name] != saved[name]:
             raise UsageError(f"--{name} {c.to_dict()[name]} differs from the checkpoint's {saved[name]}: "
-                             f"a checkpoint resumes only with the model shape it was trained with")
+                             f"a checkpoint resumes only with the model and optimizer it was trained with")
     if "tokenizer" in set_by_flags and Tokenizer.from_file(c.tokenizer).to_json() != ckpt["tokenizer"]:
         raise UsageError(f"--tokenizer {c.tokenizer} is not the tokenizer {c.checkpoint} was trained with")
     merged = TrainConfig.from_dict({**saved, **{name: c.to_dict()[name] for name in set_by_flags},

@@ -12,6 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 from config import TrainConfig
 from data import TokenSplit, batch_rng
 from gpt import GPT
+from muon import Muon, muon_groups, require_whole_matrices
 from objectives import Objective
 from runtime import Runtime, to_device
 
@@ -47,11 +48,23 @@ def learning_rate(it: int, c: TrainConfig) -> float:
     raise ValueError(c.lr_schedule)
 
 
-def make_optimizer(model: GPT, c: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def make_optimizer(model: GPT, c: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW, or Muon for the block matrices with AdamW for the rest (one optimizer object either way)."""
+    if c.optimizer == "muon":
+        require_whole_matrices(model.parameters())
+        return Muon(muon_groups(model.named_parameters(), c.weight_decay, c.lr, c.muon_lr, c.muon_momentum,
+                                (c.beta1, c.beta2)))
     # fused AdamW updates all parameters in one kernel; it exists for CPU and CUDA tensors (DTensors too).
     fused = device.type in ("cpu", "cuda")
     return torch.optim.AdamW(model.optimizer_groups(c.weight_decay), lr=c.lr, betas=(c.beta1, c.beta2),
                              fused=fused)
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float, c: TrainConfig) -> None:
+    """This step's learning rate; Muon's matrices follow the same schedule scaled to their own peak, --muon_lr."""
+    muon_scale = c.muon_lr / c.lr if c.lr > 0 else 0.0
+    for group in optimizer.param_groups:
+        group["lr"] = lr * muon_scale if group.get("use_muon") else lr
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
