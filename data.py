@@ -79,11 +79,16 @@ def _decode(chunk: bytes, files: list[Path]) -> str:
         raise UsageError(f"corpus is not UTF-8 text (binary file?): {names}") from None
 
 
+def cache_meta_path(files: list[Path], tokenizer: Tokenizer, cache_dir: Path, val_fraction: float) -> Path:
+    """The file whose presence says the token cache of this corpus, tokenizer and split is complete."""
+    return cache_dir / cache_key(files, tokenizer, val_fraction) / "meta.json"
+
+
 def build_token_cache(files: list[Path], tokenizer: Tokenizer, cache_dir: Path,
                       val_fraction: float) -> dict[str, TokenSplit]:
     """Tokenize the corpus into cache_dir/<key>/{train,val}.bin, or reuse them if they already exist."""
-    folder = cache_dir / cache_key(files, tokenizer, val_fraction)
-    meta_path = folder / "meta.json"
+    meta_path = cache_meta_path(files, tokenizer, cache_dir, val_fraction)
+    folder = meta_path.parent
     if not meta_path.exists():
         _write_token_files(files, tokenizer, folder, val_fraction)
     meta = json.loads(meta_path.read_text())

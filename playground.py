@@ -22,21 +22,22 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
+    set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from checkpoint import load_checkpoint, save_checkpoint
 from config import TrainConfig, fixed_on_resume, parse_config
-from data import TokenSplit, batch_rng, build_token_cache, cache_key
+from data import TokenSplit, batch_rng, build_token_cache, cache_key, cache_meta_path
 from errors import UsageError, run_cli
-from gpt import GPT
+from gpt import GPT, GPTConfig
 from metrics import Metrics, plot_losses
 from objectives import Objective, objective_for
 from preprocessing.tokenizer import MASK, Tokenizer, corpus_files, train_tokenizer
-from runtime import Runtime, barrier, check_fits, peak_flops, seconds_since_start, setup_runtime, teardown, to_device
+from runtime import Runtime, check_fits, peak_flops, seconds_since_start, setup_runtime, teardown, to_device
 from training import learning_rate, make_optimizer, set_learning_rate, train_step
 
 DEFAULT_VOCAB_SIZE = 8000
@@ -91,23 +92,35 @@ def resolve_tokenizer(c: TrainConfig, files: list[Path], rt: Runtime) -> Tokeniz
     vocab_size = c.vocab_size or DEFAULT_VOCAB_SIZE
     corpus_hash = cache_key(files, None, 0.0)[:12]
     path = Path(c.out_dir) / f"tokenizer-{c.tokenizer_kind}{vocab_size}-{corpus_hash}.json"
-    if rt.is_main and not path.exists():
+    if rt.prepares_data and not path.exists():
         print(f"training a {c.tokenizer_kind} tokenizer ({vocab_size} tokens) on the corpus -> {path}")
         path.parent.mkdir(parents=True, exist_ok=True)
         # With <mask> <pad> <cls> <sep> (4 of the vocab_size ids), so that the same tokenizer serves masked-LM
         # pretraining and fine-tuning (finetune.py) of the model trained here.
         train_tokenizer(files, c.tokenizer_kind, vocab_size, show_progress=sys.stderr.isatty(),
                         bert_tokens=True).save(path)
-    barrier(rt)
+    wait_for(path, "the tokenizer")
     return Tokenizer.from_file(path)
+
+
+def wait_for(path: Path, what: str) -> None:
+    """Wait until `path` exists: the other processes wait for the files that each machine's first process prepares.
+    Polling, not a collective, since the tokenizer and token cache of a large corpus can take longer than NCCL's
+    collective timeout; if the preparing process fails, torchrun stops the job."""
+    shown = False
+    while not path.exists():
+        if not shown:
+            print(f"waiting for {what} ({path}) from this machine's first process")
+            shown = True
+        time.sleep(0.5)
 
 
 def load_data(c: TrainConfig, tokenizer: Tokenizer, files: list[Path], rt: Runtime) -> dict[str, TokenSplit]:
     """Token files for the train and val splits (built by rank 0 once, then reused)."""
     cache_dir = Path(c.out_dir) / "token_cache"
-    if rt.is_main:
+    if rt.prepares_data:
         build_token_cache(files, tokenizer, cache_dir, c.val_fraction)
-    barrier(rt)
+    wait_for(cache_meta_path(files, tokenizer, cache_dir, c.val_fraction), "the token cache")
     splits = build_token_cache(files, tokenizer, cache_dir, c.val_fraction)
     for name, split in splits.items():
         if split.num_tokens < c.model.block_size + 1:
@@ -117,32 +130,54 @@ def load_data(c: TrainConfig, tokenizer: Tokenizer, files: list[Path], rt: Runti
     return splits
 
 
-def shard(model: GPT) -> None:
+def shard(model: GPT, rt: Runtime) -> None:
     """FSDP2, in place: each block, then the root (embeddings, final norm and the head tied to the token
     embedding), becomes a unit whose parameters are split across the ranks and gathered whole only while
-    that unit computes. The parameters become DTensors, so make the optimizer afterwards."""
+    that unit computes. The parameters become DTensors, so make the optimizer afterwards. In bfloat16, the
+    gathered parameters are bfloat16 (half the traffic) and gradients are reduced in float32."""
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if rt.dtype == torch.bfloat16 else MixedPrecisionPolicy()
     for block in model.blocks:
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+
+
+def sharded_model(config: GPTConfig, rt: Runtime, weights: dict[str, torch.Tensor] | None) -> GPT:
+    """FSDP: the model is built without memory (meta device), sharded, then given storage on the device, so no
+    GPU ever holds it whole; rank 0 makes the full initial weights (or the checkpoint's) in CPU memory and each
+    rank receives its shard of them."""
+    if rt.is_main and weights is None:
+        weights = GPT(config).state_dict()  # the initial weights a single process would start from
+    with torch.device("meta"):
+        model = GPT(config)
+    shard(model, rt)
+    model.to_empty(device=rt.device)
+    set_model_state_dict(model, weights if rt.is_main else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return model
 
 
 def build_model(c: TrainConfig, tokenizer: Tokenizer, objective: Objective, rt: Runtime,
                 ckpt: dict[str, Any] | None) -> GPT:
     """The model with its initial (or resumed) weights, on the device, sharded under FSDP."""
     config = replace(c.model, vocab_size=tokenizer.vocab_size, causal=objective.causal)
-    check_fits(config.estimated_parameters(), c.batch_size * config.block_size * config.embedding_dim
+    per_rank = rt.world_size if rt.fsdp else 1
+    check_fits(config.estimated_parameters() // per_rank, c.batch_size * config.block_size * config.embedding_dim
                * config.num_of_layers, rt.device)
     torch.manual_seed(c.seed)  # the same initial weights on every rank (FSDP keeps each rank's shard of them)
-    model = GPT(config).to(rt.device)
+    try:
+        if rt.fsdp:
+            model = sharded_model(config, rt, ckpt["model"] if ckpt else None)
+        else:
+            model = GPT(config)
+            if ckpt is not None:
+                model.load_state_dict(ckpt["model"])
+            model = model.to(rt.device)
+    except RuntimeError:
+        raise UsageError(f"{c.checkpoint} holds a model of a different shape") from None
     torch.manual_seed(c.seed + rt.rank)  # but different dropout masks
     if ckpt is not None:
-        try:
-            model.load_state_dict(ckpt["model"])
-        except RuntimeError:
-            raise UsageError(f"{c.checkpoint} holds a model of a different shape") from None
-        torch.set_rng_state(ckpt["rng"]["torch"][rt.rank % len(ckpt["rng"]["torch"])])
-    if rt.fsdp:
-        shard(model)
+        restore_rng_states(ckpt["rng"], rt)
     return model
 
 
@@ -327,7 +362,7 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
             "model": get_model_state_dict(run.model, options=FULL_STATE),
             "optimizer": get_optimizer_state_dict(run.model, run.optimizer, options=FULL_STATE),
             "scaler": run.scaler.state_dict(), "iteration": run.iteration, "best_val_loss": run.best_val_loss,
-            "rng": {"torch": gather_rng_states(run.rt)}, "seconds": run.seconds,
+            "rng": gather_rng_states(run.rt), "seconds": run.seconds,
             "tokenizer": run.tokenizer.to_json()}
 
 
@@ -375,27 +410,43 @@ def mean_over_ranks(loss: torch.Tensor, rt: Runtime) -> float:
     return loss.item()
 
 
-def gather_rng_states(rt: Runtime) -> list[torch.Tensor]:
-    """Every rank's torch RNG state (dropout masks), so a resumed run draws the same masks."""
-    state = torch.get_rng_state()
+def gather_rng_states(rt: Runtime) -> dict[str, list[torch.Tensor]]:
+    """Every rank's RNG states (dropout masks: the CPU generator, and the GPU's on CUDA), so a resumed run draws
+    the same masks."""
+    states = {"torch": torch.get_rng_state()}
+    if rt.device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(rt.device)
     if not rt.distributed:
-        return [state]
-    states = [torch.empty_like(state) for _ in range(rt.world_size)]
-    dist.all_gather(states, state) if rt.device.type == "cpu" else dist.all_gather_object(states, state)
-    return states
+        return {name: [state] for name, state in states.items()}
+    gathered: dict[str, list[torch.Tensor]] = {}
+    for name, state in states.items():
+        gathered[name] = [torch.empty_like(state) for _ in range(rt.world_size)]
+        if rt.device.type == "cpu":
+            dist.all_gather(gathered[name], state)
+        else:
+            dist.all_gather_object(gathered[name], state)
+    return gathered
+
+
+def restore_rng_states(saved: dict[str, list[torch.Tensor]], rt: Runtime) -> None:
+    """This rank's RNG states from a checkpoint (one written by fewer ranks gives its states round-robin)."""
+    torch.set_rng_state(saved["torch"][rt.rank % len(saved["torch"])])
+    if rt.device.type == "cuda" and "cuda" in saved:
+        torch.cuda.set_rng_state(saved["cuda"][rt.rank % len(saved["cuda"])], rt.device)
 
 
 # ----------------------------------------------------------------------------- finish
 
 def unsharded_copy(model: GPT, rt: Runtime) -> GPT | None:
-    """Rank 0's plain copy of an FSDP model (None on the other ranks), for work rank 0 does alone: a
-    sharded forward pass would wait for the others. Every rank must call it, since it all-gathers."""
+    """Rank 0's plain copy of an FSDP model in CPU memory (None on the other ranks), for work rank 0 does alone:
+    a sharded forward pass would wait for the others, and a whole copy might not fit its GPU. Every rank must
+    call it, since it all-gathers."""
     full = get_model_state_dict(model, options=FULL_STATE)
     if not rt.is_main:
         return None
     copy = GPT(model.config)
     copy.load_state_dict(full)
-    return copy.to(rt.device)
+    return copy
 
 
 def finish(run: Run) -> None:
@@ -420,8 +471,9 @@ def finish(run: Run) -> None:
 def sample(model: GPT, tokenizer: Tokenizer, max_new_tokens: int, rt: Runtime) -> str:
     """A short continuation of an end-of-text token, i.e. text from scratch."""
     model.eval()
-    start = torch.tensor([[tokenizer.eot_id]], device=rt.device)
-    generator = torch.Generator(device=rt.device).manual_seed(0)
+    device = next(model.parameters()).device  # under FSDP, a CPU copy
+    start = torch.tensor([[tokenizer.eot_id]], device=device)
+    generator = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad(), rt.autocast():
         out = model.generate(start, max_new_tokens, temperature=0.8, top_k=200, eos_id=tokenizer.eot_id,
                              generator=generator)

@@ -25,10 +25,17 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     fsdp: bool = False  # the model is sharded across the ranks (FSDP2) rather than replicated (DDP)
+    local_rank: int = 0  # the rank among this machine's processes
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def prepares_data(self) -> bool:
+        """Each machine's first process trains the tokenizer and builds the token cache in out_dir (so a
+        multi-node job without a shared out_dir gets a copy per node); the others wait for its files."""
+        return self.local_rank == 0
 
     @property
     def distributed(self) -> bool:
@@ -145,7 +152,8 @@ def setup_runtime(device: str, dtype: str, fsdp: bool = False) -> Runtime:
     allow_tf32(picked)
     dist.init_process_group(backend="nccl" if picked.type == "cuda" else "gloo",
                             device_id=picked if picked.type == "cuda" else None)
-    return Runtime(picked, pick_dtype(dtype, picked), rank, world_size, fsdp=fsdp and world_size > 1)
+    return Runtime(picked, pick_dtype(dtype, picked), rank, world_size, fsdp=fsdp and world_size > 1,
+                   local_rank=local_rank)
 
 
 def barrier(rt: Runtime) -> None:
