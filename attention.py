@@ -14,6 +14,8 @@ Two optional steps change the queries and keys before either core sees them, so 
              attention logits and keeps large models' training stable
     RoPE     rotary position embedding (Su et al. 2021): each pair of query/key features is rotated by an
              angle proportional to the token's position, so q . k depends only on how far apart they are
+A causal module may also limit each query to the last `window` keys (sliding-window attention), which lets
+a rotary model's KV cache slide past the training length instead of being rebuilt.
 
 Shapes: B batch, T query positions, S key positions (S = T without a cache), E embedding_dim,
 H num_of_heads, D = E / H head size.
@@ -75,10 +77,10 @@ class KVCache:
     """The keys and values of the tokens already seen, for one layer, so decoding a new token costs one
     position instead of the whole context. Preallocated to `max_len` positions: appending is a copy.
 
-    slide=False: appending past max_len is an error. slide=True (rotary models): a full cache drops its
-    oldest positions to make room, shifting the rest down. That is only valid when each cached key carries
-    its own position, as rotary keys do (they are stored already rotated); learned absolute positions
-    would have to be recomputed.
+    slide=False: appending past max_len is an error. slide=True (sliding-window attention over max_len
+    positions): a full cache drops its oldest position to make room for one new token, shifting the rest
+    down. That is only valid when each cached key carries its own position, as rotary keys do (they are
+    stored already rotated); learned absolute positions would have to be recomputed.
     """
 
     def __init__(self, batch: int, heads: int, max_len: int, head_dim: int, device: torch.device,
@@ -92,10 +94,11 @@ class KVCache:
         """Store (B, H, T, D) new keys/values; return all keys/values held, (B, H, length, D)."""
         max_len = self.k.size(2)
         overflow = self.length + k.size(2) - max_len
-        if overflow > 0 and self.slide and k.size(2) <= max_len:
+        if overflow > 0 and self.slide and k.size(2) == 1:
             self.drop_oldest(overflow)
-        elif overflow > 0:
-            raise ValueError(f"KV cache holds {max_len} positions, {self.length + k.size(2)} asked for")
+        elif overflow > 0:  # (a chunk would push out keys its own earlier queries still need)
+            raise ValueError(f"KV cache holds {max_len} positions, {self.length + k.size(2)} asked for"
+                             + (" (a full sliding cache takes one token at a time)" if self.slide else ""))
         end = self.length + k.size(2)
         self.k[:, :, self.length:end] = k
         self.v[:, :, self.length:end] = v
@@ -111,18 +114,24 @@ class KVCache:
         self.length = keep
 
 
-def attention_mask(t: int, s: int, causal: bool, padding_mask: torch.Tensor | None,
-                   device: torch.device) -> torch.Tensor | None:
+def attention_mask(t: int, s: int, causal: bool, padding_mask: torch.Tensor | None, device: torch.device,
+                   window: int | None = None) -> torch.Tensor | None:
     """Which keys each query may look at: bool (B or 1, 1, T, S), True = allowed; None = all allowed.
 
     causal:       the T queries are the last T of the S positions, so query i sits at position
                   S - T + i and sees keys 0 .. S - T + i (a lower triangle shifted right by S - T;
                   without a cache S = T and it is the usual triangle).
+    window:       causal only: query i sees at most `window` keys, S - T + i - window + 1 .. S - T + i
+                  (sliding-window attention: a band below the diagonal); None, or S <= window: no limit.
     padding_mask: (B, S) bool, True for real tokens: nobody attends to padding.
     """
     mask = None
-    if causal and t > 1:  # a single newest query may see every key: no mask needed
-        mask = torch.ones(t, s, dtype=torch.bool, device=device).tril(diagonal=s - t)[None, None]
+    banded = window is not None and s > window
+    if causal and (t > 1 or banded):  # a single newest query may see every key (within the window): no mask
+        allowed = torch.ones(t, s, dtype=torch.bool, device=device).tril(diagonal=s - t)
+        if banded:
+            allowed = allowed.triu(diagonal=s - t - window + 1)
+        mask = allowed[None, None]
     if padding_mask is not None:
         keys = padding_mask[:, None, None, :].bool()  # (B, 1, 1, S)
         mask = keys if mask is None else mask & keys
@@ -153,7 +162,10 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
 class MultiHeadAttention(nn.Module):
     def __init__(self, embedding_dim: int, num_of_heads: int, dropout: float = 0.0, bias: bool = True,
                  attention: str = "sdpa", causal: bool = True, rope: bool = False, rope_base: float = 10000.0,
-                 qk_norm: bool = False) -> None:
+                 qk_norm: bool = False, window: int | None = None) -> None:
+        """rope: rotate queries and keys by their positions (rope_base sets the slowest frequency).
+        qk_norm: RMS-normalise each head's queries and keys. window (causal only): each query sees itself and
+        at most window - 1 keys before it (sliding-window attention); None = the whole past."""
         super().__init__()
         if embedding_dim % num_of_heads:
             raise ValueError(f"embedding_dim {embedding_dim} is not divisible by num_of_heads {num_of_heads}")
@@ -163,7 +175,7 @@ class MultiHeadAttention(nn.Module):
         if rope and head_dim % 2:
             raise ValueError(f"rotary positions rotate feature pairs: head size {head_dim} must be even")
         self.num_of_heads, self.attention, self.causal = num_of_heads, attention, causal
-        self.rope, self.rope_base = rope, rope_base
+        self.rope, self.rope_base, self.window = rope, rope_base, window
         self.qkv = nn.Linear(embedding_dim, 3 * embedding_dim, bias=bias)  # W_Q, W_K, W_V in one matmul
         self.proj = nn.Linear(embedding_dim, embedding_dim, bias=bias)  # W_O: mixes the heads' outputs
         self.attn_dropout = nn.Dropout(dropout)
@@ -182,7 +194,8 @@ class MultiHeadAttention(nn.Module):
                 positions: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, T, E). padding_mask: (B, S) True for real tokens. cache: keys/values of earlier tokens,
         extended in place with this call's T tokens. positions: (T,) absolute positions of x's tokens, for
-        rotary models; by default they follow the cached tokens (0 .. T - 1 without a cache)."""
+        rotary models; by default they follow the cached tokens (0 .. T - 1 without a cache), which is wrong
+        once a sliding cache has dropped some: pass them then."""
         b, t, e = x.shape
         q, k, v = (self.split_heads(z) for z in self.qkv(x).split(e, dim=2))  # 3 x (B, H, T, D)
         if self.q_norm is not None:  # QK-norm: unit-RMS queries and keys (times a gain) bound q . k
@@ -197,12 +210,14 @@ class MultiHeadAttention(nn.Module):
             k, v = cache.append(k, v)  # (B, H, S, D), S = cached + T
         s = k.size(2)
         if self.attention == "scratch":
-            y = scratch_attention(q, k, v, attention_mask(t, s, self.causal, padding_mask, x.device),
+            y = scratch_attention(q, k, v, attention_mask(t, s, self.causal, padding_mask, x.device, self.window),
                                   self.attn_dropout)
         else:
-            causal_square = self.causal and padding_mask is None and s == t and t > 1
+            causal_square = (self.causal and padding_mask is None and s == t and t > 1
+                             and (self.window is None or s <= self.window))
             # is_causal=True needs no mask: building a T x T one would only cost memory
-            mask = None if causal_square else attention_mask(t, s, self.causal, padding_mask, x.device)
+            mask = None if causal_square else attention_mask(t, s, self.causal, padding_mask, x.device,
+                                                             self.window)
             y = sdpa_attention(q, k, v, mask, self.attn_dropout, causal_square)
         y = y.transpose(1, 2).reshape(b, t, e)  # merge heads: (B, H, T, D) -> (B, T, E)
         return self.resid_dropout(self.proj(y))

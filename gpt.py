@@ -133,7 +133,8 @@ class Block(nn.Module):
         self.pre_norm = c.norm_position == "pre"
         self.ln_1 = make_norm(c, c.embedding_dim)
         self.attn = MultiHeadAttention(c.embedding_dim, c.num_of_heads, c.dropout, c.bias, c.attention, c.causal,
-                                       rope=c.position == "rope", rope_base=c.rope_base, qk_norm=c.qk_norm)
+                                       rope=c.position == "rope", rope_base=c.rope_base, qk_norm=c.qk_norm,
+                                       window=c.block_size if c.position == "rope" else None)
         self.ln_2 = make_norm(c, c.embedding_dim)
         self.mlp = SwiGLU(c) if c.mlp == "swiglu" else MLP(c)
 
@@ -182,10 +183,16 @@ class GPT(nn.Module):
         """(B, T) token ids at positions start_pos .. start_pos + T - 1 -> (B, T, E) final hidden states.
         padding_mask (B, T), True for real tokens: no position attends to the others (padding).
 
-        Learned positions stop at block_size; rotary positions go on (only T, and the cache, are limited)."""
-        t, block_size = idx.size(1), self.config.block_size
-        if t > block_size or (self.config.position != "rope" and start_pos + t > block_size):
-            raise ValueError(f"sequence of {start_pos + t} tokens, but block_size is {block_size}")
+        Learned positions stop at block_size. Rotary positions go on: a causal rotary model takes sequences
+        of any length, each token attending to itself and the block_size - 1 tokens before it (sliding-window
+        attention; the same as plain causal attention up to block_size tokens)."""
+        t, c = idx.size(1), self.config
+        if c.position == "rope":
+            too_long = t > c.block_size and not c.causal
+        else:
+            too_long = start_pos + t > c.block_size
+        if too_long:
+            raise ValueError(f"sequence of {start_pos + t} tokens, but block_size is {c.block_size}")
         pos = torch.arange(start_pos, start_pos + t, device=idx.device)
         x = self.wte(idx) if self.wpe is None else self.wte(idx) + self.wpe(pos)  # (B, T, E)
         x = self.drop(x)
@@ -229,35 +236,39 @@ class GPT(nn.Module):
         Stops early once every row has produced eos_id; rows that finished first keep emitting eos_id.
         Runs without autograd (inference mode); call model.eval() first, or dropout stays on.
 
-        The context window: the model sees the tokens from `start` on, at most block_size of them.
-
-        Learned (and no) positions: positions are counted from the window's start, so cached keys/values
-        are only valid while that start stays put. When the tokens would exceed block_size, the window
-        jumps forward to keep the last block_size // 2 tokens, which are run once to rebuild the cache
-        (a "prefill"); the cached way pays the full price only once per jump.
+        Learned (and no) positions: the model sees the tokens from `start` on, its positions counted from
+        there, so cached keys/values are only valid while that start stays put. When the tokens would exceed
+        block_size, the window jumps forward to keep the last block_size // 2 tokens, which are run once to
+        rebuild the cache (a "prefill"); the cached way pays the full price only once per jump.
 
         Rotary positions: token i sits at position i for good, and attention only sees position
-        differences, so nothing cached goes stale. The window slides one token at a time (always the last
-        block_size tokens), and each layer's cache drops its oldest key/value as a new one arrives.
+        differences, so nothing cached goes stale and attention slides instead of jumping. In every layer,
+        each token attends to itself and the block_size - 1 tokens before it (sliding-window attention,
+        the same as in training up to block_size tokens); each layer's cache drops its oldest key/value as
+        a new one arrives. The text starts at the prompt's last block_size tokens. A cached key in layer 2
+        and up still carries what its token saw then, so the last token's state depends on up to
+        num_of_layers * (block_size - 1) tokens back: without the cache, those are recomputed with the same
+        sliding-window attention.
 
-        Without the cache the same window, at the same positions, is recomputed every step, so both ways
-        give the same tokens.
+        Either way, cached or not, gives the same tokens.
         """
         if not self.config.causal:
             raise UsageError("an encoder (causal=False) fills masks; it does not generate left to right")
         rotary = self.config.position == "rope"
         block, keep = self.config.block_size, self.config.block_size // 2
+        reach = self.config.num_of_layers * (block - 1) + 1  # rotary: the tokens the last one's state depends on
         start = max(0, idx.size(1) - block)
         caches: list[KVCache] | None = None
         cache_origin = -1
         finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
             length = idx.size(1)
-            if length - start > block:
-                start = length - block if rotary else length - keep
+            if not rotary and length - start > block:
+                start = length - keep
             origin = 0 if rotary else start  # token i sits at position i - origin
             if not use_cache:
-                hidden = self.hidden_states(idx[:, start:], start_pos=start - origin)
+                first = max(start, length - reach) if rotary else start
+                hidden = self.hidden_states(idx[:, first:], start_pos=first - origin)
             elif cache_origin != origin:  # prefill: run the whole window once, filling fresh caches
                 caches, cache_origin = self.new_caches(idx.size(0), idx.device, self.wte.weight.dtype), origin
                 hidden = self.hidden_states(idx[:, start:], caches, start_pos=start - origin)
