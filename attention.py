@@ -9,6 +9,14 @@ Two interchangeable cores compute the softmax(...) V part:
     "sdpa"     torch.nn.functional.scaled_dot_product_attention: fused kernels (flash attention on GPU)
 tests/test_attention.py checks that both give the same outputs and gradients.
 
+Two optional steps change the queries and keys before either core sees them, so both cores get the same inputs:
+    QK-norm  each head's query and key vectors are RMS-normalised (Dehghani et al. 2023), which bounds the
+             attention logits and keeps large models' training stable
+    RoPE     rotary position embedding (Su et al. 2021): each pair of query/key features is rotated by an
+             angle proportional to the token's position, so q . k depends only on how far apart they are
+A causal module may also limit each query to the last `window` keys (sliding-window attention), which lets
+a rotary model's KV cache slide past the training length instead of being rebuilt.
+
 Shapes: B batch, T query positions, S key positions (S = T without a cache), E embedding_dim,
 H num_of_heads, D = E / H head size.
 """
@@ -22,39 +30,108 @@ from torch import nn
 CORES = ("scratch", "sdpa")
 
 
+class RMSNorm(nn.Module):
+    """Root-mean-square normalisation (Zhang & Sennrich 2019): LayerNorm without the mean subtraction or bias,
+        y = x / sqrt(mean(x^2) + eps) * gain
+    over the last dimension. Computed in float32 whatever the input precision, returned in the input's dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))  # the gain, learned per feature
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        rms = torch.sqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return (x32 / rms * self.weight).type_as(x)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotation angles for tokens at the given absolute positions (T,): two (T, D) tensors.
+
+    Feature pair i (i = 0 .. D/2 - 1) turns at frequency base^(-2i / D) radians per position, from one turn
+    every 2 pi positions (i = 0) down to very slow ones, so both near and far distances stay distinguishable.
+    Any position works: nothing is precomputed for a maximum length.
+    """
+    inv_freq = base ** -(torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, D/2): the angle of pair i at each position
+    angles = torch.cat([angles, angles], dim=-1)  # (T, D): pair i is features (i, i + D/2), both share its angle
+    return angles.cos(), angles.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1), the halves of the last dimension: a 90-degree turn of every pair (x1[i], x2[i])."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each feature pair of x (B, H, T, D) by its position's angle (cos, sin: (T, D)):
+        (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin),   i.e.   x * cos + rotate_half(x) * sin.
+    A query rotated by angle m and a key by angle n then have q . k depending on m - n only."""
+    x32 = x.float()
+    return (x32 * cos + rotate_half(x32) * sin).type_as(x)
+
+
 class KVCache:
     """The keys and values of the tokens already seen, for one layer, so decoding a new token costs one
-    position instead of the whole context. Preallocated to `max_len` positions: appending is a copy."""
+    position instead of the whole context. Preallocated to `max_len` positions: appending is a copy.
+
+    slide=False: appending past max_len is an error. slide=True (sliding-window attention over max_len
+    positions): a full cache drops its oldest position to make room for one new token, shifting the rest
+    down. That is only valid when each cached key carries its own position, as rotary keys do (they are
+    stored already rotated); learned absolute positions would have to be recomputed.
+    """
 
     def __init__(self, batch: int, heads: int, max_len: int, head_dim: int, device: torch.device,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, slide: bool = False) -> None:
         self.k = torch.empty(batch, heads, max_len, head_dim, device=device, dtype=dtype)
         self.v = torch.empty_like(self.k)
         self.length = 0
+        self.slide = slide
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store (B, H, T, D) new keys/values; return all keys/values so far, (B, H, length, D)."""
+        """Store (B, H, T, D) new keys/values; return all keys/values held, (B, H, length, D)."""
+        max_len = self.k.size(2)
+        overflow = self.length + k.size(2) - max_len
+        if overflow > 0 and self.slide and k.size(2) == 1:
+            self.drop_oldest(overflow)
+        elif overflow > 0:  # (a chunk would push out keys its own earlier queries still need)
+            raise ValueError(f"KV cache holds {max_len} positions, {self.length + k.size(2)} asked for"
+                             + (" (a full sliding cache takes one token at a time)" if self.slide else ""))
         end = self.length + k.size(2)
-        if end > self.k.size(2):
-            raise ValueError(f"KV cache holds {self.k.size(2)} positions, {end} asked for")
         self.k[:, :, self.length:end] = k
         self.v[:, :, self.length:end] = v
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    def drop_oldest(self, n: int) -> None:
+        """Forget the n oldest positions: shift the others to the front (a copy of at most max_len positions,
+        no more than the attention over them costs anyway)."""
+        keep = self.length - n
+        self.k[:, :, :keep] = self.k[:, :, n:self.length].clone()  # clone: source and target overlap
+        self.v[:, :, :keep] = self.v[:, :, n:self.length].clone()
+        self.length = keep
 
-def attention_mask(t: int, s: int, causal: bool, padding_mask: torch.Tensor | None,
-                   device: torch.device) -> torch.Tensor | None:
+
+def attention_mask(t: int, s: int, causal: bool, padding_mask: torch.Tensor | None, device: torch.device,
+                   window: int | None = None) -> torch.Tensor | None:
     """Which keys each query may look at: bool (B or 1, 1, T, S), True = allowed; None = all allowed.
 
     causal:       the T queries are the last T of the S positions, so query i sits at position
                   S - T + i and sees keys 0 .. S - T + i (a lower triangle shifted right by S - T;
                   without a cache S = T and it is the usual triangle).
+    window:       causal only: query i sees at most `window` keys, S - T + i - window + 1 .. S - T + i
+                  (sliding-window attention: a band below the diagonal); None, or S <= window: no limit.
     padding_mask: (B, S) bool, True for real tokens: nobody attends to padding.
     """
     mask = None
-    if causal and t > 1:  # a single newest query may see every key: no mask needed
-        mask = torch.ones(t, s, dtype=torch.bool, device=device).tril(diagonal=s - t)[None, None]
+    banded = window is not None and s > window
+    if causal and (t > 1 or banded):  # a single newest query may see every key (within the window): no mask
+        allowed = torch.ones(t, s, dtype=torch.bool, device=device).tril(diagonal=s - t)
+        if banded:
+            allowed = allowed.triu(diagonal=s - t - window + 1)
+        mask = allowed[None, None]
     if padding_mask is not None:
         keys = padding_mask[:, None, None, :].bool()  # (B, 1, 1, S)
         mask = keys if mask is None else mask & keys
@@ -84,37 +161,63 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
 
 class MultiHeadAttention(nn.Module):
     def __init__(self, embedding_dim: int, num_of_heads: int, dropout: float = 0.0, bias: bool = True,
-                 attention: str = "sdpa", causal: bool = True) -> None:
+                 attention: str = "sdpa", causal: bool = True, rope: bool = False, rope_base: float = 10000.0,
+                 qk_norm: bool = False, window: int | None = None) -> None:
+        """rope: rotate queries and keys by their positions (rope_base sets the slowest frequency).
+        qk_norm: RMS-normalise each head's queries and keys. window (causal only): each query sees itself and
+        at most window - 1 keys before it (sliding-window attention); None = the whole past."""
         super().__init__()
         if embedding_dim % num_of_heads:
             raise ValueError(f"embedding_dim {embedding_dim} is not divisible by num_of_heads {num_of_heads}")
         if attention not in CORES:
             raise ValueError(f"attention must be one of {CORES}, got {attention!r}")
+        head_dim = embedding_dim // num_of_heads
+        if rope and head_dim % 2:
+            raise ValueError(f"rotary positions rotate feature pairs: head size {head_dim} must be even")
         self.num_of_heads, self.attention, self.causal = num_of_heads, attention, causal
+        self.rope, self.rope_base, self.window = rope, rope_base, window
         self.qkv = nn.Linear(embedding_dim, 3 * embedding_dim, bias=bias)  # W_Q, W_K, W_V in one matmul
         self.proj = nn.Linear(embedding_dim, embedding_dim, bias=bias)  # W_O: mixes the heads' outputs
         self.attn_dropout = nn.Dropout(dropout)
         self.resid_dropout = nn.Dropout(dropout)
+        if qk_norm:  # one gain per head feature, shared by all heads
+            self.q_norm, self.k_norm = RMSNorm(head_dim), RMSNorm(head_dim)
+        else:
+            self.q_norm = self.k_norm = None
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, E) -> (B, H, T, D): each head works on its own D-wide slice."""
         b, t, e = x.shape
         return x.view(b, t, self.num_of_heads, e // self.num_of_heads).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, T, E). padding_mask: (B, S) True for real tokens. cache: keys/values of earlier tokens,
-        extended in place with this call's T tokens."""
+        extended in place with this call's T tokens. positions: (T,) absolute positions of x's tokens, for
+        rotary models; by default they follow the cached tokens (0 .. T - 1 without a cache), which is wrong
+        once a sliding cache has dropped some: pass them then."""
         b, t, e = x.shape
         q, k, v = (self.split_heads(z) for z in self.qkv(x).split(e, dim=2))  # 3 x (B, H, T, D)
+        if self.q_norm is not None:  # QK-norm: unit-RMS queries and keys (times a gain) bound q . k
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope:
+            if positions is None:
+                start = cache.length if cache is not None else 0
+                positions = torch.arange(start, start + t, device=x.device)
+            cos, sin = rope_cos_sin(positions, q.size(-1), self.rope_base)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # keys are cached already rotated
         if cache is not None:
             k, v = cache.append(k, v)  # (B, H, S, D), S = cached + T
         s = k.size(2)
-        mask = attention_mask(t, s, self.causal, padding_mask, x.device)
         if self.attention == "scratch":
-            y = scratch_attention(q, k, v, mask, self.attn_dropout)
+            y = scratch_attention(q, k, v, attention_mask(t, s, self.causal, padding_mask, x.device, self.window),
+                                  self.attn_dropout)
         else:
-            causal_square = self.causal and padding_mask is None and s == t and t > 1
+            causal_square = (self.causal and padding_mask is None and s == t and t > 1
+                             and (self.window is None or s <= self.window))
+            # is_causal=True needs no mask: building a T x T one would only cost memory
+            mask = None if causal_square else attention_mask(t, s, self.causal, padding_mask, x.device,
+                                                             self.window)
             y = sdpa_attention(q, k, v, mask, self.attn_dropout, causal_square)
         y = y.transpose(1, 2).reshape(b, t, e)  # merge heads: (B, H, T, D) -> (B, T, E)
         return self.resid_dropout(self.proj(y))

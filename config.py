@@ -111,6 +111,9 @@ class TrainConfig:
             raise UsageError(f"--min_lr {self.final_lr} is above --lr {self.lr}")
         if self.vocab_size is not None and self.vocab_size > MAX_VOCAB_SIZE:
             raise UsageError(f"--vocab_size {self.vocab_size} is above the largest supported, {MAX_VOCAB_SIZE:,}")
+        if self.objective == "mlm" and self.model.position == "none":
+            raise UsageError("--position none (NoPE) needs --objective clm: without positions or a causal mask, an "
+                             "encoder cannot tell the order of its tokens")
         if self.checkpoint == "" or self.out_dir == "":
             raise UsageError("--checkpoint and --out_dir cannot be empty")
 

@@ -6,6 +6,14 @@
 
 Pre-LayerNorm (GPT-2) normalises the input of each sub-layer; post-LayerNorm (the GPT-1 paper, as in the
 original transformer) normalises after adding the residual.
+
+GPTConfig's architecture switches swap in later ideas one at a time; their defaults are GPT-2 exactly:
+    position        learned position embedding | rotary (RoPE, in attention) | none (NoPE, causal models)
+    norm            LayerNorm | RMSNorm
+    mlp             GELU | SwiGLU | ReLU^2
+    qk_norm         RMS-normalised queries and keys per head
+    tie_embeddings  the head reuses the token embedding, or has its own matrix
+    logit_softcap   logits squashed smoothly into (-c, c)
 """
 
 import math
@@ -16,15 +24,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attention import CORES, KVCache, MultiHeadAttention
-from cli import FRACTION, POSITIVE, check_fields, setting
+from attention import CORES, KVCache, MultiHeadAttention, RMSNorm
+from cli import FRACTION, NON_NEGATIVE, POSITIVE, Rule, check_fields, setting
 from errors import UsageError
 
 
 @dataclass
 class GPTConfig:
     """Every setting of the model, declared once: each is also a playground.py flag and YAML key of the same
-    name (see cli.py), except vocab_size (the tokenizer's) and causal (the training objective's)."""
+    name (see cli.py), except vocab_size (the tokenizer's) and causal (the training objective's). The defaults
+    are GPT-2; the switches from `position` on swap in later ideas one at a time."""
 
     vocab_size: int = setting(8000, "tokens in the vocabulary", rule=POSITIVE, flag=False)
     block_size: int = setting(256, "context length in tokens", rule=POSITIVE, group="model")
@@ -43,31 +52,90 @@ class GPTConfig:
                         "init", choices=("gpt2", "pytorch"), group="model")
     causal: bool = setting(True, "True: a decoder (GPT) sees only the past; False: a bidirectional encoder (BERT)",
                            flag=False)
+    position: str = setting("learned", "learned: GPT-2's position embedding; rope: rotary positions on queries and "
+                            "keys (Su et al. 2021); none: no position signal (NoPE, causal models only)",
+                            choices=("learned", "rope", "none"), group="model")
+    rope_base: float = setting(10000.0, "rope only: the slowest feature pair turns once every 2 pi rope_base "
+                               "positions", rule=Rule("greater than 1", lambda v: v > 1), group="model")
+    norm: str = setting("layernorm", "layernorm, or rmsnorm (Zhang & Sennrich 2019: no mean, no bias), for every "
+                        "normalisation", choices=("layernorm", "rmsnorm"), group="model")
+    mlp: str = setting("gelu", "gelu: GPT-2's 4x MLP; swiglu: gated SiLU (Shazeer 2020), hidden size ~8E/3 for the "
+                       "same parameter count; relu2: ReLU squared (So et al. 2021)",
+                       choices=("gelu", "swiglu", "relu2"), group="model")
+    qk_norm: bool = setting(False, "RMS-normalise each head's queries and keys before their dot product "
+                            "(Dehghani et al. 2023)", group="model")
+    tie_embeddings: bool = setting(True, "the output head reuses the token embedding matrix (GPT-2); "
+                                   "--no-tie_embeddings gives it its own", group="model")
+    logit_softcap: float = setting(0.0, "if > 0, logits = c * tanh(logits / c) (Gemma 2); 0 = off",
+                                   rule=NON_NEGATIVE, group="model")
 
     def __post_init__(self) -> None:
         check_fields(self)
         if self.embedding_dim % self.num_of_heads:
             raise UsageError(f"--embedding_dim {self.embedding_dim} is not divisible by --num_of_heads "
                              f"{self.num_of_heads}")
+        if self.position == "none" and not self.causal:
+            raise UsageError("position none (NoPE) needs causal=True: without positions or a causal mask, "
+                             "a bidirectional model cannot tell the order of its tokens")
+        if self.position == "rope" and (self.embedding_dim // self.num_of_heads) % 2:
+            raise UsageError(f"position rope rotates feature pairs: the head size embedding_dim / num_of_heads = "
+                             f"{self.embedding_dim // self.num_of_heads} must be even")
 
     def estimated_parameters(self) -> int:
-        """Parameters of the model this config builds (for a memory check before allocating it)."""
+        """Parameters of the model this config builds, about (for a memory check before allocating it)."""
         e, layers = self.embedding_dim, self.num_of_layers
-        return self.vocab_size * e + self.block_size * e + layers * (12 * e * e + 13 * e) + 2 * e
+        embeddings = self.vocab_size * e * (1 if self.tie_embeddings else 2)
+        return embeddings + self.block_size * e + layers * (12 * e * e + 13 * e) + 2 * e
+
+
+def make_norm(c: GPTConfig, dim: int) -> nn.Module:
+    """The normalisation the config asks for: LayerNorm (GPT-2) or RMSNorm (no mean, no bias)."""
+    return nn.LayerNorm(dim, bias=c.bias) if c.norm == "layernorm" else RMSNorm(dim)
+
+
+def swiglu_hidden_size(embedding_dim: int) -> int:
+    """SwiGLU's hidden width h, chosen so its three E x h matrices hold about as many weights as the GELU
+    MLP's two E x 4E ones: 3 E h = 8 E^2 gives h = 8E/3, rounded to the nearest multiple of 8 (at least 8)
+    for friendlier matrix shapes. E = 384 -> 1024, E = 768 -> 2048, E = 32 -> 88 (85.3 rounded)."""
+    return max(8, 8 * round(embedding_dim / 3))  # 8E/3 / 8 = E/3 steps of 8
+
+
+class ReLUSquared(nn.Module):
+    """relu(x)^2, the activation the Primer search found (So et al. 2021)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x).square()
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward network: E -> 4E -> GELU -> E."""
+    """Position-wise feed-forward network: E -> 4E -> activation -> E. GELU (GPT-2) or ReLU^2."""
 
     def __init__(self, c: GPTConfig) -> None:
         super().__init__()
         self.fc = nn.Linear(c.embedding_dim, 4 * c.embedding_dim, bias=c.bias)
-        self.gelu = nn.GELU(approximate="tanh")  # the tanh approximation GPT-1 and GPT-2 used
+        # GELU in the tanh approximation GPT-1 and GPT-2 used
+        self.act = nn.GELU(approximate="tanh") if c.mlp == "gelu" else ReLUSquared()
         self.proj = nn.Linear(4 * c.embedding_dim, c.embedding_dim, bias=c.bias)
         self.dropout = nn.Dropout(c.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(self.gelu(self.fc(x))))
+        return self.dropout(self.proj(self.act(self.fc(x))))
+
+
+class SwiGLU(nn.Module):
+    """Gated feed-forward network (Shazeer 2020): proj( silu(x W_gate) * (x W_up) ), hidden width from
+    swiglu_hidden_size. One branch decides per feature how much of the other passes."""
+
+    def __init__(self, c: GPTConfig) -> None:
+        super().__init__()
+        hidden = swiglu_hidden_size(c.embedding_dim)
+        self.gate = nn.Linear(c.embedding_dim, hidden, bias=c.bias)  # W_1
+        self.up = nn.Linear(c.embedding_dim, hidden, bias=c.bias)  # W_3
+        self.proj = nn.Linear(hidden, c.embedding_dim, bias=c.bias)  # W_2
+        self.dropout = nn.Dropout(c.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(F.silu(self.gate(x)) * self.up(x)))
 
 
 class Block(nn.Module):
@@ -76,17 +144,19 @@ class Block(nn.Module):
     def __init__(self, c: GPTConfig) -> None:
         super().__init__()
         self.pre_norm = c.norm_position == "pre"
-        self.ln_1 = nn.LayerNorm(c.embedding_dim, bias=c.bias)
-        self.attn = MultiHeadAttention(c.embedding_dim, c.num_of_heads, c.dropout, c.bias, c.attention, c.causal)
-        self.ln_2 = nn.LayerNorm(c.embedding_dim, bias=c.bias)
-        self.mlp = MLP(c)
+        self.ln_1 = make_norm(c, c.embedding_dim)
+        self.attn = MultiHeadAttention(c.embedding_dim, c.num_of_heads, c.dropout, c.bias, c.attention, c.causal,
+                                       rope=c.position == "rope", rope_base=c.rope_base, qk_norm=c.qk_norm,
+                                       window=c.block_size if c.position == "rope" else None)
+        self.ln_2 = make_norm(c, c.embedding_dim)
+        self.mlp = SwiGLU(c) if c.mlp == "swiglu" else MLP(c)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None,
-                padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, padding_mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         if self.pre_norm:  # GPT-2: x + f(LN(x)), the residual path stays an identity
-            x = x + self.attn(self.ln_1(x), padding_mask, cache)
+            x = x + self.attn(self.ln_1(x), padding_mask, cache, positions)
             return x + self.mlp(self.ln_2(x))
-        x = self.ln_1(x + self.attn(x, padding_mask, cache))  # GPT-1: LN(x + f(x))
+        x = self.ln_1(x + self.attn(x, padding_mask, cache, positions))  # GPT-1: LN(x + f(x))
         return self.ln_2(x + self.mlp(x))
 
 
@@ -95,13 +165,15 @@ class GPT(nn.Module):
         super().__init__()
         self.config = c = config
         self.wte = nn.Embedding(c.vocab_size, c.embedding_dim)  # token embedding
-        self.wpe = nn.Embedding(c.block_size, c.embedding_dim)  # learned position embedding
+        # learned absolute positions; rotary ones live inside attention, and NoPE has none
+        self.wpe = nn.Embedding(c.block_size, c.embedding_dim) if c.position == "learned" else None
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.num_of_layers))
         # Post-LN blocks already end in a LayerNorm; pre-LN needs one before the head.
-        self.ln_f = nn.LayerNorm(c.embedding_dim, bias=c.bias) if c.norm_position == "pre" else nn.Identity()
+        self.ln_f = make_norm(c, c.embedding_dim) if c.norm_position == "pre" else nn.Identity()
         self.lm_head = nn.Linear(c.embedding_dim, c.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # weight tying: one matrix reads and writes tokens
+        if c.tie_embeddings:
+            self.lm_head.weight = self.wte.weight  # weight tying: one matrix reads and writes tokens
         if c.init == "gpt2":
             self.apply(self._init_gpt2)
             # GPT-2: residual projections scaled by 1/sqrt(2 * layers), since each block adds two of them
@@ -122,22 +194,38 @@ class GPT(nn.Module):
     def hidden_states(self, idx: torch.Tensor, caches: list[KVCache] | None = None, start_pos: int = 0,
                       padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) token ids at positions start_pos .. start_pos + T - 1 -> (B, T, E) final hidden states.
-        padding_mask (B, T), True for real tokens: no position attends to the others (padding)."""
-        t = idx.size(1)
-        if start_pos + t > self.config.block_size:
-            raise ValueError(f"sequence of {start_pos + t} tokens, but block_size is {self.config.block_size}")
+        padding_mask (B, T), True for real tokens: no position attends to the others (padding).
+
+        Learned positions stop at block_size. Rotary positions go on: a causal rotary model takes sequences
+        of any length, each token attending to itself and the block_size - 1 tokens before it (sliding-window
+        attention; the same as plain causal attention up to block_size tokens)."""
+        t, c = idx.size(1), self.config
+        if c.position == "rope":
+            too_long = t > c.block_size and not c.causal
+        else:
+            too_long = start_pos + t > c.block_size
+        if too_long:
+            raise ValueError(f"sequence of {start_pos + t} tokens, but block_size is {c.block_size}")
         pos = torch.arange(start_pos, start_pos + t, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, E)
+        x = self.wte(idx) if self.wpe is None else self.wte(idx) + self.wpe(pos)  # (B, T, E)
+        x = self.drop(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, caches[i] if caches is not None else None, padding_mask)
+            x = block(x, caches[i] if caches is not None else None, padding_mask, pos)
         return self.ln_f(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (..., E) -> logits (..., vocab_size), soft-capped if the config says so:
+        c * tanh(logits / c) stays within (-c, c) and is close to the identity for |logits| much below c."""
+        logits = self.lm_head(hidden)
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab_size) at every position (a decoder predicts the next token, an encoder the
         token hidden at that position); with targets (B, T), also the mean cross-entropy (targets of -1
         are ignored)."""
-        logits = self.lm_head(self.hidden_states(idx, padding_mask=padding_mask))
+        logits = self.logits(self.hidden_states(idx, padding_mask=padding_mask))
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
@@ -146,8 +234,10 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------ generation
 
     def new_caches(self, batch: int, device: torch.device, dtype: torch.dtype) -> list[KVCache]:
+        """One cache per layer, block_size positions each; rotary models' caches slide (see stream)."""
         c = self.config
-        return [KVCache(batch, c.num_of_heads, c.block_size, c.embedding_dim // c.num_of_heads, device, dtype)
+        return [KVCache(batch, c.num_of_heads, c.block_size, c.embedding_dim // c.num_of_heads, device, dtype,
+                        slide=c.position == "rope")
                 for _ in range(c.num_of_layers)]
 
     @torch.inference_mode()
@@ -159,31 +249,45 @@ class GPT(nn.Module):
         Stops early once every row has produced eos_id; rows that finished first keep emitting eos_id.
         Runs without autograd (inference mode); call model.eval() first, or dropout stays on.
 
-        The context window: positions are learned and absolute, so cached keys/values are only valid while
-        the window's start stays put. The model sees the tokens from `start` on; when they would exceed
-        block_size, the window jumps forward to keep the last block_size // 2 tokens, which are run once
-        to rebuild the cache (a "prefill"). Without the cache the same window is recomputed every step,
-        so both ways give the same tokens, and the cached way pays the full price only once per jump.
+        Learned (and no) positions: the model sees the tokens from `start` on, its positions counted from
+        there, so cached keys/values are only valid while that start stays put. When the tokens would exceed
+        block_size, the window jumps forward to keep the last block_size // 2 tokens, which are run once to
+        rebuild the cache (a "prefill"); the cached way pays the full price only once per jump.
+
+        Rotary positions: token i sits at position i for good, and attention only sees position
+        differences, so nothing cached goes stale and attention slides instead of jumping. In every layer,
+        each token attends to itself and the block_size - 1 tokens before it (sliding-window attention,
+        the same as in training up to block_size tokens); each layer's cache drops its oldest key/value as
+        a new one arrives. The text starts at the prompt's last block_size tokens. A cached key in layer 2
+        and up still carries what its token saw then, so the last token's state depends on up to
+        num_of_layers * (block_size - 1) tokens back: without the cache, those are recomputed with the same
+        sliding-window attention.
+
+        Either way, cached or not, gives the same tokens.
         """
         if not self.config.causal:
             raise UsageError("an encoder (causal=False) fills masks; it does not generate left to right")
+        rotary = self.config.position == "rope"
         block, keep = self.config.block_size, self.config.block_size // 2
+        reach = self.config.num_of_layers * (block - 1) + 1  # rotary: the tokens the last one's state depends on
         start = max(0, idx.size(1) - block)
         caches: list[KVCache] | None = None
-        cache_start = -1
+        cache_origin = -1
         finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
             length = idx.size(1)
-            if length - start > block:
+            if not rotary and length - start > block:
                 start = length - keep
+            origin = 0 if rotary else start  # token i sits at position i - origin
             if not use_cache:
-                hidden = self.hidden_states(idx[:, start:])
-            elif cache_start != start:  # prefill: run the whole window once, filling fresh caches
-                caches, cache_start = self.new_caches(idx.size(0), idx.device, self.wte.weight.dtype), start
-                hidden = self.hidden_states(idx[:, start:], caches)
-            else:  # one new token at its position in the window, attending to the cache
-                hidden = self.hidden_states(idx[:, -1:], caches, start_pos=length - 1 - start)
-            logits = self.lm_head(hidden[:, -1, :])  # only the last position predicts the next token
+                first = max(start, length - reach) if rotary else start
+                hidden = self.hidden_states(idx[:, first:], start_pos=first - origin)
+            elif cache_origin != origin:  # prefill: run the whole window once, filling fresh caches
+                caches, cache_origin = self.new_caches(idx.size(0), idx.device, self.wte.weight.dtype), origin
+                hidden = self.hidden_states(idx[:, start:], caches, start_pos=start - origin)
+            else:  # one new token at its position, attending to the cache
+                hidden = self.hidden_states(idx[:, -1:], caches, start_pos=length - 1 - origin)
+            logits = self.logits(hidden[:, -1, :])  # only the last position predicts the next token
             next_id = sample_next(logits, temperature, top_k, top_p, generator)
             if eos_id is not None:
                 next_id = torch.where(finished, torch.full_like(next_id, eos_id), next_id)
@@ -203,10 +307,17 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------ accounting and optimisation
 
     def num_parameters(self, non_embedding: bool = True) -> int:
-        """Parameters, each once (the tied head is the token embedding). non_embedding leaves out the
-        position embedding, as is usual; the token embedding stays, since it does compute as the head."""
+        """Parameters, each once (a tied head is the token embedding). non_embedding leaves out the tables
+        that are only looked up, as is usual: the position embedding, and the token embedding when the head
+        has its own matrix. A tied token embedding stays, since it does compute as the head."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.wpe.weight.numel() if non_embedding else n
+        if not non_embedding:
+            return n
+        if self.wpe is not None:
+            n -= self.wpe.weight.numel()
+        if not self.config.tie_embeddings:
+            n -= self.wte.weight.numel()
+        return n
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token, forward + backward (PaLM paper, appendix B): 6N for the weights

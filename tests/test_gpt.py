@@ -200,7 +200,7 @@ def test_parameter_count_and_flops():
     (dict(embedding_dim=30, num_of_heads=4), "not divisible"),
     (dict(attention="flash"), "attention must be one of"),
     (dict(norm_position="middle"), "norm_position must be one of"),
-    (dict(block_size=0), "block_size must be a positive number"),
+    (dict(block_size=0), "block_size must be a positive integer"),
     (dict(init="xavier"), "init must be one of"),
     (dict(dropout=1.0), "dropout must be in"),
     (dict(dropout=float("nan")), "dropout must be a finite number"),
