@@ -155,6 +155,16 @@ def test_interrupted_run_is_resumed_and_finished_runs_are_left_alone(sweep, caps
     assert float(row["val_bpb"]) == pytest.approx(final["val_bpb"], rel=1e-12)
 
 
+def test_a_smaller_budget_than_the_runs_already_trained_is_refused_before_anything_runs(sweep):
+    spec, out = sweep
+    before = stamps(out)
+    smaller = spec.parent / "smaller.yaml"  # the same experiment (name and folder) with a budget of 3 steps
+    smaller.write_text(spec.read_text().replace("max_iters: 4", "max_iters: 3") + "name: sweep\n")
+    with pytest.raises(UsageError, match="has trained 4 steps, past this budget's 3"):
+        experiment.main([str(smaller)])
+    assert stamps(out) == before
+
+
 def test_failing_run_is_reported_and_the_others_go_on(tmp_path, data, monkeypatch, capsys):
     # A stand-in for playground.py that fails for seed 1337 only: what matters here is the runner's handling.
     fake = tmp_path / "fake_playground.py"
@@ -232,3 +242,26 @@ def test_ablation_spec_parses():
         return
     plan = experiment.make_plan(spec, "ablation", options)
     assert plan.baseline == "gpt2" and len(plan.seeds) == 3 and plan.budget == {"time_budget": 120}
+
+
+def test_mean_band_uses_the_x_range_every_seed_covers():
+    # Curve 1: y = x + 1 at x = 0, 1, 2; curve 2: y = 2 at x = 0.5, 1.5, 2.5. Common range [0.5, 2]: at
+    # x = 0.5, 1, 1.5, 2 curve 1 is 1.5, 2, 2.5, 3 and curve 2 is 2 throughout.
+    x, mid, low, high = experiment.mean_band([([0, 1, 2], [1, 2, 3]), ([0.5, 1.5, 2.5], [2, 2, 2])])
+    assert x == [0.5, 1, 1.5, 2]
+    assert mid == pytest.approx([1.75, 2, 2.25, 2.5])
+    assert low == pytest.approx([1.5, 2, 2, 2]) and high == pytest.approx([2, 2, 2.5, 3])
+
+
+def test_one_seed_shows_n_a_for_intervals_and_p():
+    variants = [experiment.Variant(n, {}, {}, 10) for n in ("base", "other")]
+    plan = experiment.Plan("p", "out/p", "base", [1], {"max_iters": 10}, variants)
+    results = [experiment.RunResult(n, 1, 10, bpb, 1.0, 100.0, 5.0, 1000, []) for n, bpb in
+               (("base", 2.0), ("other", 1.9))]
+    rows = experiment.summarise(plan, results)
+    assert rows[1]["diff"] == pytest.approx(-0.1) and math.isnan(rows[1]["p"])
+    text = experiment.report_markdown(plan, rows, ["other/seed2"], has_png=False)
+    other = next(line for line in text.splitlines() if line.startswith("| other |"))
+    cells = [c.strip() for c in other.strip("|").split("|")]
+    assert cells[:4] == ["other", "1", "1.9000", "n/a"] and cells[-3:] == ["-0.1000 (n=1)", "n/a", "n/a"]
+    assert "- other/seed2" in text and "curves.png" not in text
