@@ -38,7 +38,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -78,14 +78,14 @@ class Plan:
     baseline: str
     seeds: list[int]
     budget: dict[str, float]  # exactly one of BUDGETS -> its amount
-    variants: list[Variant] = field(default_factory=list)
+    variants: list[Variant]
 
 
 def playground_options() -> dict[str, bool]:
     """Every option playground.py accepts, read from its own parser (so a new flag works here at once),
     mapped to whether it is an on/off switch (--flag / --no-flag)."""
     options = {}
-    for action in build_parser()._actions:
+    for action in build_parser()._actions:  # argparse lists its options only in this private attribute
         long = [s for s in action.option_strings if s.startswith("--")]
         if long and not isinstance(action, argparse._HelpAction):
             options[long[0].removeprefix("--")] = isinstance(action, argparse.BooleanOptionalAction)
