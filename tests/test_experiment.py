@@ -1,0 +1,267 @@
+"""experiment.py: a tiny sweep end to end (report numbers are the runs' metrics, a rerun trains nothing, an
+interrupted run is resumed), failing runs, and spec mistakes refused before any run starts."""
+
+import csv
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import experiment
+from checkpoint import load_checkpoint, save_checkpoint
+from errors import UsageError, run_cli
+from preprocessing.tokenizer import train_tokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = {"embedding_dim": 32, "num_of_layers": 1, "num_of_heads": 2, "block_size": 16, "batch_size": 4,
+        "eval_interval": 2, "eval_iters": 2, "warmup_iters": 1, "device": "cpu"}
+RUNS = [("a", 1337), ("a", 1338), ("b", 1337), ("b", 1338)]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, str]:
+    """20 kB of the bundled corpus and a 300-token tokenizer trained on it."""
+    folder = tmp_path_factory.mktemp("data")
+    text = (REPO / "data" / "shakespeare.txt").read_text(encoding="utf-8")[:20_000]
+    corpus = folder / "corpus.txt"
+    corpus.write_text(text[: text.rindex("\n") + 1], encoding="utf-8")
+    train_tokenizer([corpus], "bbpe", 300, show_progress=False).save(folder / "tokenizer.json")
+    return {"corpus": str(corpus), "tokenizer": str(folder / "tokenizer.json")}
+
+
+def write_spec(folder: Path, data: dict[str, str], name: str = "sweep", **spec) -> Path:
+    spec = {"out_dir": str(folder / "out"), "base": {**data, **TINY}, "variants": {"a": {}, "b": {"lr": 3e-3,
+            "bias": False}}, "seeds": 2, "budget": {"max_iters": 4}, **spec}
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def run_folder(sweep: Path, variant: str, seed: int) -> Path:
+    return sweep / variant / f"seed{seed}"
+
+
+def stamps(sweep: Path) -> dict[str, tuple[int, int]]:
+    """(mtime, size) of every file a run leaves, so that any training or rewriting shows."""
+    return {str(p.relative_to(sweep)): (p.stat().st_mtime_ns, p.stat().st_size)
+            for v, s in RUNS for p in run_folder(sweep, v, s).iterdir() if p.is_file()}
+
+
+def metrics_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, data) -> tuple[Path, Path]:
+    """2 variants x 2 seeds, 4 steps each, trained two at a time: (spec path, experiment folder)."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    folder = tmp_path_factory.mktemp("exp")
+    spec = write_spec(folder, data)
+    experiment.main([str(spec), "--jobs", "2"])
+    return spec, folder / "out" / "sweep"
+
+
+def test_sweep_writes_report_whose_numbers_are_the_runs_metrics(sweep):
+    _, out = sweep
+    assert (out / "report.md").exists() and (out / "curves.png").stat().st_size > 0
+    with open(out / "results.csv") as f:
+        rows = {(r["variant"], int(r["seed"])): r for r in csv.DictReader(f)}
+    assert set(rows) == set(RUNS)
+    for variant, seed in RUNS:
+        folder = run_folder(out, variant, seed)
+        lines = metrics_rows(folder / "ckpt.metrics.jsonl")
+        final = [r for r in lines if "val_loss" in r][-1]
+        speeds = [r["tokens_per_s"] for r in lines if "tokens_per_s" in r]
+        times = [r["time_s"] for r in lines if "time_s" in r]
+        wall = times[-1] if times else json.loads((folder / "result.json").read_text())["wall_s"]
+        row = rows[(variant, seed)]
+        assert int(row["steps"]) == final["step"] == 4
+        assert float(row["val_bpb"]) == pytest.approx(final["val_bpb"], rel=1e-12)
+        assert float(row["val_loss"]) == pytest.approx(final["val_loss"], rel=1e-12)
+        assert float(row["tokens_per_s"]) == pytest.approx(sum(speeds) / len(speeds), rel=1e-12)
+        assert float(row["wall_s"]) == pytest.approx(wall, rel=1e-12)
+        # Non-embedding parameters, by hand (vocab 300, width 32, one block, MLP 4x): token embedding 9600,
+        # block 2*64 (LayerNorms) + 3168 (qkv) + 1056 (proj) + 4224 (fc) + 4128 (proj) = 12704, final norm 64.
+        # Without biases: minus 96 + 32 + 128 + 32 (linear) and 3 * 32 (LayerNorm) = 384.
+        assert int(row["parameters"]) == (22368 if variant == "a" else 22368 - 384)
+    # The run really got its variant's flags and the runner's per-run ones.
+    command = (run_folder(out, "b", 1338) / "run.log").read_text().splitlines()[0]
+    for flag in ("--lr 0.003", "--no-bias", "--seed 1338", "--max_iters 4", "--sample_tokens 0",
+                 f"--checkpoint {run_folder(out, 'b', 1338) / 'ckpt.tar'}"):
+        assert flag in command
+    assert "--resume" not in command
+
+
+def test_report_table_agrees_with_the_statistics(sweep):
+    _, out = sweep
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    bpb = {(r["variant"], int(r["seed"])): float(r["val_bpb"]) for r in rows}
+    diffs = [bpb[("b", s)] - bpb[("a", s)] for s in (1337, 1338)]
+    # Two pairs: mean difference d, s = |d1 - d2| / sqrt(2), t = d / (s / sqrt(2)), and df = 1 (Cauchy),
+    # so p = 1 - 2 atan(|t|) / pi.
+    d = sum(diffs) / 2
+    t = d / (abs(diffs[0] - diffs[1]) / math.sqrt(2) / math.sqrt(2))
+    p = 1 - 2 * math.atan(abs(t)) / math.pi
+    line = next(x for x in (out / "report.md").read_text().splitlines() if x.startswith("| b |"))
+    assert f"{d:+.4f} (n=2)" in line
+    assert line.rstrip(" |").endswith(f"{p:.3f}")
+    baseline_line = next(x for x in (out / "report.md").read_text().splitlines() if x.startswith("| a |"))
+    assert baseline_line.startswith("| a | 2 |") and "| baseline |" in baseline_line
+
+
+def test_rerun_trains_nothing_and_report_rebuilds_from_the_folder(sweep, capsys):
+    spec, out = sweep
+    before = stamps(out)
+    csv_before = (out / "results.csv").read_text()
+    experiment.main([str(spec)])
+    assert stamps(out) == before  # no checkpoint, metrics file or log touched
+    assert "4 finished, 0 to resume, 0 to start" in capsys.readouterr().out
+    for name in ("report.md", "results.csv", "curves.png"):
+        (out / name).unlink()
+    experiment.main(["--report", str(out)])  # the plan saved in the folder; no spec needed
+    assert (out / "results.csv").read_text() == csv_before and (out / "curves.png").exists()
+    assert stamps(out) == before
+
+
+def test_interrupted_run_is_resumed_and_finished_runs_are_left_alone(sweep, capsys):
+    spec, out = sweep
+    # Leave b/seed1338 as a kill after its step-2 checkpoint would: a checkpoint at iteration 2, metrics up to
+    # step 2, and the step-4 training line (killed while evaluating at step 4; resuming writes it again).
+    folder = run_folder(out, "b", 1338)
+    ckpt = load_checkpoint(folder / "ckpt.tar")
+    save_checkpoint({**ckpt, "iteration": 2}, folder / "ckpt.tar")
+    metrics = folder / "ckpt.metrics.jsonl"
+    kept = [line for line in metrics.read_text().splitlines()
+            if json.loads(line)["step"] <= 2 or "val_loss" not in json.loads(line)]
+    metrics.write_text("\n".join(kept) + "\n")
+    others = {k: v for k, v in stamps(out).items() if not k.startswith("b/seed1338")}
+    experiment.main([str(spec)])
+    assert "3 finished, 1 to resume, 0 to start" in capsys.readouterr().out
+    assert {k: v for k, v in stamps(out).items() if not k.startswith("b/seed1338")} == others
+    assert load_checkpoint(folder / "ckpt.tar")["iteration"] == 4
+    commands = [line for line in (folder / "run.log").read_text().splitlines() if line.startswith("$ ")]
+    assert len(commands) == 2 and commands[-1].endswith("--resume")
+    rows = experiment.read_metrics(metrics)
+    assert [(r["step"], "val_loss" in r) for r in rows] == [(2, False), (2, True), (4, False), (4, True)]
+    final = rows[-1]
+    with open(out / "results.csv") as f:
+        row = next(r for r in csv.DictReader(f) if (r["variant"], r["seed"]) == ("b", "1338"))
+    assert float(row["val_bpb"]) == pytest.approx(final["val_bpb"], rel=1e-12)
+
+
+def test_a_smaller_budget_than_the_runs_already_trained_is_refused_before_anything_runs(sweep):
+    spec, out = sweep
+    before = stamps(out)
+    smaller = spec.parent / "smaller.yaml"  # the same experiment (name and folder) with a budget of 3 steps
+    smaller.write_text(spec.read_text().replace("max_iters: 4", "max_iters: 3") + "name: sweep\n")
+    with pytest.raises(UsageError, match="has trained 4 steps, past this budget's 3"):
+        experiment.main([str(smaller)])
+    assert stamps(out) == before
+
+
+def test_failing_run_is_reported_and_the_others_go_on(tmp_path, data, monkeypatch, capsys):
+    # A stand-in for playground.py that fails for seed 1337 only: what matters here is the runner's handling.
+    fake = tmp_path / "fake_playground.py"
+    fake.write_text("import sys\nif '1337' in sys.argv:\n    sys.exit('error: the corpus is on fire')\n")
+    monkeypatch.setattr(experiment, "PLAYGROUND", fake)
+    spec = write_spec(tmp_path, data, variants={"a": {}})
+    with pytest.raises(SystemExit) as e:
+        experiment.main([str(spec)])
+    assert e.value.code == 1
+    out = tmp_path / "out" / "sweep" / "a"
+    assert "error: the corpus is on fire" in (out / "seed1337" / "run.log").read_text()
+    assert json.loads((out / "seed1337" / "result.json").read_text())["returncode"] == 1
+    assert json.loads((out / "seed1338" / "result.json").read_text())["returncode"] == 0  # it still ran
+    err = capsys.readouterr().err
+    assert "run a/seed1337 failed" in err and "the corpus is on fire" in err
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"colour": "blue"}, "unknown experiment spec key(s): colour"),
+    ({"variants": {"a": {}, "b": {"num_of_wings": 2}}}, "variant 'b': 'num_of_wings' is not a playground.py"),
+    ({"variants": {"a": {"seed": 3}}}, "'seed' is set by the runner"),
+    ({"variants": {"a": {"dropout": 1.5}}}, "variant 'a': --dropout must be in [0, 1)"),
+    ({"seeds": 0}, "seeds must be a positive number"),
+    ({"budget": None}, "budget must be exactly one of"),
+    ({"budget": {"max_iters": 4, "tokens": 1000}}, "budget must be exactly one of"),
+    ({"base": {"corpus": "no/such.txt"}}, "corpus not found: no/such.txt"),
+    ({"baseline": "c"}, "baseline 'c' is not one of the variants"),
+])
+def test_bad_spec_is_one_error_line_and_starts_nothing(tmp_path, data, capsys, change, message):
+    spec = write_spec(tmp_path, data, **change)
+    with pytest.raises(SystemExit) as e:
+        run_cli(lambda: experiment.main([str(spec)]))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_grid_names_variants_by_their_settings_and_the_first_is_the_baseline():
+    options = experiment.playground_options()
+    plan = experiment.make_plan({"grid": {"lr": [1e-3, 2e-3], "bias": [True, False]}, "seeds": [5, 7],
+                                 "budget": {"max_iters": 10}}, "g", options)
+    assert [v.name for v in plan.variants] == ["lr=0.001,bias=true", "lr=0.001,bias=false",
+                                               "lr=0.002,bias=true", "lr=0.002,bias=false"]
+    assert plan.baseline == "lr=0.001,bias=true" and plan.seeds == [5, 7]
+    assert plan.folder == str(Path("runs/experiments/g"))
+
+
+def test_token_budget_gives_each_variant_the_steps_its_batch_needs():
+    # cpu_quickstart.yaml: batch 16 x block 128 = 2048 tokens per step; 100000 tokens -> ceil(48.8) = 49 steps.
+    spec = {"base": {"config": str(REPO / "configs" / "cpu_quickstart.yaml")}, "seeds": 1,
+            "variants": {"base": {}, "half_batch": {"batch_size": 8}, "accum": {"grad_accum_steps": 3}},
+            "budget": {"tokens": 100_000}}
+    plan = experiment.make_plan(spec, "t", experiment.playground_options())
+    # 8 x 128 = 1024 -> ceil(97.7) = 98; 16 x 128 x 3 = 6144 -> ceil(16.3) = 17.
+    assert {v.name: v.max_iters for v in plan.variants} == {"base": 49, "half_batch": 98, "accum": 17}
+
+
+def test_time_budget_command_passes_the_budget_and_no_step_count():
+    variant = experiment.Variant("v", {}, {"corpus": "c.txt", "bias": False}, None)
+    plan = experiment.Plan("p", "out/p", "v", [1], {"time_budget": 120}, [variant])
+    run = experiment.Run(variant, 1, Path("out/p/v/seed1"))
+    command = experiment.run_command(run, plan, {"bias": True}, resume=True)
+    assert command[:3] == [sys.executable, str(experiment.PLAYGROUND), "c.txt"]
+    assert command[3:] == ["--no-bias", "--seed", "1", "--out_dir", str(run.folder), "--checkpoint",
+                           str(run.folder / "ckpt.tar"), "--sample_tokens", "0", "--time_budget", "120", "--resume"]
+
+
+def test_ablation_spec_parses():
+    spec = experiment.read_spec(str(REPO / "experiments" / "ablation.yaml"))
+    options = experiment.playground_options()
+    if "time_budget" not in options:  # until playground.py has the flag, the spec must say so, not crash
+        with pytest.raises(UsageError, match="--time_budget"):
+            experiment.make_plan(spec, "ablation", options)
+        return
+    plan = experiment.make_plan(spec, "ablation", options)
+    assert plan.baseline == "gpt2" and len(plan.seeds) == 3 and plan.budget == {"time_budget": 120}
+
+
+def test_mean_band_uses_the_x_range_every_seed_covers():
+    # Curve 1: y = x + 1 at x = 0, 1, 2; curve 2: y = 2 at x = 0.5, 1.5, 2.5. Common range [0.5, 2]: at
+    # x = 0.5, 1, 1.5, 2 curve 1 is 1.5, 2, 2.5, 3 and curve 2 is 2 throughout.
+    x, mid, low, high = experiment.mean_band([([0, 1, 2], [1, 2, 3]), ([0.5, 1.5, 2.5], [2, 2, 2])])
+    assert x == [0.5, 1, 1.5, 2]
+    assert mid == pytest.approx([1.75, 2, 2.25, 2.5])
+    assert low == pytest.approx([1.5, 2, 2, 2]) and high == pytest.approx([2, 2, 2.5, 3])
+
+
+def test_one_seed_shows_n_a_for_intervals_and_p():
+    variants = [experiment.Variant(n, {}, {}, 10) for n in ("base", "other")]
+    plan = experiment.Plan("p", "out/p", "base", [1], {"max_iters": 10}, variants)
+    results = [experiment.RunResult(n, 1, 10, bpb, 1.0, 100.0, 5.0, 1000, []) for n, bpb in
+               (("base", 2.0), ("other", 1.9))]
+    rows = experiment.summarise(plan, results)
+    assert rows[1]["diff"] == pytest.approx(-0.1) and math.isnan(rows[1]["p"])
+    text = experiment.report_markdown(plan, rows, ["other/seed2"], has_png=False)
+    other = next(line for line in text.splitlines() if line.startswith("| other |"))
+    cells = [c.strip() for c in other.strip("|").split("|")]
+    assert cells[:4] == ["other", "1", "1.9000", "n/a"] and cells[-3:] == ["-0.1000 (n=1)", "n/a", "n/a"]
+    assert "- other/seed2" in text and "curves.png" not in text
