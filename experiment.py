@@ -190,7 +190,7 @@ def make_variant(name: str, overrides: dict[str, Any], base: dict[str, Any], bud
     if "max_iters" in budget:
         max_iters = int(budget["max_iters"])
     elif "tokens" in budget:  # equal tokens: each variant takes the steps its batch needs
-        max_iters = math.ceil(budget["tokens"] / (c.batch_size * c.block_size * c.grad_accum_steps))
+        max_iters = math.ceil(budget["tokens"] / (c.batch_size * c.model.block_size * c.grad_accum_steps))
     else:
         max_iters = None
     return Variant(name, overrides, settings, max_iters)

@@ -495,8 +495,10 @@ def resume_config(c: TrainConfig, set_by_flags: set[str]) -> tuple[TrainConfig, 
                              f"a checkpoint resumes only with the model and optimizer it was trained with")
     if "tokenizer" in set_by_flags and Tokenizer.from_file(c.tokenizer).to_json() != ckpt["tokenizer"]:
         raise UsageError(f"--tokenizer {c.tokenizer} is not the tokenizer {c.checkpoint} was trained with")
-    merged = TrainConfig.from_dict({**saved, **{name: c.to_dict()[name] for name in set_by_flags},
-                                    "resume": True})
+    overrides = {name: c.to_dict()[name] for name in set_by_flags}
+    if saved["time_budget"] is None:  # the budget was already turned into the saved max_iters: keep that plan
+        overrides.pop("time_budget", None)
+    merged = TrainConfig.from_dict({**saved, **overrides, "resume": True})
     if merged.max_iters <= ckpt["iteration"]:
         raise UsageError(f"{c.checkpoint} is already at step {ckpt['iteration']}: give a --max_iters above it to "
                          f"train on")
