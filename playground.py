@@ -522,16 +522,23 @@ def train(c: TrainConfig, set_by_flags: set[str] = frozenset(), started: float |
     else:
         check_fresh_run(c)
     rt = setup_runtime(c.device, c.dtype, c.fsdp)
+    finished = False
     try:
-        run = build_run(c, ckpt, rt, started)
-        if rt.is_main:
-            describe(run)
-        with stop_on_ctrl_c(run):
-            train_loop(run)
-        finish(run)
-        return run.final
+        final = run_job(c, ckpt, rt, started)
+        finished = True
+        return final
     finally:
-        teardown(rt)
+        teardown(rt, finished)  # after run_job has returned: its model, optimizer and DDP wrapper are gone
+
+
+def run_job(c: TrainConfig, ckpt: dict[str, Any] | None, rt: Runtime, started: float) -> dict[str, float]:
+    run = build_run(c, ckpt, rt, started)
+    if rt.is_main:
+        describe(run)
+    with stop_on_ctrl_c(run):
+        train_loop(run)
+    finish(run)
+    return run.final
 
 
 class stop_on_ctrl_c:  # noqa: N801 - used like a function, as contextlib's are

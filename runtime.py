@@ -5,6 +5,7 @@ Decided once at start-up by `setup_runtime` and passed down; no other module loo
 """
 
 import contextlib
+import gc
 import os
 from dataclasses import dataclass
 
@@ -167,10 +168,17 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.to(device)
 
 
-def teardown(rt: Runtime) -> None:
-    """End this process's part in a distributed run."""
-    if rt.distributed and dist.is_initialized():
-        dist.destroy_process_group()
+def teardown(rt: Runtime, finished: bool) -> None:
+    """End this process's part in a distributed run. After a finished run: free what still refers to the process
+    group (DDP's reducer, finished collectives), wait until every rank is done (rank 0 writes the last checkpoint
+    and the sample alone), then destroy the group. After an error, no barrier: the other ranks may be inside
+    another collective; torchrun stops them when this rank exits."""
+    if not (rt.distributed and dist.is_initialized()):
+        return
+    gc.collect()
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def available_memory(device: torch.device) -> int | None:
