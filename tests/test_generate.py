@@ -143,11 +143,11 @@ def test_cli_bad_input_is_one_line(case, ckpt_path, tmp_path):
     ck = ["--checkpoint", str(ckpt_path), "--prompt", "x"]
     args, expected = {
         "missing": (["--checkpoint", str(tmp_path / "nope.tar")], "checkpoint not found"),
-        "corrupt": (["--checkpoint", str(corrupt)], "is not a readable checkpoint"),
+        "corrupt": (["--checkpoint", str(corrupt)], "is not a GPT-experiments checkpoint"),
         "version": (["--checkpoint", str(old)], "format version 999"),
-        "max_new_tokens": ([*ck, "--max_new_tokens", "0"], "--max_new_tokens must be positive"),
+        "max_new_tokens": ([*ck, "--max_new_tokens", "0"], "--max_new_tokens must be a positive number"),
         "top_p": ([*ck, "--top_p", "1.5"], "--top_p must be in (0, 1]"),
-        "top_k": ([*ck, "--top_k", "0"], "--top_k must be positive"),
+        "top_k": ([*ck, "--top_k", "0"], "--top_k must be a positive number"),
         "temperature": ([*ck, "--temperature", "-1"], "--temperature must be >= 0"),
         "prompt_file": (["--checkpoint", str(ckpt_path), "--prompt_file", str(tmp_path / "no.txt")],
                         "cannot read --prompt_file"),
