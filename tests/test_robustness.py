@@ -10,31 +10,44 @@
 import argparse
 import csv
 import dataclasses
+import errno
 import hashlib
 import inspect
 import io
 import os
+import pickle
+import shutil
 import signal
+import subprocess
+import sys
+import time
 import traceback
+import warnings
 from collections.abc import Callable
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from tqdm import tqdm
 
 import bench
+import checkpoint
 import cli
 import config
+import data
 import errors
 import evaluate
 import finetune
 import generate
 import playground
-from checkpoint import save_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from errors import UsageError
+from fileio import RunLock, atomic_write_text, check_output, check_output_dir
 from gpt import GPT, GPTConfig
 from preprocessing import train_tokenizer as train_tokenizer_cli
-from preprocessing.tokenizer import train_tokenizer
+from preprocessing.tokenizer import Tokenizer, train_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 HUGE = 2 ** 40  # in range for every integer type, yet far beyond any sane size or count
@@ -318,3 +331,337 @@ def test_the_sweep_covers_every_flag_and_type():
 
 # ---------------------------------------------------------------------------------------------- checkpoints
 
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+@pytest.fixture
+def good(inputs, tmp_path) -> tuple[Path, dict]:
+    """A checkpoint on disk and what it holds: the 'last good checkpoint' every fault must leave alone."""
+    path = tmp_path / "ck.tar"
+    shutil.copy(inputs["ckpt"], path)
+    return path, load_checkpoint(path)
+
+
+def assert_survived(path: Path, before: dict) -> None:
+    after = load_checkpoint(path)
+    assert after.keys() == before.keys()
+    for name, tensor in before["model"].items():
+        assert torch.equal(after["model"][name], tensor)
+    assert [p.name for p in path.parent.iterdir() if ".tmp" in p.name] == []  # no temp file left behind
+
+
+def half_then(error: BaseException) -> Callable:
+    """A torch.save that writes part of a file, then fails."""
+    def save(obj: object, f) -> None:
+        f.write(b"PK\x03\x04 half of a checkpoint")
+        raise error
+    return save
+
+
+@pytest.mark.parametrize("error, reason", [
+    (OSError(errno.ENOSPC, "No space left on device"), "No space left on device"),
+    (RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 6784 vs 6672"), "disk full"),
+    (OSError(errno.EROFS, "Read-only file system"), "Read-only file system"),
+    (OSError(errno.EACCES, "Permission denied"), "Permission denied"),
+])
+def test_a_failed_save_is_one_usage_error_and_the_last_good_checkpoint_survives(good, monkeypatch, error, reason):
+    path, before = good
+    monkeypatch.setattr(checkpoint.torch, "save", half_then(error))
+    with pytest.raises(UsageError, match=rf"cannot write checkpoint {path}: .*{reason}"):
+        save_checkpoint({"model": {}}, path)
+    monkeypatch.undo()
+    assert_survived(path, before)
+
+
+def test_a_failing_cleanup_never_hides_the_real_error(good, monkeypatch):
+    """On a read-only file system the temp file's removal fails too: the error shown is the write's."""
+    path, before = good
+    monkeypatch.setattr(checkpoint.torch, "save", half_then(OSError(errno.ENOSPC, "No space left on device")))
+
+    def unlink(self: Path, missing_ok: bool = False) -> None:
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    with pytest.raises(UsageError, match="No space left on device"):
+        save_checkpoint({"model": {}}, path)
+    monkeypatch.undo()
+    for tmp in path.parent.glob("*.tmp*"):
+        tmp.unlink()  # what the failed cleanup left
+    assert_survived(path, before)
+
+
+def test_an_interrupted_save_keeps_the_old_checkpoint(good, monkeypatch):
+    """Ctrl-C (or any exception) in the middle of the write: the interruption goes on, the old file stays."""
+    path, before = good
+    monkeypatch.setattr(checkpoint.torch, "save", half_then(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"model": {}}, path)
+    monkeypatch.undo()
+    assert_survived(path, before)
+
+
+def test_a_save_on_a_read_only_file_system_names_the_file():
+    target = read_only_target()
+    if target is None:
+        pytest.skip("no read-only location on this machine")
+    with pytest.raises(UsageError, match=f"cannot write checkpoint {target}"):
+        save_checkpoint({"model": {}}, target)
+
+
+def test_kill_9_during_a_save_leaves_a_temp_that_the_next_save_removes(good):
+    """A killed save leaves `<name>.tmp<pid>`; the next save of the same file removes those of dead processes
+    (and never one of a live process: another run may be writing it)."""
+    path, before = good
+    code = (f"import os, sys; sys.path.insert(0, {str(REPO)!r})\nimport checkpoint\n"
+            f"def killed_mid_write(obj, f):\n    f.write(b'x' * 100_000); f.flush(); os.kill(os.getpid(), 9)\n"
+            f"checkpoint.torch.save = killed_mid_write\n"
+            f"checkpoint.save_checkpoint({{'model': {{}}}}, {str(path)!r})\n")
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == -signal.SIGKILL
+    dead = list(path.parent.glob("ck.tar.tmp*"))
+    assert len(dead) == 1 and dead[0].stat().st_size == 100_000
+    live = path.with_name(f"ck.tar.tmp{os.getppid()}")  # a running process's temp file
+    live.write_bytes(b"being written")
+    save_checkpoint(before, path)
+    assert not dead[0].exists() and live.exists()
+    live.unlink()
+    assert_survived(path, before)
+
+
+@pytest.mark.parametrize("content", ["random", "pickle", "not a dict", "no model", "truncated"])
+def test_a_file_that_is_not_a_checkpoint_is_one_line_without_unsafe_advice(good, tmp_path, content):
+    path, _ = good
+    bad = tmp_path / "bad.tar"
+    if content == "random":
+        bad.write_bytes(os.urandom(5000))
+    elif content == "pickle":
+        bad.write_bytes(pickle.dumps({"model": [1, 2, 3]}))
+    elif content == "not a dict":
+        torch.save([1, 2, 3], bad)
+    elif content == "no model":
+        torch.save({"version": 2}, bad)
+    else:
+        bad.write_bytes(path.read_bytes()[:3000])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(UsageError) as e:
+            load_checkpoint(bad)
+    message = str(e.value)
+    assert f"{bad} is not a GPT-experiments checkpoint (" in message and "\n" not in message
+    assert "weights_only" not in message and len(message) < 200
+    assert caught == []
+
+
+def corrupt_config(ckpt: dict, case: str) -> dict:
+    ckpt = {**ckpt, "model_config": dict(ckpt["model_config"])}
+    if case == "unknown key":
+        ckpt["model_config"]["flash"] = True
+    elif case == "missing key":
+        del ckpt["model_config"]["vocab_size"]
+    elif case == "wider than its weights":
+        ckpt["model_config"]["embedding_dim"] = 64
+    elif case == "absurd size":
+        ckpt["model_config"]["num_of_layers"] = 10 ** 9
+    elif case == "wrong type":
+        ckpt["model_config"]["block_size"] = "long"
+    return ckpt
+
+
+@pytest.mark.parametrize("case", ["unknown key", "missing key", "wider than its weights", "absurd size",
+                                  "wrong type"])
+def test_a_checkpoint_whose_config_disagrees_is_one_usage_error_naming_it(good, case):
+    path, ckpt = good
+    with pytest.raises(UsageError, match=f"^{path}: "):
+        model_from_checkpoint(corrupt_config(ckpt, case), "cpu", str(path))
+
+
+def test_a_checkpoint_from_before_a_new_config_field_still_loads(good):
+    """A GPTConfig field with a default that an older checkpoint lacks takes its default."""
+    _, ckpt = good
+    old = {**ckpt, "model_config": {k: v for k, v in ckpt["model_config"].items() if k != "init"}}
+    model, _ = model_from_checkpoint(old)
+    assert model.config.init == GPTConfig.__dataclass_fields__["init"].default
+
+
+def test_the_device_is_checked_before_the_checkpoint(inputs):
+    """--device mps without MPS blames the device, even when the checkpoint is missing too."""
+    if torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    code, stderr = invoke(generate.main, ["--checkpoint", "missing.tar", "--device", "mps", "--prompt", "x"])
+    assert code == 2 and "MPS" in stderr and "missing.tar" not in stderr
+
+
+def test_generate_evaluate_and_finetune_keep_the_optimizer_state_off_the_device(good, tmp_path, monkeypatch):
+    """The checkpoint is read on the CPU; only the model moves (a GPU must not hold AdamW's moments)."""
+    path, ckpt = good
+    with_optimizer = tmp_path / "run.tar"
+    save_checkpoint({**ckpt, "optimizer": {"state": {"w": torch.zeros(3)}}}, with_optimizer)
+    seen = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: seen.append(k.get("map_location")) or real_load(*a, **k))
+    assert invoke(generate.main, ["--checkpoint", str(with_optimizer), "--prompt", "a", "--max_new_tokens", "2",
+                                  "--device", "cpu"])[0] == 0
+    assert seen == ["cpu"]
+
+
+# ---------------------------------------------------------------------------------------------- output paths
+
+def test_an_output_may_not_be_an_input_or_another_output(tmp_path):
+    data_file = tmp_path / "train.csv"
+    data_file.write_text("text,label\n")
+    os.link(data_file, tmp_path / "hardlink.csv")
+    (tmp_path / "symlink.csv").symlink_to(data_file)
+    for same in (data_file, tmp_path / "hardlink.csv", tmp_path / "symlink.csv", tmp_path / "." / "train.csv"):
+        with pytest.raises(UsageError, match="is the input --train"):
+            check_output(same, "--predictions", inputs=[("--train", data_file), ("--val", None)])
+    with pytest.raises(UsageError, match="--predictions .* is also --out"):
+        check_output(tmp_path / "x", "--predictions", other_outputs=[("--out", tmp_path / "x")])
+    assert data_file.read_text() == "text,label\n"
+
+
+def test_output_folders_are_created_and_impossible_ones_refused(tmp_path):
+    check_output(tmp_path / "new" / "deeper" / "ck.tar", "--checkpoint")
+    assert (tmp_path / "new" / "deeper").is_dir() and not (tmp_path / "new" / "deeper" / "ck.tar").exists()
+    assert list((tmp_path / "new" / "deeper").iterdir()) == []  # the write probe is gone
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UsageError, match="is a file, not a folder"):
+        check_output(tmp_path / "file" / "ck.tar", "--checkpoint")
+    with pytest.raises(UsageError, match="is a folder"):
+        check_output(tmp_path / "new", "--checkpoint")
+    with pytest.raises(UsageError, match="--out_dir .* is a file, not a folder"):
+        check_output_dir(tmp_path / "file", "--out_dir")
+    check_output_dir(tmp_path / "runs" / "a", "--out_dir")
+    assert (tmp_path / "runs" / "a").is_dir()
+    target = read_only_target()
+    if target is not None:
+        for check in (lambda: check_output(target, "--out"), lambda: check_output_dir(target, "--out_dir")):
+            with pytest.raises(UsageError, match="cannot"):
+                check()
+
+
+def test_finetune_refuses_to_overwrite_any_input(inputs, tmp_path):
+    before = snapshot(inputs["folder"])
+    base = ["--checkpoint", str(inputs["ckpt"]), "--train", str(inputs["train"]), "--val", str(inputs["val"]),
+            "--out", str(tmp_path / "ft.tar"), "--predictions", str(tmp_path / "p.jsonl"), "--device", "cpu"]
+    for flag, target in (("--predictions", inputs["ckpt"]), ("--predictions", inputs["val"]),
+                         ("--predictions", tmp_path / "ft.tar"), ("--out", inputs["train"])):
+        code, stderr = invoke(finetune.main, [*base, flag, str(target)])
+        assert code == 2 and "choose another file" in stderr, stderr
+    code, stderr = invoke(finetune.main, ["--checkpoint", str(inputs["ft"]), "--predict", str(inputs["val"]),
+                                          "--predictions", str(inputs["val"]), "--device", "cpu"])
+    assert code == 2 and "is the input --predict" in stderr
+    assert snapshot(inputs["folder"]) == before
+
+
+# ---------------------------------------------------------------------------------------------- token cache
+
+def test_a_torn_token_cache_is_rebuilt(inputs, tmp_path):
+    tok = Tokenizer.from_file(inputs["tok"])
+    files = [inputs["corpus"]]
+    whole = data.build_token_cache(files, tok, tmp_path, 0.1)
+    folder = whole["train"].path.parent
+    reference = {p.name: p.read_bytes() for p in folder.iterdir()}
+    tears = [lambda: (folder / "meta.json").write_text(""), lambda: (folder / "meta.json").write_text("{\"dty"),
+             lambda: (folder / "train.bin").write_bytes(b""), lambda: (folder / "val.bin").unlink(),
+             lambda: (folder / "train.bin").write_bytes(reference["train.bin"][:-2])]
+    for tear in tears:
+        tear()
+        assert data.build_token_cache(files, tok, tmp_path, 0.1) == whole
+        assert {p.name: p.read_bytes() for p in folder.iterdir()} == reference
+
+
+def test_a_full_disk_while_building_the_token_cache_is_one_usage_error(inputs, tmp_path, monkeypatch):
+    def full(*args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(data, "_tokenize_into", full)
+    with pytest.raises(UsageError, match="cannot write the token cache in .*: No space left on device"):
+        data.build_token_cache([inputs["corpus"]], Tokenizer.from_file(inputs["tok"]), tmp_path, 0.1)
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def test_processes_building_the_same_token_cache_at_once_all_succeed(inputs, tmp_path):
+    start = time.time() + 8  # every process has imported torch by then: they tokenize at the same moment
+    code = (f"import sys, time; sys.path.insert(0, {str(REPO)!r})\n"
+            f"from pathlib import Path\nimport data\nfrom preprocessing.tokenizer import Tokenizer\n"
+            f"tok = Tokenizer.from_file({str(inputs['tok'])!r})\n"
+            f"time.sleep(max(0, {start} - time.time()))\n"
+            f"s = data.build_token_cache([Path({str(inputs['corpus'])!r})], tok, Path({str(tmp_path)!r}), 0.1)\n"
+            f"print(s['train'].num_tokens, s['val'].num_tokens)\n")
+    runs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"}) for _ in range(3)]
+    results = [r.communicate(timeout=120) for r in runs]
+    assert [r.returncode for r in runs] == [0, 0, 0], results
+    assert len({out for out, _ in results}) == 1
+    alone = data.build_token_cache([inputs["corpus"]], Tokenizer.from_file(inputs["tok"]), tmp_path / "alone", 0.1)
+    shared = data.build_token_cache([inputs["corpus"]], Tokenizer.from_file(inputs["tok"]), tmp_path, 0.1)
+    assert shared["train"].path.read_bytes() == alone["train"].path.read_bytes()
+    assert [p.name for p in shared["train"].path.parent.iterdir() if ".tmp" in p.name] == []
+
+
+# ---------------------------------------------------------------------------------------------- the run lock
+
+def test_a_second_holder_is_refused_and_a_killed_holder_frees_the_lock(tmp_path):
+    path = tmp_path / "ck.tar"
+    code = (f"import sys, time; sys.path.insert(0, {str(REPO)!r})\nfrom fileio import RunLock\n"
+            f"with RunLock({str(path)!r}):\n    print('locked', flush=True)\n    time.sleep(120)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(UsageError, match=rf"another run is using {path} .*held by pid {holder.pid}\)"):
+            with RunLock(path):
+                pass
+    finally:
+        holder.kill()  # kill -9: no cleanup runs in the holder
+        holder.wait()
+    with RunLock(path):  # the OS released the dead holder's lock
+        with pytest.raises(UsageError, match=f"held by pid {os.getpid()}"):
+            with RunLock(path):  # a second holder in the same process is refused too
+                pass
+    assert not (tmp_path / "ck.tar.lock").exists()
+
+
+# ---------------------------------------------------------------------------------------------- messages
+
+def test_an_error_under_a_progress_bar_starts_on_its_own_line():
+    def main(argv: list[str]) -> None:
+        bar = tqdm(total=10, disable=False, file=sys.stderr)
+        bar.update(3)
+        raise UsageError("something is wrong")
+
+    code, stderr = invoke(main, [])
+    assert code == 2 and "\nerror: something is wrong\n" in stderr
+
+
+def test_an_os_error_no_check_caught_is_still_one_line_naming_the_file():
+    def main(argv: list[str]) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/run/metrics.jsonl")
+
+    assert invoke(main, []) == (2, "error: cannot access /data/run/metrics.jsonl: No space left on device\n")
+
+
+def test_atomic_text_files_are_replaced_whole(tmp_path):
+    path = tmp_path / "meta.json"
+    atomic_write_text(path, "old", "index")
+    atomic_write_text(path, "new", "index")
+    assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["meta.json"]
+
+
+# ---------------------------------------------------------------------------------------------- data files
+
+def test_finetune_reads_a_bom_csv_long_fields_and_refuses_empty_texts(tmp_path):
+    long_text = "word " * 40_000  # 200,000 characters: over csv's default field limit
+    bom = tmp_path / "bom.csv"
+    bom.write_text(f"text,label\n\"{long_text}\",a\nshort,b\n", encoding="utf-8-sig")
+    examples, task = finetune.read_examples(str(bom), None)
+    assert task == "single" and examples[0].text_a == long_text and examples[1].label == "b"
+    empty = tmp_path / "empty.csv"
+    empty.write_text("text,label\nfine,a\n  ,b\n")
+    with pytest.raises(UsageError, match="line 3: text is empty"):
+        finetune.read_examples(str(empty), None)
+
+
+def test_bench_token_files_fit_large_vocabularies(tmp_path):
+    split = bench.random_split(tmp_path, 70_000, 16)
+    tokens = torch.from_numpy(np.memmap(split.path, dtype=split.dtype, mode="r").astype("int64"))
+    assert split.dtype == "uint32" and int(tokens.max()) >= 65_536 and int(tokens.max()) < 70_000
