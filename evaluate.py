@@ -1,6 +1,6 @@
 """Loss, perplexity and bits per byte of a checkpoint on any text, to compare models and tokenizers fairly.
 
-    python evaluate.py --checkpoint model_checkpoint.tar FILE [FILE ...] [--batch_size 8] [--device auto]
+    python evaluate.py --checkpoint model_checkpoint.tar FILE [FILE ...] [--batch_size 8] [--device auto] [--dtype auto]
 
 The text's tokens are cut into consecutive windows of block_size + 1 tokens that share their boundary
 token; in each, every token is predicted from those before it in the same window (so a window's first

@@ -51,20 +51,21 @@ def remove_stale_temps(path: Path) -> None:
                 pass
 
 
+# How torch's zip writer reports a failed write (a full disk, most often): a RuntimeError, not an OSError.
+TORCH_WRITE_FAILURES = ("inline_container", "PytorchStreamWriter", "file write failed")
+
+
+def _torch_write_failure(e: BaseException) -> bool:
+    return isinstance(e, RuntimeError) and any(marker in str(e) for marker in TORCH_WRITE_FAILURES)
+
+
 def _reason(e: BaseException) -> str:
-    """The part of an error worth showing: the OS's words, or torch's serialization failure in brief."""
+    """The part of an error worth showing: the OS's words, or torch's write failure in brief."""
+    if _torch_write_failure(e):
+        return "the write failed (is the disk full?)"
     if isinstance(e, OSError):
         return e.strerror or str(e) or type(e).__name__
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    if "inline_container" in text or "PytorchStreamWriter" in text or "file write failed" in text:
-        # torch's zip writer reports a full disk (or any failed write) as a RuntimeError, not an OSError
-        return "the write failed (is the disk full?)"
-    return text
-
-
-def _is_write_failure(e: BaseException) -> bool:
-    return isinstance(e, OSError) or (isinstance(e, RuntimeError) and (
-        "inline_container" in str(e) or "PytorchStreamWriter" in str(e) or "file write failed" in str(e)))
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], what: str) -> None:
@@ -88,7 +89,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], what: str)
             tmp.unlink(missing_ok=True)
         except OSError:
             pass  # e.g. EROFS: the temp was never created; the error that matters is `e`
-        if _is_write_failure(e):
+        if isinstance(e, OSError) or _torch_write_failure(e):
             if isinstance(e, IsADirectoryError) or path.is_dir():
                 raise UsageError(f"cannot write {what} {path}: it is a folder") from None
             raise UsageError(f"cannot write {what} {path}: {_reason(e)}") from None

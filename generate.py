@@ -2,6 +2,7 @@
 
     python generate.py --checkpoint model_checkpoint.tar --prompt "ROMEO:" [--max_new_tokens 500]
                        [--temperature 0.8] [--top_k 200] [--top_p 0.95] [--num_samples 1] [--seed 1337]
+                       [--device auto] [--dtype auto]
 
 The prompt comes from --prompt, --prompt_file, or standard input when it is piped; with none of them on a
 terminal, an interactive loop reads one prompt per line. An empty prompt generates from scratch (from the
