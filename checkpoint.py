@@ -30,6 +30,8 @@ from preprocessing.tokenizer import Tokenizer
 CHECKPOINT_VERSION = 2
 REQUIRED_KEYS = ("version", "model_config", "model", "tokenizer")
 NOT_OURS = "is not a GPT-experiments checkpoint"
+DAMAGED = "is not a readable checkpoint"
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
@@ -46,6 +48,7 @@ def _read(path: str | Path, map_location: str | torch.device) -> Any:
     message is not shown: it is long and advises weights_only=False, which would run code from the file."""
     try:
         with open(path, "rb") as f:
+            head = f.read(4)
             is_archive = zipfile.is_zipfile(f)
     except FileNotFoundError:
         raise UsageError(f"checkpoint not found: {path}") from None
@@ -53,8 +56,10 @@ def _read(path: str | Path, map_location: str | torch.device) -> Any:
         raise UsageError(f"checkpoint path is a folder, not a file: {path}") from None
     except OSError as e:
         raise UsageError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
+    if not is_archive and head == ZIP_MAGIC:
+        raise UsageError(f"{path} {DAMAGED} (a PyTorch archive cut short or damaged)")
     if not is_archive:
-        raise UsageError(f"{path} {NOT_OURS} (not a PyTorch archive: truncated, corrupt or another kind of file)")
+        raise UsageError(f"{path} {NOT_OURS} (not a PyTorch archive: another kind of file)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns about pickle protocols before failing
@@ -63,7 +68,7 @@ def _read(path: str | Path, map_location: str | torch.device) -> Any:
         raise UsageError(f"{path} {NOT_OURS} (it holds Python objects other than tensors and plain "
                          f"values)") from None
     except Exception:  # a damaged archive fails in many ways inside torch.load
-        raise UsageError(f"{path} {NOT_OURS} (a damaged PyTorch archive)") from None
+        raise UsageError(f"{path} {DAMAGED} (a damaged PyTorch archive)") from None
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

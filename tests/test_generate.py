@@ -143,7 +143,7 @@ def test_cli_bad_input_is_one_line(case, ckpt_path, tmp_path):
     ck = ["--checkpoint", str(ckpt_path), "--prompt", "x"]
     args, expected = {
         "missing": (["--checkpoint", str(tmp_path / "nope.tar")], "checkpoint not found"),
-        "corrupt": (["--checkpoint", str(corrupt)], "is not a GPT-experiments checkpoint"),
+        "corrupt": (["--checkpoint", str(corrupt)], "is not a readable checkpoint"),
         "version": (["--checkpoint", str(old)], "format version 999"),
         "max_new_tokens": ([*ck, "--max_new_tokens", "0"], "--max_new_tokens must be a positive number"),
         "top_p": ([*ck, "--top_p", "1.5"], "--top_p must be in (0, 1]"),
