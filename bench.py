@@ -31,10 +31,8 @@ from config import TrainConfig
 from data import TokenSplit, token_dtype
 from errors import UsageError, run_cli
 from gpt import GPT, GPTConfig
-from runtime import Runtime, peak_flops, pick_device, pick_dtype
+from runtime import DTYPE_CHOICES, DTYPE_HELP, Runtime, peak_flops, pick_device, pick_dtype
 from training import make_optimizer, train_step
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -46,7 +44,7 @@ class TrainBench:
     batch_size: int = setting(12, "sequences per step", rule=POSITIVE)
     vocab_size: int = setting(65, "vocabulary size (random tokens)", rule=POSITIVE)
     attention: str = setting("sdpa", "attention core", choices=("sdpa", "scratch"))
-    dtype: str = setting("auto", "autocast precision", choices=DTYPES)
+    dtype: str = setting("auto", DTYPE_HELP, choices=DTYPE_CHOICES)
     compile: bool = setting(False, "torch.compile the model")
     peak_tflops: float | None = setting(None, "device peak for MFU (known GPUs are looked up)", rule=POSITIVE)
     warmup: int = setting(10, "untimed steps first", rule=NON_NEGATIVE)

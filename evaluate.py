@@ -26,7 +26,7 @@ from data import CHUNK_BYTES, token_dtype
 from errors import UsageError, run_cli
 from gpt import GPT
 from preprocessing.tokenizer import Tokenizer, corpus_files, iter_corpus
-from runtime import Runtime, allow_tf32, pick_device, pick_dtype
+from runtime import DTYPE_CHOICES, DTYPE_HELP, local_runtime
 
 
 def encode_file(path: Path, tokenizer: Tokenizer) -> tuple[np.ndarray, int]:
@@ -77,8 +77,7 @@ class EvaluateArgs:
     checkpoint: str = setting("model_checkpoint.tar", "checkpoint")
     batch_size: int = setting(8, "windows per forward pass", rule=POSITIVE)
     device: str = setting("auto", "auto, cpu, cuda, cuda:1, mps")
-    dtype: str = setting("auto", "autocast precision; auto: bfloat16 on GPUs that support it, else float32",
-                         choices=("auto", "float32", "bfloat16", "float16"))
+    dtype: str = setting("auto", DTYPE_HELP, choices=DTYPE_CHOICES)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -89,11 +88,9 @@ class EvaluateArgs:
 def main(argv: list[str] | None = None) -> None:
     args = parse_dataclass(EvaluateArgs, "Loss, perplexity and bits per byte of a checkpoint on text.", argv,
                            positional="files")
-    device = pick_device(args.device)  # before the checkpoint: a missing device is the device's fault
-    allow_tf32(device)
-    rt = Runtime(device, pick_dtype(args.dtype, device))
+    rt = local_runtime(args.device, args.dtype)  # before the checkpoint: a missing device is the device's fault
     files = corpus_files(list(args.files))
-    model, tokenizer = model_from_checkpoint(load_checkpoint(args.checkpoint), device, args.checkpoint)
+    model, tokenizer = model_from_checkpoint(load_checkpoint(args.checkpoint), rt.device, args.checkpoint)
     if not model.config.causal:
         raise UsageError(f"{args.checkpoint} is an encoder (masked LM): it has no next-token loss to evaluate; "
                          f"its masked-token loss and accuracy are reported during training")

@@ -34,7 +34,7 @@ from errors import UsageError, run_cli
 from fileio import atomic_write_text, check_output
 from gpt import GPT
 from preprocessing.tokenizer import CLS, PAD, SEP, Tokenizer
-from runtime import Runtime, allow_tf32, pick_device, pick_dtype
+from runtime import DTYPE_CHOICES, DTYPE_HELP, Runtime, local_runtime
 
 TASKS = ("single", "pair")
 Label = str | int
@@ -66,8 +66,7 @@ class FinetuneConfig:
                                "example)")
     seed: int = setting(1337, "seeds the head's initialisation, dropout and the shuffling", rule=SEED)
     device: str = setting("auto", "auto, cpu, cuda, cuda:1, mps")
-    dtype: str = setting("auto", "autocast precision; auto: bfloat16 on GPUs that support it, else float32",
-                         choices=("auto", "float32", "bfloat16", "float16"))
+    dtype: str = setting("auto", DTYPE_HELP, choices=DTYPE_CHOICES)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -378,17 +377,11 @@ def write_predictions(path: str, examples: list[Example], labels: list[Label], p
     atomic_write_text(path, "".join(line + "\n" for line in lines), "predictions")
 
 
-def pick_runtime(c: FinetuneConfig) -> Runtime:
-    device = pick_device(c.device)  # before the checkpoint: a missing device is the device's fault
-    allow_tf32(device)
-    return Runtime(device, pick_dtype(c.dtype, device))
-
-
 def fine_tune(c: FinetuneConfig) -> dict[str, Any]:
     """Fine-tune c.checkpoint on c.train, reporting on c.val each epoch; writes c.out and c.predictions.
     Returns {"history": [per-epoch metrics], "labels", "task"}."""
     c.check_outputs()
-    rt = pick_runtime(c)
+    rt = local_runtime(c.device, c.dtype)  # before the checkpoint: a missing device is the device's fault
     ckpt = load_checkpoint(c.checkpoint)  # on the CPU: only the model moves to the device
     ckpt.pop("optimizer", None)  # a pretrained run's AdamW moments: not needed here
     gpt, tokenizer = model_from_checkpoint(ckpt, rt.device, c.checkpoint)
@@ -435,7 +428,7 @@ def predict(c: FinetuneConfig) -> dict[str, Any]:
     """Classify c.predict with the fine-tuned c.checkpoint; writes c.predictions (and reports accuracy when
     the file has labels)."""
     c.check_outputs()
-    rt = pick_runtime(c)
+    rt = local_runtime(c.device, c.dtype)  # before the checkpoint: a missing device is the device's fault
     ckpt = load_checkpoint(c.checkpoint)  # on the CPU: only the model moves to the device
     if "head" not in ckpt:
         raise UsageError(f"{c.checkpoint} is not a fine-tuned checkpoint (no classification head): "

@@ -26,9 +26,7 @@ from cli import MAX_INT, POSITIVE, SEED, Rule, check_fields, parse_dataclass, se
 from errors import UsageError, run_cli
 from gpt import GPT
 from preprocessing.tokenizer import MASK, Tokenizer
-from runtime import Runtime, allow_tf32, pick_device, pick_dtype
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+from runtime import DTYPE_CHOICES, DTYPE_HELP, local_runtime
 
 
 @dataclass(frozen=True)
@@ -45,8 +43,7 @@ class GenerateArgs:
     num_samples: int = setting(1, "independent samples per prompt", rule=POSITIVE)
     seed: int = setting(1337, "same seed, checkpoint and flags: same text", rule=SEED)
     device: str = setting("auto", "auto, cpu, cuda, cuda:1, mps")
-    dtype: str = setting("auto", "autocast precision; auto: bfloat16 on GPUs that support it, else float32",
-                         choices=DTYPES)
+    dtype: str = setting("auto", DTYPE_HELP, choices=DTYPE_CHOICES)
     tokenizer: str | None = setting(None, "a tokenizer.json to use instead of the checkpoint's (must be the same)")
     no_cache: bool = setting(False, "recompute the whole context each step (slow)")
     stats: bool = setting(False, "print tokens generated and tokens/s on stderr")
@@ -173,14 +170,12 @@ def read_prompt(args: GenerateArgs) -> str | None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    device = pick_device(args.device)  # before the checkpoint: a missing device is the device's fault
-    allow_tf32(device)
-    dtype = pick_dtype(args.dtype, device)
-    model, tokenizer = model_from_checkpoint(load_checkpoint(args.checkpoint), device, args.checkpoint)
+    rt = local_runtime(args.device, args.dtype)  # before the checkpoint: a missing device is the device's fault
+    model, tokenizer = model_from_checkpoint(load_checkpoint(args.checkpoint), rt.device, args.checkpoint)
     if args.tokenizer:
         tokenizer = check_tokenizer(args.tokenizer, tokenizer)
     prompt = read_prompt(args)
-    with Runtime(device, dtype).autocast():  # the precision training used
+    with rt.autocast():  # the precision training used
         if prompt is not None:
             return run_prompt(model, tokenizer, prompt, args)
         print("interactive: type a prompt and press Enter (Ctrl-D to quit)", file=sys.stderr)

@@ -14,6 +14,8 @@ import torch.distributed as dist
 from errors import UsageError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", *DTYPES)  # the --dtype flag of every CLI that runs a model
+DTYPE_HELP = "autocast precision; auto: bfloat16 on GPUs that support it, float16 on older GPUs, else float32"
 
 
 @dataclass(frozen=True)
@@ -126,12 +128,17 @@ def peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> flo
     return peaks.get(precision)
 
 
+def local_runtime(device: str, dtype: str) -> Runtime:
+    """One process on one device (generate, evaluate, finetune, or training without torchrun)."""
+    picked = pick_device(device)
+    allow_tf32(picked)
+    return Runtime(picked, pick_dtype(dtype, picked))
+
+
 def setup_runtime(device: str, dtype: str, fsdp: bool = False) -> Runtime:
     """Single process, or one rank of a torchrun job (RANK/WORLD_SIZE/LOCAL_RANK in the environment)."""
     if "RANK" not in os.environ:
-        picked = pick_device(device)
-        allow_tf32(picked)
-        return Runtime(picked, pick_dtype(dtype, picked))
+        return local_runtime(device, dtype)
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device in ("auto", "cuda") and torch.cuda.is_available():
