@@ -14,21 +14,86 @@ tokens; tokens/s counts the tokens of every optimiser step, and MFU divides the 
 (gpt.flops_per_token) by the device's peak (--peak_tflops, or known GPUs' bf16 dense peak).
 """
 
-import argparse
 import contextlib
+import sys
+import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from cli import NON_NEGATIVE, POSITIVE, check_fields, parse_dataclass, setting
 from config import TrainConfig
-from data import TokenSplit
+from data import TokenSplit, token_dtype
+from errors import UsageError, run_cli
 from gpt import GPT, GPTConfig
 from objectives import NextToken
-from runtime import Runtime, peak_flops, pick_device, pick_dtype
+from runtime import DTYPE_CHOICES, DTYPE_HELP, Runtime, check_fits, peak_flops, pick_device, pick_dtype
 from training import make_optimizer, train_step
+
+
+@dataclass(frozen=True)
+class TrainBench:
+    embedding_dim: int = setting(128, "width of the residual stream", rule=POSITIVE)
+    num_of_layers: int = setting(4, "transformer blocks", rule=POSITIVE)
+    num_of_heads: int = setting(4, "attention heads (must divide embedding_dim)", rule=POSITIVE)
+    block_size: int = setting(64, "context length", rule=POSITIVE)
+    batch_size: int = setting(12, "sequences per step", rule=POSITIVE)
+    vocab_size: int = setting(65, "vocabulary size (random tokens)", rule=POSITIVE)
+    attention: str = setting("sdpa", "attention core", choices=("sdpa", "scratch"))
+    dtype: str = setting("auto", DTYPE_HELP, choices=DTYPE_CHOICES)
+    compile: bool = setting(False, "torch.compile the model")
+    peak_tflops: float | None = setting(None, "device peak for MFU (known GPUs are looked up)", rule=POSITIVE)
+    warmup: int = setting(10, "untimed steps first", rule=NON_NEGATIVE)
+    iters: int = setting(100, "timed steps", rule=POSITIVE)
+    profile: bool = setting(False, "also print where the time of the timed steps goes")
+    device: str = setting("auto", "auto, cpu, cuda, cuda:1, mps")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        GPTConfig(embedding_dim=self.embedding_dim, num_of_heads=self.num_of_heads)  # checks the heads divide it
+
+
+@dataclass(frozen=True)
+class AttentionBench:
+    sizes: tuple[str, ...] = setting(("64,4,128,12", "128,4,256,8", "256,6,384,4"),
+                                     "models to time, each BLOCK,LAYERS,WIDTH,BATCH")
+    vocab_size: int = setting(2048, "vocabulary size (random tokens)", rule=POSITIVE)
+    warmup: int = setting(3, "untimed steps first", rule=NON_NEGATIVE)
+    iters: int = setting(10, "timed steps", rule=POSITIVE)
+    device: str = setting("auto", "auto, cpu, cuda, cuda:1, mps")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        for text in self.sizes:
+            model_size(text)
+
+    def models(self) -> list[tuple[int, int, int, int]]:
+        return [model_size(text) for text in self.sizes]
+
+
+@dataclass(frozen=True)
+class GenerateBench:
+    new_tokens: int = setting(500, "tokens to generate", rule=POSITIVE)
+    block_size: int = setting(256, "context length", rule=POSITIVE)
+    embedding_dim: int = setting(256, "width of the residual stream", rule=POSITIVE)
+    num_of_layers: int = setting(4, "transformer blocks", rule=POSITIVE)
+    num_of_heads: int = setting(4, "attention heads (must divide embedding_dim)", rule=POSITIVE)
+    vocab_size: int = setting(2048, "vocabulary size", rule=POSITIVE)
+    repeats: int = setting(2, "timed runs (after one warm-up)", rule=POSITIVE)
+    device: str = setting("auto", "auto, cpu, cuda, cuda:1, mps")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        GPTConfig(embedding_dim=self.embedding_dim, num_of_heads=self.num_of_heads)  # checks the heads divide it
+
+
+def check_fits_device(config: GPTConfig, batch_size: int, device: torch.device) -> None:
+    check_fits(config.estimated_training_bytes(batch_size), device,
+               f"a {config.num_of_layers}-layer, {config.embedding_dim}-wide model (batch {batch_size})")
 
 
 def timed(fn: Callable[[], object], warmup: int, iters: int, device: torch.device) -> float:
@@ -44,20 +109,22 @@ def timed(fn: Callable[[], object], warmup: int, iters: int, device: torch.devic
     return (time.perf_counter() - start) / iters
 
 
-def random_split(folder: Path, vocab_size: int, n: int = 200_000) -> TokenSplit:
+def random_split(folder: Path, vocab_size: int, block_size: int) -> TokenSplit:
+    """Random tokens, in the dtype the token cache would use for this vocabulary (uint32 above 65,536)."""
+    n = max(200_000, 2 * block_size + 2)
+    dtype = token_dtype(vocab_size)
     path = folder / "bench_tokens.bin"
-    np.random.default_rng(0).integers(0, vocab_size, n, dtype=np.uint16).tofile(path)
-    return TokenSplit(path, "uint16", n, n)
+    np.random.default_rng(0).integers(0, vocab_size, n).astype(dtype).tofile(path)
+    return TokenSplit(path, dtype, n, n)
 
 
-def bench_train(args: argparse.Namespace) -> None:
-    import tempfile
-
+def bench_train(args: TrainBench) -> None:
     device = pick_device(args.device)
     rt = Runtime(device, pick_dtype(args.dtype, device))
     model_config = GPTConfig(vocab_size=args.vocab_size, block_size=args.block_size, embedding_dim=args.embedding_dim,
                              num_of_layers=args.num_of_layers, num_of_heads=args.num_of_heads, dropout=0.0,
                              attention=args.attention)
+    check_fits_device(model_config, args.batch_size, device)
     c = TrainConfig(model=model_config, batch_size=args.batch_size, compile=args.compile, warmup_iters=0)
     torch.manual_seed(0)
     model = GPT(model_config).to(device)
@@ -65,7 +132,7 @@ def bench_train(args: argparse.Namespace) -> None:
     step_model = torch.compile(model) if c.compile else model
     scaler = torch.amp.GradScaler(device.type, enabled=rt.dtype == torch.float16)
     with tempfile.TemporaryDirectory() as tmp:
-        split = random_split(Path(tmp), args.vocab_size)
+        split = random_split(Path(tmp), args.vocab_size, model_config.block_size)
         counter = iter(range(10 ** 9))
         activities = [torch.profiler.ProfilerActivity.CPU] + (
             [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -89,18 +156,23 @@ def model_size(text: str) -> tuple[int, int, int, int]:
     try:
         block, layers, width, batch = (int(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"want block,layers,width,batch (like 64,4,128,12), not {text!r}") from None
+        raise UsageError(f"--sizes: want BLOCK,LAYERS,WIDTH,BATCH (like 64,4,128,12), not {text!r}") from None
+    if min(block, layers, width, batch) <= 0 or max(block, layers, width, batch) > 2 ** 31:
+        raise UsageError(f"--sizes: each of BLOCK,LAYERS,WIDTH,BATCH must be a positive number, got {text!r}")
     return block, layers, width, batch
 
 
-def bench_attention(args: argparse.Namespace) -> None:
+def bench_attention(args: AttentionBench) -> None:
     """Forward + backward of a whole GPT with each attention core, at a few sizes."""
     device = pick_device(args.device)
+    for block, layers, width, batch in args.models():
+        check_fits_device(GPTConfig(vocab_size=args.vocab_size, block_size=block, embedding_dim=width,
+                                    num_of_layers=layers, num_of_heads=max(2, width // 64)), batch, device)
     print(f"device {device}, float32, heads = max(2, width / 64), vocab {args.vocab_size}, dropout 0, "
           f"{args.warmup} warm-up + {args.iters} timed steps")
     print("| block | layers | width | heads | batch | scratch tokens/s | sdpa tokens/s | sdpa speed-up |")
     print("|---|---|---|---|---|---|---|---|")
-    for block, layers, width, batch in args.sizes:
+    for block, layers, width, batch in args.models():
         heads = max(2, width // 64)
         rates = []
         for core in ("scratch", "sdpa"):
@@ -114,11 +186,12 @@ def bench_attention(args: argparse.Namespace) -> None:
               f"{rates[1] / rates[0]:.2f}x |")
 
 
-def bench_generate(args: argparse.Namespace) -> None:
+def bench_generate(args: GenerateBench) -> None:
     """Tokens/s generating --new_tokens greedily from one token, with and without the KV cache."""
     device = pick_device(args.device)
     config = GPTConfig(vocab_size=args.vocab_size, block_size=args.block_size, embedding_dim=args.embedding_dim,
                        num_of_layers=args.num_of_layers, num_of_heads=args.num_of_heads, dropout=0.0)
+    check_fits_device(config, 1, device)
     torch.manual_seed(0)
     model = GPT(config).to(device).eval()
     start = torch.zeros(1, 1, dtype=torch.long, device=device)
@@ -134,42 +207,25 @@ def bench_generate(args: argparse.Namespace) -> None:
         print(f"| {'yes' if use_cache else 'no'} | {rates[use_cache]:,.0f} | {rates[use_cache] / rates[False]:.2f}x |")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="GPT-experiments speed benchmarks (markdown tables).")
-    sub = parser.add_subparsers(dest="what", required=True)
-    train = sub.add_parser("train", help="training step throughput and MFU")
-    train.add_argument("--embedding_dim", type=int, default=128)
-    train.add_argument("--num_of_layers", type=int, default=4)
-    train.add_argument("--num_of_heads", type=int, default=4)
-    train.add_argument("--block_size", type=int, default=64)
-    train.add_argument("--batch_size", type=int, default=12)
-    train.add_argument("--vocab_size", type=int, default=65)
-    train.add_argument("--attention", default="sdpa", choices=("sdpa", "scratch"))
-    train.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
-    train.add_argument("--compile", action="store_true")
-    train.add_argument("--peak_tflops", type=float, help="device peak for MFU (known GPUs are looked up)")
-    train.add_argument("--warmup", type=int, default=10)
-    train.add_argument("--iters", type=int, default=100)
-    train.add_argument("--profile", action="store_true", help="also print where the time of the timed steps goes")
-    attention = sub.add_parser("attention", help="scratch vs SDPA attention, forward + backward")
-    attention.add_argument("--sizes", type=model_size, nargs="+", metavar="BLOCK,LAYERS,WIDTH,BATCH",
-                           default=[(64, 4, 128, 12), (128, 4, 256, 8), (256, 6, 384, 4)])
-    attention.add_argument("--vocab_size", type=int, default=2048)
-    attention.add_argument("--warmup", type=int, default=3)
-    attention.add_argument("--iters", type=int, default=10)
-    generate = sub.add_parser("generate", help="generation with and without the KV cache")
-    generate.add_argument("--new_tokens", type=int, default=500)
-    generate.add_argument("--block_size", type=int, default=256)
-    generate.add_argument("--embedding_dim", type=int, default=256)
-    generate.add_argument("--num_of_layers", type=int, default=4)
-    generate.add_argument("--num_of_heads", type=int, default=4)
-    generate.add_argument("--vocab_size", type=int, default=2048)
-    generate.add_argument("--repeats", type=int, default=2)
-    for p in (train, attention, generate):
-        p.add_argument("--device", default="auto")
-    args = parser.parse_args()
-    {"train": bench_train, "attention": bench_attention, "generate": bench_generate}[args.what](args)
+BENCHMARKS: dict[str, tuple[type, Callable[..., None], str]] = {
+    "train": (TrainBench, bench_train, "training step throughput and MFU"),
+    "attention": (AttentionBench, bench_attention, "scratch vs SDPA attention, forward + backward"),
+    "generate": (GenerateBench, bench_generate, "generation with and without the KV cache"),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print("usage: bench.py {train,attention,generate} [flags]   (bench.py WHAT --help lists the flags)\n" +
+              "\n".join(f"  {name:10} {about}" for name, (_, _, about) in BENCHMARKS.items()))
+        return
+    if not argv or argv[0] not in BENCHMARKS:
+        got = f", not {argv[0]!r}" if argv else ""
+        raise UsageError(f"say what to benchmark: {', '.join(BENCHMARKS)}{got} (bench.py --help)")
+    cls, run, about = BENCHMARKS[argv[0]]
+    run(parse_dataclass(cls, f"bench.py {argv[0]}: {about}", argv[1:]))
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -39,6 +39,7 @@ NON_NEGATIVE = Rule("a number >= 0", lambda v: v >= 0)  # "an integer >= 0" for 
 FRACTION = Rule("in [0, 1)", lambda v: 0 <= v < 1)  # dropout, betas
 OPEN_FRACTION = Rule("in (0, 1)", lambda v: 0 < v < 1)
 MAX_INT = 2 ** 63 - 1  # what torch and numpy take as a seed or a count
+SEED = Rule(f"in [0, {MAX_INT}]", lambda v: 0 <= v <= MAX_INT)
 
 
 def setting(default: Any, help: str, *, rule: Rule | None = None, choices: tuple[str, ...] | None = None,
@@ -71,7 +72,13 @@ def check_fields(obj: Any) -> None:
     """Every field's value against its type's sanity (finite floats, ints in range), its choices and its rule."""
     for f in declared_fields(type(obj)):
         value = getattr(obj, f.name)
-        if value is None or isinstance(value, bool | str | tuple):
+        if value is None:  # not set: the program picks (see the field's help)
+            continue
+        kind = scalar_type(f)
+        number_for_float = kind is float and isinstance(value, int) and not isinstance(value, bool)
+        if not isinstance(value, tuple) and type(value) is not kind and not number_for_float:
+            raise UsageError(f"--{f.name} must be of type {kind.__name__}, got {value!r}")
+        if isinstance(value, bool | str | tuple):
             if f.metadata["choices"] and value not in f.metadata["choices"]:
                 raise UsageError(f"--{f.name} must be one of {', '.join(f.metadata['choices'])}, got {value!r}")
             continue
@@ -134,8 +141,9 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, positional: str | None
         elif kind is bool:
             group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=help_text)
         else:
+            many = typing.get_origin(f.type) is tuple or tuple in map(typing.get_origin, typing.get_args(f.type))
             group.add_argument(f"--{f.name}", type=_number(kind) if kind in (int, float) else kind,
-                               choices=meta["choices"], help=help_text)
+                               choices=meta["choices"], help=help_text, **({"nargs": "+"} if many else {}))
 
 
 def parse_dataclass(cls: type, description: str, argv: list[str] | None = None,
@@ -147,4 +155,4 @@ def parse_dataclass(cls: type, description: str, argv: list[str] | None = None,
     if positional is not None and values.get(positional) == []:
         del values[positional]
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    return cls(**{name: coerce(fields[name], v) if name == positional else v for name, v in values.items()})
+    return cls(**{name: coerce(fields[name], v) if isinstance(v, list) else v for name, v in values.items()})

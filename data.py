@@ -16,12 +16,14 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from errors import UsageError
+from fileio import atomic_write_text, remove_stale_temps
 from preprocessing.tokenizer import Tokenizer
 
 CACHE_FORMAT = 1  # bump when the layout of the cache files changes
@@ -86,22 +88,67 @@ def cache_meta_path(files: list[Path], tokenizer: Tokenizer, cache_dir: Path, va
 
 def build_token_cache(files: list[Path], tokenizer: Tokenizer, cache_dir: Path,
                       val_fraction: float) -> dict[str, TokenSplit]:
-    """Tokenize the corpus into cache_dir/<key>/{train,val}.bin, or reuse them if they already exist."""
-    meta_path = cache_meta_path(files, tokenizer, cache_dir, val_fraction)
-    folder = meta_path.parent
-    if not meta_path.exists():
-        _write_token_files(files, tokenizer, folder, val_fraction)
-    meta = json.loads(meta_path.read_text())
-    return {split: TokenSplit(folder / f"{split}.bin", meta["dtype"], meta[split]["num_tokens"],
-                              meta[split]["num_bytes"]) for split in ("train", "val")}
+    """Tokenize the corpus into cache_dir/<key>/{train,val}.bin, or reuse them if they already exist whole.
+
+    A torn cache (a meta.json that is empty or invalid, a .bin file missing or of the wrong size: a build
+    killed on an old version, a full disk, a hand edit) is rebuilt. Two processes building the same cache at
+    once both succeed: each writes its own temporary files, and the second rename puts identical files in place.
+    """
+    folder = cache_meta_path(files, tokenizer, cache_dir, val_fraction).parent
+    splits = _read_cache(folder)
+    if splits is None:
+        try:
+            _write_token_files(files, tokenizer, folder, val_fraction)
+        except OSError as e:
+            raise UsageError(f"cannot write the token cache in {folder}: {e.strerror or e}") from None
+        splits = _read_cache(folder)
+        if splits is None:
+            raise UsageError(f"the token cache in {folder} could not be read back after writing it")
+    return splits
+
+
+def _read_cache(folder: Path) -> dict[str, TokenSplit] | None:
+    """The cache's splits if meta.json and both token files are whole, else None (to be rebuilt)."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        splits = {split: TokenSplit(folder / f"{split}.bin", meta["dtype"], int(meta[split]["num_tokens"]),
+                                    int(meta[split]["num_bytes"])) for split in ("train", "val")}
+        for split in splits.values():
+            if split.path.stat().st_size != split.num_tokens * np.dtype(split.dtype).itemsize:
+                return None
+    except (OSError, ValueError, KeyError, TypeError):  # missing, empty, not JSON, wrong fields
+        return None
+    return splits
 
 
 def _write_token_files(files: list[Path], tokenizer: Tokenizer, folder: Path, val_fraction: float) -> None:
-    """Stream the corpus through the tokenizer; meta.json is written last, so a half-built cache is never used."""
+    """Stream the corpus through the tokenizer into temporary files named by this process's id, rename them,
+    and write meta.json last (atomically), so a half-built cache is never taken for a whole one."""
     folder.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tokenizer.vocab_size)
     counts = {s: {"num_tokens": 0, "num_bytes": 0} for s in ("train", "val")}
-    outs = {s: open(folder / f"{s}.bin.tmp", "wb") for s in ("train", "val")}
+    tmps = {s: folder / f"{s}.bin.tmp{os.getpid()}" for s in ("train", "val")}
+    for split in tmps:
+        remove_stale_temps(folder / f"{split}.bin")
+    try:
+        with open(tmps["train"], "wb") as train_out, open(tmps["val"], "wb") as val_out:
+            _tokenize_into({"train": train_out, "val": val_out}, counts, files, tokenizer, val_fraction, dtype)
+            for f in (train_out, val_out):
+                f.flush()
+                os.fsync(f.fileno())
+        for split, tmp in tmps.items():
+            os.replace(tmp, folder / f"{split}.bin")
+    finally:
+        for tmp in tmps.values():
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass  # never hide the error that brought us here
+    atomic_write_text(folder / "meta.json", json.dumps({"dtype": dtype, **counts}), "token cache index")
+
+
+def _tokenize_into(outs: dict[str, BinaryIO], counts: dict[str, dict[str, int]], files: list[Path],
+                   tokenizer: Tokenizer, val_fraction: float, dtype: str) -> None:
     pending: dict[str, list[bytes]] = {"train": [], "val": []}
 
     def flush(split: str, end_of_document: bool) -> None:
@@ -129,10 +176,6 @@ def _write_token_files(files: list[Path], tokenizer: Tokenizer, folder: Path, va
             counts[split]["num_bytes"] += len(line)
             buffered += len(line)
             bar.update(len(line))
-    for split, f in outs.items():
-        f.close()
-        os.replace(folder / f"{split}.bin.tmp", folder / f"{split}.bin")
-    (folder / "meta.json").write_text(json.dumps({"dtype": dtype, **counts}))
 
 
 @dataclass(frozen=True)

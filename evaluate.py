@@ -1,6 +1,6 @@
 """Loss, perplexity and bits per byte of a checkpoint on any text, to compare models and tokenizers fairly.
 
-    python evaluate.py --checkpoint model_checkpoint.tar FILE [FILE ...] [--batch_size 8] [--device auto]
+    python evaluate.py --checkpoint model_checkpoint.tar FILE [FILE ...] [--batch_size 8] [--device auto] [--dtype auto]
 
 The text's tokens are cut into consecutive windows of block_size + 1 tokens that share their boundary
 token; in each, every token is predicted from those before it in the same window (so a window's first
@@ -12,6 +12,7 @@ tokens see little context: slightly pessimistic next to a sliding window, and fa
 """
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +21,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import load_checkpoint, model_from_checkpoint
+from cli import POSITIVE, check_fields, parse_dataclass, setting
 from data import CHUNK_BYTES, token_dtype
-from errors import CliParser, UsageError, run_cli
+from errors import UsageError, run_cli
 from gpt import GPT
 from preprocessing.tokenizer import Tokenizer, corpus_files, iter_corpus
-from runtime import pick_device
+from runtime import DTYPE_CHOICES, DTYPE_HELP, local_runtime
 
 
 def encode_file(path: Path, tokenizer: Tokenizer) -> tuple[np.ndarray, int]:
@@ -69,22 +71,32 @@ def evaluate_tokens(model: GPT, ids: np.ndarray, n_bytes: int, batch_size: int =
             "tokens": len(ids), "bytes": n_bytes}
 
 
-def main() -> None:
-    parser = CliParser(description="Loss, perplexity and bits per byte of a checkpoint on text.")
-    parser.add_argument("files", nargs="+", help="text files or folders of .txt files")
-    parser.add_argument("--checkpoint", default="model_checkpoint.tar", help="checkpoint (default %(default)s)")
-    parser.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
-    args = parser.parse_args()
-    if args.batch_size <= 0:
-        raise UsageError(f"--batch_size must be positive, got {args.batch_size}")
-    device = pick_device(args.device)
-    model, tokenizer = model_from_checkpoint(load_checkpoint(args.checkpoint, map_location=device), device)
+@dataclass(frozen=True)
+class EvaluateArgs:
+    files: tuple[str, ...] = setting((), "text files or folders of .txt files")
+    checkpoint: str = setting("model_checkpoint.tar", "checkpoint")
+    batch_size: int = setting(8, "windows per forward pass", rule=POSITIVE)
+    device: str = setting("auto", "auto, cpu, cuda, cuda:1, mps")
+    dtype: str = setting("auto", DTYPE_HELP, choices=DTYPE_CHOICES)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if not self.files:
+            raise UsageError("give at least one text file (or folder of .txt files) to evaluate on")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_dataclass(EvaluateArgs, "Loss, perplexity and bits per byte of a checkpoint on text.", argv,
+                           positional="files")
+    rt = local_runtime(args.device, args.dtype)  # before the checkpoint: a missing device is the device's fault
+    files = corpus_files(list(args.files))
+    model, tokenizer = model_from_checkpoint(load_checkpoint(args.checkpoint), rt.device, args.checkpoint)
     if not model.config.causal:
         raise UsageError(f"{args.checkpoint} is an encoder (masked LM): it has no next-token loss to evaluate; "
                          f"its masked-token loss and accuracy are reported during training")
-    for path in corpus_files(args.files):
-        r = evaluate_tokens(model, *encode_file(path, tokenizer), args.batch_size, progress=True)
+    for path in files:
+        with rt.autocast():
+            r = evaluate_tokens(model, *encode_file(path, tokenizer), args.batch_size, progress=True)
         print(f"{path}: loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.2f}, "
               f"{r['bits_per_byte']:.4f} bits/byte ({r['tokens']:,} tokens, {r['bytes']:,} bytes)")
 

@@ -19,10 +19,8 @@ decoder keeps predicting the next token of its input as an auxiliary loss:
 import csv
 import json
 import math
-import os
 import sys
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -31,85 +29,68 @@ from torch import nn
 from tqdm import tqdm
 
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from errors import CliParser, UsageError, run_cli
+from cli import FRACTION, NON_NEGATIVE, POSITIVE, SEED, Rule, check_fields, parse_dataclass, setting
+from errors import UsageError, run_cli
+from fileio import atomic_write_text, check_output
 from gpt import GPT
 from preprocessing.tokenizer import CLS, PAD, SEP, Tokenizer
-from runtime import pick_device
+from runtime import DTYPE_CHOICES, DTYPE_HELP, Runtime, local_runtime
 
 TASKS = ("single", "pair")
 Label = str | int
+CSV_FIELD_LIMIT = 2 ** 31 - 1  # csv refuses fields over 128 kB by default; JSONL has no such limit
 
 
-@dataclass
+@dataclass(frozen=True)
 class FinetuneConfig:
     """Every fine-tuning setting; the defaults are the GPT-1 paper's (section 4.1, "Fine-tuning details")."""
 
-    checkpoint: str = "model_checkpoint.tar"
-    train: str | None = None
-    val: str | None = None
-    predict: str | None = None  # classify this file with a fine-tuned --checkpoint instead of training
-    task: str | None = None  # "single" or "pair"; None: read from the training file's columns
-    epochs: int = 3
-    lr: float = 6.25e-5
-    batch_size: int = 32
-    lm_weight: float = 0.5  # λ, the auxiliary language-model loss's weight (decoders only)
-    classifier_dropout: float = 0.1
-    warmup_fraction: float = 0.002  # linear warmup over 0.2% of the steps, then linear decay to 0
-    weight_decay: float = 0.01
-    out: str = "finetuned.tar"
-    predictions: str = "predictions.jsonl"
-    seed: int = 1337
-    device: str = "auto"
+    checkpoint: str = setting("model_checkpoint.tar", "pretrained checkpoint (or, with --predict, a fine-tuned one)")
+    train: str | None = setting(None, "labelled training data, .csv or .jsonl")
+    val: str | None = setting(None, "labelled validation data: accuracy per epoch, and the predictions file")
+    predict: str | None = setting(None, "classify this .csv/.jsonl with a fine-tuned --checkpoint (no training)")
+    task: str | None = setting(None, "single (a text column) or pair (text_a, text_b); default: from the "
+                               "training file's columns", choices=TASKS)
+    epochs: int = setting(3, "passes over the training data", rule=POSITIVE)
+    lr: float = setting(6.25e-5, "peak learning rate (AdamW)", rule=POSITIVE)
+    batch_size: int = setting(32, "examples per step", rule=POSITIVE)
+    lm_weight: float = setting(0.5, "weight λ of the auxiliary next-token loss (0 = none); decoders only, an "
+                               "encoder ignores it", rule=NON_NEGATIVE)
+    classifier_dropout: float = setting(0.1, "dropout before the classification layer", rule=FRACTION)
+    warmup_fraction: float = setting(0.002, "fraction of the steps spent warming the learning rate up (0.2%); "
+                                     "then linear decay to 0", rule=Rule("in [0, 1]", lambda v: 0 <= v <= 1))
+    weight_decay: float = setting(0.01, "AdamW weight decay on matrices and embeddings (never biases or LayerNorm "
+                                  "gains)", rule=NON_NEGATIVE)
+    out: str = setting("finetuned.tar", "fine-tuned checkpoint to write")
+    predictions: str = setting("predictions.jsonl", "JSONL file of predictions (one line per val or --predict "
+                               "example)")
+    seed: int = setting(1337, "seeds the head's initialisation, dropout and the shuffling", rule=SEED)
+    device: str = setting("auto", "auto, cpu, cuda, cuda:1, mps")
+    dtype: str = setting("auto", DTYPE_HELP, choices=DTYPE_CHOICES)
 
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.predict is not None:
+            if self.train is not None or self.val is not None:
+                raise UsageError("give --train and --val to fine-tune, or --predict to classify; not both")
+        elif self.train is None or self.val is None:
+            raise UsageError("fine-tuning needs --train and --val files (or --predict FILE to classify)")
+        if self.lr * self.weight_decay >= 1:  # AdamW multiplies each weight by 1 - lr * weight_decay per step
+            raise UsageError(f"--lr {self.lr} times --weight_decay {self.weight_decay} must be below 1")
 
-HELP = {
-    "checkpoint": "pretrained checkpoint (or, with --predict, a fine-tuned one)",
-    "train": "labelled training data, .csv or .jsonl",
-    "val": "labelled validation data: accuracy per epoch, and the predictions file",
-    "predict": "classify this .csv/.jsonl with a fine-tuned --checkpoint (no training)",
-    "task": "single (a text column) or pair (text_a, text_b); default: from the training file's columns",
-    "epochs": "passes over the training data",
-    "lr": "peak learning rate (AdamW)",
-    "batch_size": "examples per step",
-    "lm_weight": "weight of the auxiliary next-token loss (0 = none); decoders only, an encoder ignores it",
-    "classifier_dropout": "dropout before the classification layer",
-    "warmup_fraction": "fraction of the steps spent warming the learning rate up; then linear decay to 0",
-    "weight_decay": "AdamW weight decay on matrices and embeddings (never biases or LayerNorm gains)",
-    "out": "fine-tuned checkpoint to write",
-    "predictions": "JSONL file of predictions (one line per val or --predict example)",
-    "seed": "seeds the head's initialisation, dropout and the shuffling",
-    "device": "auto, cpu, cuda, mps",
-}
+    def check_outputs(self) -> None:
+        """Before any work: each output can be written and is none of the inputs nor the other output."""
+        inputs = [("--checkpoint", self.checkpoint), ("--train", self.train), ("--val", self.val),
+                  ("--predict", self.predict)]
+        if self.predict is None:
+            check_output(self.out, "--out", inputs, [("--predictions", self.predictions)])
+        check_output(self.predictions, "--predictions", inputs,
+                     [("--out", self.out)] if self.predict is None else [])
 
 
 def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
-    p = CliParser(description="Fine-tune a checkpoint to classify texts or text pairs (GPT-1 style).")
-    for f in fields(FinetuneConfig):
-        kind = f.type if f.type in (int, float) else str
-        choices = TASKS if f.name == "task" else None
-        p.add_argument(f"--{f.name}", type=kind, default=f.default, choices=choices,
-                       help=HELP[f.name] + (" (default %(default)s)" if f.default is not None else ""))
-    c = FinetuneConfig(**vars(p.parse_args(argv)))
-    if c.predict is not None:
-        if c.train is not None or c.val is not None:
-            raise UsageError("give --train and --val to fine-tune, or --predict to classify; not both")
-        return c
-    if c.train is None or c.val is None:
-        raise UsageError("fine-tuning needs --train and --val files (or --predict FILE to classify)")
-    for name in ("epochs", "batch_size"):
-        if getattr(c, name) <= 0:
-            raise UsageError(f"--{name} must be positive, got {getattr(c, name)}")
-    if c.lr <= 0:
-        raise UsageError(f"--lr must be positive, got {c.lr}")
-    if c.lm_weight < 0 or c.weight_decay < 0:
-        raise UsageError("--lm_weight and --weight_decay must be >= 0")
-    if not 0 <= c.classifier_dropout < 1:
-        raise UsageError(f"--classifier_dropout must be in [0, 1), got {c.classifier_dropout}")
-    if not 0 <= c.warmup_fraction <= 1:
-        raise UsageError(f"--warmup_fraction must be in [0, 1], got {c.warmup_fraction}")
-    if Path(c.out).resolve() == Path(c.checkpoint).resolve():
-        raise UsageError("--out is the pretrained --checkpoint: choose another file so it is not overwritten")
-    return c
+    return parse_dataclass(FinetuneConfig, "Fine-tune a checkpoint to classify texts or text pairs (GPT-1 style).",
+                           argv)
 
 
 # ----------------------------------------------------------------------------- reading labelled data
@@ -123,8 +104,10 @@ class Example:
 
 def read_records(path: str) -> list[tuple[int, dict[str, Any]]]:
     """(line number, record) for every record of a .csv (header row first) or .jsonl file."""
+    csv.field_size_limit(CSV_FIELD_LIMIT)
     try:
-        with open(path, encoding="utf-8", newline="") as f:
+        # utf-8-sig: a byte-order mark (spreadsheet programs write one) is not part of the first column's name
+        with open(path, encoding="utf-8-sig", newline="") as f:
             if path.endswith(".jsonl"):
                 records = [(n, _json_object(line, path, n)) for n, line in enumerate(f, 1) if line.strip()]
             elif path.endswith(".csv"):
@@ -134,7 +117,9 @@ def read_records(path: str) -> list[tuple[int, dict[str, Any]]]:
                 raise UsageError(f"{path}: give a .csv or .jsonl file")
     except FileNotFoundError:
         raise UsageError(f"data file not found: {path}") from None
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
+    except (UnicodeDecodeError, csv.Error) as e:
         raise UsageError(f"cannot read {path}: {e}") from None
     if not records:
         raise UsageError(f"{path} holds no examples")
@@ -184,6 +169,8 @@ def read_examples(path: str, task: str | None, need_label: bool = True) -> tuple
             value = record.get(column)
             if not isinstance(value, str):
                 raise UsageError(f"{path} line {n}: {column} is {'missing' if value is None else 'not a string'}")
+            if not value.strip():
+                raise UsageError(f"{path} line {n}: {column} is empty")
             texts.append(value)
         label = record.get("label")
         if label is None or label == "":
@@ -327,21 +314,22 @@ def learning_rate(step: int, total_steps: int, warmup_steps: int, lr: float) -> 
 
 @torch.no_grad()
 def classify(model: Classifier, sequences: list[list[int]], pad_id: int, batch_size: int,
-             device: torch.device) -> torch.Tensor:
+             rt: Runtime) -> torch.Tensor:
     """Class probabilities (N, num_labels), in eval mode (no dropout)."""
     model.eval()
     probs = []
     for start in range(0, len(sequences), batch_size):
         idx, mask = collate(sequences[start:start + batch_size], pad_id)
-        logits, _ = model(idx.to(device), mask.to(device))
+        with rt.autocast():
+            logits, _ = model(idx.to(rt.device), mask.to(rt.device))
         probs.append(logits.float().softmax(dim=-1).cpu())
     return torch.cat(probs)
 
 
 def evaluate(model: Classifier, sequences: list[list[int]], labels: torch.Tensor, pad_id: int, batch_size: int,
-             device: torch.device) -> tuple[dict[str, float], torch.Tensor]:
+             rt: Runtime) -> tuple[dict[str, float], torch.Tensor]:
     """Mean classification loss and accuracy, and the probabilities they come from."""
-    probs = classify(model, sequences, pad_id, batch_size, device)
+    probs = classify(model, sequences, pad_id, batch_size, rt)
     loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels).item()
     accuracy = (probs.argmax(dim=-1) == labels).float().mean().item()
     return {"loss": loss, "accuracy": accuracy}, probs
@@ -349,21 +337,25 @@ def evaluate(model: Classifier, sequences: list[list[int]], labels: torch.Tensor
 
 def train_epoch(model: Classifier, optimizer: torch.optim.Optimizer, sequences: list[list[int]],
                 labels: torch.Tensor, c: FinetuneConfig, pad_id: int, first_step: int, total_steps: int,
-                generator: torch.Generator, device: torch.device, epoch: int) -> float:
+                generator: torch.Generator, rt: Runtime, epoch: int) -> float:
     """One shuffled pass over the training set; returns the mean total loss."""
     model.train()
     order = torch.randperm(len(sequences), generator=generator).tolist()
     warmup_steps = math.ceil(c.warmup_fraction * total_steps)
     batches = [order[i:i + c.batch_size] for i in range(0, len(order), c.batch_size)]
     total = 0.0
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)  # float16 needs loss scaling
     bar = tqdm(batches, desc=f"epoch {epoch}/{c.epochs}", unit="batch", dynamic_ncols=True, disable=None)
     for i, batch in enumerate(bar):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(first_step + i, total_steps, warmup_steps, c.lr)
         idx, mask = collate([sequences[j] for j in batch], pad_id)
-        terms = loss_terms(model, idx.to(device), mask.to(device), labels[batch].to(device), c.lm_weight)
-        terms["total"].backward()
-        optimizer.step()
+        with rt.autocast():
+            terms = loss_terms(model, idx.to(rt.device), mask.to(rt.device), labels[batch].to(rt.device),
+                               c.lm_weight)
+        scaler.scale(terms["total"]).backward()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         loss = terms["total"].item()
         if not math.isfinite(loss):
@@ -375,38 +367,24 @@ def train_epoch(model: Classifier, optimizer: torch.optim.Optimizer, sequences: 
 
 def write_predictions(path: str, examples: list[Example], labels: list[Label], probs: torch.Tensor) -> None:
     """One JSON line per example: its text(s), gold label (when known), predicted label and its probability.
-    Written to a temporary file first, so a failure never leaves a half-written file."""
-    tmp = Path(f"{path}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for e, p in zip(examples, probs, strict=True):
-                texts = {"text": e.text_a} if e.text_b is None else {"text_a": e.text_a, "text_b": e.text_b}
-                gold = {} if e.label is None else {"label": e.label}
-                best = int(p.argmax())
-                f.write(json.dumps({**texts, **gold, "predicted": labels[best],
-                                    "probability": round(float(p[best]), 6)}) + "\n")
-        os.replace(tmp, path)
-    except OSError as e:
-        raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def check_output_folder(path: str, flag: str) -> None:
-    """Fail before training, not after it, when an output cannot be written."""
-    folder = Path(path).resolve().parent
-    if not folder.is_dir():
-        raise UsageError(f"{flag} {path}: folder {folder} does not exist")
+    Written atomically, so a failure never leaves a half-written file."""
+    lines = []
+    for e, p in zip(examples, probs, strict=True):
+        texts = {"text": e.text_a} if e.text_b is None else {"text_a": e.text_a, "text_b": e.text_b}
+        gold = {} if e.label is None else {"label": e.label}
+        best = int(p.argmax())
+        lines.append(json.dumps({**texts, **gold, "predicted": labels[best], "probability": round(float(p[best]), 6)}))
+    atomic_write_text(path, "".join(line + "\n" for line in lines), "predictions")
 
 
 def fine_tune(c: FinetuneConfig) -> dict[str, Any]:
     """Fine-tune c.checkpoint on c.train, reporting on c.val each epoch; writes c.out and c.predictions.
     Returns {"history": [per-epoch metrics], "labels", "task"}."""
-    check_output_folder(c.out, "--out")
-    check_output_folder(c.predictions, "--predictions")
-    device = pick_device(c.device)
-    ckpt = load_checkpoint(c.checkpoint, map_location=device)
-    gpt, tokenizer = model_from_checkpoint(ckpt, device)
+    c.check_outputs()
+    rt = local_runtime(c.device, c.dtype)  # before the checkpoint: a missing device is the device's fault
+    ckpt = load_checkpoint(c.checkpoint)  # on the CPU: only the model moves to the device
+    ckpt.pop("optimizer", None)  # a pretrained run's AdamW moments: not needed here
+    gpt, tokenizer = model_from_checkpoint(ckpt, rt.device, c.checkpoint)
     fmt = InputFormat.for_model(gpt, tokenizer)
     train_examples, task = read_examples(c.train, c.task)
     val_examples, _ = read_examples(c.val, task)
@@ -418,8 +396,8 @@ def fine_tune(c: FinetuneConfig) -> dict[str, Any]:
     val_x = encode_examples(val_examples, tokenizer, fmt, c.val)
 
     torch.manual_seed(c.seed)
-    model = Classifier(gpt, len(labels), c.classifier_dropout).to(device)
-    fused = device.type in ("cpu", "cuda")  # one kernel for all parameters, as in playground.py
+    model = Classifier(gpt, len(labels), c.classifier_dropout).to(rt.device)
+    fused = rt.device.type in ("cpu", "cuda")  # one kernel for all parameters, as in playground.py
     optimizer = torch.optim.AdamW(model.optimizer_groups(c.weight_decay), lr=c.lr, fused=fused)
     generator = torch.Generator().manual_seed(c.seed)
     steps_per_epoch = math.ceil(len(train_x) / c.batch_size)
@@ -431,8 +409,8 @@ def fine_tune(c: FinetuneConfig) -> dict[str, Any]:
     history = []
     for epoch in range(1, c.epochs + 1):
         train_loss = train_epoch(model, optimizer, train_x, train_y, c, fmt.pad_id, (epoch - 1) * steps_per_epoch,
-                                 c.epochs * steps_per_epoch, generator, device, epoch)
-        val, probs = evaluate(model, val_x, val_y, fmt.pad_id, c.batch_size, device)
+                                 c.epochs * steps_per_epoch, generator, rt, epoch)
+        val, probs = evaluate(model, val_x, val_y, fmt.pad_id, c.batch_size, rt)
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"],
                         "val_accuracy": val["accuracy"]})
         print(f"epoch {epoch}: train loss {train_loss:.4f}, val loss {val['loss']:.4f}, "
@@ -449,19 +427,24 @@ def fine_tune(c: FinetuneConfig) -> dict[str, Any]:
 def predict(c: FinetuneConfig) -> dict[str, Any]:
     """Classify c.predict with the fine-tuned c.checkpoint; writes c.predictions (and reports accuracy when
     the file has labels)."""
-    check_output_folder(c.predictions, "--predictions")
-    device = pick_device(c.device)
-    ckpt = load_checkpoint(c.checkpoint, map_location=device)
+    c.check_outputs()
+    rt = local_runtime(c.device, c.dtype)  # before the checkpoint: a missing device is the device's fault
+    ckpt = load_checkpoint(c.checkpoint)  # on the CPU: only the model moves to the device
     if "head" not in ckpt:
         raise UsageError(f"{c.checkpoint} is not a fine-tuned checkpoint (no classification head): "
                          f"fine-tune it first with --train and --val")
-    gpt, tokenizer = model_from_checkpoint(ckpt, device)
-    labels = ckpt["labels"]
-    model = Classifier(gpt, len(labels), 0.0).to(device)
-    model.head.load_state_dict(ckpt["head"])
+    gpt, tokenizer = model_from_checkpoint(ckpt, rt.device, c.checkpoint)
+    labels = ckpt.get("labels")
+    if not isinstance(labels, list) or len(labels) < 2 or ckpt.get("task") not in TASKS:
+        raise UsageError(f"{c.checkpoint}: its labels or task entry is damaged")
+    model = Classifier(gpt, len(labels), 0.0).to(rt.device)
+    try:
+        model.head.load_state_dict(ckpt["head"])
+    except (RuntimeError, TypeError, KeyError, AttributeError):
+        raise UsageError(f"{c.checkpoint}: its classification head does not fit its {len(labels)} labels") from None
     fmt = InputFormat.for_model(gpt, tokenizer)
     examples, _ = read_examples(c.predict, ckpt["task"], need_label=False)
-    probs = classify(model, encode_examples(examples, tokenizer, fmt, c.predict), fmt.pad_id, c.batch_size, device)
+    probs = classify(model, encode_examples(examples, tokenizer, fmt, c.predict), fmt.pad_id, c.batch_size, rt)
     result: dict[str, Any] = {"examples": len(examples)}
     labelled = [i for i, e in enumerate(examples) if e.label is not None]
     if labelled:

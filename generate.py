@@ -2,6 +2,7 @@
 
     python generate.py --checkpoint model_checkpoint.tar --prompt "ROMEO:" [--max_new_tokens 500]
                        [--temperature 0.8] [--top_k 200] [--top_p 0.95] [--num_samples 1] [--seed 1337]
+                       [--device auto] [--dtype auto]
 
 The prompt comes from --prompt, --prompt_file, or standard input when it is piped; with none of them on a
 terminal, an interactive loop reads one prompt per line. An empty prompt generates from scratch (from the
@@ -13,51 +14,50 @@ An encoder checkpoint (trained with --objective mlm) does not continue text; it 
     python generate.py --checkpoint mlm.tar --prompt "To be, or not to <mask>: that is the question"
 """
 
-import argparse
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint
-from errors import CliParser, UsageError, run_cli
+from cli import MAX_INT, POSITIVE, SEED, Rule, check_fields, parse_dataclass, setting
+from errors import UsageError, run_cli
 from gpt import GPT
 from preprocessing.tokenizer import MASK, Tokenizer
-from runtime import pick_device
+from runtime import DTYPE_CHOICES, DTYPE_HELP, local_runtime
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = CliParser(description="Generate text from a checkpoint written by playground.py.")
-    p.add_argument("--checkpoint", default="model_checkpoint.tar", help="checkpoint file (default %(default)s)")
-    p.add_argument("--prompt", help="text to continue (default: standard input, or an interactive loop)")
-    p.add_argument("--prompt_file", help="read the prompt from this file")
-    p.add_argument("--max_new_tokens", type=int, default=500, help="tokens to generate (default %(default)s)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; <1 sharper, >1 more random")
-    p.add_argument("--top_k", type=int, default=None, help="sample among the k most likely tokens (default 200); "
-                   "for an encoder, the predictions shown per <mask> (default 5)")
-    p.add_argument("--top_p", type=float, default=None, help="nucleus sampling: the smallest set of tokens "
-                   "with probability >= p")
-    p.add_argument("--num_samples", type=int, default=1, help="independent samples per prompt")
-    p.add_argument("--seed", type=int, default=1337, help="same seed, checkpoint and flags: same text")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
-    p.add_argument("--tokenizer", help="a tokenizer.json to use instead of the checkpoint's (must be the same)")
-    p.add_argument("--no_cache", action="store_true", help="recompute the whole context each step (slow)")
-    p.add_argument("--stats", action="store_true", help="print tokens generated and tokens/s on stderr")
-    args = p.parse_args(argv)
-    if args.max_new_tokens <= 0:
-        raise UsageError(f"--max_new_tokens must be positive, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
-    if args.top_k is not None and args.top_k <= 0:
-        raise UsageError(f"--top_k must be positive, got {args.top_k}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise UsageError(f"--top_p must be in (0, 1], got {args.top_p}")
-    if args.num_samples <= 0:
-        raise UsageError(f"--num_samples must be positive, got {args.num_samples}")
-    if args.prompt is not None and args.prompt_file is not None:
-        raise UsageError("give --prompt or --prompt_file, not both")
-    return args
+@dataclass(frozen=True)
+class GenerateArgs:
+    checkpoint: str = setting("model_checkpoint.tar", "checkpoint file")
+    prompt: str | None = setting(None, "text to continue (default: standard input, or an interactive loop)")
+    prompt_file: str | None = setting(None, "read the prompt from this file")
+    max_new_tokens: int = setting(500, "tokens to generate", rule=POSITIVE)
+    temperature: float = setting(0.8, "0 = greedy; <1 sharper, >1 more random", rule=Rule(">= 0", lambda v: v >= 0))
+    top_k: int | None = setting(None, "sample among the k most likely tokens (default 200); for an encoder, the "
+                                "predictions shown per <mask> (default 5)", rule=POSITIVE)
+    top_p: float | None = setting(None, "nucleus sampling: the smallest set of tokens with probability >= p",
+                                  rule=Rule("in (0, 1]", lambda v: 0 < v <= 1))
+    num_samples: int = setting(1, "independent samples per prompt", rule=POSITIVE)
+    seed: int = setting(1337, "same seed, checkpoint and flags: same text", rule=SEED)
+    device: str = setting("auto", "auto, cpu, cuda, cuda:1, mps")
+    dtype: str = setting("auto", DTYPE_HELP, choices=DTYPE_CHOICES)
+    tokenizer: str | None = setting(None, "a tokenizer.json to use instead of the checkpoint's (must be the same)")
+    no_cache: bool = setting(False, "recompute the whole context each step (slow)")
+    stats: bool = setting(False, "print tokens generated and tokens/s on stderr")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.prompt is not None and self.prompt_file is not None:
+            raise UsageError("give --prompt or --prompt_file, not both")
+        if self.seed + self.num_samples - 1 > MAX_INT:  # sample i uses seed + i
+            raise UsageError(f"--seed {self.seed} + --num_samples {self.num_samples} runs past {MAX_INT}")
+
+
+def parse_args(argv: list[str] | None = None) -> GenerateArgs:
+    return parse_dataclass(GenerateArgs, "Generate text from a checkpoint written by playground.py.", argv)
 
 
 def check_tokenizer(path: str, checkpoint_tokenizer: Tokenizer) -> Tokenizer:
@@ -132,7 +132,7 @@ def write(piece: str) -> None:
     sys.stdout.flush()
 
 
-def run_prompt(model: GPT, tokenizer: Tokenizer, prompt: str, args: argparse.Namespace) -> None:
+def run_prompt(model: GPT, tokenizer: Tokenizer, prompt: str, args: GenerateArgs) -> None:
     if not model.config.causal:
         for n, candidates in enumerate(fill_mask(model, tokenizer, prompt, args.top_k or 5), start=1):
             write(f"{MASK} {n}: " + "  ".join(f"{text!r} {p:.3f}" for text, p in candidates) + "\n")
@@ -151,7 +151,7 @@ def run_prompt(model: GPT, tokenizer: Tokenizer, prompt: str, args: argparse.Nam
             print(f"stats: {n} tokens in {seconds:.2f}s, {n / seconds:.1f} tokens/s", file=sys.stderr)
 
 
-def read_prompt(args: argparse.Namespace) -> str | None:
+def read_prompt(args: GenerateArgs) -> str | None:
     """The prompt text, or None for the interactive loop."""
     if args.prompt is not None:
         return args.prompt
@@ -159,30 +159,33 @@ def read_prompt(args: argparse.Namespace) -> str | None:
         try:
             with open(args.prompt_file, encoding="utf-8") as f:
                 return f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"cannot read --prompt_file {args.prompt_file}: {e}") from None
+        except OSError as e:
+            raise UsageError(f"cannot read --prompt_file {args.prompt_file}: {e.strerror or e}") from None
+        except UnicodeDecodeError:
+            raise UsageError(f"cannot read --prompt_file {args.prompt_file}: not UTF-8 text") from None
     if sys.stdin.isatty():
         return None
     return sys.stdin.read()
 
 
-def main() -> None:
-    args = parse_args()
-    device = pick_device(args.device)
-    model, tokenizer = model_from_checkpoint(load_checkpoint(args.checkpoint, map_location=device), device)
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    rt = local_runtime(args.device, args.dtype)  # before the checkpoint: a missing device is the device's fault
+    model, tokenizer = model_from_checkpoint(load_checkpoint(args.checkpoint), rt.device, args.checkpoint)
     if args.tokenizer:
         tokenizer = check_tokenizer(args.tokenizer, tokenizer)
     prompt = read_prompt(args)
-    if prompt is not None:
-        return run_prompt(model, tokenizer, prompt, args)
-    print("interactive: type a prompt and press Enter (Ctrl-D to quit)", file=sys.stderr)
-    while True:
-        try:
-            line = input("> ")
-        except EOFError:
-            print(file=sys.stderr)
-            return
-        run_prompt(model, tokenizer, line, args)
+    with rt.autocast():  # the precision training used
+        if prompt is not None:
+            return run_prompt(model, tokenizer, prompt, args)
+        print("interactive: type a prompt and press Enter (Ctrl-D to quit)", file=sys.stderr)
+        while True:
+            try:
+                line = input("> ")
+            except EOFError:
+                print(file=sys.stderr)
+                return
+            run_prompt(model, tokenizer, line, args)
 
 
 if __name__ == "__main__":

@@ -81,11 +81,15 @@ class GPTConfig:
             raise UsageError(f"position rope rotates feature pairs: the head size embedding_dim / num_of_heads = "
                              f"{self.embedding_dim // self.num_of_heads} must be even")
 
-    def estimated_parameters(self) -> int:
-        """Parameters of the model this config builds, about (for a memory check before allocating it)."""
-        e, layers = self.embedding_dim, self.num_of_layers
-        embeddings = self.vocab_size * e * (1 if self.tie_embeddings else 2)
-        return embeddings + self.block_size * e + layers * (12 * e * e + 13 * e) + 2 * e
+    def estimated_training_bytes(self, batch_size: int, shards: int = 1) -> int:
+        """About what training this model holds in float32, to refuse before allocating what cannot fit:
+        16 bytes per parameter (weights, gradients, AdamW's two moments; split over `shards` under FSDP) plus the
+        activations, about (34 E + 5 H T) per token and layer and 3 V per token for the logits, 4 bytes each
+        (Korthikanti et al. 2022, without recomputation)."""
+        e, layers, t = self.embedding_dim, self.num_of_layers, self.block_size
+        parameters = self.vocab_size * e * (1 if self.tie_embeddings else 2) + t * e + layers * 12 * e * e
+        activations = batch_size * t * (layers * (34 * e + 5 * self.num_of_heads * t) + 3 * self.vocab_size)
+        return 16 * parameters // shards + 4 * activations
 
 
 def make_norm(c: GPTConfig, dim: int) -> nn.Module:

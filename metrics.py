@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from errors import UsageError
+from fileio import atomic_write_text
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -34,13 +35,11 @@ class Metrics:
         kept = []
         if resumed_at is not None and path.exists():
             kept = [row for row in read_metrics(path) if row.get("step", 0) <= resumed_at]
+        atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in kept), "metrics file")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(path, "w", encoding="utf-8")
+            self.file = open(path, "a", encoding="utf-8")
         except OSError as e:
             raise UsageError(f"cannot write metrics file {path}: {e.strerror}") from None
-        self.file.writelines(json.dumps(row) + "\n" for row in kept)
-        self.file.flush()
         self.wandb_run = start_wandb(wandb_project, wandb_run_name, config, path.parent) if wandb_project else None
 
     def log(self, step: int, values: dict[str, float]) -> None:

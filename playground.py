@@ -8,6 +8,7 @@ with metrics (JSONL, optional wandb) and, when started by torchrun, DistributedD
 process) or FSDP2 (--fsdp: each process holds a shard of the parameters, gradients and optimizer state).
 """
 
+import contextlib
 import math
 import signal
 import sys
@@ -33,6 +34,7 @@ from checkpoint import load_checkpoint, save_checkpoint
 from config import TrainConfig, fixed_on_resume, parse_config
 from data import TokenSplit, batch_rng, build_token_cache, cache_key, cache_meta_path
 from errors import UsageError, run_cli
+from fileio import RunLock, check_output, check_output_dir
 from gpt import GPT, GPTConfig
 from metrics import Metrics, plot_losses
 from objectives import Objective, objective_for
@@ -161,9 +163,8 @@ def build_model(c: TrainConfig, tokenizer: Tokenizer, objective: Objective, rt: 
                 ckpt: dict[str, Any] | None) -> GPT:
     """The model with its initial (or resumed) weights, on the device, sharded under FSDP."""
     config = replace(c.model, vocab_size=tokenizer.vocab_size, causal=objective.causal)
-    per_rank = rt.world_size if rt.fsdp else 1
-    check_fits(config.estimated_parameters() // per_rank, c.batch_size * config.block_size * config.embedding_dim
-               * config.num_of_layers, rt.device)
+    check_fits(config.estimated_training_bytes(c.batch_size, rt.world_size if rt.fsdp else 1), rt.device,
+               f"training a {config.num_of_layers}-layer, {config.embedding_dim}-wide model")
     torch.manual_seed(c.seed)  # the same initial weights on every rank (FSDP keeps each rank's shard of them)
     try:
         if rt.fsdp:
@@ -200,15 +201,19 @@ def build_run(c: TrainConfig, ckpt: dict[str, Any] | None, rt: Runtime, started:
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
     if ckpt is not None and "scaler" in ckpt:
         scaler.load_state_dict(ckpt["scaler"])
-    metrics_path = Path(c.out_dir) / f"{Path(c.checkpoint).stem}.metrics.jsonl"
     resumed_at = ckpt["iteration"] if ckpt else None
-    metrics = Metrics(metrics_path, c.to_dict(), resumed_at, c.wandb_project, c.wandb_run_name) if rt.is_main else None
-    run = Run(c, rt, tokenizer, objective, splits, model, step_model, optimizer, scaler, metrics, metrics_path,
+    metrics = Metrics(metrics_path(c), c.to_dict(), resumed_at, c.wandb_project, c.wandb_run_name) \
+        if rt.is_main else None
+    run = Run(c, rt, tokenizer, objective, splits, model, step_model, optimizer, scaler, metrics, metrics_path(c),
               started)
     if ckpt is not None:
         run.iteration, run.best_val_loss = ckpt["iteration"], ckpt["best_val_loss"]
         run.seconds_before = ckpt.get("seconds", 0.0)
     return run
+
+
+def metrics_path(c: TrainConfig) -> Path:
+    return Path(c.out_dir) / f"{Path(c.checkpoint).stem}.metrics.jsonl"
 
 
 def describe(run: Run) -> None:
@@ -230,7 +235,8 @@ def train_loop(run: Run) -> None:
     """Steps until max_iters (or a Ctrl-C): the learning rate, one optimiser step, then logging, evaluation
     and checkpoints at their intervals. Under --time_budget, max_iters is fixed after the first steps."""
     c = run.c
-    bar = tqdm(total=c.max_iters, initial=run.iteration, desc="training", disable=not run.rt.is_main,
+    # disable=None: a bar on terminals only; logs and pipes get the evaluation lines
+    bar = tqdm(total=c.max_iters, initial=run.iteration, desc="training", disable=None if run.rt.is_main else True,
                dynamic_ncols=True)
     meter, first_iteration = Throughput(), run.iteration
     while run.iteration < run.c.max_iters:
@@ -521,6 +527,7 @@ def train(c: TrainConfig, set_by_flags: set[str] = frozenset(), started: float |
         c, ckpt = resume_config(c, set_by_flags)
     else:
         check_fresh_run(c)
+    check_outputs(c)
     rt = setup_runtime(c.device, c.dtype, c.fsdp)
     finished = False
     try:
@@ -532,13 +539,23 @@ def train(c: TrainConfig, set_by_flags: set[str] = frozenset(), started: float |
 
 
 def run_job(c: TrainConfig, ckpt: dict[str, Any] | None, rt: Runtime, started: float) -> dict[str, float]:
-    run = build_run(c, ckpt, rt, started)
-    if rt.is_main:
-        describe(run)
-    with stop_on_ctrl_c(run):
-        train_loop(run)
-    finish(run)
-    return run.final
+    # Rank 0 writes the checkpoint: it holds the lock that keeps a second run off it for the whole job.
+    with RunLock(c.checkpoint) if rt.is_main else contextlib.nullcontext():
+        run = build_run(c, ckpt, rt, started)
+        if rt.is_main:
+            describe(run)
+        with stop_on_ctrl_c(run):
+            train_loop(run)
+        finish(run)
+        return run.final
+
+
+def check_outputs(c: TrainConfig) -> None:
+    """Before any work: every file the run writes can be written, and none of them is one of its inputs."""
+    inputs = [("corpus", path) for path in c.corpus] + [("--tokenizer", c.tokenizer)]
+    check_output_dir(c.out_dir, "--out_dir")
+    check_output(c.checkpoint, "--checkpoint", inputs)
+    check_output(metrics_path(c), "--checkpoint's metrics file", inputs, [("--checkpoint", c.checkpoint)])
 
 
 class stop_on_ctrl_c:  # noqa: N801 - used like a function, as contextlib's are

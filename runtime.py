@@ -15,6 +15,8 @@ import torch.distributed as dist
 from errors import UsageError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", *DTYPES)  # the --dtype flag of every CLI that runs a model
+DTYPE_HELP = "autocast precision; auto: bfloat16 on GPUs that support it, float16 on older GPUs, else float32"
 
 
 @dataclass(frozen=True)
@@ -134,12 +136,17 @@ def peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> flo
     return peaks.get(precision)
 
 
+def local_runtime(device: str, dtype: str) -> Runtime:
+    """One process on one device (generate, evaluate, finetune, or training without torchrun)."""
+    picked = pick_device(device)
+    allow_tf32(picked)
+    return Runtime(picked, pick_dtype(dtype, picked))
+
+
 def setup_runtime(device: str, dtype: str, fsdp: bool = False) -> Runtime:
     """Single process, or one rank of a torchrun job (RANK/WORLD_SIZE/LOCAL_RANK in the environment)."""
     if "RANK" not in os.environ:
-        picked = pick_device(device)
-        allow_tf32(picked)
-        return Runtime(picked, pick_dtype(dtype, picked))
+        return local_runtime(device, dtype)
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device in ("auto", "cuda") and torch.cuda.is_available():
@@ -191,15 +198,12 @@ def available_memory(device: torch.device) -> int | None:
         return None
 
 
-def check_fits(parameters: int, activations_per_layer_width: int, device: torch.device) -> None:
-    """Refuse a model that cannot fit before allocating it. A lower bound of what training holds: 16 bytes per
-    parameter (float32 weights, gradients and AdamW's two moments) and, for activations, about 34 bytes per
-    (token, layer, width) unit (Korthikanti et al. 2022, no recomputation)."""
-    need = 16 * parameters + 34 * activations_per_layer_width
+def check_fits(need: int, device: torch.device, what: str) -> None:
+    """Refuse work that needs more than the device's memory (`need` bytes) before allocating any of it."""
     have = available_memory(device)
     if have is not None and need > have:
-        raise UsageError(f"the model needs at least {need / 2**30:,.1f} GiB to train ({parameters:,} parameters), "
-                         f"but {device} has {have / 2**30:,.1f} GiB: use a smaller model or batch")
+        raise UsageError(f"{what} needs about {need / 2**30:,.1f} GiB, but {device} has {have / 2**30:,.1f} GiB: "
+                         f"use a smaller model or batch")
 
 
 def seconds_since_start() -> float:

@@ -18,7 +18,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script from any folder
 
-from preprocessing.tokenizer import train_tokenizer  # noqa: E402
+from errors import CliParser, UsageError, run_cli  # noqa: E402
+from preprocessing.tokenizer import check_vocab_size, train_tokenizer  # noqa: E402
+
+MAX_MB = 100_000  # 100 GB of scratch corpus: beyond that the disk, not the tokenizer, is measured
 
 
 def make_corpus(folder: Path, mb: int) -> Path:
@@ -42,12 +45,17 @@ def train_once(corpus: str, kind: str, vocab_size: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = CliParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=int, nargs="+", default=[10, 100], help="corpus sizes to try, in MB")
     parser.add_argument("--kind", default="bbpe", choices=("bpe", "bbpe"))
     parser.add_argument("--vocab_size", type=int, default=8000)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if not all(1 <= mb <= MAX_MB for mb in args.mb):
+        raise UsageError(f"--mb sizes must be between 1 and {MAX_MB:,}, got {' '.join(map(str, args.mb))}")
+    if args.vocab_size <= 0:
+        raise UsageError(f"--vocab_size must be positive, got {args.vocab_size}")
+    check_vocab_size(args.vocab_size)
     if args.child:
         return train_once(args.child, args.kind, args.vocab_size)
     print("| corpus MB | kind | vocab | seconds | peak RSS MB |\n|---|---|---|---|---|")
@@ -55,10 +63,13 @@ def main() -> None:
         for mb in args.mb:
             corpus = make_corpus(Path(tmp), mb)
             out = subprocess.run([sys.executable, __file__, "--child", str(corpus), "--kind", args.kind,
-                                  "--vocab_size", str(args.vocab_size)], capture_output=True, text=True, check=True)
+                                  "--vocab_size", str(args.vocab_size)], capture_output=True, text=True)
+            if out.returncode != 0:  # the child's own one-line error (or the last line of its crash)
+                last = (out.stderr.strip().splitlines() or ["no output"])[-1].removeprefix("error: ")
+                raise UsageError(f"training on {mb} MB failed: {last}")
             seconds, peak, vocab = out.stdout.split()
             print(f"| {corpus.stat().st_size / 1e6:.0f} | {args.kind} | {vocab} | {seconds} | {peak} |", flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

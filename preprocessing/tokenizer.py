@@ -26,7 +26,6 @@ and, when trained with bert_tokens (for masked-language-model pretraining and fi
        <sep>          separates the two texts of a pair
 """
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from errors import UsageError
+from fileio import atomic_write_text
 
 EOT = "<|endoftext|>"
 UNK = "<unk>"
@@ -43,6 +43,9 @@ KINDS = ("bpe", "bbpe")
 # The corpus is streamed in pieces of a few kB, never read into one string. Small pieces matter: the trainer
 # reads hundreds of pieces ahead, so memory grows with the piece size (1 MB pieces: +300 MB on a 20 MB corpus).
 READ_CHARS = 1 << 12
+# Far above any useful vocabulary (GPT-4's has about 100k tokens); the trainer allocates for the size asked up
+# front, so an absurd size must be refused before training, not end in an out-of-memory abort.
+MAX_VOCAB_SIZE = 1_000_000
 
 
 class Tokenizer:
@@ -61,8 +64,10 @@ class Tokenizer:
             text = Path(path).read_text(encoding="utf-8")
         except FileNotFoundError:
             raise UsageError(f"tokenizer file not found: {path}") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"cannot read tokenizer file {path}: {e}") from None
+        except OSError as e:
+            raise UsageError(f"cannot read tokenizer file {path}: {e.strerror or e}") from None
+        except UnicodeDecodeError:
+            raise UsageError(f"cannot read tokenizer file {path}: not UTF-8 text") from None
         return cls.from_json(text, source=str(path))
 
     @classmethod
@@ -76,16 +81,8 @@ class Tokenizer:
         return self.hf.to_str()
 
     def save(self, path: str | Path) -> None:
-        """Write atomically: a temporary file beside `path`, then a rename."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        try:
-            tmp.write_text(self.to_json(), encoding="utf-8")
-            os.replace(tmp, path)
-        except OSError as e:
-            raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
-        finally:
-            tmp.unlink(missing_ok=True)
+        """Write atomically (fileio.atomic_write): the old file or the new one, never a torn one."""
+        atomic_write_text(path, self.to_json(), "tokenizer")
 
     @property
     def vocab_size(self) -> int:
@@ -192,6 +189,13 @@ def _trainer(kind: str, vocab_size: int, specials: list[str], show_progress: boo
     return trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=show_progress)
 
 
+def check_vocab_size(vocab_size: int) -> None:
+    """Refuse a size no corpus needs. A size above what the corpus can give is harmless: training stops when
+    no pair is left to merge (1,000,000 on the 1 MB bundled corpus: 2 s, 90 MB, 23k tokens)."""
+    if vocab_size > MAX_VOCAB_SIZE:
+        raise UsageError(f"--vocab_size must be at most {MAX_VOCAB_SIZE:,} (got {vocab_size:,})")
+
+
 def train_tokenizer(files: list[Path], kind: str, vocab_size: int, show_progress: bool = True,
                     bert_tokens: bool = False) -> Tokenizer:
     """Learn BPE merges from the corpus, streamed; the same corpus always gives the same tokenizer."""
@@ -201,6 +205,7 @@ def train_tokenizer(files: list[Path], kind: str, vocab_size: int, show_progress
     minimum = (256 if kind == "bbpe" else 1) + len(specials)
     if vocab_size < minimum:
         raise UsageError(f"--vocab_size must be at least {minimum} for {kind} (got {vocab_size})")
+    check_vocab_size(vocab_size)
     tok = _new_tokenizer(kind)
     tok.train_from_iterator(iter_corpus(files), _trainer(kind, vocab_size, specials, show_progress))
     return Tokenizer(tok)

@@ -7,38 +7,56 @@ CORPUS: .txt files and/or folders of .txt files. See preprocessing/tokenizer.py 
 special-token ids.
 """
 
-import argparse
-import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from any folder
 
-from errors import CliParser, UsageError, run_cli  # noqa: E402
-from preprocessing.tokenizer import KINDS, Tokenizer, corpus_files, iter_corpus, train_tokenizer  # noqa: E402
+from cli import check_fields, parse_dataclass, setting  # noqa: E402
+from errors import UsageError, run_cli  # noqa: E402
+from fileio import check_output  # noqa: E402
+from preprocessing.tokenizer import (  # noqa: E402
+    KINDS,
+    MAX_VOCAB_SIZE,
+    Tokenizer,
+    check_vocab_size,
+    corpus_files,
+    iter_corpus,
+    train_tokenizer,
+)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = CliParser(description="Train a BPE (bpe) or byte-level BPE (bbpe) tokenizer on text files.")
-    parser.add_argument("corpus", nargs="+", metavar="CORPUS", help="text files and/or folders of .txt files")
-    parser.add_argument("kind", choices=KINDS, help="bpe: BPE with an unknown token; bbpe: byte-level BPE")
-    parser.add_argument("--vocab_size", type=int, default=8000, help="tokens in the vocabulary (default 8000)")
-    parser.add_argument("--out", default="tokenizer.json", help="where to write it (default tokenizer.json)")
-    parser.add_argument("--bert_tokens", action="store_true", help="also add <mask> <pad> <cls> <sep>, needed "
-                        "for masked-LM pretraining (--objective mlm) and fine-tuning")
-    return parser.parse_args(argv)
+@dataclass(frozen=True)
+class TokenizerArgs:
+    corpus: tuple[str, ...] = setting((), "CORPUS... KIND: text files and/or folders of .txt files, then the "
+                                      "kind: bpe (BPE with an unknown token) or bbpe (byte-level BPE)")
+    vocab_size: int = setting(8000, f"tokens in the vocabulary (at most {MAX_VOCAB_SIZE:,})")
+    out: str = setting("tokenizer.json", "where to write it")
+    bert_tokens: bool = setting(False, "also add <mask> <pad> <cls> <sep>, needed for masked-LM pretraining "
+                                "(--objective mlm) and fine-tuning")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if len(self.corpus) < 2:
+            raise UsageError("give the corpus (files or folders) and then the kind: bpe or bbpe")
+        if self.kind not in KINDS:
+            raise UsageError(f"argument kind: invalid choice: {self.kind!r} (choose from {', '.join(KINDS)})")
+        check_vocab_size(self.vocab_size)  # the lower bound depends on the kind: train_tokenizer checks it
+
+    @property
+    def kind(self) -> str:
+        return self.corpus[-1]
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return self.corpus[:-1]
 
 
-def check_writable(out: Path) -> None:
-    """Fail before a long training run, not after it."""
-    folder = out.resolve().parent
-    if out.is_dir():
-        raise UsageError(f"--out {out} is a folder; give a file name such as {out / 'tokenizer.json'}")
-    if not folder.is_dir():
-        raise UsageError(f"--out folder {folder} does not exist")
-    if not os.access(folder, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
-        raise UsageError(f"cannot write {out}: permission denied")
+def parse_args(argv: list[str] | None = None) -> TokenizerArgs:
+    return parse_dataclass(TokenizerArgs, "Train a BPE (bpe) or byte-level BPE (bbpe) tokenizer on text files.",
+                           argv, positional="corpus")
 
 
 def tokens_per_byte(tokenizer: Tokenizer, files: list[Path]) -> float:
@@ -50,18 +68,17 @@ def tokens_per_byte(tokenizer: Tokenizer, files: list[Path]) -> float:
     return tokens / n_bytes
 
 
-def main() -> None:
-    args = parse_args()
-    out = Path(args.out)
-    check_writable(out)
-    files = corpus_files(args.corpus)
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    files = corpus_files(list(args.files))
+    check_output(args.out, "--out", inputs=[("corpus", f) for f in files])
     start = time.perf_counter()
     tokenizer = train_tokenizer(files, args.kind, args.vocab_size, show_progress=sys.stderr.isatty(),
                                 bert_tokens=args.bert_tokens)
     seconds = time.perf_counter() - start
-    tokenizer.save(out)
+    tokenizer.save(args.out)
     print(f"{args.kind} tokenizer: {tokenizer.vocab_size} tokens (asked {args.vocab_size}), trained in "
-          f"{seconds:.1f}s, {tokens_per_byte(tokenizer, files):.3f} tokens/byte on the corpus -> {out}")
+          f"{seconds:.1f}s, {tokens_per_byte(tokenizer, files):.3f} tokens/byte on the corpus -> {args.out}")
 
 
 if __name__ == "__main__":

@@ -190,7 +190,7 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, corpus, case):
         "kind": ([str(corpus), "wordpiece"], "invalid choice: 'wordpiece'"),
         "small bbpe": ([str(corpus), "bbpe", "--vocab_size", "200"], "at least 257"),
         "zero": ([str(corpus), "bpe", "--vocab_size", "0"], "at least 3"),
-        "unwritable": ([str(corpus), "bbpe", "--out", "no/such/folder/tok.json"], "does not exist"),
+        "unwritable": ([str(corpus), "bbpe", "--out", "notes/a.md/tok.json"], "is a file, not a folder"),
     }[case]
     out = tmp_path / "out.json"
     result = cli(*args, *([] if "--out" in args else ["--out", str(out)]), cwd=tmp_path)

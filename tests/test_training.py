@@ -217,7 +217,7 @@ def test_user_mistakes_are_one_line_and_overwrite_nothing(case, tmp_path, corpus
         "short corpus": ([str(short), *common], "fewer than block_size + 1"),
         "heads": ([str(corpus), *common, "--num_of_heads", "3"], "not divisible by --num_of_heads 3"),
         "vocab mismatch": ([str(corpus), *common, "--vocab_size", "999"], "--vocab_size 999 does not match"),
-        "corrupt resume": (["--resume", "--checkpoint", str(_corrupt(tmp_path))], "not a readable checkpoint"),
+        "corrupt resume": (["--resume", "--checkpoint", str(_corrupt(tmp_path))], "not a GPT-experiments checkpoint"),
         "shape change on resume": (["--resume", "--checkpoint", str(ckpt), "--embedding_dim", "64"],
                                    "differs from the checkpoint's 32"),
         "non-numeric": ([str(corpus), *common, "--batch_size", "many"], "--batch_size: not an integer: 'many'"),
