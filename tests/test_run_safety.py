@@ -1,0 +1,153 @@
+"""playground.py keeps earlier work safe and its runs honest: a fresh run never replaces a checkpoint, a second
+run on a checkpoint in use is refused, Ctrl-C saves the step it stopped at, resume cuts the metrics back to the
+checkpoint and refuses what would silently do nothing or mix tokenizers, --time_budget fits its budget, and a
+model that cannot fit is refused before it is allocated."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import playground
+from checkpoint import load_checkpoint
+from config import parse_config
+from errors import UsageError
+from fileio import RunLock
+from preprocessing.tokenizer import corpus_files, train_tokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["--embedding_dim", "32", "--num_of_layers", "1", "--num_of_heads", "2", "--block_size", "16",
+        "--batch_size", "4", "--eval_iters", "1", "--log_interval", "1", "--warmup_iters", "2", "--lr", "3e-3",
+        "--sample_tokens", "0", "--dropout", "0", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    text = (REPO / "data" / "shakespeare.txt").read_text(encoding="utf-8")[:30_000]
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(text[: text.rindex("\n") + 1], encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer(corpus, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    train_tokenizer(corpus_files([corpus]), "bbpe", 300, show_progress=False).save(path)
+    return path
+
+
+def args(tmp_path: Path, corpus: Path, tokenizer: Path, *extra: str) -> list[str]:
+    return [str(corpus), "--tokenizer", str(tokenizer), "--out_dir", str(tmp_path / "runs"),
+            "--checkpoint", str(tmp_path / "ckpt.tar"), *TINY, *extra]
+
+
+def train(argv: list[str]) -> dict[str, float]:
+    c, set_by_flags = parse_config(argv)
+    return playground.train(c, set_by_flags)
+
+
+def metric_steps(tmp_path: Path) -> list[int]:
+    rows = (tmp_path / "runs" / "ckpt.metrics.jsonl").read_text().splitlines()
+    return [json.loads(r)["step"] for r in rows if '"loss"' in r]
+
+
+def test_a_fresh_run_never_replaces_a_checkpoint(tmp_path, corpus, tokenizer):
+    train(args(tmp_path, corpus, tokenizer, "--max_iters", "4", "--eval_interval", "4"))
+    before = (tmp_path / "ckpt.tar").read_bytes()
+    with pytest.raises(UsageError, match="already exists: continue it with --resume"):
+        train(args(tmp_path, corpus, tokenizer, "--max_iters", "2"))
+    assert (tmp_path / "ckpt.tar").read_bytes() == before
+    assert metric_steps(tmp_path) == [1, 2, 3, 4]  # the earlier run's metrics are kept too
+    train(args(tmp_path, corpus, tokenizer, "--max_iters", "2", "--eval_interval", "2", "--overwrite"))
+    assert load_checkpoint(tmp_path / "ckpt.tar")["iteration"] == 2
+
+
+def test_resume_refuses_what_would_do_nothing_or_change_the_tokenizer(tmp_path, corpus, tokenizer):
+    train(args(tmp_path, corpus, tokenizer, "--max_iters", "3", "--eval_interval", "3"))
+    ckpt = str(tmp_path / "ckpt.tar")
+    with pytest.raises(UsageError, match="already at step 3: give a --max_iters above it"):
+        train(["--resume", "--checkpoint", ckpt, "--max_iters", "2"])
+    other = tmp_path / "other.json"
+    train_tokenizer(corpus_files([corpus]), "bpe", 200, show_progress=False).save(other)
+    with pytest.raises(UsageError, match="is not the tokenizer"):
+        train(["--resume", "--checkpoint", ckpt, "--max_iters", "5", "--tokenizer", str(other)])
+    with pytest.raises(UsageError, match="--optimizer muon differs from the checkpoint's adamw"):
+        train(["--resume", "--checkpoint", ckpt, "--max_iters", "5", "--optimizer", "muon"])
+
+
+def test_a_second_run_on_a_checkpoint_in_use_is_refused(tmp_path, corpus, tokenizer):
+    with RunLock(tmp_path / "ckpt.tar"):  # another live run holds it
+        with pytest.raises(UsageError, match="another run is using"):
+            train(args(tmp_path, corpus, tokenizer, "--max_iters", "2"))
+    assert not (tmp_path / "ckpt.tar").exists()
+    train(args(tmp_path, corpus, tokenizer, "--max_iters", "2", "--eval_interval", "2"))  # free again
+
+
+def test_resume_after_a_kill_logs_each_step_once(tmp_path, corpus, tokenizer):
+    """A run killed after its step-4 checkpoint had logged steps 5 and 6 (and half of 7): on resume those lines
+    are cut, and the steps are logged again as they are redone."""
+    train(args(tmp_path, corpus, tokenizer, "--max_iters", "4", "--eval_interval", "4"))
+    metrics = tmp_path / "runs" / "ckpt.metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write('{"step": 5, "loss": 1.0}\n{"step": 6, "loss": 1.0}\n{"step": 7, "lo')
+    train(["--resume", "--checkpoint", str(tmp_path / "ckpt.tar"), "--max_iters", "8"])
+    assert metric_steps(tmp_path) == list(range(1, 9))
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_ctrl_c_saves_the_step_it_stopped_at_and_resume_continues(tmp_path, corpus, tokenizer):
+    cmd = [sys.executable, str(REPO / "playground.py"),
+           *args(tmp_path, corpus, tokenizer, "--max_iters", "100000", "--checkpoint_interval", "100000",
+                 "--eval_interval", "100000")]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    metrics = tmp_path / "runs" / "ckpt.metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    saved = load_checkpoint(tmp_path / "ckpt.tar")
+    assert 3 <= saved["iteration"] < 100000
+    assert f"stopped at step {saved['iteration']}" in err and "Traceback" not in err
+    assert max(metric_steps(tmp_path)) == saved["iteration"]
+
+
+def test_time_budget_fixes_max_iters_to_fit_and_lands_near_the_budget(tmp_path, corpus, tokenizer):
+    budget = 12.0
+    start = time.perf_counter()
+    train(args(tmp_path, corpus, tokenizer, "--time_budget", str(budget), "--eval_interval", "50"))
+    seconds = time.perf_counter() - start
+    rows = [json.loads(r) for r in (tmp_path / "runs" / "ckpt.metrics.jsonl").read_text().splitlines()]
+    [plan] = [r for r in rows if "planned_max_iters" in r]
+    saved = load_checkpoint(tmp_path / "ckpt.tar")
+    assert saved["iteration"] == plan["planned_max_iters"] > playground.TIMED_STEPS
+    assert saved["config"]["max_iters"] == plan["planned_max_iters"] and saved["config"]["time_budget"] is None
+    # Lands within the budget up to the cost of one evaluation and the final save (a loaded CI machine adds noise).
+    assert budget * 0.5 < seconds < budget * 1.5, seconds
+    assert rows[-1]["time_s"] == pytest.approx(seconds, abs=3.0)
+
+
+def test_a_model_that_cannot_fit_is_refused_before_allocation(tmp_path, corpus, tokenizer):
+    with pytest.raises(UsageError, match="needs about .* GiB, but cpu has"):
+        train(args(tmp_path, corpus, tokenizer, "--max_iters", "1", "--num_of_layers", "100000",
+                   "--embedding_dim", "8192", "--num_of_heads", "64"))
+    assert not (tmp_path / "ckpt.tar").exists()
+
+
+def test_muon_run_resumes_bit_exactly(tmp_path, corpus, tokenizer):
+    common = ["--optimizer", "muon", "--eval_interval", "6", "--lr_schedule", "constant"]
+    full = tmp_path / "full"
+    train(args(full, corpus, tokenizer, *common, "--max_iters", "6"))
+    part = tmp_path / "part"
+    train(args(part, corpus, tokenizer, *common, "--max_iters", "3", "--checkpoint_interval", "3"))
+    train(["--resume", "--checkpoint", str(part / "ckpt.tar"), "--max_iters", "6"])
+    a, b = load_checkpoint(full / "ckpt.tar")["model"], load_checkpoint(part / "ckpt.tar")["model"]
+    assert all(torch.equal(a[name], b[name]) for name in a)
