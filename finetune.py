@@ -297,7 +297,7 @@ def loss_terms(model: Classifier, idx: torch.Tensor, mask: torch.Tensor, labels:
     if lm_weight > 0 and model.gpt.config.causal:
         # Each real token predicts the next real one; padding is no target (-1 is ignored).
         targets = idx[:, 1:].masked_fill(~mask[:, 1:], -1)
-        lm_logits = model.gpt.lm_head(hidden[:, :-1])
+        lm_logits = model.gpt.logits(hidden[:, :-1])  # the head, soft-capped if the model is
         terms["lm"] = F.cross_entropy(lm_logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
         terms["total"] = terms["classification"] + lm_weight * terms["lm"]
     return terms
