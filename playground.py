@@ -262,7 +262,7 @@ def train(c: TrainConfig, set_by_flags: set[str] = frozenset()) -> dict[str, flo
     try:
         return _train(c, ckpt, rt)
     finally:
-        teardown(rt)
+        teardown(rt, sys.exception())  # the exception on its way out, if any
 
 
 def _train(c: TrainConfig, ckpt: dict[str, Any] | None, rt: Runtime) -> dict[str, float]:
