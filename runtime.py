@@ -174,16 +174,17 @@ def final_barrier(rt: Runtime, timeout_s: float, key: str = "final_barrier") -> 
     It meets in the process group's key-value store rather than in a collective: a rank that stopped in the
     middle of the training loop may still have a collective of its own in flight, which a barrier collective
     would be matched against; a store key cannot be confused with anything, and a wait for it that times out
-    leaves no half-done collective behind for `destroy_process_group` to wait on. The short sleep lets Ctrl-C
-    through."""
-    store = dist.distributed_c10d._get_default_store()  # the store the group was set up with (torchrun's)
+    leaves no half-done collective behind for `destroy_process_group` to wait on. Polling with short sleeps
+    lets Ctrl-C through; the pause grows to 0.5 s so that many waiting ranks do not flood the store."""
+    store = dist.distributed_c10d._get_default_store()  # the group's own store (torchrun's); no public name
     if store.add(f"{key}/arrived", 1) == rt.world_size:  # the last rank to arrive lets everyone go
         store.set(f"{key}/all_arrived", "1")
-    deadline = time.monotonic() + timeout_s
+    deadline, pause = time.monotonic() + timeout_s, 0.005
     while not store.check([f"{key}/all_arrived"]):
         if time.monotonic() > deadline:
             raise TimeoutError(f"rank {rt.rank}: not every rank reached the end of the run within {timeout_s:.0f} s")
-        time.sleep(0.01)
+        time.sleep(pause)
+        pause = min(2 * pause, 0.5)
 
 
 def teardown(rt: Runtime, error: BaseException | None = None) -> None:
