@@ -529,13 +529,10 @@ def train(c: TrainConfig, set_by_flags: set[str] = frozenset(), started: float |
         check_fresh_run(c)
     check_outputs(c)
     rt = setup_runtime(c.device, c.dtype, c.fsdp)
-    finished = False
     try:
-        final = run_job(c, ckpt, rt, started)
-        finished = True
-        return final
-    finally:
-        teardown(rt, finished)  # after run_job has returned: its model, optimizer and DDP wrapper are gone
+        return run_job(c, ckpt, rt, started)
+    finally:  # after run_job has returned: its model, optimizer and DDP wrapper are gone
+        teardown(rt, sys.exception())  # the exception on its way out, or None
 
 
 def run_job(c: TrainConfig, ckpt: dict[str, Any] | None, rt: Runtime, started: float) -> dict[str, float]:

@@ -7,6 +7,8 @@ Decided once at start-up by `setup_runtime` and passed down; no other module loo
 import contextlib
 import gc
 import os
+import time
+import traceback
 from dataclasses import dataclass
 
 import torch
@@ -175,17 +177,56 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.to(device)
 
 
-def teardown(rt: Runtime, finished: bool) -> None:
-    """End this process's part in a distributed run. After a finished run: free what still refers to the process
-    group (DDP's reducer, finished collectives), wait until every rank is done (rank 0 writes the last checkpoint
-    and the sample alone), then destroy the group. After an error, no barrier: the other ranks may be inside
-    another collective; torchrun stops them when this rank exits."""
+# How long a rank that finished waits at the final barrier for the others: rank 0 may still be writing a
+# large checkpoint or sampling from a large model on a CPU. After an error, the others may never come.
+FINAL_BARRIER_TIMEOUT_S = 30 * 60.0
+FAILED_BARRIER_TIMEOUT_S = 30.0
+
+
+def final_barrier(rt: Runtime, timeout_s: float, key: str = "final_barrier") -> None:
+    """Wait until every rank has reached this point, or raise TimeoutError after `timeout_s` seconds.
+
+    It meets in the process group's key-value store rather than in a collective: a rank that stopped in the
+    middle of the training loop may still have a collective of its own in flight, which a barrier collective
+    would be matched against; a store key cannot be confused with anything, and a wait for it that times out
+    leaves no half-done collective behind for `destroy_process_group` to wait on. Polling with short sleeps
+    lets Ctrl-C through; the pause grows to 0.5 s so that many waiting ranks do not flood the store."""
+    store = dist.distributed_c10d._get_default_store()  # the group's own store (torchrun's); no public name
+    if store.add(f"{key}/arrived", 1) == rt.world_size:  # the last rank to arrive lets everyone go
+        store.set(f"{key}/all_arrived", "1")
+    deadline, pause = time.monotonic() + timeout_s, 0.005
+    while not store.check([f"{key}/all_arrived"]):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank {rt.rank}: not every rank reached the end of the run within {timeout_s:.0f} s")
+        time.sleep(pause)
+        pause = min(2 * pause, 0.5)
+
+
+def teardown(rt: Runtime, error: BaseException | None = None) -> None:
+    """End this process's part in a distributed run, in the order that is safe on every rank and on every
+    exit path (normal end: error=None; an exception or Ctrl-C: error is it). Call it in a `finally`.
+
+    1. A final barrier. Rank 0 works alone at the end (the last checkpoint, the loss plot, the sample); a rank
+       that destroyed its group and exited meanwhile sometimes aborted at exit on torch 2.14.1 (gloo, FSDP,
+       a loaded CPU: `terminate called without an active exception`, SIGABRT), so a job that did all its
+       work was reported failed. After an error the barrier waits briefly and is not required to succeed.
+    2. Release what still refers to the group. An exception's traceback keeps the failed frames alive, and
+       with them the sharded model and optimizer, whose DTensors hold the device mesh and its group; clearing
+       those frames and collecting cycles frees them while the group still exists, not at interpreter exit.
+    3. Destroy the group.
+    """
     if not (rt.distributed and dist.is_initialized()):
         return
-    gc.collect()
-    if finished:
-        dist.barrier()
-    dist.destroy_process_group()
+    try:
+        final_barrier(rt, FAILED_BARRIER_TIMEOUT_S if error else FINAL_BARRIER_TIMEOUT_S)
+    except (TimeoutError, RuntimeError):  # a timeout, or the store gone with a failed peer
+        if error is None:  # this rank finished but another did not: the job failed, say so
+            raise
+    finally:
+        if error is not None:
+            traceback.clear_frames(error.__traceback__)
+        gc.collect()
+        dist.destroy_process_group()
 
 
 def available_memory(device: torch.device) -> int | None:

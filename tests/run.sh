@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# Install what the tests need, lint, and run the test suite. Fails loudly on any error.
+# Install what the tests need, lint, and run the test suite; then the distributed tests once more on the newest
+# torch that requirements.txt allows, in their own environment (tests/newest_torch.sh; it downloads several GB
+# the first time: SKIP_NEWEST_TORCH=1 leaves it out). Fails loudly on any error.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # A CPU build of torch when none is installed (a plain `pip install torch` pulls multi-GB CUDA wheels).
 python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
 python -m pip install -q -r requirements-dev.txt
 python -m ruff check .
+python -c "import torch; print(f'main suite on torch {torch.__version__}')"
 # WANDB_MODE=disabled: tests never talk to the network.
 WANDB_MODE=disabled python -m pytest -q "$@"
+if [ "${SKIP_NEWEST_TORCH:-0}" != 1 ]; then
+    bash tests/newest_torch.sh
+fi
