@@ -65,7 +65,7 @@ def full_plan() -> Plan:
     settings = yaml.safe_load((REPO / "configs" / "gpt2_small.yaml").read_text())
     model_fields = {f.name for f in dataclasses.fields(GPTConfig)}
     model = GPTConfig(**{k: v for k, v in settings.items() if k in model_fields}, vocab_size=GPT2_VOCAB)
-    return Plan(model, settings["batch_size"], compile=True, warmup=10, steps=30, new_tokens=200,
+    return Plan(model, settings["batch_size"], compile=True, warmup=10, steps=50, new_tokens=200,
                 attention_batch=8, ddp_steps=10)
 
 
@@ -79,6 +79,7 @@ class Row:
     part: str
     result: str  # a figure, "skipped (why)" or "FAILED (why)"
     detail: str = ""
+    seconds: float = 0.0  # the part's wall time
 
 
 def sync(device: torch.device) -> None:
@@ -289,22 +290,23 @@ def run_part(name: str, check: Callable[..., Row], plan: Plan, device: torch.dev
     if seconds_left < 5:
         return Row(name, "skipped (time budget used up)")
     print(f"-- {name}", file=sys.stderr, flush=True)
+    start = time.monotonic()
     try:
-        return check(plan, device, dry_run, seconds_left)
+        row = check(plan, device, dry_run, seconds_left)
     except subprocess.TimeoutExpired:
-        return Row(name, "FAILED (ran past the time budget)")
+        row = Row(name, "FAILED (ran past the time budget)")
     except Exception as e:  # any failure of one part is reported, and the next part still runs
         message = " ".join(str(e).split())[:300]
-        return Row(name, f"FAILED ({type(e).__name__}: {message})")
-    finally:
-        free(device)
+        row = Row(name, f"FAILED ({type(e).__name__}: {message})")
+    free(device)
+    return dataclasses.replace(row, seconds=time.monotonic() - start)
 
 
 def summary(rows: list[Row], device: torch.device, dry_run: bool, elapsed: float) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     lines = [f"## gpu_check{' --dry_run' if dry_run else ''}: {name}, torch {torch.__version__}, {elapsed:.0f} s",
-             "", "| part | result | detail |", "|---|---|---|"]
-    lines += [f"| {r.part} | {r.result} | {r.detail} |" for r in rows]
+             "", "| part | result | detail | seconds |", "|---|---|---|---|"]
+    lines += [f"| {r.part} | {r.result} | {r.detail} | {r.seconds:.0f} |" for r in rows]
     return "\n".join(lines)
 
 

@@ -97,7 +97,7 @@ def summary_rows(stdout: str) -> dict[str, str]:
     rows = {}
     for line in stdout.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("| ") and len(cells) == 3 and cells[0] not in ("part", "---"):
+        if line.startswith("| ") and len(cells) == 4 and cells[0] not in ("part", "---"):
             rows[cells[0]] = cells[1]
     return rows
 
@@ -107,7 +107,7 @@ def test_gpu_check_dry_run_reports_every_part_in_one_table():
     r = subprocess.run([sys.executable, str(REPO / "gpu_check.py"), "--dry_run"], cwd=REPO, capture_output=True,
                        text=True, timeout=400, env=env)
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
-    assert r.stdout.count("| part | result | detail |") == 1
+    assert r.stdout.count("| part | result | detail | seconds |") == 1
     rows = summary_rows(r.stdout)
     assert set(rows) == set(gpu_check.PARTS)
     for part, result in rows.items():
