@@ -99,13 +99,11 @@ class KVCache:
         elif overflow > 0:  # (a chunk would push out keys its own earlier queries still need)
             raise ValueError(f"KV cache holds {max_len} positions, {self.length + k.size(2)} asked for"
                              + (" (a full sliding cache takes one token at a time)" if self.slide else ""))
-        n = k.size(2)
-        # narrow(): the same views as self.k[:, :, a:b], at a fraction of the indexing cost (this runs per
-        # layer per generated token, where such overheads are most of the time)
-        self.k.narrow(2, self.length, n).copy_(k)
-        self.v.narrow(2, self.length, n).copy_(v)
-        self.length += n
-        return self.k.narrow(2, 0, self.length), self.v.narrow(2, 0, self.length)
+        end = self.length + k.size(2)
+        self.k[:, :, self.length:end] = k
+        self.v[:, :, self.length:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
 
     def drop_oldest(self, n: int) -> None:
         """Forget the n oldest positions: shift the others to the front (a copy of at most max_len positions,

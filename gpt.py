@@ -265,10 +265,10 @@ class GPT(nn.Module):
 
         Either way, cached or not, gives the same tokens.
 
-        Rows of a batch (B > 1) are generated side by side, each as it would be alone; the prompts share
-        their length T. Per token, the work outside the model is one write into a preallocated buffer of the
-        whole text (plus three small operations with eos_id): at small widths the per-operation overhead,
-        not the arithmetic, is what a token costs.
+        Rows of a batch (B > 1) are generated side by side and give the tokens each would give alone (up to
+        the rounding of batched matmuls); the prompts share their length T. Per token, the work outside the
+        model is one write into a preallocated buffer of the whole text (plus three small operations with
+        eos_id), not a copy of the growing text.
         """
         if not self.config.causal:
             raise UsageError("an encoder (causal=False) fills masks; it does not generate left to right")
