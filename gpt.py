@@ -268,37 +268,44 @@ class GPT(nn.Module):
         sliding-window attention.
 
         Either way, cached or not, gives the same tokens.
+
+        Rows of a batch (B > 1) are generated side by side and give the tokens each would give alone (up to
+        the rounding of batched matmuls); the prompts share their length T. Per token, the work outside the
+        model is one write into a preallocated buffer of the whole text (plus three small operations with
+        eos_id), not a copy of the growing text.
         """
         if not self.config.causal:
             raise UsageError("an encoder (causal=False) fills masks; it does not generate left to right")
         rotary = self.config.position == "rope"
         block, keep = self.config.block_size, self.config.block_size // 2
         reach = self.config.num_of_layers * (block - 1) + 1  # rotary: the tokens the last one's state depends on
-        start = max(0, idx.size(1) - block)
+        batch, prompt_len = idx.shape
+        tokens = idx.new_empty(batch, prompt_len + max_new_tokens)  # the prompt, then each new token in place
+        tokens[:, :prompt_len] = idx
+        start = max(0, prompt_len - block)
         caches: list[KVCache] | None = None
         cache_origin = -1
-        finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-        for _ in range(max_new_tokens):
-            length = idx.size(1)
+        finished = torch.zeros(batch, dtype=torch.bool, device=idx.device) if eos_id is not None else None
+        for length in range(prompt_len, prompt_len + max_new_tokens):  # tokens[:, :length] are known
             if not rotary and length - start > block:
                 start = length - keep
             origin = 0 if rotary else start  # token i sits at position i - origin
             if not use_cache:
                 first = max(start, length - reach) if rotary else start
-                hidden = self.hidden_states(idx[:, first:], start_pos=first - origin)
+                hidden = self.hidden_states(tokens[:, first:length], start_pos=first - origin)
             elif cache_origin != origin:  # prefill: run the whole window once, filling fresh caches
-                caches, cache_origin = self.new_caches(idx.size(0), idx.device, self.wte.weight.dtype), origin
-                hidden = self.hidden_states(idx[:, start:], caches, start_pos=start - origin)
+                caches, cache_origin = self.new_caches(batch, idx.device, self.wte.weight.dtype), origin
+                hidden = self.hidden_states(tokens[:, start:length], caches, start_pos=start - origin)
             else:  # one new token at its position, attending to the cache
-                hidden = self.hidden_states(idx[:, -1:], caches, start_pos=length - 1 - origin)
-            logits = self.logits(hidden[:, -1, :])  # only the last position predicts the next token
+                hidden = self.hidden_states(tokens[:, length - 1:length], caches, start_pos=length - 1 - origin)
+            logits = self.logits(hidden[:, -1])  # only the last position predicts the next token
             next_id = sample_next(logits, temperature, top_k, top_p, generator)
-            if eos_id is not None:
-                next_id = torch.where(finished, torch.full_like(next_id, eos_id), next_id)
+            if finished is not None:
+                next_id.masked_fill_(finished, eos_id)  # rows that are done keep emitting eos_id
                 finished |= next_id == eos_id
-            idx = torch.cat([idx, next_id[:, None]], dim=1)
+            tokens[:, length] = next_id
             yield next_id
-            if eos_id is not None and bool(finished.all()):
+            if finished is not None and bool(finished.all()):
                 return
 
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,

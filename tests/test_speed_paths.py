@@ -1,0 +1,138 @@
+"""The fast paths give what the plain ones give: batched generation row by row equals one-row generation (with
+end-of-text and both position kinds), sampling equals a plain recompute-everything loop, the KV cache's views
+are the slices it stores; and gpu_check.py --dry_run runs every part and reports each in one summary table."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import gpu_check
+from attention import KVCache
+from gpt import GPT, GPTConfig, sample_next
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny(**kw) -> GPT:
+    """float64, so that a batch's matmuls (another kernel than one row's) cannot round a near-tie differently.
+    An untied head: with a tied one, an untrained model's greedy text repeats one token."""
+    torch.manual_seed(0)
+    config = dict(vocab_size=50, block_size=16, embedding_dim=32, num_of_layers=2, num_of_heads=2, dropout=0.0,
+                  tie_embeddings=False)
+    return GPT(GPTConfig(**{**config, **kw})).double().eval()
+
+
+@pytest.mark.parametrize("position", ["learned", "rope"])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_row_i_of_a_batched_greedy_run_equals_that_prompt_run_alone(position, use_cache):
+    model = tiny(position=position)
+    prompts = torch.randint(0, 50, (3, 5), generator=torch.Generator().manual_seed(1))
+    batched = model.generate(prompts, 40, temperature=0, use_cache=use_cache)  # 45 tokens: past block_size 16
+    alone = torch.cat([model.generate(prompts[i:i + 1], 40, temperature=0, use_cache=use_cache) for i in range(3)])
+    assert torch.equal(batched, alone)
+    assert len({tuple(row) for row in batched[:, 5:].tolist()}) > 1  # the rows really are different texts
+
+
+def test_batched_rows_stop_at_their_own_end_of_text():
+    """Each row equals its run alone: its free text up to its eos, then eos again and again. The batch stops
+    once every row is done."""
+    model = tiny()
+    prompts = torch.randint(0, 50, (3, 4), generator=torch.Generator().manual_seed(9))
+    free = model.generate(prompts, 30, temperature=0)[:, 4:]
+    eos = int(free[0, 3])
+    firsts = [row.index(eos) if eos in row else None for row in free.tolist()]
+    assert firsts == [3, None, 22]  # (for these prompts) one row ends early, one late, one never
+    out = model.generate(prompts, 30, temperature=0, eos_id=eos)[:, 4:]
+    assert out.size(1) == 30  # row 1 never ends
+    for i, first in enumerate(firsts):
+        alone = model.generate(prompts[i:i + 1], 30, temperature=0, eos_id=eos)[0, 4:]
+        assert torch.equal(out[i, :alone.size(0)], alone)
+        if first is not None:
+            assert alone.size(0) == first + 1 and torch.equal(alone, free[i, :first + 1])
+            assert (out[i, first:] == eos).all()
+    both_end = model.generate(prompts[[0, 2]], 30, temperature=0, eos_id=eos)[:, 4:]
+    assert torch.equal(both_end, out[[0, 2], :23])  # stopped right after the later one's eos
+
+
+def test_sampling_equals_a_plain_loop_that_recomputes_everything():
+    """Within block_size, the cached sampler draws the same tokens as the simplest loop with the same generator."""
+    model = tiny()
+    prompt = torch.randint(0, 50, (2, 3), generator=torch.Generator().manual_seed(3))
+    fast = model.generate(prompt, 12, temperature=0.9, top_k=20, generator=torch.Generator().manual_seed(4))
+    idx, generator = prompt, torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for _ in range(12):
+            logits, _ = model(idx)
+            next_id = sample_next(logits[:, -1], 0.9, 20, None, generator)
+            idx = torch.cat([idx, next_id[:, None]], dim=1)
+    assert torch.equal(fast, idx)
+
+
+def test_generate_keeps_the_prompt_and_a_longer_than_block_prompt_works():
+    model = tiny()
+    prompt = torch.randint(0, 50, (2, 20), generator=torch.Generator().manual_seed(5))  # > block_size 16
+    out = model.generate(prompt, 7, temperature=0)
+    assert out.shape == (2, 27) and torch.equal(out[:, :20], prompt)
+    assert torch.equal(out, model.generate(prompt, 7, temperature=0, use_cache=False))
+
+
+def test_the_kv_cache_returns_views_of_what_it_stored():
+    cache = KVCache(2, 3, 8, 4, torch.device("cpu"), torch.float32)
+    first, second = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 1, 4)
+    cache.append(first, -first)
+    k, v = cache.append(second, -second)
+    assert cache.length == 6 and torch.equal(k, torch.cat([first, second], dim=2)) and torch.equal(v, -k)
+    assert k.data_ptr() == cache.k.data_ptr()  # a view into the preallocated buffer, not a copy
+
+
+# ---------------------------------------------------------------------- gpu_check.py
+
+
+def summary_rows(stdout: str) -> dict[str, str]:
+    """part -> result, from the markdown table gpu_check.py prints."""
+    rows = {}
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and len(cells) == 4 and cells[0] not in ("part", "---"):
+            rows[cells[0]] = cells[1]
+    return rows
+
+
+def test_gpu_check_dry_run_reports_every_part_in_one_table():
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    r = subprocess.run([sys.executable, str(REPO / "gpu_check.py"), "--dry_run"], cwd=REPO, capture_output=True,
+                       text=True, timeout=400, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    assert r.stdout.count("| part | result | detail | seconds |") == 1
+    rows = summary_rows(r.stdout)
+    assert set(rows) == set(gpu_check.PARTS)
+    for part, result in rows.items():
+        assert result.startswith("skipped (") or any(ch.isdigit() for ch in result), (part, result)
+        assert "FAILED" not in result, (part, result)
+    assert "tokens/s" in rows["train"] and "MFU" in rows["train"]
+    assert "cache" in rows["generate"] and "no cache" in rows["generate"]
+
+
+def test_a_failing_part_is_reported_and_a_spent_budget_skips_the_rest():
+    def broken(*_args) -> gpu_check.Row:
+        raise RuntimeError("out of\nmemory")
+
+    plan, cpu = gpu_check.dry_plan(), torch.device("cpu")
+    row = gpu_check.run_part("train", broken, plan, cpu, True, deadline=float("inf"))
+    assert row.result == "FAILED (RuntimeError: out of memory)"
+    skipped = gpu_check.run_part("generate", broken, plan, cpu, True, deadline=0.0)
+    assert skipped.result == "skipped (time budget used up)"
+    table = gpu_check.summary([row, skipped], cpu, True, 1.0)
+    assert summary_rows(table) == {"train": row.result, "generate": skipped.result}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where there is no GPU")
+def test_gpu_check_without_a_gpu_is_a_one_line_error():
+    r = subprocess.run([sys.executable, str(REPO / "gpu_check.py")], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: torch sees no CUDA GPU here: run `python gpu_check.py --dry_run` for the CPU rehearsal"]
