@@ -14,7 +14,6 @@ Parts (each one guarded: a failing part is reported in its row and the others st
 The exit status is 1 if a part failed.
 """
 
-import argparse
 import dataclasses
 import gc
 import math
@@ -34,9 +33,10 @@ import torch.nn.functional as F
 import yaml
 from torch.nn.parallel import DistributedDataParallel
 
+from cli import POSITIVE, check_fields, parse_dataclass, setting
 from config import TrainConfig
 from data import TokenSplit
-from errors import CliParser, UsageError, run_cli
+from errors import UsageError, run_cli
 from gpt import GPT, GPTConfig
 from objectives import NextToken
 from runtime import Runtime, allow_tf32, peak_flops, pick_dtype, setup_runtime, teardown
@@ -244,7 +244,7 @@ def ddp_worker(plan: Plan, dry_run: bool) -> None:
         if rt.is_main:
             print(line, flush=True)
     finally:
-        teardown(rt, finished=True)
+        teardown(rt, sys.exception())
 
 
 def ddp_steps(plan: Plan, rt: Runtime) -> str:
@@ -310,18 +310,21 @@ def summary(rows: list[Row], device: torch.device, dry_run: bool, elapsed: float
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = CliParser(description="Check this code on one GPU and print one markdown summary of its speed.")
-    p.add_argument("--dry_run", action="store_true", help="the same code paths on the CPU with tiny shapes")
-    p.add_argument("--minutes", type=float, default=8.0, help="time budget; parts that would start after it "
-                   "are skipped (default %(default)s)")
-    p.add_argument("--ddp_worker", action="store_true", help=argparse.SUPPRESS)  # one rank of the ddp part
-    args = p.parse_args(argv)
-    if args.minutes <= 0:
-        raise UsageError(f"--minutes must be positive, got {args.minutes}")
-    if not args.dry_run and not torch.cuda.is_available():
-        raise UsageError("torch sees no CUDA GPU here: run `python gpu_check.py --dry_run` for the CPU rehearsal")
-    return args
+@dataclasses.dataclass(frozen=True)
+class GpuCheckArgs:
+    dry_run: bool = setting(False, "the same code paths on the CPU with tiny shapes")
+    minutes: float = setting(8.0, "time budget; parts that would start after it are skipped", rule=POSITIVE)
+    ddp_worker: bool = setting(False, "internal: one rank of the DDP part, started by torchrun")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if not self.dry_run and not torch.cuda.is_available():
+            raise UsageError("torch sees no CUDA GPU here: run `python gpu_check.py --dry_run` for the CPU rehearsal")
+
+
+def parse_args(argv: list[str] | None = None) -> GpuCheckArgs:
+    return parse_dataclass(GpuCheckArgs, "Check this code on one GPU and print one markdown summary of its speed.",
+                           argv)
 
 
 def main() -> None:
