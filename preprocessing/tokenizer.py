@@ -31,6 +31,7 @@ from pathlib import Path
 
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
+from tqdm import tqdm
 
 from errors import UsageError
 from fileio import atomic_write_text
@@ -207,5 +208,16 @@ def train_tokenizer(files: list[Path], kind: str, vocab_size: int, show_progress
         raise UsageError(f"--vocab_size must be at least {minimum} for {kind} (got {vocab_size})")
     check_vocab_size(vocab_size)
     tok = _new_tokenizer(kind)
-    tok.train_from_iterator(iter_corpus(files), _trainer(kind, vocab_size, specials, show_progress))
+    # Counting the corpus's words is most of the time on a large corpus: show it in bytes (MB/s, ETA); the
+    # trainer's own bar then shows the merges. The pieces are ~4 kB of characters; their bytes are counted.
+    with tqdm(total=sum(p.stat().st_size for p in files), unit="B", unit_scale=True, desc="reading corpus",
+              disable=not show_progress, leave=False) as bar:
+        tok.train_from_iterator(_counted(iter_corpus(files), bar), _trainer(kind, vocab_size, specials,
+                                                                            show_progress))
     return Tokenizer(tok)
+
+
+def _counted(pieces: Iterator[str], bar: tqdm) -> Iterator[str]:
+    for piece in pieces:
+        bar.update(len(piece.encode("utf-8")))
+        yield piece
