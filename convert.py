@@ -14,12 +14,14 @@ is block_size.
 
 import json
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from attention import RMSNorm
+from checkpoint import CHECKPOINT_VERSION
 from errors import UsageError
 from gpt import GPT, GPTConfig, swiglu_hidden_size
 from preprocessing.tokenizer import EOT, Tokenizer
@@ -310,6 +312,15 @@ def load_hf_folder(path: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor]
         raise UsageError(f"{folder}: tokenizer.json has {tokenizer.vocab_size} tokens but the model's embedding "
                          f"{config.vocab_size} rows; our models need the two equal")
     return config, ours, tokenizer
+
+
+def checkpoint_from_hf_folder(path: str | Path) -> dict[str, Any]:
+    """A transformers folder as the dict load_checkpoint returns (model_config, model, tokenizer, iteration 0),
+    so checkpoint.model_from_checkpoint and everything after it work unchanged."""
+    config, state, tokenizer = load_hf_folder(path)
+    return {"version": CHECKPOINT_VERSION, "model_config": asdict(config), "model": state,
+            "tokenizer": tokenizer.to_json(), "iteration": 0, "best_val_loss": float("inf"),
+            "source": str(path)}
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -229,7 +229,7 @@ def model_card(model: GPT, tokenizer: Tokenizer, ckpt: dict[str, Any], checkpoin
     lines = ["---", "library_name: transformers" if fmt == "hf" else "library_name: gguf",
              "pipeline_tag: text-generation", "tags: [gpt-experiments]", "---", "",
              f"# {checkpoint.stem}", "",
-             f"A {model.num_parameters(non_embedding=False):,}-parameter language model trained from scratch with "
+             f"A {model.num_parameters(non_embedding=False):,}-parameter language model trained with "
              f"GPT-experiments, exported from `{checkpoint.name}` as "
              + (f"`{hf_class}` (transformers)." if fmt == "hf" else f"GGUF architecture `{arch}` (llama.cpp)."), ""]
     if "head" in ckpt:

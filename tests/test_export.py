@@ -11,8 +11,8 @@ import transformers
 
 import export
 from attention import apply_rope, rope_cos_sin
-from checkpoint import save_checkpoint
-from convert import load_hf_folder, read_hf_tokenizer
+from checkpoint import model_from_checkpoint, save_checkpoint
+from convert import checkpoint_from_hf_folder, load_hf_folder, read_hf_tokenizer
 from errors import UsageError
 from gpt import GPT, GPTConfig, swiglu_hidden_size
 from preprocessing.tokenizer import EOT, Tokenizer, train_tokenizer
@@ -86,8 +86,11 @@ def test_exported_folder_gives_our_logits_generation_and_token_ids(tmp_path, tok
     kw = {"gpt2": {}, "llama": LLAMA, "llama-untied": {**LLAMA, "tie_embeddings": False, "rope_base": 500.0}}[arch]
     model = random_model(tokenizer.vocab_size, **kw)
     out = tmp_path / "hf"
-    assert run_export(["--checkpoint", str(write_checkpoint(tmp_path, model, tokenizer, corpus)),
-                       "--out", str(out)]) == 0
+    ckpt = write_checkpoint(tmp_path, model, tokenizer, corpus)
+    metrics = ['{"step": 5, "train_loss": 5.0, "val_loss": 5.125, "val_bpb": 2.5}', '{"step": 8, "loss": 4.0}',
+               '{"step": 10, "train_loss": 4.0, "val_loss": 4.375, "val_bpb": 2.0625, "time_s": 3.0}']
+    ckpt.with_name("model_checkpoint.metrics.jsonl").write_text("\n".join(metrics) + "\n")
+    assert run_export(["--checkpoint", str(ckpt), "--out", str(out)]) == 0
     expected = "GPT2LMHeadModel" if arch == "gpt2" else "LlamaForCausalLM"
     assert expected in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "generation_config.json",
@@ -99,7 +102,8 @@ def test_exported_folder_gives_our_logits_generation_and_token_ids(tmp_path, tok
     assert hf_tokenizer(TRICKY_TEXT)["input_ids"] == ids
     assert hf_tokenizer.decode(ids) == tokenizer.decode(ids) == TRICKY_TEXT
     card = (out / "README.md").read_text(encoding="utf-8")
-    assert f"{corpus.stat().st_size:,} bytes" in card and "optimiser steps: 10" in card and "4.2500" in card
+    assert f"{corpus.stat().st_size:,} bytes" in card and "optimiser steps: 10" in card
+    assert "(step 10): 4.3750 nats per token, 2.0625 bits per byte" in card and "best validation loss: 4.2500" in card
 
 
 def test_a_classifier_checkpoint_exports_its_language_model_and_says_so(tmp_path, tokenizer, corpus, capsys):
@@ -155,10 +159,10 @@ def test_a_transformers_llama_folder_gives_the_same_logits_here(tmp_path, tokeni
                                       rms_norm_eps=1e-5, rope_theta=1000.0, tie_word_embeddings=False)
     hf = transformers.LlamaForCausalLM(config).eval()
     save_hf_folder(hf, tokenizer, tmp_path / "llama")
-    our_config, state, _ = load_hf_folder(tmp_path / "llama")
-    assert (our_config.position, our_config.rope_base, our_config.tie_embeddings) == ("rope", 1000.0, False)
-    model = GPT(our_config)
-    model.load_state_dict(state)
+    model, _ = model_from_checkpoint(checkpoint_from_hf_folder(tmp_path / "llama"), "cpu")
+    c = model.config
+    assert (c.position, c.norm, c.mlp, c.bias, c.rope_base, c.tie_embeddings) == \
+        ("rope", "rmsnorm", "swiglu", False, 1000.0, False)
     idx = torch.randint(0, tokenizer.vocab_size, (2, 64), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(idx)[0], hf(idx).logits, atol=1e-4, rtol=1e-4)
