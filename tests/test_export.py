@@ -287,3 +287,21 @@ def test_a_non_empty_out_folder_needs_overwrite_and_never_the_checkpoint(tmp_pat
     assert run_export(["--checkpoint", str(ckpt), "--out", str(out), "--overwrite"]) == 0
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model_checkpoint.tar", "out"]  # no temporary left
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_llama_cpp_runs_the_gguf_with_our_tokens_and_logits(tmp_path, tokenizer, corpus, arch):
+    llama_cpp = pytest.importorskip("llama_cpp")  # llama-cpp-python; see docs/export.md for the recorded run
+    model = random_model(tokenizer.vocab_size, **({} if arch == "gpt2" else LLAMA))
+    out = tmp_path / "gguf"
+    assert run_export(["--checkpoint", str(write_checkpoint(tmp_path, model, tokenizer, corpus)), "--out", str(out),
+                       "--format", "gguf"]) == 0
+    llm = llama_cpp.Llama(model_path=str(out / "model.gguf"), n_ctx=64, logits_all=True, verbose=False)
+    ids = tokenizer.encode(TRICKY_TEXT)
+    assert llm.tokenize(TRICKY_TEXT.encode(), add_bos=False, special=True) == ids
+    ids = ids[:64]  # block_size
+    llm.eval(ids)
+    theirs = torch.from_numpy(llm.scores[:len(ids)].copy())
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0][0]
+    torch.testing.assert_close(theirs, ours, atol=1e-2, rtol=1e-3)  # llama.cpp's GELU uses a float16 table
