@@ -106,6 +106,17 @@ def test_exported_folder_gives_our_logits_generation_and_token_ids(tmp_path, tok
     assert "(step 10): 4.3750 nats per token, 2.0625 bits per byte" in card and "best validation loss: 4.2500" in card
 
 
+def test_the_character_bpe_tokenizer_exports_exactly_to_transformers(tmp_path, corpus):
+    bpe = train_tokenizer([corpus], "bpe", 300, show_progress=False)
+    ckpt = write_checkpoint(tmp_path, random_model(bpe.vocab_size), bpe, corpus)
+    assert run_export(["--checkpoint", str(ckpt), "--out", str(tmp_path / "hf")]) == 0
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = bpe.encode(TRICKY_TEXT)
+    assert bpe.hf.token_to_id("<unk>") in ids  # characters it never saw
+    assert hf_tokenizer(TRICKY_TEXT)["input_ids"] == ids and hf_tokenizer.decode(ids) == bpe.decode(ids)
+    assert hf_tokenizer.unk_token == "<unk>"
+
+
 def test_a_classifier_checkpoint_exports_its_language_model_and_says_so(tmp_path, tokenizer, corpus, capsys):
     model = random_model(tokenizer.vocab_size)
     head = {"weight": torch.zeros(2, 32), "bias": torch.zeros(2)}
