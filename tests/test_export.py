@@ -307,7 +307,9 @@ def test_llama_cpp_runs_the_gguf_with_our_tokens_and_logits(tmp_path, tokenizer,
     out = tmp_path / "gguf"
     assert run_export(["--checkpoint", str(write_checkpoint(tmp_path, model, tokenizer, corpus)), "--out", str(out),
                        "--format", "gguf"]) == 0
-    llm = llama_cpp.Llama(model_path=str(out / "model.gguf"), n_ctx=64, logits_all=True, verbose=False)
+    # type_k/type_v 0: a float32 KV cache (llama.cpp's default float16 one moves these sharp logits by ~0.1)
+    llm = llama_cpp.Llama(model_path=str(out / "model.gguf"), n_ctx=64, logits_all=True, verbose=False,
+                          type_k=0, type_v=0)
     ids = tokenizer.encode(TRICKY_TEXT)
     assert llm.tokenize(TRICKY_TEXT.encode(), add_bos=False, special=True) == ids
     ids = ids[:64]  # block_size
@@ -315,4 +317,5 @@ def test_llama_cpp_runs_the_gguf_with_our_tokens_and_logits(tmp_path, tokenizer,
     theirs = torch.from_numpy(llm.scores[:len(ids)].copy())
     with torch.no_grad():
         ours = model(torch.tensor([ids]))[0][0]
-    torch.testing.assert_close(theirs, ours, atol=1e-2, rtol=1e-3)  # llama.cpp's GELU uses a float16 table
+    # measured: max |difference| 4e-3 (gpt2: llama.cpp's GELU reads a float16 table), 4e-4 (llama)
+    torch.testing.assert_close(theirs, ours, atol=1e-2 if arch == "gpt2" else 1e-3, rtol=0)
