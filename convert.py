@@ -1,18 +1,103 @@
-"""Our GPT's weights <-> Hugging Face transformers' GPT2LMHeadModel layout, both ways.
+"""Our GPT's weights <-> Hugging Face transformers' layouts, both ways, and local transformers folders in.
 
-Only a model of exactly GPT-2's shape converts (pre-LayerNorm, biases, learned positions, GELU MLP, tied head);
-anything else is refused with one line naming the setting that GPT-2 does not have.
+Two transformers classes compute exactly what some of our configs compute:
+    GPT2LMHeadModel   learned positions, LayerNorm, GELU (tanh), pre-LN, biases, tied head
+    LlamaForCausalLM  RoPE (rotate_half pairs: feature i with i + D/2, as ours), RMSNorm, SwiGLU, no biases,
+                      pre-LN, tied or untied head
+A config either fits one of them exactly or is refused with one line naming the first setting that does not
+fit: nothing is ever converted approximately.
+
+Our RoPE model attends to the last block_size tokens only (a sliding window); Llama attends to everything.
+Both agree on every sequence up to block_size tokens, which is why config.json's max_position_embeddings
+is block_size.
 """
 
+import json
 from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
 
 import torch
 
+from attention import RMSNorm
+from checkpoint import CHECKPOINT_VERSION
 from errors import UsageError
-from gpt import GPT, GPTConfig
+from gpt import GPT, GPTConfig, swiglu_hidden_size
+from preprocessing.tokenizer import EOT, Tokenizer
+
+RMS_EPS = RMSNorm(1).eps  # our RMSNorm's epsilon (not a config setting): Llama's rms_norm_eps must equal it
+LAYERNORM_EPS = 1e-5  # nn.LayerNorm's default, which our LayerNorms use; GPT-2's layer_norm_epsilon
+
+
+# ----------------------------------------------------------------------------- which architecture fits
+
+def _common_incompatibility(c: GPTConfig) -> str | None:
+    """Settings neither GPT-2 nor Llama has (both are pre-LN causal decoders with plain logits)."""
+    if c.norm_position != "pre":
+        return f"--norm_position {c.norm_position}"
+    if not c.causal:
+        return "causal=False (a masked-language-model encoder)"
+    if c.qk_norm:
+        return "--qk_norm"
+    if c.logit_softcap > 0:
+        return f"--logit_softcap {c.logit_softcap:g}"
+    return None
+
+
+def gpt2_incompatibility(c: GPTConfig) -> str | None:
+    """The first setting (as its flag) that GPT-2 cannot represent exactly; None when it can."""
+    if c.position != "learned":
+        return f"--position {c.position}"
+    if c.norm != "layernorm":
+        return f"--norm {c.norm}"
+    if c.mlp != "gelu":
+        return f"--mlp {c.mlp}"
+    if not c.bias:
+        return "--no-bias"
+    if not c.tie_embeddings:
+        return "--no-tie_embeddings"
+    return _common_incompatibility(c)
+
+
+def llama_incompatibility(c: GPTConfig) -> str | None:
+    """The first setting (as its flag) that Llama cannot represent exactly; None when it can."""
+    if c.position != "rope":
+        return f"--position {c.position}"
+    if c.norm != "rmsnorm":
+        return f"--norm {c.norm}"
+    if c.mlp != "swiglu":
+        return f"--mlp {c.mlp}"
+    if c.bias:
+        return "--bias (Llama has no biases: train with --no-bias)"
+    return _common_incompatibility(c)
+
+
+INCOMPATIBILITY = {"gpt2": gpt2_incompatibility, "llama": llama_incompatibility}
+DISPLAY = {"gpt2": "GPT-2", "llama": "Llama"}
+
+
+def architecture_for(c: GPTConfig) -> str:
+    """"gpt2" or "llama": the architecture that computes exactly what this config computes. Otherwise a
+    UsageError naming the first setting that the nearer one (by position scheme) lacks."""
+    target = "llama" if c.position == "rope" else "gpt2"
+    problem = INCOMPATIBILITY[target](c)
+    if problem is not None:
+        raise UsageError(f"{problem}: neither GPT-2 nor Llama computes this model exactly (nearest: "
+                         f"{DISPLAY[target]}); nothing exported")
+    return target
+
+
+def _require(target: str, c: GPTConfig) -> None:
+    problem = INCOMPATIBILITY[target](c)
+    if problem is not None:
+        raise UsageError(f"{problem}: a {DISPLAY[target]} model cannot represent this setting exactly")
+
+
+# ----------------------------------------------------------------------------- GPT-2
 
 # Our parameter names -> transformers' GPT2LMHeadModel names ("{}" is the block index).
-_HF_NAMES = {
+_GPT2_NAMES = {
     "wte.weight": "transformer.wte.weight",
     "wpe.weight": "transformer.wpe.weight",
     "ln_f.weight": "transformer.ln_f.weight",
@@ -34,34 +119,278 @@ _HF_NAMES = {
 _TRANSPOSED = ("attn.qkv.weight", "attn.proj.weight", "mlp.fc.weight", "mlp.proj.weight")
 
 
-def _name_pairs(num_of_layers: int) -> Iterator[tuple[str, str]]:
-    for ours, theirs in _HF_NAMES.items():
+def _name_pairs(names: dict[str, str], num_of_layers: int) -> Iterator[tuple[str, str]]:
+    for ours, theirs in names.items():
         layers = range(num_of_layers) if "{}" in ours else [None]
         for i in layers:
             yield ours.format(i), theirs.format(i)
 
 
-def from_hf_gpt2(state_dict: dict[str, torch.Tensor], config: GPTConfig) -> GPT:
-    """A GPT (pre-LN, with biases) holding the weights of a transformers GPT2LMHeadModel state dict."""
-    if config.norm_position != "pre" or not config.bias:
-        raise UsageError("GPT-2 weights need norm_position='pre' and bias=True")
-    model = GPT(config)
+def gpt2_to_ours(state_dict: dict[str, torch.Tensor], c: GPTConfig) -> dict[str, torch.Tensor]:
+    """A GPT2LMHeadModel state dict under our names and layouts (the head is the token embedding)."""
+    _require("gpt2", c)
     ours = {}
-    for name, hf_name in _name_pairs(config.num_of_layers):
-        w = state_dict[hf_name]
+    for name, hf_name in _name_pairs(_GPT2_NAMES, c.num_of_layers):
+        w = _take(state_dict, hf_name)
         ours[name] = w.t() if name.endswith(_TRANSPOSED) else w
     ours["lm_head.weight"] = ours["wte.weight"]
-    model.load_state_dict(ours)
+    return ours
+
+
+def from_hf_gpt2(state_dict: dict[str, torch.Tensor], config: GPTConfig) -> GPT:
+    """A GPT holding the weights of a transformers GPT2LMHeadModel state dict."""
+    model = GPT(config)
+    model.load_state_dict(gpt2_to_ours(state_dict, config))
     return model
 
 
 def to_hf_gpt2_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     """Our weights under transformers' GPT2LMHeadModel names and layouts (load with strict=False: the
-    attention-mask buffers some transformers versions keep are not weights)."""
+    attention-mask buffers some transformers versions keep are not weights). lm_head.weight is the token
+    embedding itself (tied)."""
+    _require("gpt2", model.config)
     sd = model.state_dict()
     out = {}
-    for name, hf_name in _name_pairs(model.config.num_of_layers):
+    for name, hf_name in _name_pairs(_GPT2_NAMES, model.config.num_of_layers):
         w = sd[name]
         out[hf_name] = (w.t() if name.endswith(_TRANSPOSED) else w).contiguous()
     out["lm_head.weight"] = out["transformer.wte.weight"]
     return out
+
+
+# ----------------------------------------------------------------------------- Llama
+
+# Our names -> LlamaForCausalLM names, for the weights that map one to one. Our fused qkv is split into
+# q_proj, k_proj, v_proj (rows 0..E-1, E..2E-1, 2E..3E-1: the order MultiHeadAttention splits them in).
+_LLAMA_NAMES = {
+    "wte.weight": "model.embed_tokens.weight",
+    "ln_f.weight": "model.norm.weight",
+    "blocks.{}.ln_1.weight": "model.layers.{}.input_layernorm.weight",
+    "blocks.{}.attn.proj.weight": "model.layers.{}.self_attn.o_proj.weight",
+    "blocks.{}.ln_2.weight": "model.layers.{}.post_attention_layernorm.weight",
+    "blocks.{}.mlp.gate.weight": "model.layers.{}.mlp.gate_proj.weight",
+    "blocks.{}.mlp.up.weight": "model.layers.{}.mlp.up_proj.weight",
+    "blocks.{}.mlp.proj.weight": "model.layers.{}.mlp.down_proj.weight",
+}
+_QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def llama_to_ours(state_dict: dict[str, torch.Tensor], c: GPTConfig) -> dict[str, torch.Tensor]:
+    """A LlamaForCausalLM state dict (same number of key/value heads as query heads) under our names.
+    RoPE needs no permutation: transformers' Llama pairs feature i with i + D/2 (rotate_half), as we do."""
+    _require("llama", c)
+    ours = {name: _take(state_dict, hf) for name, hf in _name_pairs(_LLAMA_NAMES, c.num_of_layers)}
+    for i in range(c.num_of_layers):
+        parts = [_take(state_dict, f"model.layers.{i}.self_attn.{p}.weight") for p in _QKV]
+        ours[f"blocks.{i}.attn.qkv.weight"] = torch.cat(parts, dim=0)
+    ours["lm_head.weight"] = ours["wte.weight"] if c.tie_embeddings else _take(state_dict, "lm_head.weight")
+    return ours
+
+
+def from_hf_llama(state_dict: dict[str, torch.Tensor], config: GPTConfig) -> GPT:
+    """A GPT holding the weights of a transformers LlamaForCausalLM state dict."""
+    model = GPT(config)
+    model.load_state_dict(llama_to_ours(state_dict, config))
+    return model
+
+
+def to_hf_llama_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """Our weights under LlamaForCausalLM's names (lm_head.weight only for an untied head)."""
+    c = model.config
+    _require("llama", c)
+    sd = model.state_dict()
+    out = {hf: sd[name].contiguous() for name, hf in _name_pairs(_LLAMA_NAMES, c.num_of_layers)}
+    for i in range(c.num_of_layers):
+        for part, w in zip(_QKV, sd[f"blocks.{i}.attn.qkv.weight"].chunk(3, dim=0), strict=True):
+            out[f"model.layers.{i}.self_attn.{part}.weight"] = w.contiguous()
+    if not c.tie_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"].contiguous()
+    return out
+
+
+def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """Our weights in the layout of the transformers class that computes this model exactly, each tensor
+    once (a tied head is left to transformers to tie, as its save_pretrained does)."""
+    if architecture_for(model.config) == "llama":
+        return to_hf_llama_state_dict(model)
+    sd = to_hf_gpt2_state_dict(model)
+    del sd["lm_head.weight"]
+    return sd
+
+
+def _take(state_dict: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    if name not in state_dict:
+        raise UsageError(f"the weights lack {name}: not a complete model of the shape its config.json describes")
+    return state_dict[name]
+
+
+# ----------------------------------------------------------------------------- config.json both ways
+
+def hf_config(c: GPTConfig, eot_id: int) -> dict[str, Any]:
+    """config.json for the transformers class that computes this model exactly."""
+    arch = architecture_for(c)
+    common = {"vocab_size": c.vocab_size, "bos_token_id": eot_id, "eos_token_id": eot_id,
+              "tie_word_embeddings": c.tie_embeddings, "torch_dtype": "float32", "use_cache": True}
+    if arch == "gpt2":
+        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", **common,
+                "n_positions": c.block_size, "n_embd": c.embedding_dim, "n_layer": c.num_of_layers,
+                "n_head": c.num_of_heads, "n_inner": 4 * c.embedding_dim, "activation_function": "gelu_new",
+                "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
+                "layer_norm_epsilon": LAYERNORM_EPS, "initializer_range": 0.02, "scale_attn_weights": True}
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **common,
+            "hidden_size": c.embedding_dim, "intermediate_size": swiglu_hidden_size(c.embedding_dim),
+            "num_hidden_layers": c.num_of_layers, "num_attention_heads": c.num_of_heads,
+            "num_key_value_heads": c.num_of_heads, "head_dim": c.embedding_dim // c.num_of_heads,
+            "hidden_act": "silu", "max_position_embeddings": c.block_size, "rms_norm_eps": RMS_EPS,
+            # transformers 5 reads rope_parameters, 4.x reads rope_theta
+            "rope_theta": c.rope_base, "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_base},
+            "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0, "initializer_range": 0.02}
+
+
+def _check_equal(hf: dict[str, Any], key: str, want: Any, why: str) -> None:
+    got = hf.get(key, want)
+    if got != want and not (isinstance(want, float) and isinstance(got, int | float) and abs(got - want) < 1e-12):
+        raise UsageError(f"config.json has {key}={got!r}, but {why} needs {want!r}")
+
+
+def gpt_config_from_hf(hf: dict[str, Any]) -> tuple[str, GPTConfig]:
+    """("gpt2" | "llama", our GPTConfig) from a transformers config.json dict; anything we cannot compute
+    exactly (another architecture, grouped-query attention, another MLP width, rope scaling, ...) is refused."""
+    model_type = hf.get("model_type")
+    if model_type == "gpt2":
+        e = hf["n_embd"]
+        if hf.get("n_inner") not in (None, 4 * e):
+            raise UsageError(f"config.json has n_inner={hf['n_inner']}, but our GELU MLP is 4 x n_embd = {4 * e} wide")
+        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise UsageError(f"config.json has activation_function={hf['activation_function']!r}, but our GPT-2 "
+                             f"MLP is GELU in its tanh approximation (gelu_new)")
+        _check_equal(hf, "layer_norm_epsilon", LAYERNORM_EPS, "our LayerNorm")
+        _check_equal(hf, "scale_attn_by_inverse_layer_idx", False, "our attention")
+        _check_equal(hf, "scale_attn_weights", True, "our attention")
+        return "gpt2", GPTConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], embedding_dim=e,
+                                 num_of_layers=hf["n_layer"], num_of_heads=hf["n_head"],
+                                 dropout=hf.get("resid_pdrop", 0.1))
+    if model_type == "llama":
+        e, heads = hf["hidden_size"], hf["num_attention_heads"]
+        _check_equal(hf, "num_key_value_heads", heads, "our attention (no grouped-query attention)")
+        _check_equal(hf, "head_dim", e // heads, "our attention (head size hidden_size / heads)")
+        _check_equal(hf, "intermediate_size", swiglu_hidden_size(e), "our SwiGLU (hidden size from "
+                     "gpt.swiglu_hidden_size)")
+        _check_equal(hf, "hidden_act", "silu", "our SwiGLU")
+        _check_equal(hf, "rms_norm_eps", RMS_EPS, "our RMSNorm")
+        _check_equal(hf, "attention_bias", False, "our bias-free Llama shape")
+        _check_equal(hf, "mlp_bias", False, "our bias-free Llama shape")
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise UsageError(f"config.json asks for rope scaling {rope.get('rope_type', rope.get('type'))!r}; "
+                             f"our RoPE has none")
+        base = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        return "llama", GPTConfig(vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"],
+                                  embedding_dim=e, num_of_layers=hf["num_hidden_layers"], num_of_heads=heads,
+                                  dropout=hf.get("attention_dropout", 0.0), bias=False, position="rope",
+                                  rope_base=float(base), norm="rmsnorm", mlp="swiglu",
+                                  tie_embeddings=hf.get("tie_word_embeddings", False))
+    raise UsageError(f"config.json describes a {model_type!r} model; only gpt2 (GPT2LMHeadModel) and llama "
+                     f"(LlamaForCausalLM) folders can be loaded")
+
+
+# ----------------------------------------------------------------------------- a local transformers folder
+
+def load_hf_folder(path: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor], Tokenizer]:
+    """Our config, our state dict (float32) and our tokenizer from a folder written by transformers'
+    save_pretrained (config.json, model.safetensors or pytorch_model.bin, tokenizer.json) holding a
+    GPT2LMHeadModel or a LlamaForCausalLM. Nothing is ever downloaded."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise UsageError(f"{path} is not a local folder; nothing is downloaded: save the model with "
+                         f"save_pretrained first")
+    arch, config = gpt_config_from_hf(_read_json(folder / "config.json"))
+    weights = {k: v.float() for k, v in _read_weights(folder).items()}
+    ours = gpt2_to_ours(weights, config) if arch == "gpt2" else llama_to_ours(weights, config)
+    tokenizer = read_hf_tokenizer(folder)
+    if tokenizer.vocab_size != config.vocab_size:
+        raise UsageError(f"{folder}: tokenizer.json has {tokenizer.vocab_size} tokens but the model's embedding "
+                         f"{config.vocab_size} rows; our models need the two equal")
+    return config, ours, tokenizer
+
+
+def checkpoint_from_hf_folder(path: str | Path) -> dict[str, Any]:
+    """A transformers folder as the dict load_checkpoint returns (model_config, model, tokenizer, iteration 0),
+    so checkpoint.model_from_checkpoint and everything after it work unchanged."""
+    config, state, tokenizer = load_hf_folder(path)
+    return {"version": CHECKPOINT_VERSION, "model_config": asdict(config), "model": state,
+            "tokenizer": tokenizer.to_json(), "iteration": 0, "best_val_loss": float("inf"),
+            "source": str(path)}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"{path.parent} has no {path.name}: not a folder written by save_pretrained") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"cannot read {path}: {e}") from None
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """model.safetensors (or its shards, listed in model.safetensors.index.json), else pytorch_model.bin."""
+    index = folder / "model.safetensors.index.json"
+    files = sorted(set(_read_json(index)["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    if all((folder / f).exists() for f in files):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise UsageError("reading model.safetensors needs the safetensors package: pip install safetensors") \
+                from None
+        weights: dict[str, torch.Tensor] = {}
+        for f in files:
+            weights.update(load_file(folder / f))
+        return weights
+    if (folder / "pytorch_model.bin").exists():
+        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise UsageError(f"{folder} has neither model.safetensors nor pytorch_model.bin")
+
+
+def read_hf_tokenizer(folder: Path) -> Tokenizer:
+    """tokenizer.json as our Tokenizer. Ours marks the end of a text with <|endoftext|>; a tokenizer with
+    another end-of-sequence token (Llama's "</s>", "<|end_of_text|>") has that token renamed <|endoftext|>,
+    its id unchanged, so generation stops where the original model's does."""
+    path = folder / "tokenizer.json"
+    if not path.exists():
+        raise UsageError(f"{folder} has no tokenizer.json (a fast tokenizer's file): load its tokenizer with "
+                         f"transformers.AutoTokenizer and save_pretrained it into the folder")
+    text = path.read_text(encoding="utf-8")
+    data = json.loads(text)
+    if any(t["content"] == EOT for t in data.get("added_tokens", [])) or EOT in _vocab(data):
+        return Tokenizer.from_json(text, source=str(path))
+    eos = _eos_token(folder)
+    if eos is None:
+        raise UsageError(f"{path} has no {EOT} token and the folder names no eos_token to stand for it")
+    renamed = False
+    for t in data.get("added_tokens", []):
+        if t["content"] == eos:
+            t["content"], renamed = EOT, True
+    vocab = _vocab(data)
+    if eos in vocab:
+        vocab[EOT] = vocab.pop(eos)
+        renamed = True
+    if not renamed:
+        raise UsageError(f"{path} lacks its own eos token {eos!r}: cannot mark the end of a text")
+    return Tokenizer.from_json(json.dumps(data, ensure_ascii=False), source=str(path))
+
+
+def _vocab(tokenizer_json: dict[str, Any]) -> dict[str, int]:
+    vocab = tokenizer_json.get("model", {}).get("vocab")
+    return vocab if isinstance(vocab, dict) else {}  # a Unigram model's vocab is a list: no renaming there
+
+
+def _eos_token(folder: Path) -> str | None:
+    """The eos token's text, from tokenizer_config.json or special_tokens_map.json."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (folder / name).exists():
+            eos = _read_json(folder / name).get("eos_token")
+            if isinstance(eos, dict):
+                eos = eos.get("content")
+            if isinstance(eos, str):
+                return eos
+    return None
