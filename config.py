@@ -44,6 +44,8 @@ class TrainConfig:
                              "prediction with a bidirectional encoder (BERT)", choices=("clm", "mlm"), group="model")
     mask_prob: float = setting(0.15, "mlm only: fraction of tokens chosen for prediction (of those, 80% become "
                                "<mask>, 10% a random token, 10% stay)", rule=OPEN_FRACTION, group="model")
+    init_from: str | None = setting(None, "start from the weights of a local Hugging Face GPT-2 or Llama folder "
+                                    "(save_pretrained), taking its model settings and tokenizer", group="model")
     # optimisation
     batch_size: int = setting(16, "sequences per micro-batch (per process)", rule=POSITIVE, group="optimisation")
     grad_accum_steps: int = setting(1, "micro-batches accumulated per optimiser step", rule=POSITIVE,

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from attention import RMSNorm
-from checkpoint import CHECKPOINT_VERSION
+from checkpoint import CHECKPOINT_VERSION, load_checkpoint
 from errors import UsageError
 from gpt import GPT, GPTConfig, swiglu_hidden_size
 from preprocessing.tokenizer import EOT, Tokenizer
@@ -394,3 +394,8 @@ def _eos_token(folder: Path) -> str | None:
             if isinstance(eos, str):
                 return eos
     return None
+
+
+def load_checkpoint_or_folder(path: str | Path) -> dict[str, Any]:
+    """A checkpoint file written here, or a local transformers folder (GPT-2 or Llama shape) read as one."""
+    return checkpoint_from_hf_folder(path) if Path(path).is_dir() else load_checkpoint(path)

@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoint import load_checkpoint, model_from_checkpoint
+from checkpoint import model_from_checkpoint
 from cli import POSITIVE, check_fields, parse_dataclass, setting
+from convert import load_checkpoint_or_folder
 from data import CHUNK_BYTES, token_dtype
 from errors import UsageError, run_cli
 from gpt import GPT
@@ -74,7 +75,7 @@ def evaluate_tokens(model: GPT, ids: np.ndarray, n_bytes: int, batch_size: int =
 @dataclass(frozen=True)
 class EvaluateArgs:
     files: tuple[str, ...] = setting((), "text files or folders of .txt files")
-    checkpoint: str = setting("model_checkpoint.tar", "checkpoint")
+    checkpoint: str = setting("model_checkpoint.tar", "checkpoint file, or a local Hugging Face model folder")
     batch_size: int = setting(8, "windows per forward pass", rule=POSITIVE)
     device: str = setting("auto", "auto, cpu, cuda, cuda:1, mps")
     dtype: str = setting("auto", DTYPE_HELP, choices=DTYPE_CHOICES)
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
                            positional="files")
     rt = local_runtime(args.device, args.dtype)  # before the checkpoint: a missing device is the device's fault
     files = corpus_files(list(args.files))
-    model, tokenizer = model_from_checkpoint(load_checkpoint(args.checkpoint), rt.device, args.checkpoint)
+    model, tokenizer = model_from_checkpoint(load_checkpoint_or_folder(args.checkpoint), rt.device, args.checkpoint)
     if not model.config.causal:
         raise UsageError(f"{args.checkpoint} is an encoder (masked LM): it has no next-token loss to evaluate; "
                          f"its masked-token loss and accuracy are reported during training")

@@ -28,8 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from checkpoint import model_from_checkpoint, save_checkpoint
 from cli import FRACTION, NON_NEGATIVE, POSITIVE, SEED, Rule, check_fields, parse_dataclass, setting
+from convert import load_checkpoint_or_folder
 from errors import UsageError, run_cli
 from fileio import atomic_write_text, check_output
 from gpt import GPT
@@ -382,7 +383,7 @@ def fine_tune(c: FinetuneConfig) -> dict[str, Any]:
     Returns {"history": [per-epoch metrics], "labels", "task"}."""
     c.check_outputs()
     rt = local_runtime(c.device, c.dtype)  # before the checkpoint: a missing device is the device's fault
-    ckpt = load_checkpoint(c.checkpoint)  # on the CPU: only the model moves to the device
+    ckpt = load_checkpoint_or_folder(c.checkpoint)  # on the CPU: only the model moves to the device
     ckpt.pop("optimizer", None)  # a pretrained run's AdamW moments: not needed here
     gpt, tokenizer = model_from_checkpoint(ckpt, rt.device, c.checkpoint)
     fmt = InputFormat.for_model(gpt, tokenizer)
@@ -429,7 +430,7 @@ def predict(c: FinetuneConfig) -> dict[str, Any]:
     the file has labels)."""
     c.check_outputs()
     rt = local_runtime(c.device, c.dtype)  # before the checkpoint: a missing device is the device's fault
-    ckpt = load_checkpoint(c.checkpoint)  # on the CPU: only the model moves to the device
+    ckpt = load_checkpoint_or_folder(c.checkpoint)  # on the CPU: only the model moves to the device
     if "head" not in ckpt:
         raise UsageError(f"{c.checkpoint} is not a fine-tuned checkpoint (no classification head): "
                          f"fine-tune it first with --train and --val")

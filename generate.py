@@ -21,8 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from checkpoint import load_checkpoint, model_from_checkpoint
+from checkpoint import model_from_checkpoint
 from cli import MAX_INT, POSITIVE, SEED, Rule, check_fields, parse_dataclass, setting
+from convert import load_checkpoint_or_folder
 from errors import UsageError, run_cli
 from gpt import GPT
 from preprocessing.tokenizer import MASK, Tokenizer
@@ -31,7 +32,7 @@ from runtime import DTYPE_CHOICES, DTYPE_HELP, local_runtime
 
 @dataclass(frozen=True)
 class GenerateArgs:
-    checkpoint: str = setting("model_checkpoint.tar", "checkpoint file")
+    checkpoint: str = setting("model_checkpoint.tar", "checkpoint file, or a local Hugging Face model folder")
     prompt: str | None = setting(None, "text to continue (default: standard input, or an interactive loop)")
     prompt_file: str | None = setting(None, "read the prompt from this file")
     max_new_tokens: int = setting(500, "tokens to generate", rule=POSITIVE)
@@ -171,7 +172,7 @@ def read_prompt(args: GenerateArgs) -> str | None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     rt = local_runtime(args.device, args.dtype)  # before the checkpoint: a missing device is the device's fault
-    model, tokenizer = model_from_checkpoint(load_checkpoint(args.checkpoint), rt.device, args.checkpoint)
+    model, tokenizer = model_from_checkpoint(load_checkpoint_or_folder(args.checkpoint), rt.device, args.checkpoint)
     if args.tokenizer:
         tokenizer = check_tokenizer(args.tokenizer, tokenizer)
     prompt = read_prompt(args)

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from checkpoint import load_checkpoint, save_checkpoint
 from config import TrainConfig, fixed_on_resume, parse_config
+from convert import checkpoint_from_hf_folder
 from data import TokenSplit, batch_rng, build_token_cache, cache_key, cache_meta_path
 from errors import UsageError, run_cli
 from fileio import RunLock, check_output, check_output_dir
@@ -160,37 +161,42 @@ def sharded_model(config: GPTConfig, rt: Runtime, weights: dict[str, torch.Tenso
 
 
 def build_model(c: TrainConfig, tokenizer: Tokenizer, objective: Objective, rt: Runtime,
-                ckpt: dict[str, Any] | None) -> GPT:
-    """The model with its initial (or resumed) weights, on the device, sharded under FSDP."""
+                weights: dict[str, torch.Tensor] | None, rng_states: dict[str, list[torch.Tensor]] | None) -> GPT:
+    """The model with its initial weights (fresh, resumed, or --init_from's), on the device, sharded under FSDP;
+    with rng_states, the dropout RNG of a resumed run."""
     config = replace(c.model, vocab_size=tokenizer.vocab_size, causal=objective.causal)
     check_fits(config.estimated_training_bytes(c.batch_size, rt.world_size if rt.fsdp else 1), rt.device,
                f"training a {config.num_of_layers}-layer, {config.embedding_dim}-wide model")
     torch.manual_seed(c.seed)  # the same initial weights on every rank (FSDP keeps each rank's shard of them)
     try:
         if rt.fsdp:
-            model = sharded_model(config, rt, ckpt["model"] if ckpt else None)
+            model = sharded_model(config, rt, weights)
         else:
             model = GPT(config)
-            if ckpt is not None:
-                model.load_state_dict(ckpt["model"])
+            if weights is not None:
+                model.load_state_dict(weights)
             model = model.to(rt.device)
     except RuntimeError:
-        raise UsageError(f"{c.checkpoint} holds a model of a different shape") from None
+        raise UsageError(f"{c.init_from or c.checkpoint} holds a model of a different shape") from None
     torch.manual_seed(c.seed + rt.rank)  # but different dropout masks
-    if ckpt is not None:
-        restore_rng_states(ckpt["rng"], rt)
+    if rng_states is not None:
+        restore_rng_states(rng_states, rt)
     return model
 
 
-def build_run(c: TrainConfig, ckpt: dict[str, Any] | None, rt: Runtime, started: float) -> Run:
+def build_run(c: TrainConfig, ckpt: dict[str, Any] | None, rt: Runtime, started: float,
+              init: dict[str, Any] | None = None) -> Run:
+    """ckpt: the checkpoint a --resume continues; init: the weights and tokenizer of --init_from."""
     if rt.fsdp and rt.dtype == torch.float16:
         raise UsageError("--fsdp with --dtype float16 is not supported: the loss scaler would look for "
                          "overflows in each rank's shard alone; use --dtype bfloat16")
     files = corpus_files(list(c.corpus))
-    tokenizer = Tokenizer.from_json(ckpt["tokenizer"]) if ckpt else resolve_tokenizer(c, files, rt)
+    source = ckpt or init
+    tokenizer = Tokenizer.from_json(source["tokenizer"]) if source else resolve_tokenizer(c, files, rt)
     objective = objective_for(c.objective, tokenizer, c.mask_prob)
     splits = load_data(c, tokenizer, files, rt)
-    model = build_model(c, tokenizer, objective, rt, ckpt)
+    model = build_model(c, tokenizer, objective, rt, source["model"] if source else None,
+                        ckpt["rng"] if ckpt else None)
     optimizer = make_optimizer(model, c, rt.device)
     if ckpt is not None:  # the saved state is whole; under FSDP each rank keeps its shard of it
         set_optimizer_state_dict(model, optimizer, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
@@ -511,6 +517,21 @@ def resume_config(c: TrainConfig, set_by_flags: set[str]) -> tuple[TrainConfig, 
     return merged, ckpt
 
 
+def init_config(c: TrainConfig, set_by_flags: set[str]) -> tuple[TrainConfig, dict[str, Any]]:
+    """--init_from DIR: the run starts from a local Hugging Face folder's weights, taking its model settings and
+    tokenizer; a flag typed now that contradicts them is an error."""
+    start = checkpoint_from_hf_folder(c.init_from)
+    theirs = start["model_config"]
+    model_settings = {name: theirs[name] for name in fixed_on_resume() if name in theirs}
+    for name in set_by_flags & set(model_settings):
+        if c.to_dict()[name] != model_settings[name]:
+            raise UsageError(f"--{name} {c.to_dict()[name]} contradicts {c.init_from}, whose model has "
+                             f"{name} {model_settings[name]}")
+    if c.tokenizer is not None and Tokenizer.from_file(c.tokenizer).to_json() != start["tokenizer"]:
+        raise UsageError(f"--tokenizer {c.tokenizer} is not the tokenizer of {c.init_from}: leave it out")
+    return c.replace(**model_settings), start
+
+
 def check_fresh_run(c: TrainConfig) -> None:
     """A fresh run never silently replaces an earlier run's checkpoint."""
     if Path(c.checkpoint).exists() and not c.overwrite:
@@ -522,23 +543,26 @@ def train(c: TrainConfig, set_by_flags: set[str] = frozenset(), started: float |
     """Run the whole training job; returns the final evaluation. started: time.perf_counter() when the command
     started (default: now), the start of a --time_budget."""
     started = time.perf_counter() if started is None else started
-    ckpt = None
+    ckpt = init = None
     if c.resume:
         c, ckpt = resume_config(c, set_by_flags)
     else:
         check_fresh_run(c)
+        if c.init_from is not None:
+            c, init = init_config(c, set_by_flags)
     check_outputs(c)
     rt = setup_runtime(c.device, c.dtype, c.fsdp)
     try:
-        return run_job(c, ckpt, rt, started)
+        return run_job(c, ckpt, init, rt, started)
     finally:  # after run_job has returned: its model, optimizer and DDP wrapper are gone
         teardown(rt, sys.exception())  # the exception on its way out, or None
 
 
-def run_job(c: TrainConfig, ckpt: dict[str, Any] | None, rt: Runtime, started: float) -> dict[str, float]:
+def run_job(c: TrainConfig, ckpt: dict[str, Any] | None, init: dict[str, Any] | None, rt: Runtime,
+            started: float) -> dict[str, float]:
     # Rank 0 writes the checkpoint: it holds the lock that keeps a second run off it for the whole job.
     with RunLock(c.checkpoint) if rt.is_main else contextlib.nullcontext():
-        run = build_run(c, ckpt, rt, started)
+        run = build_run(c, ckpt, rt, started, init)
         if rt.is_main:
             describe(run)
         with stop_on_ctrl_c(run):

@@ -11,7 +11,7 @@ import transformers
 
 import export
 from attention import apply_rope, rope_cos_sin
-from checkpoint import model_from_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from convert import checkpoint_from_hf_folder, load_hf_folder, read_hf_tokenizer
 from errors import UsageError
 from gpt import GPT, GPTConfig, swiglu_hidden_size
@@ -319,3 +319,29 @@ def test_llama_cpp_runs_the_gguf_with_our_tokens_and_logits(tmp_path, tokenizer,
         ours = model(torch.tensor([ids]))[0][0]
     # measured: max |difference| 4e-3 (gpt2: llama.cpp's GELU reads a float16 table), 4e-4 (llama)
     torch.testing.assert_close(theirs, ours, atol=1e-2 if arch == "gpt2" else 1e-3, rtol=0)
+
+
+def test_playground_starts_from_a_transformers_folder_and_refuses_contradicting_flags(tmp_path, tokenizer, corpus):
+    """--init_from: the run takes the folder's shape, weights and tokenizer (with --lr 0 the weights it saves are
+    the folder's own)."""
+    import playground
+    from config import parse_config
+
+    torch.manual_seed(5)
+    config = transformers.GPT2Config(vocab_size=tokenizer.vocab_size, n_positions=32, n_embd=32, n_layer=2,
+                                     n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    save_hf_folder(transformers.GPT2LMHeadModel(config).eval(), tokenizer, tmp_path / "gpt2")
+    common = [str(corpus), "--init_from", str(tmp_path / "gpt2"), "--out_dir", str(tmp_path / "runs"),
+              "--batch_size", "4", "--eval_iters", "1", "--warmup_iters", "1", "--sample_tokens", "0",
+              "--dropout", "0", "--device", "cpu", "--max_iters", "3", "--eval_interval", "3", "--lr", "0"]
+    with pytest.raises(UsageError, match="--embedding_dim 64 contradicts"):
+        playground.train(*parse_config([*common, "--checkpoint", str(tmp_path / "x.tar"), "--embedding_dim", "64"]))
+    c, flags = parse_config([*common, "--checkpoint", str(tmp_path / "ft.tar")])
+    playground.train(c, flags)
+    saved = load_checkpoint(tmp_path / "ft.tar")
+    assert (saved["model_config"]["embedding_dim"], saved["model_config"]["num_of_layers"]) == (32, 2)
+    assert saved["model_config"]["block_size"] == 32
+    assert Tokenizer.from_json(saved["tokenizer"]).encode(TRICKY_TEXT) == tokenizer.encode(TRICKY_TEXT)
+    _, folder_weights, _ = load_hf_folder(tmp_path / "gpt2")
+    assert saved["iteration"] == 3
+    assert all(torch.equal(saved["model"][name], folder_weights[name]) for name in folder_weights)
