@@ -237,6 +237,13 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------------ generation
 
+    def compute_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype keys and values are computed in: autocast's when it is on (so a KV cache in it is never cast
+        per token), else the weights'."""
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+        return self.wte.weight.dtype
+
     def new_caches(self, batch: int, device: torch.device, dtype: torch.dtype) -> list[KVCache]:
         """One cache per layer, block_size positions each; rotary models' caches slide (see stream)."""
         c = self.config
@@ -294,7 +301,7 @@ class GPT(nn.Module):
                 first = max(start, length - reach) if rotary else start
                 hidden = self.hidden_states(tokens[:, first:length], start_pos=first - origin)
             elif cache_origin != origin:  # prefill: run the whole window once, filling fresh caches
-                caches, cache_origin = self.new_caches(batch, idx.device, self.wte.weight.dtype), origin
+                caches, cache_origin = self.new_caches(batch, idx.device, self.compute_dtype(idx.device)), origin
                 hidden = self.hidden_states(tokens[:, start:length], caches, start_pos=start - origin)
             else:  # one new token at its position, attending to the cache
                 hidden = self.hidden_states(tokens[:, length - 1:length], caches, start_pos=length - 1 - origin)

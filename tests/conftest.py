@@ -1,5 +1,7 @@
 """Tests marked `gpu` run only where CUDA is available (see the markers in pyproject.toml)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -11,3 +13,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+BUNDLED_CORPUS = Path(__file__).resolve().parent.parent / "data" / "shakespeare.txt"
+
+
+def corpus_slice(folder: Path, chars: int, name: str = "corpus.txt") -> Path:
+    """The first `chars` characters of the bundled corpus, cut at a line end, as a file in `folder`."""
+    text = BUNDLED_CORPUS.read_text(encoding="utf-8")[:chars]
+    path = folder / name
+    path.write_text(text[: text.rindex("\n") + 1], encoding="utf-8")
+    return path

@@ -95,6 +95,18 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path, setup):
     assert_same_weights(one / "ckpt.tar", two / "ckpt.tar")
 
 
+def test_muon_under_two_ranks_matches_one_rank(tmp_path, setup):
+    """Muon orthogonalises each rank's copy of the same all-reduced gradient: DDP equals one process."""
+    corpus, tokenizer = setup
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ("--batch_size", "4", "--max_iters", "4", "--eval_interval", "4", "--optimizer", "muon")
+    run([sys.executable, str(REPO / "playground.py"), *args_for(one, corpus, tokenizer, *common,
+                                                               "--grad_accum_steps", "2")])
+    run(torchrun(2, *args_for(two, corpus, tokenizer, *common, "--grad_accum_steps", "1")))
+    assert losses(one) == pytest.approx(losses(two), abs=1e-5)
+    assert_same_weights(one / "ckpt.tar", two / "ckpt.tar")
+
+
 # Global batch 16 either way; the lr does not depend on max_iters (so a run stopped early and resumed
 # matches one that was not); a tight clip so that clipping the sharded gradients is exercised every step.
 FSDP_RUN = ("--batch_size", "4", "--eval_interval", "3", "--lr_schedule", "constant", "--grad_clip", "0.1",

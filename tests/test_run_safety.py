@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import corpus_slice
 
 import playground
 from checkpoint import load_checkpoint
@@ -29,10 +30,7 @@ TINY = ["--embedding_dim", "32", "--num_of_layers", "1", "--num_of_heads", "2", 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    text = (REPO / "data" / "shakespeare.txt").read_text(encoding="utf-8")[:30_000]
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text(text[: text.rindex("\n") + 1], encoding="utf-8")
-    return path
+    return corpus_slice(tmp_path_factory.mktemp("corpus"), 30_000)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +63,21 @@ def test_a_fresh_run_never_replaces_a_checkpoint(tmp_path, corpus, tokenizer):
     assert (tmp_path / "ckpt.tar").read_bytes() == before
     assert metric_steps(tmp_path) == [1, 2, 3, 4]  # the earlier run's metrics are kept too
     train(args(tmp_path, corpus, tokenizer, "--max_iters", "2", "--eval_interval", "2", "--overwrite"))
-    assert load_checkpoint(tmp_path / "ckpt.tar")["iteration"] == 2
+    saved = load_checkpoint(tmp_path / "ckpt.tar")
+    assert saved["iteration"] == 2
+    assert "scaler" in saved  # the loss scaler's state (float16 runs; empty when the scaler is off)
+    assert len(saved["rng"]["torch"]) == 1  # one process: its dropout RNG
+
+
+def test_tokens_per_second_leaves_out_checkpoint_writes(tmp_path, corpus, tokenizer, monkeypatch):
+    real_save = playground.save_checkpoint
+    monkeypatch.setattr(playground, "save_checkpoint", lambda *a: (time.sleep(1.0), real_save(*a)))
+    train(args(tmp_path, corpus, tokenizer, "--max_iters", "8", "--checkpoint_interval", "2", "--eval_interval",
+               "100"))
+    rows = [json.loads(r) for r in (tmp_path / "runs" / "ckpt.metrics.jsonl").read_text().splitlines()]
+    rates = sorted(r["tokens_per_s"] for r in rows if "tokens_per_s" in r)
+    # A 1 s save counted in an interval of one 64-token step would show as about 64 tokens/s.
+    assert rates[0] > 0.1 * rates[len(rates) // 2], rates
 
 
 def test_resume_refuses_what_would_do_nothing_or_change_the_tokenizer(tmp_path, corpus, tokenizer):

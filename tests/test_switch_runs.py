@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import corpus_slice
 
 import evaluate
 import finetune
@@ -31,9 +32,7 @@ SAVED = {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": True
 def trained(tmp_path_factory) -> tuple[Path, Path, Path]:
     """(checkpoint, corpus, tokenizer) of a 4-step run with every switch on."""
     tmp = tmp_path_factory.mktemp("switches")
-    text = (REPO / "data" / "shakespeare.txt").read_text(encoding="utf-8")[:30_000]
-    corpus = tmp / "corpus.txt"
-    corpus.write_text(text[: text.rindex("\n") + 1], encoding="utf-8")
+    corpus = corpus_slice(tmp, 30_000)
     tokenizer = tmp / "tokenizer.json"
     train_tokenizer(corpus_files([corpus]), "bbpe", 300, show_progress=False, bert_tokens=True).save(tokenizer)
     c, flags = parse_config([str(corpus), "--tokenizer", str(tokenizer), "--out_dir", str(tmp / "runs"),
