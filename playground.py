@@ -45,7 +45,10 @@ from training import learning_rate, make_optimizer, set_learning_rate, train_ste
 
 DEFAULT_VOCAB_SIZE = 8000
 EVAL_TRAIN_STREAM, EVAL_VAL_STREAM = 1, 2  # random streams of evaluation batches, apart from training's (0)
-TIMED_STEPS = 5  # steps timed before --time_budget fixes max_iters
+# --time_budget: the first steps (allocations, caches warming up) are slower than the rest, so the step time is
+# measured over TIMED_STEPS steps after UNTIMED_STEPS; max_iters is fixed then, and checked again BUDGET_CHECKS - 1
+# times, at quarters of the steps left (a machine's speed drifts by 10-20% over minutes).
+UNTIMED_STEPS, TIMED_STEPS, BUDGET_CHECKS = 3, 20, 4
 # Checkpointed state dicts: whole (unsharded) tensors under a plain GPT's names, copied to the CPU; under
 # FSDP or DDP only rank 0 receives them (the others get empty dicts), so no rank holds the full model twice.
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -71,6 +74,8 @@ class Run:
     iteration: int = 0  # optimiser steps done
     best_val_loss: float = math.inf
     stop_requested: bool = False  # set by Ctrl-C: save at the end of the current step, then stop
+    budget_checks: int = 0  # --time_budget: how many times max_iters has been (re)planned
+    next_budget_check: int = 0  # the step at which it is planned next
     final: dict[str, float] = field(default_factory=dict)  # the latest evaluation
 
     @property
@@ -244,7 +249,8 @@ def train_loop(run: Run) -> None:
     # disable=None: a bar on terminals only; logs and pipes get the evaluation lines
     bar = tqdm(total=c.max_iters, initial=run.iteration, desc="training", disable=None if run.rt.is_main else True,
                dynamic_ncols=True)
-    meter, first_iteration = Throughput(), run.iteration
+    meter = Throughput()
+    run.next_budget_check = run.iteration + UNTIMED_STEPS + TIMED_STEPS
     while run.iteration < run.c.max_iters:
         lr = learning_rate(run.iteration, run.c)
         set_learning_rate(run.optimizer, lr, run.c)
@@ -253,7 +259,9 @@ def train_loop(run: Run) -> None:
         run.iteration += 1
         step, c = run.iteration, run.c
         meter.tokens += run.tokens_per_step
-        if c.time_budget is not None and step == first_iteration + TIMED_STEPS:
+        if c.time_budget is not None and step == run.next_budget_check - TIMED_STEPS and not run.budget_checks:
+            meter.start_timing(step)
+        if c.time_budget is not None and step == run.next_budget_check:
             plan_time_budget(run, meter, bar)
             c = run.c
         evaluating = step % c.eval_interval == 0 or step == c.max_iters
@@ -262,11 +270,13 @@ def train_loop(run: Run) -> None:
             log_step(run, loss, lr, meter, bar)
         bar.update(1)
         if evaluating:
+            since = time.perf_counter()
             evaluate_and_log(run, bar)
-            meter.restart()  # evaluation time is not training throughput
+            meter.exclude(since)  # evaluation time is not training throughput
         if saving:
+            since = time.perf_counter()
             save(run)
-            meter.restart()
+            meter.exclude(since)
         if run.stop_requested:
             bar.close()
             print(f"stopped at step {step}; checkpoint {c.checkpoint} saved (continue with --resume)",
@@ -280,7 +290,19 @@ class Throughput:
 
     def __init__(self) -> None:
         self.tokens, self.since = 0, time.perf_counter()
-        self.loop_start = self.since
+        self.timing_from, self.timing_step, self.excluded = self.since, 0, 0.0  # for --time_budget
+
+    def start_timing(self, step: int) -> None:
+        self.timing_from, self.timing_step, self.excluded = time.perf_counter(), step, 0.0
+
+    def step_seconds(self, step: int) -> float:
+        """Mean seconds per training step since start_timing, evaluations and checkpoint writes left out."""
+        return (time.perf_counter() - self.timing_from - self.excluded) / max(1, step - self.timing_step)
+
+    def exclude(self, since: float) -> None:
+        """Leave the time from `since` to now out of the rates (an evaluation, a checkpoint write)."""
+        self.excluded += time.perf_counter() - since
+        self.restart()
 
     def restart(self) -> None:
         self.tokens, self.since = 0, time.perf_counter()
@@ -321,13 +343,13 @@ def evaluate_and_log(run: Run, bar: tqdm) -> None:
 
 
 def plan_time_budget(run: Run, meter: Throughput, bar: tqdm) -> None:
-    """--time_budget: from the time of the steps so far and of one evaluation batch, the largest max_iters whose
-    steps and evaluations end within the budget. From here on the run is an ordinary one of that length (the
-    config saved in checkpoints holds it), so resume stays exact."""
+    """--time_budget: from the mean time of the steps so far and of one evaluation batch, the largest max_iters
+    whose steps and evaluations end within the budget. Checked BUDGET_CHECKS times; after the last, the run is an
+    ordinary one of that length (the config saved in checkpoints holds it), so resume stays exact."""
     c = run.c
-    step_seconds = (time.perf_counter() - meter.loop_start) / TIMED_STEPS
+    step_seconds = meter.step_seconds(run.iteration)
     eval_seconds = 2 * c.eval_iters * time_eval_batch(run)
-    left = c.time_budget - (time.perf_counter() - run.started)
+    left = c.time_budget - run.seconds  # the budget counts from the command's start, resumed runs included
 
     def cost(n: int) -> float:  # seconds from now until step n and its final evaluation are done
         evaluations = n // c.eval_interval - run.iteration // c.eval_interval + (n % c.eval_interval != 0)
@@ -337,7 +359,10 @@ def plan_time_budget(run: Run, meter: Throughput, bar: tqdm) -> None:
     while n > run.iteration and cost(n) > left:
         n -= max(1, (n - run.iteration) // 50)
     n = agree_on(max(n, run.iteration), run.rt)
-    run.c = c.replace(max_iters=n, time_budget=None)
+    run.budget_checks += 1
+    last = run.budget_checks == BUDGET_CHECKS or n - run.iteration < 4 * TIMED_STEPS
+    run.c = c.replace(max_iters=n, time_budget=None if last else c.time_budget)
+    run.next_budget_check = run.iteration + (n - run.iteration) // 4
     bar.total = n
     bar.write(f"time budget {c.time_budget:g}s: {step_seconds * 1e3:.1f} ms/step, {eval_seconds:.2f}s per "
               f"evaluation, {left:.1f}s left -> max_iters {n}")
