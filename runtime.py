@@ -166,11 +166,6 @@ def setup_runtime(device: str, dtype: str, fsdp: bool = False) -> Runtime:
                    local_rank=local_rank)
 
 
-def barrier(rt: Runtime) -> None:
-    if rt.distributed:
-        dist.barrier()
-
-
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":  # pinned memory lets the copy overlap with compute
         return x.pin_memory().to(device, non_blocking=True)
