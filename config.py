@@ -7,7 +7,6 @@ win over the YAML file, which wins over the defaults. Unknown keys and values of
 """
 
 import argparse
-import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,8 +189,3 @@ def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
         del args["corpus"]
     values.update(args)
     return TrainConfig.from_dict(values), set(args)
-
-
-def config_fields() -> dict[str, dataclasses.Field]:
-    """Every flat setting's declaration, by name (for tools that check keys, like experiment.py)."""
-    return {f.name: f for cls in (GPTConfig, TrainConfig) for f in flag_fields(cls)}

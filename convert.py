@@ -187,13 +187,6 @@ def llama_to_ours(state_dict: dict[str, torch.Tensor], c: GPTConfig) -> dict[str
     return ours
 
 
-def from_hf_llama(state_dict: dict[str, torch.Tensor], config: GPTConfig) -> GPT:
-    """A GPT holding the weights of a transformers LlamaForCausalLM state dict."""
-    model = GPT(config)
-    model.load_state_dict(llama_to_ours(state_dict, config))
-    return model
-
-
 def to_hf_llama_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     """Our weights under LlamaForCausalLM's names (lm_head.weight only for an untied head)."""
     c = model.config
