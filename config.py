@@ -17,6 +17,7 @@ import yaml
 from cli import FRACTION, NON_NEGATIVE, OPEN_FRACTION, POSITIVE, add_flags, check_fields, coerce, flag_fields, setting
 from errors import CliParser, UsageError
 from gpt import GPTConfig
+from runtime import DTYPE_CHOICES, DTYPE_HELP
 
 BUNDLED_CORPUS = str(Path(__file__).resolve().parent / "data" / "shakespeare.txt")
 LR_SCHEDULES = ("cosine", "linear", "constant", "wsd", "inverse_sqrt")
@@ -95,9 +96,7 @@ class TrainConfig:
     # system
     seed: int = setting(1337, "random seed (model init, batches, dropout)", rule=NON_NEGATIVE, group="system")
     device: str = setting("auto", "auto picks cuda, then mps, then cpu", group="system")
-    dtype: str = setting("auto", "autocast precision; auto: bfloat16 on GPUs with native support, float16 on "
-                         "older GPUs, else float32", choices=("auto", "float32", "bfloat16", "float16"),
-                         group="system")
+    dtype: str = setting("auto", DTYPE_HELP, choices=DTYPE_CHOICES, group="system")
     compile: bool = setting(False, "torch.compile the model (first steps are slow while it compiles)",
                             group="system")
     fsdp: bool = setting(False, "under torchrun: shard parameters, gradients and optimizer state across processes "

@@ -45,35 +45,22 @@ def _common_incompatibility(c: GPTConfig) -> str | None:
     return None
 
 
-def gpt2_incompatibility(c: GPTConfig) -> str | None:
-    """The first setting (as its flag) that GPT-2 cannot represent exactly; None when it can."""
-    if c.position != "learned":
-        return f"--position {c.position}"
-    if c.norm != "layernorm":
-        return f"--norm {c.norm}"
-    if c.mlp != "gelu":
-        return f"--mlp {c.mlp}"
-    if not c.bias:
-        return "--no-bias"
-    if not c.tie_embeddings:
-        return "--no-tie_embeddings"
+# The settings each target architecture fixes, besides those neither has (see _common_incompatibility).
+REQUIRED = {
+    "gpt2": {"position": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True, "tie_embeddings": True},
+    "llama": {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False},
+}
+
+
+def incompatibility(target: str, c: GPTConfig) -> str | None:
+    """The first setting (as its flag) that the target architecture cannot represent exactly; None when it can."""
+    for name, wanted in REQUIRED[target].items():
+        value = getattr(c, name)
+        if value != wanted:
+            return (f"--{name}" if value else f"--no-{name}") if isinstance(value, bool) else f"--{name} {value}"
     return _common_incompatibility(c)
 
 
-def llama_incompatibility(c: GPTConfig) -> str | None:
-    """The first setting (as its flag) that Llama cannot represent exactly; None when it can."""
-    if c.position != "rope":
-        return f"--position {c.position}"
-    if c.norm != "rmsnorm":
-        return f"--norm {c.norm}"
-    if c.mlp != "swiglu":
-        return f"--mlp {c.mlp}"
-    if c.bias:
-        return "--bias (Llama has no biases: train with --no-bias)"
-    return _common_incompatibility(c)
-
-
-INCOMPATIBILITY = {"gpt2": gpt2_incompatibility, "llama": llama_incompatibility}
 DISPLAY = {"gpt2": "GPT-2", "llama": "Llama"}
 
 
@@ -81,7 +68,7 @@ def architecture_for(c: GPTConfig) -> str:
     """"gpt2" or "llama": the architecture that computes exactly what this config computes. Otherwise a
     UsageError naming the first setting that the nearer one (by position scheme) lacks."""
     target = "llama" if c.position == "rope" else "gpt2"
-    problem = INCOMPATIBILITY[target](c)
+    problem = incompatibility(target, c)
     if problem is not None:
         raise UsageError(f"{problem}: neither GPT-2 nor Llama computes this model exactly (nearest: "
                          f"{DISPLAY[target]}); nothing exported")
@@ -89,7 +76,7 @@ def architecture_for(c: GPTConfig) -> str:
 
 
 def _require(target: str, c: GPTConfig) -> None:
-    problem = INCOMPATIBILITY[target](c)
+    problem = incompatibility(target, c)
     if problem is not None:
         raise UsageError(f"{problem}: a {DISPLAY[target]} model cannot represent this setting exactly")
 

@@ -13,7 +13,7 @@ per byte, which compares models with different tokenizers fairly.
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -81,20 +81,19 @@ def _decode(chunk: bytes, files: list[Path]) -> str:
         raise UsageError(f"corpus is not UTF-8 text (binary file?): {names}") from None
 
 
-def cache_meta_path(files: list[Path], tokenizer: Tokenizer, cache_dir: Path, val_fraction: float) -> Path:
-    """The file whose presence says the token cache of this corpus, tokenizer and split is complete."""
-    return cache_dir / cache_key(files, tokenizer, val_fraction) / "meta.json"
-
-
-def build_token_cache(files: list[Path], tokenizer: Tokenizer, cache_dir: Path,
-                      val_fraction: float) -> dict[str, TokenSplit]:
+def build_token_cache(files: list[Path], tokenizer: Tokenizer, cache_dir: Path, val_fraction: float,
+                      wait: Callable[[Path], None] | None = None) -> dict[str, TokenSplit]:
     """Tokenize the corpus into cache_dir/<key>/{train,val}.bin, or reuse them if they already exist whole.
 
     A torn cache (a meta.json that is empty or invalid, a .bin file missing or of the wrong size: a build
     killed on an old version, a full disk, a hand edit) is rebuilt. Two processes building the same cache at
     once both succeed: each writes its own temporary files, and the second rename puts identical files in place.
+    wait: for a process that leaves the building to another one: called with the path of meta.json (written
+    last), it returns once that file exists.
     """
-    folder = cache_meta_path(files, tokenizer, cache_dir, val_fraction).parent
+    folder = cache_dir / cache_key(files, tokenizer, val_fraction)
+    if wait is not None:
+        wait(folder / "meta.json")
     splits = _read_cache(folder)
     if splits is None:
         try:

@@ -13,7 +13,9 @@ import math
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +35,7 @@ from tqdm import tqdm
 from checkpoint import load_checkpoint, save_checkpoint
 from config import TrainConfig, fixed_on_resume, parse_config
 from convert import checkpoint_from_hf_folder
-from data import TokenSplit, batch_rng, build_token_cache, cache_key, cache_meta_path
+from data import TokenSplit, batch_rng, build_token_cache, cache_key
 from errors import UsageError, run_cli
 from fileio import RunLock, check_output, check_output_dir
 from gpt import GPT, GPTConfig
@@ -125,11 +127,8 @@ def wait_for(path: Path, what: str) -> None:
 
 def load_data(c: TrainConfig, tokenizer: Tokenizer, files: list[Path], rt: Runtime) -> dict[str, TokenSplit]:
     """Token files for the train and val splits (built by rank 0 once, then reused)."""
-    cache_dir = Path(c.out_dir) / "token_cache"
-    if rt.prepares_data:
-        build_token_cache(files, tokenizer, cache_dir, c.val_fraction)
-    wait_for(cache_meta_path(files, tokenizer, cache_dir, c.val_fraction), "the token cache")
-    splits = build_token_cache(files, tokenizer, cache_dir, c.val_fraction)
+    wait = None if rt.prepares_data else partial(wait_for, what="the token cache")
+    splits = build_token_cache(files, tokenizer, Path(c.out_dir) / "token_cache", c.val_fraction, wait)
     for name, split in splits.items():
         if split.num_tokens < c.model.block_size + 1:
             raise UsageError(f"the {name} split has {split.num_tokens} tokens, fewer than block_size + 1 = "
@@ -526,13 +525,14 @@ def resume_config(c: TrainConfig, set_by_flags: set[str]) -> tuple[TrainConfig, 
     if "optimizer" not in ckpt or "config" not in ckpt:
         raise UsageError(f"{c.checkpoint} holds no training state to resume (was it exported?)")
     saved = TrainConfig.from_dict(ckpt["config"]).to_dict()  # older checkpoints lack newer settings
+    typed = {name: c.to_dict()[name] for name in set_by_flags}
     for name in set_by_flags & set(fixed_on_resume()):
-        if c.to_dict()[name] != saved[name]:
-            raise UsageError(f"--{name} {c.to_dict()[name]} differs from the checkpoint's {saved[name]}: "
+        if typed[name] != saved[name]:
+            raise UsageError(f"--{name} {typed[name]} differs from the checkpoint's {saved[name]}: "
                              f"a checkpoint resumes only with the model and optimizer it was trained with")
     if "tokenizer" in set_by_flags and Tokenizer.from_file(c.tokenizer).to_json() != ckpt["tokenizer"]:
         raise UsageError(f"--tokenizer {c.tokenizer} is not the tokenizer {c.checkpoint} was trained with")
-    overrides = {name: c.to_dict()[name] for name in set_by_flags}
+    overrides = dict(typed)
     if saved["time_budget"] is None:  # the budget was already turned into the saved max_iters: keep that plan
         overrides.pop("time_budget", None)
     merged = TrainConfig.from_dict({**saved, **overrides, "resume": True})
@@ -604,28 +604,26 @@ def check_outputs(c: TrainConfig) -> None:
     check_output(metrics_path(c), "--checkpoint's metrics file", inputs, [("--checkpoint", c.checkpoint)])
 
 
-class stop_on_ctrl_c:  # noqa: N801 - used like a function, as contextlib's are
+@contextlib.contextmanager
+def stop_on_ctrl_c(run: Run) -> Iterator[None]:
     """Ctrl-C asks the loop to save a checkpoint at the end of the current step and stop; a second Ctrl-C stops at
     once. Single process only: under torchrun the ranks could not agree on the step to stop at."""
+    if run.rt.distributed:
+        yield
+        return
 
-    def __init__(self, run: Run) -> None:
-        self.run = run
-
-    def __enter__(self) -> None:
-        self.previous = None
-        if not self.run.rt.distributed:
-            self.previous = signal.signal(signal.SIGINT, self.handle)
-
-    def handle(self, signum: int, frame: Any) -> None:
-        if self.run.stop_requested:
+    def handle(signum: int, frame: Any) -> None:
+        if run.stop_requested:
             raise KeyboardInterrupt
-        self.run.stop_requested = True
+        run.stop_requested = True
         print("\ninterrupt: saving a checkpoint at the end of this step (Ctrl-C again to stop at once)",
               file=sys.stderr)
 
-    def __exit__(self, *exc: object) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+    previous = signal.signal(signal.SIGINT, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def main(argv: list[str] | None = None) -> None:

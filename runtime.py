@@ -18,7 +18,7 @@ from errors import UsageError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_CHOICES = ("auto", *DTYPES)  # the --dtype flag of every CLI that runs a model
-DTYPE_HELP = "autocast precision; auto: bfloat16 on GPUs that support it, float16 on older GPUs, else float32"
+DTYPE_HELP = "autocast precision; auto: bfloat16 on GPUs with native support, float16 on older GPUs, else float32"
 
 
 @dataclass(frozen=True)
