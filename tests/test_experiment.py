@@ -235,13 +235,8 @@ def test_time_budget_command_passes_the_budget_and_no_step_count():
 
 def test_ablation_spec_parses():
     spec = experiment.read_spec(str(REPO / "experiments" / "ablation.yaml"))
-    options = experiment.playground_options()
-    if "time_budget" not in options:  # until playground.py has the flag, the spec must say so, not crash
-        with pytest.raises(UsageError, match="--time_budget"):
-            experiment.make_plan(spec, "ablation", options)
-        return
-    plan = experiment.make_plan(spec, "ablation", options)
-    assert plan.baseline == "gpt2" and len(plan.seeds) == 3 and plan.budget == {"time_budget": 120}
+    plan = experiment.make_plan(spec, "ablation", experiment.playground_options())
+    assert plan.baseline == "gpt2" and len(plan.seeds) == 3 and plan.budget == {"time_budget": 60}
 
 
 def test_mean_band_uses_the_x_range_every_seed_covers():
