@@ -16,13 +16,14 @@ An encoder checkpoint (trained with --objective mlm) does not continue text; it 
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
 from checkpoint import model_from_checkpoint
-from cli import MAX_INT, POSITIVE, SEED, Rule, check_fields, parse_dataclass, setting
+from cli import POSITIVE, SEED, Rule, check_fields, parse_dataclass, setting
 from convert import load_checkpoint_or_folder
 from errors import UsageError, run_cli
 from gpt import GPT
@@ -41,7 +42,7 @@ class GenerateArgs:
                                 "predictions shown per <mask> (default 5)", rule=POSITIVE)
     top_p: float | None = setting(None, "nucleus sampling: the smallest set of tokens with probability >= p",
                                   rule=Rule("in (0, 1]", lambda v: 0 < v <= 1))
-    num_samples: int = setting(1, "independent samples per prompt", rule=POSITIVE)
+    num_samples: int = setting(1, "independent samples per prompt, generated as one batch", rule=POSITIVE)
     seed: int = setting(1337, "same seed, checkpoint and flags: same text", rule=SEED)
     device: str = setting("auto", "auto, cpu, cuda, cuda:1, mps")
     dtype: str = setting("auto", DTYPE_HELP, choices=DTYPE_CHOICES)
@@ -53,8 +54,6 @@ class GenerateArgs:
         check_fields(self)
         if self.prompt is not None and self.prompt_file is not None:
             raise UsageError("give --prompt or --prompt_file, not both")
-        if self.seed + self.num_samples - 1 > MAX_INT:  # sample i uses seed + i
-            raise UsageError(f"--seed {self.seed} + --num_samples {self.num_samples} runs past {MAX_INT}")
 
 
 def parse_args(argv: list[str] | None = None) -> GenerateArgs:
@@ -82,33 +81,66 @@ def prompt_ids(model: GPT, tokenizer: Tokenizer, prompt: str) -> list[int]:
     return ids
 
 
+def text_pieces(tokenizer: Tokenizer, tokens: Iterable[int]) -> Iterator[str]:
+    """The text of `tokens` in pieces, one as soon as new tokens complete some text, for streaming.
+
+    Each step decodes only the tokens since the last piece (plus the piece before them, as context for
+    decoders that look back), not the whole text so far, so a long text costs linear time. Byte-level tokens
+    can end inside a multi-byte character, which decodes to U+FFFD until the rest arrives: such a tail is held
+    back, so every piece is whole characters.
+    """
+    ids: list[int] = []
+    prefix = read = 0  # ids[prefix:read] were shown last; ids[read:] are not shown yet
+    for token in tokens:
+        ids.append(token)
+        shown = tokenizer.decode(ids[prefix:read])
+        text = tokenizer.decode(ids[prefix:])
+        if len(text) > len(shown) and not text.endswith("\ufffd"):
+            yield text[len(shown):]
+            prefix, read = read, len(ids)
+
+
 def generate_text(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, temperature: float = 0.8,
                   top_k: int | None = None, top_p: float | None = None, seed: int = 1337, use_cache: bool = True,
                   on_text: Callable[[str], None] | None = None) -> tuple[str, int]:
     """The continuation of `prompt` and its number of tokens; each new piece of text is passed to on_text
-    as soon as it is known.
-
-    Byte-level tokens can end inside a multi-byte character, which decodes to U+FFFD until the rest
-    arrives: such a tail is held back, so streamed pieces are always whole characters.
-    """
+    as soon as it is known (see text_pieces)."""
     device = next(model.parameters()).device
     idx = torch.tensor([prompt_ids(model, tokenizer, prompt)], device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     new_ids: list[int] = []
+
+    def until_end_of_text() -> Iterator[int]:
+        for token in model.stream(idx, max_new_tokens, temperature, top_k, top_p, tokenizer.eot_id, use_cache,
+                                  generator):
+            if int(token) == tokenizer.eot_id:
+                return
+            new_ids.append(int(token))
+            yield new_ids[-1]
+
     shown = ""
-    for token in model.stream(idx, max_new_tokens, temperature, top_k, top_p, tokenizer.eot_id, use_cache,
-                              generator):
-        if int(token) == tokenizer.eot_id:
-            break
-        new_ids.append(int(token))
-        text = tokenizer.decode(new_ids)
-        if not text.endswith("\ufffd") and on_text is not None:
-            on_text(text[len(shown):])
-            shown = text
+    for piece in text_pieces(tokenizer, until_end_of_text()):
+        if on_text is not None:
+            on_text(piece)
+        shown += piece
     text = tokenizer.decode(new_ids)
     if on_text is not None and text != shown:
         on_text(text[len(shown):])
     return text, len(new_ids)
+
+
+def generate_batch(model: GPT, tokenizer: Tokenizer, prompt: str, num_samples: int, max_new_tokens: int,
+                   temperature: float = 0.8, top_k: int | None = None, top_p: float | None = None, seed: int = 1337,
+                   use_cache: bool = True) -> list[list[int]]:
+    """num_samples continuations of `prompt` generated side by side as one batch (one forward pass per token
+    for all of them), each cut at its first end-of-text: their token ids."""
+    device = next(model.parameters()).device
+    idx = torch.tensor([prompt_ids(model, tokenizer, prompt)] * num_samples, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    steps = model.stream(idx, max_new_tokens, temperature, top_k, top_p, tokenizer.eot_id, use_cache, generator)
+    columns = list(tqdm(steps, total=max_new_tokens, desc="generating", unit="token", leave=False, disable=None))
+    rows = torch.stack(columns, dim=1).tolist() if columns else [[] for _ in range(num_samples)]
+    return [row[:row.index(tokenizer.eot_id)] if tokenizer.eot_id in row else row for row in rows]
 
 
 @torch.no_grad()
@@ -139,17 +171,21 @@ def run_prompt(model: GPT, tokenizer: Tokenizer, prompt: str, args: GenerateArgs
             write(f"{MASK} {n}: " + "  ".join(f"{text!r} {p:.3f}" for text, p in candidates) + "\n")
         return
     top_k = args.top_k or 200
-    for i in range(args.num_samples):
-        if args.num_samples > 1:
-            write(f"\n---------- sample {i + 1} of {args.num_samples} ----------\n")
+    start = time.perf_counter()
+    if args.num_samples == 1:  # streamed as it is produced
         write(prompt)
-        start = time.perf_counter()
-        _, n = generate_text(model, tokenizer, prompt, args.max_new_tokens, args.temperature, top_k,
-                             args.top_p, args.seed + i, not args.no_cache, on_text=write)
+        _, n = generate_text(model, tokenizer, prompt, args.max_new_tokens, args.temperature, top_k, args.top_p,
+                             args.seed, not args.no_cache, on_text=write)
         write("\n")
-        if args.stats:
-            seconds = time.perf_counter() - start
-            print(f"stats: {n} tokens in {seconds:.2f}s, {n / seconds:.1f} tokens/s", file=sys.stderr)
+    else:  # one batch, printed when done
+        samples = generate_batch(model, tokenizer, prompt, args.num_samples, args.max_new_tokens, args.temperature,
+                                 top_k, args.top_p, args.seed, not args.no_cache)
+        for i, ids in enumerate(samples):
+            write(f"\n---------- sample {i + 1} of {args.num_samples} ----------\n{prompt}{tokenizer.decode(ids)}\n")
+        n = sum(len(ids) for ids in samples)
+    if args.stats:
+        seconds = time.perf_counter() - start
+        print(f"stats: {n} tokens in {seconds:.2f}s, {n / seconds:.1f} tokens/s", file=sys.stderr)
 
 
 def read_prompt(args: GenerateArgs) -> str | None:

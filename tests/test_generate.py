@@ -71,6 +71,49 @@ def test_streamed_pieces_add_up_to_the_returned_text(loaded):
     assert "".join(pieces) == text and len(pieces) > 1
 
 
+def test_streaming_decodes_each_token_a_bounded_number_of_times(loaded, monkeypatch):
+    """Each step decodes the tokens since the last piece, not the whole text: the decoded lengths add up
+    to a small multiple of the text's tokens (the old whole-text decoding added up to n^2 / 2)."""
+    model, tok = loaded
+    decoded: list[int] = []
+    decode = tok.decode
+    monkeypatch.setattr(tok, "decode", lambda ids: decoded.append(len(ids)) or decode(ids))
+    pieces: list[str] = []
+    text, n = generate.generate_text(model, tok, "Hamlet", 200, temperature=1.0, seed=3, on_text=pieces.append)
+    assert n > 100 and "".join(pieces) == text
+    assert sum(decoded) < 12 * n
+
+
+@pytest.mark.parametrize("kind", ["bbpe", "bpe"])
+def test_text_pieces_add_up_to_the_whole_decoding(kind, tmp_path):
+    """Random token sequences (byte-level ones cut characters apart): the pieces, each ending in whole
+    characters, join into the decoding of the whole sequence."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("Où est le café? 日本 — O Romeo, Romeo!\n  indented line.\n" * 50
+                      + (REPO / "data" / "shakespeare.txt").read_text(encoding="utf-8")[:20_000], encoding="utf-8")
+    tok = train_tokenizer(corpus_files([corpus]), kind, 400, show_progress=False)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        ids = rng.integers(0, tok.vocab_size, 60).tolist()
+        pieces = list(generate.text_pieces(tok, ids))
+        assert all(not piece.endswith("\ufffd") for piece in pieces)
+        assert tok.decode(ids).startswith("".join(pieces))
+    ids = tok.encode("Où est le café? 日本 — O Romeo, Romeo!\n  indented line.\n")
+    assert "".join(generate.text_pieces(tok, ids)) == tok.decode(ids)
+
+
+def test_samples_are_generated_as_one_batch(loaded, monkeypatch):
+    model, tok = loaded
+    batches: list[int] = []
+    stream = model.stream
+    monkeypatch.setattr(model, "stream", lambda idx, *a, **k: batches.append(idx.size(0)) or stream(idx, *a, **k))
+    samples = generate.generate_batch(model, tok, "KING.", 3, 25, temperature=1.0, seed=7)
+    assert batches == [3] and len(samples) == 3 and len({tuple(s) for s in samples}) > 1  # sampled apart
+    greedy = generate.generate_batch(model, tok, "KING.", 2, 25, temperature=0)
+    alone, _ = generate.generate_text(model, tok, "KING.", 25, temperature=0)
+    assert [tok.decode(ids) for ids in greedy] == [alone, alone]
+
+
 def test_prompt_round_trips_through_the_checkpoint_tokenizer(loaded):
     _, tok = loaded
     prompt = "Où est le café? 日本 — O Romeo, Romeo!\n"
@@ -117,7 +160,7 @@ def test_cli_streams_prompt_and_samples_with_stats(ckpt_path):
             "--stats", "--seed", "4")
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("KING.") >= 2 and "---------- sample 2 of 2 ----------" in r.stdout
-    assert r.stderr.count("stats: ") == 2 and "tokens/s" in r.stderr
+    assert r.stderr.count("stats: ") == 1 and "tokens/s" in r.stderr  # one batch, one line
     again = cli("--checkpoint", str(ckpt_path), "--prompt", "KING.", "--max_new_tokens", "15", "--num_samples", "2",
                 "--seed", "4")
     assert again.stdout == r.stdout  # same seed, same text
