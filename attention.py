@@ -99,11 +99,10 @@ class KVCache:
         elif overflow > 0:  # (a chunk would push out keys its own earlier queries still need)
             raise ValueError(f"KV cache holds {max_len} positions, {self.length + k.size(2)} asked for"
                              + (" (a full sliding cache takes one token at a time)" if self.slide else ""))
-        end = self.length + k.size(2)
-        self.k[:, :, self.length:end] = k
-        self.v[:, :, self.length:end] = v
-        self.length = end
-        return self.k[:, :, :end], self.v[:, :, :end]
+        self.k.narrow(2, self.length, k.size(2)).copy_(k)
+        self.v.narrow(2, self.length, v.size(2)).copy_(v)
+        self.length += k.size(2)
+        return self.k.narrow(2, 0, self.length), self.v.narrow(2, 0, self.length)
 
     def drop_oldest(self, n: int) -> None:
         """Forget the n oldest positions: shift the others to the front (a copy of at most max_len positions,
@@ -185,10 +184,12 @@ class MultiHeadAttention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, E) -> (B, H, T, D): each head works on its own D-wide slice."""
+    def queries_keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, T, E) -> q, k, v, each (B, H, T, D): one matmul makes all three, and each head works on its own
+        D-wide slice of them (views of the matmul's output, no copies)."""
         b, t, e = x.shape
-        return x.view(b, t, self.num_of_heads, e // self.num_of_heads).transpose(1, 2)
+        qkv = self.qkv(x).view(b, t, 3, self.num_of_heads, e // self.num_of_heads)  # (B, T, 3, H, D)
+        return qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, T, D)
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None, cache: KVCache | None = None,
                 positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -197,7 +198,7 @@ class MultiHeadAttention(nn.Module):
         rotary models; by default they follow the cached tokens (0 .. T - 1 without a cache), which is wrong
         once a sliding cache has dropped some: pass them then."""
         b, t, e = x.shape
-        q, k, v = (self.split_heads(z) for z in self.qkv(x).split(e, dim=2))  # 3 x (B, H, T, D)
+        q, k, v = self.queries_keys_values(x)
         if self.q_norm is not None:  # QK-norm: unit-RMS queries and keys (times a gain) bound q . k
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope:
