@@ -27,7 +27,7 @@ from fileio import atomic_write_text, remove_stale_temps
 from preprocessing.tokenizer import Tokenizer
 
 CACHE_FORMAT = 1  # bump when the layout of the cache files changes
-CHUNK_BYTES = 1 << 20  # text handed to the tokenizer at once: large enough to keep its threads busy
+CHUNK_BYTES = 1 << 20  # text per piece handed to the tokenizer (a batch of pieces keeps every core busy)
 
 
 @dataclass(frozen=True)
@@ -148,15 +148,28 @@ def _write_token_files(files: list[Path], tokenizer: Tokenizer, folder: Path, va
 
 def _tokenize_into(outs: dict[str, BinaryIO], counts: dict[str, dict[str, int]], files: list[Path],
                    tokenizer: Tokenizer, val_fraction: float, dtype: str) -> None:
+    """The corpus goes to the tokenizer in pieces of about CHUNK_BYTES, cut at line ends (and where the
+    validation text or a document starts). One batch of pieces at a time is encoded with encode_batch, which
+    spreads the pieces over every core; each piece is encoded as it would be alone, so the token files are the
+    same whatever the number of cores, and memory holds one batch."""
     pending: dict[str, list[bytes]] = {"train": [], "val": []}
+    batch: list[tuple[str, str, bool]] = []  # (split, text, ends a document) waiting to be encoded
+    batch_size = os.cpu_count() or 1
+
+    def encode_batch() -> None:
+        for (split, _, end_of_document), ids in zip(batch, tokenizer.encode_batch([t for _, t, _ in batch]),
+                                                    strict=True):
+            if end_of_document:
+                ids.append(tokenizer.eot_id)  # documents are separated by the end-of-text token
+            outs[split].write(np.asarray(ids, dtype=dtype).tobytes())
+            counts[split]["num_tokens"] += len(ids)
+        batch.clear()
 
     def flush(split: str, end_of_document: bool) -> None:
-        ids = tokenizer.encode(_decode(b"".join(pending[split]), files)) if pending[split] else []
-        if end_of_document:
-            ids.append(tokenizer.eot_id)  # documents are separated by the end-of-text token
-        outs[split].write(np.asarray(ids, dtype=dtype).tobytes())
-        counts[split]["num_tokens"] += len(ids)
+        batch.append((split, _decode(b"".join(pending[split]), files), end_of_document))
         pending[split].clear()
+        if len(batch) >= batch_size:
+            encode_batch()
 
     total = sum(p.stat().st_size for p in files)
     if total == 0:
@@ -175,6 +188,7 @@ def _tokenize_into(outs: dict[str, BinaryIO], counts: dict[str, dict[str, int]],
             counts[split]["num_bytes"] += len(line)
             buffered += len(line)
             bar.update(len(line))
+        encode_batch()
 
 
 @dataclass(frozen=True)

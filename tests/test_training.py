@@ -174,6 +174,23 @@ def test_documents_are_separated_by_end_of_text(tmp_path, tokenizer_path):
     assert splits["val"].num_bytes == 17 * 9
 
 
+def test_token_files_do_not_depend_on_the_number_of_cores(tmp_path, corpus, tokenizer_path, monkeypatch):
+    """Pieces of the corpus are encoded a batch at a time over all cores: the token files equal those of
+    encoding each piece alone, one after another, in order."""
+    import data
+    monkeypatch.setattr(data, "CHUNK_BYTES", 4_000)  # about 15 pieces
+    tok = Tokenizer.from_file(tokenizer_path)
+    files = {}
+    for cores in (1, 3, 64):
+        monkeypatch.setattr(data.os, "cpu_count", lambda cores=cores: cores)
+        splits = build_token_cache([corpus], tok, tmp_path / f"cores{cores}", val_fraction=0.1)
+        files[cores] = [splits[s].path.read_bytes() for s in ("train", "val")]
+    assert files[1] == files[3] == files[64]
+    text = corpus.read_text(encoding="utf-8")
+    ids = np.frombuffer(files[1][0] + files[1][1], dtype=np.uint16).tolist()
+    assert tok.decode(ids) == text + EOT
+
+
 def test_wandb_offline_needs_no_network(tmp_path, corpus, tokenizer_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
