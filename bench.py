@@ -4,6 +4,7 @@
                                                                               training step (and its profile)
     python bench.py attention [--device cpu]                                  scratch vs SDPA
     python bench.py generate  [--device cpu]                                  KV cache vs none
+    python bench.py peers --corpus FILE [--baseline DIR] [--nanogpt DIR]      whole training runs side by side
 
 Model flags (train): --embedding_dim --num_of_layers --num_of_heads --block_size --batch_size --vocab_size
 --attention; the defaults are nanoGPT's CPU recipe (4 layers, 4 heads, 128 wide, block 64, batch 12,
@@ -15,6 +16,7 @@ tokens; tokens/s counts the tokens of every optimiser step, and MFU divides the 
 """
 
 import contextlib
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +32,9 @@ from config import TrainConfig
 from data import TokenSplit, token_dtype
 from errors import UsageError, run_cli
 from gpt import GPT, GPTConfig
+from metrics import read_metrics
 from objectives import NextToken
+from preprocessing.tokenizer import corpus_files, train_tokenizer
 from runtime import DTYPE_CHOICES, DTYPE_HELP, Runtime, check_fits, peak_flops, pick_device, pick_dtype
 from training import make_optimizer, train_step
 
@@ -89,6 +93,30 @@ class GenerateBench:
     def __post_init__(self) -> None:
         check_fields(self)
         GPTConfig(embedding_dim=self.embedding_dim, num_of_heads=self.num_of_heads)  # checks the heads divide it
+
+
+@dataclass(frozen=True)
+class PeersBench:
+    corpus: str = setting("", "the text to train on (nanoGPT's CPU recipe trains on Tiny Shakespeare)")
+    baseline: str | None = setting(None, "another checkout of this repository (an older commit) to time alongside")
+    nanogpt: str | None = setting(None, "a nanoGPT checkout whose data/shakespeare_char/prepare.py has been run")
+    short: int = setting(100, "steps of the short run", rule=POSITIVE)
+    long: int = setting(500, "steps of the long run; ms/step = (long time - short time) / (long - short)",
+                        rule=POSITIVE)
+    rounds: int = setting(2, "rounds, each timing every program once at both lengths; the best is kept",
+                          rule=POSITIVE)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.long <= self.short:
+            raise UsageError(f"--long {self.long} must be above --short {self.short}")
+        for name, needs in (("baseline", "playground.py"), ("nanogpt", "data/shakespeare_char/train.bin")):
+            folder = getattr(self, name)
+            if folder is not None and not (Path(folder) / needs).is_file():
+                raise UsageError(f"--{name} {folder!r} has no {needs}" + (
+                    " (run python data/shakespeare_char/prepare.py there first)" if name == "nanogpt" else ""))
+        if not Path(self.corpus).is_file():
+            raise UsageError(f"corpus {self.corpus} is not a file")
 
 
 def check_fits_device(config: GPTConfig, batch_size: int, device: torch.device) -> None:
@@ -207,17 +235,89 @@ def bench_generate(args: GenerateBench) -> None:
         print(f"| {'yes' if use_cache else 'no'} | {rates[use_cache]:,.0f} | {rates[use_cache] / rates[False]:.2f}x |")
 
 
+# nanoGPT's CPU recipe (its README): 4 layers, 4 heads, 128 wide, context 64, batch 12, no dropout, characters.
+RECIPE = {"num_of_layers": 4, "num_of_heads": 4, "embedding_dim": 128, "block_size": 64, "batch_size": 12,
+          "dropout": 0.0}
+NANOGPT_NAMES = {"num_of_layers": "n_layer", "num_of_heads": "n_head", "embedding_dim": "n_embd"}
+
+
+def our_command(folder: Path, corpus: str, tokenizer: Path, steps: int, work: Path, name: str) -> list[str]:
+    """playground.py of the checkout in `folder` at the recipe, in its default configuration otherwise;
+    no evaluation or sample, so runs of two lengths differ by their steps only. Each run writes its own
+    checkpoint `name`.tar (and metrics file) in `work`."""
+    flags = [f"--{name}={value}" for name, value in RECIPE.items()]
+    return [sys.executable, str(folder / "playground.py"), corpus, f"--tokenizer={tokenizer}", *flags,
+            f"--max_iters={steps}", "--eval_interval=1000000", "--checkpoint_interval=1000000",
+            "--sample_tokens=0", f"--out_dir={work}", f"--checkpoint={work / name}.tar"]
+
+
+def nanogpt_command(steps: int, work: Path) -> list[str]:
+    """nanoGPT's train.py at its documented CPU recipe (run in its checkout); it evaluates once, at step 0."""
+    flags = [f"--{NANOGPT_NAMES.get(name, name)}={value}" for name, value in RECIPE.items()]
+    return [sys.executable, "train.py", "config/train_shakespeare_char.py", "--device=cpu", "--compile=False",
+            "--eval_iters=20", "--log_interval=1", *flags, f"--max_iters={steps}", "--lr_decay_iters=2000",
+            "--eval_interval=1000000", f"--out_dir={work}"]
+
+
+def wall_seconds(command: list[str], cwd: Path) -> float:
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise UsageError(f"{' '.join(command[:3])} ... failed in {cwd}: {done.stderr.strip().splitlines()[-1:]}")
+    return time.perf_counter() - start
+
+
+def bench_peers(args: PeersBench) -> None:
+    """Whole training runs of this checkout, --baseline and --nanogpt at nanoGPT's CPU recipe, alternating
+    programs within each round: ms/step from the difference of a long and a short run (start-up cancels), the
+    best round kept; and whether this checkout's logged training losses equal the baseline's exactly."""
+    here = Path(__file__).resolve().parent
+    programs = {"this checkout": here}
+    if args.baseline:
+        programs["baseline"] = Path(args.baseline).resolve()
+    with tempfile.TemporaryDirectory() as tmp:
+        work, corpus = Path(tmp), str(Path(args.corpus).resolve())
+        tokenizer = work / "chars.json"  # characters only: bpe without merges, as nanoGPT's char-level data
+        train_tokenizer(corpus_files([Path(corpus)]), "bpe", 67, show_progress=False).save(tokenizer)
+        runs = {name: (lambda steps, tag, name=name, folder=folder: wall_seconds(
+            our_command(folder, corpus, tokenizer, steps, work / name, tag), folder))
+            for name, folder in programs.items()}
+        if args.nanogpt:
+            folder = Path(args.nanogpt).resolve()
+            runs["nanoGPT"] = lambda steps, tag: wall_seconds(nanogpt_command(steps, work / "nanogpt"), folder)
+        for run in runs.values():  # warm-up: token caches, file caches, imports
+            run(args.short, "warmup")
+        per_step: dict[str, list[float]] = {name: [] for name in runs}
+        for r in range(args.rounds):
+            for name, run in runs.items():
+                long, short = run(args.long, f"round{r}_long"), run(args.short, f"round{r}_short")
+                per_step[name].append((long - short) / (args.long - args.short))
+        same = ""
+        if args.baseline:  # the training lines of the first long runs: {"step", "loss", ...}
+            ours, theirs = ([row["loss"] for row in read_metrics(work / name / "round0_long.metrics.jsonl")
+                             if "loss" in row] for name in programs)
+            same = f"; training losses at the {len(ours)} logged steps equal to the baseline's: " \
+                   f"{bool(ours) and ours == theirs}"
+    best = {name: min(times) for name, times in per_step.items()}
+    print(f"nanoGPT's CPU recipe {RECIPE}, characters, ({args.long} - {args.short} steps), {args.rounds} rounds{same}")
+    print("| program | ms/step, each round | best ms/step | this checkout's speed-up over it |\n|---|---|---|---|")
+    for name, times in per_step.items():
+        print(f"| {name} | {', '.join(f'{t * 1e3:.1f}' for t in times)} | {best[name] * 1e3:.1f} | "
+              f"{best[name] / best['this checkout']:.2f}x |")
+
+
 BENCHMARKS: dict[str, tuple[type, Callable[..., None], str]] = {
     "train": (TrainBench, bench_train, "training step throughput and MFU"),
     "attention": (AttentionBench, bench_attention, "scratch vs SDPA attention, forward + backward"),
     "generate": (GenerateBench, bench_generate, "generation with and without the KV cache"),
+    "peers": (PeersBench, bench_peers, "whole training runs beside an older checkout and nanoGPT"),
 }
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("-h", "--help"):
-        print("usage: bench.py {train,attention,generate} [flags]   (bench.py WHAT --help lists the flags)\n" +
+        print("usage: bench.py {train,attention,generate,peers} [flags]   (bench.py WHAT --help lists the flags)\n" +
               "\n".join(f"  {name:10} {about}" for name, (_, _, about) in BENCHMARKS.items()))
         return
     if not argv or argv[0] not in BENCHMARKS:

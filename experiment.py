@@ -594,7 +594,7 @@ def _tail(path: Path, lines: int = 15) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = CliParser(prog="experiment.py", description="Train variants x seeds of a playground.py setup under "
-                       "one budget (see experiments/*.yaml) and report means, 95%% CIs and paired differences.")
+                       "one budget (see experiments/*.yaml) and report means, 95% CIs and paired differences.")
     parser.add_argument("spec", nargs="?", help="experiment spec YAML (its keys: see the top of experiment.py)")
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at once (default 1; keep 1 for "
                         "time budgets: runs side by side slow each other)")

@@ -12,7 +12,6 @@ import csv
 import dataclasses
 import errno
 import hashlib
-import inspect
 import io
 import os
 import pickle
@@ -289,23 +288,23 @@ def sweeps(inputs: dict[str, Path], out: Path) -> dict[str, Sweep]:
             ("iters", "warmup")),
         "bench generate": bench_sweep("generate", bench.GenerateBench, [
             *tiny, "--vocab_size", "64", "--new_tokens", "2", "--repeats", "1"], ("new_tokens", "repeats")),
+        "bench peers": bench_sweep("peers", bench.PeersBench, [
+            "--corpus", corpus, "--short", "1", "--long", "2", "--rounds", "1"], ("long", "rounds")),
         "train_tokenizer": Sweep(
             dataclass_parser(train_tokenizer_cli.TokenizerArgs, "corpus"), train_tokenizer_cli.main,
             lambda i: [POSITIONAL, "--vocab_size", "280", "--out", str(out / f"tok{i}.json")], [corpus, "bbpe"]),
-        # TODO(main engineer): playground.main must take argv (main(argv: list[str] | None = None)) for this
-        # sweep to run; until then test_every_flag_of_playground skips.
         "playground": Sweep(
             config.build_parser(), playground.main,
             lambda i: [POSITIONAL, "--tokenizer", tok, "--out_dir", str(out / "runs"), "--checkpoint",
                        str(out / f"ck{i}.tar"), "--max_iters", "1", "--eval_iters", "1", "--eval_interval", "1",
                        "--warmup_iters", "0", "--sample_tokens", "0", "--batch_size", "2", *tiny], [corpus],
             long_jobs=("max_iters", "sample_tokens", "eval_iters", "grad_accum_steps", "warmup_iters", "compile"),
-            parse=getattr(config, "parse_config", None)),
+            parse=config.parse_config),
     }
 
 
 @pytest.mark.parametrize("name", ["generate", "evaluate", "finetune", "finetune --predict", "bench train",
-                                  "bench attention", "bench generate", "train_tokenizer"])
+                                  "bench attention", "bench generate", "bench peers", "train_tokenizer"])
 def test_every_flag_of_every_cli_fails_cleanly_or_succeeds(name, inputs, tmp_path, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
@@ -313,8 +312,6 @@ def test_every_flag_of_every_cli_fails_cleanly_or_succeeds(name, inputs, tmp_pat
 
 
 def test_every_flag_of_playground(inputs, tmp_path, monkeypatch):
-    if not inspect.signature(playground.main).parameters:
-        pytest.skip("TODO(main engineer): playground.main takes no argv yet")
     out = tmp_path / "out"
     out.mkdir()
     run_sweep("playground", sweeps(inputs, out)["playground"], inputs, tmp_path, monkeypatch)
