@@ -97,7 +97,7 @@ class GenerateBench:
 
 @dataclass(frozen=True)
 class PeersBench:
-    corpus: str = setting("", "the text to train on (nanoGPT's CPU recipe trains on Tiny Shakespeare)")
+    corpus: str = setting("", "the text to train on, required (nanoGPT's CPU recipe trains on Tiny Shakespeare)")
     baseline: str | None = setting(None, "another checkout of this repository (an older commit) to time alongside")
     nanogpt: str | None = setting(None, "a nanoGPT checkout whose data/shakespeare_char/prepare.py has been run")
     short: int = setting(100, "steps of the short run", rule=POSITIVE)
@@ -115,8 +115,10 @@ class PeersBench:
             if folder is not None and not (Path(folder) / needs).is_file():
                 raise UsageError(f"--{name} {folder!r} has no {needs}" + (
                     " (run python data/shakespeare_char/prepare.py there first)" if name == "nanogpt" else ""))
+        if not self.corpus:
+            raise UsageError("say what to train on: --corpus FILE (nanoGPT's recipe uses Tiny Shakespeare)")
         if not Path(self.corpus).is_file():
-            raise UsageError(f"corpus {self.corpus} is not a file")
+            raise UsageError(f"--corpus {self.corpus} is not a file")
 
 
 def check_fits_device(config: GPTConfig, batch_size: int, device: torch.device) -> None:
