@@ -247,7 +247,7 @@ def our_command(folder: Path, corpus: str, tokenizer: Path, steps: int, work: Pa
     """playground.py of the checkout in `folder` at the recipe, in its default configuration otherwise;
     no evaluation or sample, so runs of two lengths differ by their steps only. Each run writes its own
     checkpoint `name`.tar (and metrics file) in `work`."""
-    flags = [f"--{name}={value}" for name, value in RECIPE.items()]
+    flags = [f"--{key}={value}" for key, value in RECIPE.items()]
     return [sys.executable, str(folder / "playground.py"), corpus, f"--tokenizer={tokenizer}", *flags,
             f"--max_iters={steps}", "--eval_interval=1000000", "--checkpoint_interval=1000000",
             "--sample_tokens=0", f"--out_dir={work}", f"--checkpoint={work / name}.tar"]
@@ -255,7 +255,7 @@ def our_command(folder: Path, corpus: str, tokenizer: Path, steps: int, work: Pa
 
 def nanogpt_command(steps: int, work: Path) -> list[str]:
     """nanoGPT's train.py at its documented CPU recipe (run in its checkout); it evaluates once, at step 0."""
-    flags = [f"--{NANOGPT_NAMES.get(name, name)}={value}" for name, value in RECIPE.items()]
+    flags = [f"--{NANOGPT_NAMES.get(key, key)}={value}" for key, value in RECIPE.items()]
     return [sys.executable, "train.py", "config/train_shakespeare_char.py", "--device=cpu", "--compile=False",
             "--eval_iters=20", "--log_interval=1", *flags, f"--max_iters={steps}", "--lr_decay_iters=2000",
             "--eval_interval=1000000", f"--out_dir={work}"]
@@ -265,7 +265,8 @@ def wall_seconds(command: list[str], cwd: Path) -> float:
     start = time.perf_counter()
     done = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
     if done.returncode != 0:
-        raise UsageError(f"{' '.join(command[:3])} ... failed in {cwd}: {done.stderr.strip().splitlines()[-1:]}")
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UsageError(f"{' '.join(command[:3])} ... failed in {cwd}: {last}")
     return time.perf_counter() - start
 
 
@@ -273,31 +274,33 @@ def bench_peers(args: PeersBench) -> None:
     """Whole training runs of this checkout, --baseline and --nanogpt at nanoGPT's CPU recipe, alternating
     programs within each round: ms/step from the difference of a long and a short run (start-up cancels), the
     best round kept; and whether this checkout's logged training losses equal the baseline's exactly."""
-    here = Path(__file__).resolve().parent
-    programs = {"this checkout": here}
+    programs = {"this checkout": Path(__file__).resolve().parent}  # name -> checkout folder
     if args.baseline:
         programs["baseline"] = Path(args.baseline).resolve()
+    if args.nanogpt:
+        programs["nanoGPT"] = Path(args.nanogpt).resolve()
     with tempfile.TemporaryDirectory() as tmp:
         work, corpus = Path(tmp), str(Path(args.corpus).resolve())
         tokenizer = work / "chars.json"  # characters only: bpe without merges, as nanoGPT's char-level data
         train_tokenizer(corpus_files([Path(corpus)]), "bpe", 67, show_progress=False).save(tokenizer)
-        runs = {name: (lambda steps, tag, name=name, folder=folder: wall_seconds(
-            our_command(folder, corpus, tokenizer, steps, work / name, tag), folder))
-            for name, folder in programs.items()}
-        if args.nanogpt:
-            folder = Path(args.nanogpt).resolve()
-            runs["nanoGPT"] = lambda steps, tag: wall_seconds(nanogpt_command(steps, work / "nanogpt"), folder)
-        for run in runs.values():  # warm-up: token caches, file caches, imports
-            run(args.short, "warmup")
-        per_step: dict[str, list[float]] = {name: [] for name in runs}
+
+        def run(name: str, steps: int, tag: str) -> float:
+            """Wall seconds of one run of program `name`; `tag` names its checkpoint and metrics files."""
+            command = nanogpt_command(steps, work / name) if name == "nanoGPT" else \
+                our_command(programs[name], corpus, tokenizer, steps, work / name, tag)
+            return wall_seconds(command, programs[name])
+
+        for name in programs:  # warm-up: token caches, file caches, imports
+            run(name, args.short, "warmup")
+        per_step: dict[str, list[float]] = {name: [] for name in programs}
         for r in range(args.rounds):
-            for name, run in runs.items():
-                long, short = run(args.long, f"round{r}_long"), run(args.short, f"round{r}_short")
+            for name in programs:
+                long, short = run(name, args.long, f"round{r}_long"), run(name, args.short, f"round{r}_short")
                 per_step[name].append((long - short) / (args.long - args.short))
         same = ""
         if args.baseline:  # the training lines of the first long runs: {"step", "loss", ...}
             ours, theirs = ([row["loss"] for row in read_metrics(work / name / "round0_long.metrics.jsonl")
-                             if "loss" in row] for name in programs)
+                             if "loss" in row] for name in ("this checkout", "baseline"))
             same = f"; training losses at the {len(ours)} logged steps equal to the baseline's: " \
                    f"{bool(ours) and ours == theirs}"
     best = {name: min(times) for name, times in per_step.items()}

@@ -81,6 +81,14 @@ def prompt_ids(model: GPT, tokenizer: Tokenizer, prompt: str) -> list[int]:
     return ids
 
 
+def prompt_batch(model: GPT, tokenizer: Tokenizer, prompt: str, rows: int,
+                 seed: int) -> tuple[torch.Tensor, torch.Generator]:
+    """The prompt's tokens repeated in `rows` rows on the model's device, and the generator that samples them."""
+    device = next(model.parameters()).device
+    idx = torch.tensor([prompt_ids(model, tokenizer, prompt)] * rows, device=device)
+    return idx, torch.Generator(device=device).manual_seed(seed)
+
+
 def text_pieces(tokenizer: Tokenizer, tokens: Iterable[int]) -> Iterator[str]:
     """The text of `tokens` in pieces, one as soon as new tokens complete some text, for streaming.
 
@@ -91,13 +99,14 @@ def text_pieces(tokenizer: Tokenizer, tokens: Iterable[int]) -> Iterator[str]:
     """
     ids: list[int] = []
     prefix = read = 0  # ids[prefix:read] were shown last; ids[read:] are not shown yet
+    shown = ""  # the decoding of ids[prefix:read]
     for token in tokens:
         ids.append(token)
-        shown = tokenizer.decode(ids[prefix:read])
         text = tokenizer.decode(ids[prefix:])
         if len(text) > len(shown) and not text.endswith("\ufffd"):
             yield text[len(shown):]
             prefix, read = read, len(ids)
+            shown = tokenizer.decode(ids[prefix:read])
 
 
 def generate_text(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, temperature: float = 0.8,
@@ -105,18 +114,17 @@ def generate_text(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens:
                   on_text: Callable[[str], None] | None = None) -> tuple[str, int]:
     """The continuation of `prompt` and its number of tokens; each new piece of text is passed to on_text
     as soon as it is known (see text_pieces)."""
-    device = next(model.parameters()).device
-    idx = torch.tensor([prompt_ids(model, tokenizer, prompt)], device=device)
-    generator = torch.Generator(device=device).manual_seed(seed)
+    idx, generator = prompt_batch(model, tokenizer, prompt, 1, seed)
     new_ids: list[int] = []
 
     def until_end_of_text() -> Iterator[int]:
         for token in model.stream(idx, max_new_tokens, temperature, top_k, top_p, tokenizer.eot_id, use_cache,
                                   generator):
-            if int(token) == tokenizer.eot_id:
+            token_id = int(token)
+            if token_id == tokenizer.eot_id:
                 return
-            new_ids.append(int(token))
-            yield new_ids[-1]
+            new_ids.append(token_id)
+            yield token_id
 
     shown = ""
     for piece in text_pieces(tokenizer, until_end_of_text()):
@@ -134,9 +142,7 @@ def generate_batch(model: GPT, tokenizer: Tokenizer, prompt: str, num_samples: i
                    use_cache: bool = True) -> list[list[int]]:
     """num_samples continuations of `prompt` generated side by side as one batch (one forward pass per token
     for all of them), each cut at its first end-of-text: their token ids."""
-    device = next(model.parameters()).device
-    idx = torch.tensor([prompt_ids(model, tokenizer, prompt)] * num_samples, device=device)
-    generator = torch.Generator(device=device).manual_seed(seed)
+    idx, generator = prompt_batch(model, tokenizer, prompt, num_samples, seed)
     steps = model.stream(idx, max_new_tokens, temperature, top_k, top_p, tokenizer.eot_id, use_cache, generator)
     columns = list(tqdm(steps, total=max_new_tokens, desc="generating", unit="token", leave=False, disable=None))
     rows = torch.stack(columns, dim=1).tolist() if columns else [[] for _ in range(num_samples)]

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import corpus_slice
 
 import checkpoint as checkpoint_module
 import playground
@@ -21,7 +22,6 @@ from errors import UsageError
 from preprocessing.tokenizer import BERT_TOKENS, EOT, Tokenizer, corpus_files, train_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
-BUNDLED = REPO / "data" / "shakespeare.txt"
 TINY = ["--embedding_dim", "32", "--num_of_layers", "2", "--num_of_heads", "2", "--block_size", "32",
         "--batch_size", "8", "--eval_iters", "2", "--log_interval", "5", "--warmup_iters", "5", "--lr", "3e-3",
         "--sample_tokens", "0"]
@@ -30,10 +30,7 @@ TINY = ["--embedding_dim", "32", "--num_of_layers", "2", "--num_of_heads", "2", 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     """The first 60 kB of the bundled corpus (cut at a line end)."""
-    text = BUNDLED.read_text(encoding="utf-8")[:60_000]
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text(text[: text.rindex("\n") + 1], encoding="utf-8")
-    return path
+    return corpus_slice(tmp_path_factory.mktemp("corpus"), 60_000)
 
 
 @pytest.fixture(scope="module")
