@@ -263,8 +263,10 @@ def train_loop(run: Run) -> None:
         if c.time_budget is not None and step == run.next_budget_check:
             plan_time_budget(run, meter, bar)
             c = run.c
+        # Read the Ctrl-C flag once: a signal arriving later in this step must not stop it unsaved.
+        stopping = run.stop_requested
         evaluating = step % c.eval_interval == 0 or step == c.max_iters
-        saving = step % c.checkpoint_interval == 0 or step == c.max_iters or run.stop_requested
+        saving = step % c.checkpoint_interval == 0 or step == c.max_iters or stopping
         if step % c.log_interval == 0 or evaluating or saving:
             log_step(run, loss, lr, meter, bar)
         bar.update(1)
@@ -276,7 +278,7 @@ def train_loop(run: Run) -> None:
             since = time.perf_counter()
             save(run)
             meter.exclude(since)
-        if run.stop_requested:
+        if stopping:
             bar.close()
             print(f"stopped at step {step}; checkpoint {c.checkpoint} saved (continue with --resume)",
                   file=sys.stderr)

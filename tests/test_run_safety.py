@@ -132,6 +132,25 @@ def test_ctrl_c_saves_the_step_it_stopped_at_and_resume_continues(tmp_path, corp
     assert max(metric_steps(tmp_path)) == saved["iteration"]
 
 
+
+def test_ctrl_c_arriving_late_in_a_step_stops_after_the_next_saved_step(tmp_path, corpus, tokenizer, monkeypatch,
+                                                                        capsys):
+    """A Ctrl-C that lands after the loop decided whether this step saves (here: while step 2 is logged) must
+    not stop the run at that step unsaved: it stops at the end of the next step, with that step saved."""
+    log_step = playground.log_step
+
+    def ctrl_c_while_logging(run, *rest):
+        log_step(run, *rest)
+        if run.iteration == 2:
+            run.stop_requested = True  # what the SIGINT handler does
+
+    monkeypatch.setattr(playground, "log_step", ctrl_c_while_logging)
+    with pytest.raises(KeyboardInterrupt):
+        train(args(tmp_path, corpus, tokenizer, "--max_iters", "100", "--checkpoint_interval", "100",
+                   "--eval_interval", "100"))
+    assert load_checkpoint(tmp_path / "ckpt.tar")["iteration"] == 3
+    assert "stopped at step 3" in capsys.readouterr().err
+
 def test_time_budget_fixes_max_iters_to_fit_and_lands_near_the_budget(tmp_path, corpus, tokenizer):
     budget = 12.0
     start = time.perf_counter()
