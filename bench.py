@@ -27,16 +27,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cli import NON_NEGATIVE, POSITIVE, check_fields, parse_dataclass, setting
 from config import TrainConfig
-from data import TokenSplit, token_dtype
-from errors import UsageError, run_cli
 from gpt import GPT, GPTConfig
-from metrics import read_metrics
-from objectives import NextToken
-from preprocessing.tokenizer import corpus_files, train_tokenizer
-from runtime import DTYPE_CHOICES, DTYPE_HELP, Runtime, check_fits, peak_flops, pick_device, pick_dtype
-from training import make_optimizer, train_step
+from gptlab.cli import NON_NEGATIVE, POSITIVE, check_fields, parse_dataclass, setting
+from gptlab.data import TokenSplit, token_dtype
+from gptlab.errors import UsageError, run_cli
+from gptlab.metrics import read_metrics
+from gptlab.objectives import NextToken
+from gptlab.runtime import DTYPE_CHOICES, DTYPE_HELP, Runtime, check_fits, peak_flops, pick_device, pick_dtype
+from gptlab.tokenizer import corpus_files, train_tokenizer
+from gptlab.training import make_optimizer, train_step
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,20 @@ from typing import Any
 
 import yaml
 
-from cli import FRACTION, NON_NEGATIVE, OPEN_FRACTION, POSITIVE, add_flags, check_fields, coerce, flag_fields, setting
-from errors import CliParser, UsageError
 from gpt import GPTConfig
-from runtime import DTYPE_CHOICES, DTYPE_HELP
+from gptlab.cli import (
+    FRACTION,
+    NON_NEGATIVE,
+    OPEN_FRACTION,
+    POSITIVE,
+    add_flags,
+    check_fields,
+    coerce,
+    flag_fields,
+    setting,
+)
+from gptlab.errors import CliParser, UsageError
+from gptlab.runtime import DTYPE_CHOICES, DTYPE_HELP
 
 BUNDLED_CORPUS = str(Path(__file__).resolve().parent / "data" / "shakespeare.txt")
 LR_SCHEDULES = ("cosine", "linear", "constant", "wsd", "inverse_sqrt")

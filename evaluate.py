@@ -20,14 +20,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoint import model_from_checkpoint
-from cli import POSITIVE, check_fields, parse_dataclass, setting
-from convert import load_checkpoint_or_folder
-from data import CHUNK_BYTES, token_dtype
-from errors import UsageError, run_cli
 from gpt import GPT
-from preprocessing.tokenizer import Tokenizer, corpus_files, iter_corpus
-from runtime import DTYPE_CHOICES, DTYPE_HELP, local_runtime
+from gptlab.checkpoint import model_from_checkpoint
+from gptlab.cli import POSITIVE, check_fields, parse_dataclass, setting
+from gptlab.convert import load_checkpoint_or_folder
+from gptlab.data import CHUNK_BYTES, token_dtype
+from gptlab.errors import UsageError, run_cli
+from gptlab.runtime import DTYPE_CHOICES, DTYPE_HELP, local_runtime
+from gptlab.tokenizer import Tokenizer, corpus_files, iter_corpus
 
 
 def encode_file(path: Path, tokenizer: Tokenizer) -> tuple[np.ndarray, int]:

@@ -45,10 +45,10 @@ from typing import Any
 import yaml
 from tqdm import tqdm
 
-import stats
-from checkpoint import load_checkpoint, model_from_checkpoint
 from config import build_parser, parse_config
-from errors import CliParser, UsageError, run_cli
+from gptlab import stats
+from gptlab.checkpoint import load_checkpoint, model_from_checkpoint
+from gptlab.errors import CliParser, UsageError, run_cli
 
 PLAYGROUND = Path(__file__).resolve().parent / "playground.py"
 SPEC_KEYS = ("name", "out_dir", "base", "variants", "grid", "baseline", "seeds", "budget")

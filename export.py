@@ -22,12 +22,12 @@ from typing import Any
 
 import torch
 
-from checkpoint import load_checkpoint, model_from_checkpoint
-from cli import check_fields, parse_dataclass, setting
-from convert import RMS_EPS, architecture_for, hf_config, to_hf_state_dict
-from errors import UsageError, run_cli
 from gpt import GPT, swiglu_hidden_size
-from preprocessing.tokenizer import BERT_TOKENS, CLS, EOT, MASK, PAD, SEP, UNK, Tokenizer
+from gptlab.checkpoint import load_checkpoint, model_from_checkpoint
+from gptlab.cli import check_fields, parse_dataclass, setting
+from gptlab.convert import RMS_EPS, architecture_for, hf_config, to_hf_state_dict
+from gptlab.errors import UsageError, run_cli
+from gptlab.tokenizer import BERT_TOKENS, CLS, EOT, MASK, PAD, SEP, UNK, Tokenizer
 
 FORMATS = ("hf", "gguf")
 

@@ -28,14 +28,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from checkpoint import model_from_checkpoint, save_checkpoint
-from cli import FRACTION, NON_NEGATIVE, POSITIVE, SEED, Rule, check_fields, parse_dataclass, setting
-from convert import load_checkpoint_or_folder
-from errors import UsageError, run_cli
-from fileio import atomic_write_text, check_output
 from gpt import GPT
-from preprocessing.tokenizer import CLS, PAD, SEP, Tokenizer
-from runtime import DTYPE_CHOICES, DTYPE_HELP, Runtime, local_runtime
+from gptlab.checkpoint import model_from_checkpoint, save_checkpoint
+from gptlab.cli import FRACTION, NON_NEGATIVE, POSITIVE, SEED, Rule, check_fields, parse_dataclass, setting
+from gptlab.convert import load_checkpoint_or_folder
+from gptlab.errors import UsageError, run_cli
+from gptlab.fileio import atomic_write_text, check_output
+from gptlab.runtime import DTYPE_CHOICES, DTYPE_HELP, Runtime, local_runtime
+from gptlab.tokenizer import CLS, PAD, SEP, Tokenizer
 
 TASKS = ("single", "pair")
 Label = str | int

@@ -22,13 +22,13 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from checkpoint import model_from_checkpoint
-from cli import POSITIVE, SEED, Rule, check_fields, parse_dataclass, setting
-from convert import load_checkpoint_or_folder
-from errors import UsageError, run_cli
 from gpt import GPT
-from preprocessing.tokenizer import MASK, Tokenizer
-from runtime import DTYPE_CHOICES, DTYPE_HELP, local_runtime
+from gptlab.checkpoint import model_from_checkpoint
+from gptlab.cli import POSITIVE, SEED, Rule, check_fields, parse_dataclass, setting
+from gptlab.convert import load_checkpoint_or_folder
+from gptlab.errors import UsageError, run_cli
+from gptlab.runtime import DTYPE_CHOICES, DTYPE_HELP, local_runtime
+from gptlab.tokenizer import MASK, Tokenizer
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from attention import CORES, KVCache, MultiHeadAttention, RMSNorm
-from cli import FRACTION, NON_NEGATIVE, POSITIVE, Rule, check_fields, setting
-from errors import UsageError
+from gptlab.cli import FRACTION, NON_NEGATIVE, POSITIVE, Rule, check_fields, setting
+from gptlab.errors import UsageError
 
 
 @dataclass

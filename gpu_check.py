@@ -33,14 +33,14 @@ import torch.nn.functional as F
 import yaml
 from torch.nn.parallel import DistributedDataParallel
 
-from cli import POSITIVE, check_fields, parse_dataclass, setting
 from config import TrainConfig
-from data import TokenSplit
-from errors import UsageError, run_cli
 from gpt import GPT, GPTConfig
-from objectives import NextToken
-from runtime import Runtime, allow_tf32, peak_flops, pick_dtype, setup_runtime, teardown
-from training import make_optimizer, train_step
+from gptlab.cli import POSITIVE, check_fields, parse_dataclass, setting
+from gptlab.data import TokenSplit
+from gptlab.errors import UsageError, run_cli
+from gptlab.objectives import NextToken
+from gptlab.runtime import Runtime, allow_tf32, peak_flops, pick_dtype, setup_runtime, teardown
+from gptlab.training import make_optimizer, train_step
 
 REPO = Path(__file__).resolve().parent
 GPT2_VOCAB = 50304  # GPT-2's 50,257 tokens rounded up to a multiple of 64 (friendlier matmul shapes)

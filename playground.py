@@ -32,18 +32,18 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from checkpoint import load_checkpoint, save_checkpoint
 from config import TrainConfig, fixed_on_resume, parse_config
-from convert import checkpoint_from_hf_folder
-from data import TokenSplit, batch_rng, build_token_cache, cache_key
-from errors import UsageError, run_cli
-from fileio import RunLock, check_output, check_output_dir
 from gpt import GPT, GPTConfig
-from metrics import Metrics, plot_losses
-from objectives import Objective, objective_for
-from preprocessing.tokenizer import MASK, Tokenizer, corpus_files, train_tokenizer
-from runtime import Runtime, check_fits, peak_flops, seconds_since_start, setup_runtime, teardown, to_device
-from training import learning_rate, make_optimizer, set_learning_rate, train_step
+from gptlab.checkpoint import load_checkpoint, save_checkpoint
+from gptlab.convert import checkpoint_from_hf_folder
+from gptlab.data import TokenSplit, batch_rng, build_token_cache, cache_key
+from gptlab.errors import UsageError, run_cli
+from gptlab.fileio import RunLock, check_output, check_output_dir
+from gptlab.metrics import Metrics, plot_losses
+from gptlab.objectives import Objective, objective_for
+from gptlab.runtime import Runtime, check_fits, peak_flops, seconds_since_start, setup_runtime, teardown, to_device
+from gptlab.tokenizer import MASK, Tokenizer, corpus_files, train_tokenizer
+from gptlab.training import learning_rate, make_optimizer, set_learning_rate, train_step
 
 DEFAULT_VOCAB_SIZE = 8000
 EVAL_TRAIN_STREAM, EVAL_VAL_STREAM = 1, 2  # random streams of evaluation batches, apart from training's (0)

@@ -19,12 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # run as a script from any folder
+from gptlab.data import build_token_cache
+from gptlab.errors import CliParser, UsageError, run_cli
+from gptlab.tokenizer import Tokenizer, check_vocab_size, train_tokenizer
 
-from data import build_token_cache  # noqa: E402
-from errors import CliParser, UsageError, run_cli  # noqa: E402
-from preprocessing.tokenizer import Tokenizer, check_vocab_size, train_tokenizer  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 MAX_MB = 100_000  # 100 GB of scratch corpus: beyond that the disk, not the tokenizer, is measured
 

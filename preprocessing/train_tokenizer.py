@@ -3,7 +3,7 @@
     python preprocessing/train_tokenizer.py CORPUS [CORPUS ...] {bpe,bbpe} [--vocab_size N] [--out PATH]
                                             [--bert_tokens]
 
-CORPUS: .txt files and/or folders of .txt files. See preprocessing/tokenizer.py for the two kinds and the
+CORPUS: .txt files and/or folders of .txt files. See gptlab/tokenizer.py for the two kinds and the
 special-token ids.
 """
 
@@ -12,12 +12,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from any folder
-
-from cli import check_fields, parse_dataclass, setting  # noqa: E402
-from errors import UsageError, run_cli  # noqa: E402
-from fileio import check_output  # noqa: E402
-from preprocessing.tokenizer import (  # noqa: E402
+from gptlab.cli import check_fields, parse_dataclass, setting
+from gptlab.errors import UsageError, run_cli
+from gptlab.fileio import check_output
+from gptlab.tokenizer import (
     KINDS,
     MAX_VOCAB_SIZE,
     Tokenizer,

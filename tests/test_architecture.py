@@ -13,8 +13,8 @@ from torch import nn
 import attention
 import gpt
 from attention import KVCache, MultiHeadAttention, RMSNorm, apply_rope, attention_mask, rope_cos_sin
-from errors import UsageError
 from gpt import GPT, MLP, GPTConfig, SwiGLU, swiglu_hidden_size
+from gptlab.errors import UsageError
 
 SWITCHES = {  # one switch at a time, then all of them together
     "rope": dict(position="rope"),

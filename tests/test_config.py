@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from config import TrainConfig, parse_config
-from errors import UsageError
+from gptlab.errors import UsageError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -113,8 +113,8 @@ def test_every_model_setting_is_declared_once_and_is_a_flag():
     """The model's flags come from GPTConfig's declarations: TrainConfig declares none of them again."""
     import dataclasses
 
-    from cli import flag_fields
     from gpt import GPTConfig
+    from gptlab.cli import flag_fields
     model_flags = {f.name for f in flag_fields(GPTConfig)}
     assert {"block_size", "embedding_dim", "num_of_layers", "num_of_heads", "dropout"} <= model_flags
     assert not model_flags & {f.name for f in dataclasses.fields(TrainConfig)}

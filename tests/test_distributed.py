@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoint import load_checkpoint, model_from_checkpoint
-from preprocessing.tokenizer import corpus_files, train_tokenizer
+from gptlab.checkpoint import load_checkpoint, model_from_checkpoint
+from gptlab.tokenizer import corpus_files, train_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--embedding_dim", "32", "--num_of_layers", "2", "--num_of_heads", "2", "--block_size", "32",

@@ -12,9 +12,9 @@ import pytest
 import yaml
 
 import experiment
-from checkpoint import load_checkpoint, save_checkpoint
-from errors import UsageError, run_cli
-from preprocessing.tokenizer import train_tokenizer
+from gptlab.checkpoint import load_checkpoint, save_checkpoint
+from gptlab.errors import UsageError, run_cli
+from gptlab.tokenizer import train_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = {"embedding_dim": 32, "num_of_layers": 1, "num_of_heads": 2, "block_size": 16, "batch_size": 4,

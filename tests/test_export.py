@@ -11,11 +11,11 @@ import transformers
 
 import export
 from attention import apply_rope, rope_cos_sin
-from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from convert import checkpoint_from_hf_folder, load_hf_folder, read_hf_tokenizer
-from errors import UsageError
 from gpt import GPT, GPTConfig, swiglu_hidden_size
-from preprocessing.tokenizer import EOT, Tokenizer, train_tokenizer
+from gptlab.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from gptlab.convert import checkpoint_from_hf_folder, load_hf_folder, read_hf_tokenizer
+from gptlab.errors import UsageError
+from gptlab.tokenizer import EOT, Tokenizer, train_tokenizer
 
 gguf = pytest.importorskip("gguf")
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import finetune
-from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from gpt import GPT, GPTConfig
-from preprocessing.tokenizer import CLS, PAD, SEP, corpus_files, train_tokenizer
+from gptlab.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from gptlab.tokenizer import CLS, PAD, SEP, corpus_files, train_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 # Two disjoint vocabularies: a sentence's class is which list its words come from.

@@ -13,10 +13,10 @@ import torch
 
 import evaluate
 import generate
-from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from evaluate import encode_file, evaluate_tokens
 from gpt import GPT, GPTConfig
-from preprocessing.tokenizer import corpus_files, train_tokenizer
+from gptlab.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from gptlab.tokenizer import corpus_files, train_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 import transformers
 
-from convert import from_hf_gpt2, to_hf_gpt2_state_dict
-from errors import UsageError
 from gpt import GPT, GPTConfig, sample_next
+from gptlab.convert import from_hf_gpt2, to_hf_gpt2_state_dict
+from gptlab.errors import UsageError
 
 
 def tiny(**kw) -> GPT:

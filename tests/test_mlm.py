@@ -12,9 +12,9 @@ import torch
 
 import playground
 from config import parse_config
-from data import Masking, mask_tokens
-from errors import UsageError
-from preprocessing.tokenizer import MASK, train_tokenizer
+from gptlab.data import Masking, mask_tokens
+from gptlab.errors import UsageError
+from gptlab.tokenizer import MASK, train_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet".split()

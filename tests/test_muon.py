@@ -14,9 +14,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from errors import UsageError
 from gpt import GPT, GPTConfig
-from muon import Muon, muon_groups, newton_schulz
+from gptlab.errors import UsageError
+from gptlab.muon import Muon, muon_groups, newton_schulz
 
 A, B, C = 3.4445, -4.7750, 2.0315
 

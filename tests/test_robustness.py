@@ -32,21 +32,18 @@ import torch
 from tqdm import tqdm
 
 import bench
-import checkpoint
-import cli
 import config
-import data
-import errors
 import evaluate
 import finetune
 import generate
 import playground
-from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from errors import UsageError
-from fileio import RunLock, atomic_write_text, check_output, check_output_dir
 from gpt import GPT, GPTConfig
+from gptlab import checkpoint, cli, data, errors
+from gptlab.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from gptlab.errors import UsageError
+from gptlab.fileio import RunLock, atomic_write_text, check_output, check_output_dir
+from gptlab.tokenizer import Tokenizer, train_tokenizer
 from preprocessing import train_tokenizer as train_tokenizer_cli
-from preprocessing.tokenizer import Tokenizer, train_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 HUGE = 2 ** 40  # in range for every integer type, yet far beyond any sane size or count
@@ -410,7 +407,7 @@ def test_kill_9_during_a_save_leaves_a_temp_that_the_next_save_removes(good):
     """A killed save leaves `<name>.tmp<pid>`; the next save of the same file removes those of dead processes
     (and never one of a live process: another run may be writing it)."""
     path, before = good
-    code = (f"import os, sys; sys.path.insert(0, {str(REPO)!r})\nimport checkpoint\n"
+    code = (f"import os, sys; sys.path.insert(0, {str(REPO)!r})\nfrom gptlab import checkpoint\n"
             f"def killed_mid_write(obj, f):\n    f.write(b'x' * 100_000); f.flush(); os.kill(os.getpid(), 9)\n"
             f"checkpoint.torch.save = killed_mid_write\n"
             f"checkpoint.save_checkpoint({{'model': {{}}}}, {str(path)!r})\n")
@@ -581,7 +578,7 @@ def test_a_full_disk_while_building_the_token_cache_is_one_usage_error(inputs, t
 def test_processes_building_the_same_token_cache_at_once_all_succeed(inputs, tmp_path):
     start = time.time() + 8  # every process has imported torch by then: they tokenize at the same moment
     code = (f"import sys, time; sys.path.insert(0, {str(REPO)!r})\n"
-            f"from pathlib import Path\nimport data\nfrom preprocessing.tokenizer import Tokenizer\n"
+            f"from pathlib import Path\nfrom gptlab import data\nfrom gptlab.tokenizer import Tokenizer\n"
             f"tok = Tokenizer.from_file({str(inputs['tok'])!r})\n"
             f"time.sleep(max(0, {start} - time.time()))\n"
             f"s = data.build_token_cache([Path({str(inputs['corpus'])!r})], tok, Path({str(tmp_path)!r}), 0.1)\n"
@@ -601,7 +598,7 @@ def test_processes_building_the_same_token_cache_at_once_all_succeed(inputs, tmp
 
 def test_a_second_holder_is_refused_and_a_killed_holder_frees_the_lock(tmp_path):
     path = tmp_path / "ck.tar"
-    code = (f"import sys, time; sys.path.insert(0, {str(REPO)!r})\nfrom fileio import RunLock\n"
+    code = (f"import sys, time; sys.path.insert(0, {str(REPO)!r})\nfrom gptlab.fileio import RunLock\n"
             f"with RunLock({str(path)!r}):\n    print('locked', flush=True)\n    time.sleep(120)\n")
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:

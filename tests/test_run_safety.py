@@ -16,11 +16,11 @@ import torch
 from conftest import corpus_slice
 
 import playground
-from checkpoint import load_checkpoint
 from config import parse_config
-from errors import UsageError
-from fileio import RunLock
-from preprocessing.tokenizer import corpus_files, train_tokenizer
+from gptlab.checkpoint import load_checkpoint
+from gptlab.errors import UsageError
+from gptlab.fileio import RunLock
+from gptlab.tokenizer import corpus_files, train_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--embedding_dim", "32", "--num_of_layers", "1", "--num_of_heads", "2", "--block_size", "16",

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import runtime
 from gpt import GPT, GPTConfig
+from gptlab import runtime
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from config import TrainConfig
-from training import learning_rate
+from gptlab.training import learning_rate
 
 LR, MIN_LR, WARMUP, MAX = 1e-3, 1e-4, 100, 1100
 

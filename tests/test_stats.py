@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from stats import betainc, confidence_interval, mean, paired_t_test, std, t_cdf, t_quantile, t_two_sided_p
+from gptlab.stats import betainc, confidence_interval, mean, paired_t_test, std, t_cdf, t_quantile, t_two_sided_p
 
 
 @pytest.mark.parametrize("df, table", [(1, 12.706), (2, 4.303), (4, 2.776), (10, 2.228), (30, 2.042)])

@@ -13,10 +13,10 @@ import evaluate
 import finetune
 import generate
 import playground
-from checkpoint import load_checkpoint, model_from_checkpoint
 from config import parse_config
-from errors import UsageError
-from preprocessing.tokenizer import corpus_files, train_tokenizer
+from gptlab.checkpoint import load_checkpoint, model_from_checkpoint
+from gptlab.errors import UsageError
+from gptlab.tokenizer import corpus_files, train_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--embedding_dim", "32", "--num_of_layers", "2", "--num_of_heads", "2", "--block_size", "16",

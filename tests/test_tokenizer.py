@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from errors import UsageError
-from preprocessing.tokenizer import (
+from gptlab.errors import UsageError
+from gptlab.tokenizer import (
     BERT_TOKENS,
     EOT,
     MASK,

@@ -13,13 +13,13 @@ import pytest
 import torch
 from conftest import corpus_slice
 
-import checkpoint as checkpoint_module
 import playground
-from checkpoint import load_checkpoint
 from config import parse_config
-from data import build_token_cache
-from errors import UsageError
-from preprocessing.tokenizer import BERT_TOKENS, EOT, Tokenizer, corpus_files, train_tokenizer
+from gptlab import checkpoint as checkpoint_module
+from gptlab.checkpoint import load_checkpoint
+from gptlab.data import build_token_cache
+from gptlab.errors import UsageError
+from gptlab.tokenizer import BERT_TOKENS, EOT, Tokenizer, corpus_files, train_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--embedding_dim", "32", "--num_of_layers", "2", "--num_of_heads", "2", "--block_size", "32",
@@ -174,7 +174,7 @@ def test_documents_are_separated_by_end_of_text(tmp_path, tokenizer_path):
 def test_token_files_do_not_depend_on_the_number_of_cores(tmp_path, corpus, tokenizer_path, monkeypatch):
     """Pieces of the corpus are encoded a batch at a time over all cores: the token files equal those of
     encoding each piece alone, one after another, in order."""
-    import data
+    from gptlab import data
     monkeypatch.setattr(data, "CHUNK_BYTES", 4_000)  # about 15 pieces
     tok = Tokenizer.from_file(tokenizer_path)
     files = {}

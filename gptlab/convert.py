@@ -21,10 +21,10 @@ from typing import Any
 import torch
 
 from attention import RMSNorm
-from checkpoint import CHECKPOINT_VERSION, load_checkpoint
-from errors import UsageError
 from gpt import GPT, GPTConfig, swiglu_hidden_size
-from preprocessing.tokenizer import EOT, Tokenizer
+from gptlab.checkpoint import CHECKPOINT_VERSION, load_checkpoint
+from gptlab.errors import UsageError
+from gptlab.tokenizer import EOT, Tokenizer
 
 RMS_EPS = RMSNorm(1).eps  # our RMSNorm's epsilon (not a config setting): Llama's rms_norm_eps must equal it
 LAYERNORM_EPS = 1e-5  # nn.LayerNorm's default, which our LayerNorms use; GPT-2's layer_norm_epsilon

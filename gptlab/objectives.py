@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from data import Masking, TokenSplit, get_batch
-from preprocessing.tokenizer import MASK, Tokenizer
+from gptlab.data import Masking, TokenSplit, get_batch
+from gptlab.tokenizer import MASK, Tokenizer
 
 
 class NextToken:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import BinaryIO
 
-from errors import UsageError
+from gptlab.errors import UsageError
 
 
 def _tmp_name(path: Path, pid: int) -> Path:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from errors import CliParser, UsageError
+from gptlab.errors import CliParser, UsageError
 
 
 @dataclass(frozen=True)

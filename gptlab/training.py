@@ -10,11 +10,11 @@ from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
 from config import TrainConfig
-from data import TokenSplit, batch_rng
 from gpt import GPT
-from muon import Muon, muon_groups, require_whole_matrices
-from objectives import Objective
-from runtime import Runtime, to_device
+from gptlab.data import TokenSplit, batch_rng
+from gptlab.muon import Muon, muon_groups, require_whole_matrices
+from gptlab.objectives import Objective
+from gptlab.runtime import Runtime, to_device
 
 TRAIN_STREAM = 0  # the random stream of training batches (evaluation draws from its own streams)
 

@@ -33,8 +33,8 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 from tqdm import tqdm
 
-from errors import UsageError
-from fileio import atomic_write_text
+from gptlab.errors import UsageError
+from gptlab.fileio import atomic_write_text
 
 EOT = "<|endoftext|>"
 UNK = "<unk>"

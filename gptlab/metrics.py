@@ -10,8 +10,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from errors import UsageError
-from fileio import atomic_write_text
+from gptlab.errors import UsageError
+from gptlab.fileio import atomic_write_text
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from errors import UsageError
-from fileio import atomic_write_text, remove_stale_temps
-from preprocessing.tokenizer import Tokenizer
+from gptlab.errors import UsageError
+from gptlab.fileio import atomic_write_text, remove_stale_temps
+from gptlab.tokenizer import Tokenizer
 
 CACHE_FORMAT = 1  # bump when the layout of the cache files changes
 CHUNK_BYTES = 1 << 20  # text per piece handed to the tokenizer (a batch of pieces keeps every core busy)

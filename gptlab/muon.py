@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch.distributed.tensor import DTensor
 
-from errors import UsageError
+from gptlab.errors import UsageError
 
 MUON_KEYS = ("lr", "momentum", "nesterov", "ns_steps", "weight_decay")
 ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay")

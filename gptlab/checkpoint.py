@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 
-from errors import UsageError
-from fileio import atomic_write
 from gpt import GPT, GPTConfig
-from preprocessing.tokenizer import Tokenizer
+from gptlab.errors import UsageError
+from gptlab.fileio import atomic_write
+from gptlab.tokenizer import Tokenizer
 
 CHECKPOINT_VERSION = 2
 REQUIRED_KEYS = ("version", "model_config", "model", "tokenizer")
