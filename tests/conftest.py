@@ -15,6 +15,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture
+def transformers():
+    """Hugging Face transformers, imported by the tests that use it and no test file at import: a GPU run
+    (pytest -m gpu) collects without it, and a machine without it skips those tests."""
+    return pytest.importorskip("transformers")
+
+
 BUNDLED_CORPUS = Path(__file__).resolve().parent.parent / "data" / "shakespeare.txt"
 
 
