@@ -50,7 +50,7 @@ from gptlab.cli import POSITIVE, check_fields, parse_dataclass, setting
 from gptlab.errors import UsageError, run_cli
 from gptlab.fileio import atomic_write_text, check_output_dir
 from gptlab.runtime import Runtime, allow_tf32, peak_flops, pick_device, pick_dtype, setup_runtime, teardown
-from gptlab.speed import Trainer, matmul_flops, seconds_per_call, trainer
+from gptlab.speed import Trainer, matmul_flops, seconds_per_call, sync, trainer
 
 REPO = Path(__file__).resolve().parent
 GPT2_VOCAB = 50304  # GPT-2's 50,257 tokens rounded up to a multiple of 64 (friendlier matmul shapes)
@@ -156,21 +156,19 @@ def compile_or_eager(run: Trainer, inject: bool) -> str:
         return f"FAILED, eager instead ({one_line(e, 160)})"
 
 
-# What the profiler calls each SDPA kernel: op names (aten::_scaled_dot_product_flash_attention...) and CUDA
-# kernel names (pytorch_flash::flash_fwd_kernel, fmha_cutlassF...).
-ATTENTION_KERNELS = {"flash": ("flash",), "memory-efficient": ("efficient_attention", "fmha"),
-                     "cudnn": ("cudnn_attention",), "math": ("attention_math",)}
+# The dispatcher ops SDPA picks its kernel by, as the profiler names them (a compiled graph calls them too).
+ATTENTION_OPS = {"flash": "aten::_scaled_dot_product_flash_attention",  # also ..._for_cpu
+                 "memory-efficient": "aten::_scaled_dot_product_efficient_attention",
+                 "cudnn": "aten::_scaled_dot_product_cudnn_attention",
+                 "math": "aten::_scaled_dot_product_attention_math"}
 
 
 def attention_kernels(run: Trainer) -> str:
     """The SDPA kernels one step of run.step_model (compiled or not) ran, as the profiler saw them."""
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if run.rt.device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as prof:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         run.step()
     names = {event.key for event in prof.key_averages()}
-    found = [kind for kind, marks in ATTENTION_KERNELS.items() if any(m in n for n in names for m in marks)]
+    found = [kind for kind, op in ATTENTION_OPS.items() if any(name.startswith(op) for name in names)]
     return ", ".join(found) or "no SDPA kernel (scratch attention, or SDPA decomposed)"
 
 
@@ -183,9 +181,10 @@ def check_train(plan: Plan, device: torch.device, batch_size: int) -> Row:
     compiled = compile_or_eager(run, plan.dry_run) if plan.compile else "off"
     for _ in range(plan.warmup):
         run.step()
-    loss = float(run.step())
-    warmup_s = time.perf_counter() - start
+    sync(device)
+    untimed_steps, untimed_s = run.iteration, time.perf_counter() - start
     seconds = seconds_per_call(run.step, 0, plan.steps, device)
+    loss = float(run.step())
     if not math.isfinite(loss):
         raise RuntimeError(f"loss is {loss}")
     kernels = attention_kernels(run)
@@ -198,8 +197,8 @@ def check_train(plan: Plan, device: torch.device, batch_size: int) -> Row:
                f"{run.model.num_parameters() / 1e6:.3g}M parameters, batch {batch_size} x {plan.model.block_size}, "
                f"{dtype_name(rt.dtype)}, compile {compiled}, attention kernel: {kernels}; {seconds * 1e3:.1f} ms/step, "
                f"{flops / 1e12:.3g} TFLOP/s; spec peak {spec_text}; measured peak {achievable / 1e12:.3g} TFLOP/s "
-               f"({plan.matmul_size}^3 {dtype_name(rt.dtype)} matmul); first {plan.warmup + 2} steps "
-               f"(compile included) {warmup_s:.0f} s; loss {loss:.2f} (ln vocab = "
+               f"({plan.matmul_size}^3 {dtype_name(rt.dtype)} matmul); first {untimed_steps} steps untimed "
+               f"(compile included) {untimed_s:.0f} s; loss {loss:.2f} (ln vocab = "
                f"{math.log(plan.model.vocab_size):.2f}){memory}")
 
 
@@ -264,6 +263,8 @@ def check_ddp(plan: Plan, device: torch.device) -> Row:
         got = json.loads(result.read_text())
     if not got["in_sync"]:
         raise RuntimeError("the replicas' weights differ after the steps")
+    if not got["group_destroyed"]:
+        raise RuntimeError("the process group was still alive after teardown")
     return Row("", f"{got['tokens_per_s']:,.0f} tokens/s ({processes} process{'es' * (processes > 1)}, "
                    f"{got['backend']})",
                f"no compile, {got['dtype']}, batch {plan.batch_sizes[0]} x {plan.model.block_size} per process, "
@@ -275,10 +276,11 @@ def ddp_worker(plan: Plan, result: Path) -> None:
     rt = setup_runtime("cpu" if plan.dry_run else "cuda", "auto")
     try:
         measured = ddp_steps(plan, rt)
-        if rt.is_main:
-            atomic_write_text(result, json.dumps(measured), "DDP result")
     finally:
         teardown(rt, sys.exception())
+    if rt.is_main:
+        measured["group_destroyed"] = not dist.is_initialized()
+        atomic_write_text(result, json.dumps(measured), "DDP result")
 
 
 def ddp_steps(plan: Plan, rt: Runtime) -> dict:
