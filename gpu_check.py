@@ -24,6 +24,7 @@ own that never ends and is stopped at its limit); the injected failures do not c
 The exit status is 1 if a part failed.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -89,7 +90,7 @@ def full_plan() -> Plan:
 def dry_plan() -> Plan:
     model = GPTConfig(vocab_size=300, block_size=32, embedding_dim=32, num_of_layers=2, num_of_heads=2, dropout=0.0)
     limits = {"headline": 120, "train": 120, "generate": 120, "attention": 120, "ddp": 120, "gpu tests": 120,
-              "hang": 8}
+              "hang": 15}  # the hang: long enough to start (imports) on a loaded machine
     return Plan(model, (4, 2, 8), compile=True, warmup=1, steps=2, matmul_size=128, new_tokens=8,
                 attention_batch=2, ddp_steps=2, limits=limits, dry_run=True)
 
@@ -367,16 +368,14 @@ def log_path(out: Path, part: Part) -> Path:
 
 def stop(proc: subprocess.Popen) -> None:
     """End a part's process and all it started: SIGTERM first (torchrun passes it on to its workers, which
-    run in sessions of their own), SIGKILL to whatever is left after 10 s."""
-    for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(timeout=wait_s)
-            return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    run in sessions of their own), then SIGKILL to whatever of its group is left after 10 s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def run_part(part: Part, plan: Plan, out: Path, seconds_left: float) -> Row:
@@ -399,12 +398,15 @@ def run_part(part: Part, plan: Plan, out: Path, seconds_left: float) -> Row:
         except subprocess.TimeoutExpired:
             stop(proc)
             code = None
+        except BaseException:  # Ctrl-C: the part runs in a session of its own and would outlive this process
+            stop(proc)
+            raise
     seconds = time.monotonic() - start
     if code is None:
         return Row(part.name, f"FAILED (no result within its {limit:.0f} s limit: stopped; see {log.name})",
                    seconds=seconds)
-    return dataclasses.replace(read_row(log, offset) or Row(part.name, f"FAILED (exit {code} without a result; "
-                                                                      f"see {log.name})"), seconds=seconds)
+    row = read_row(log, offset) or Row(part.name, f"FAILED (exit {code} without a result; see {log.name})")
+    return dataclasses.replace(row, seconds=seconds)
 
 
 def read_row(log: Path, offset: int) -> Row | None:
