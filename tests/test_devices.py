@@ -30,10 +30,12 @@ class DeviceChosen(Exception):
 
 
 class FakeCuda:
-    """torch.cuda's device calls on a machine with `count` GPUs."""
+    """torch.cuda's device calls on a machine with `count` GPUs. stop: end the command at its choice."""
 
     def __init__(self, count: int) -> None:
         self.count = count
+        self.stop = True
+        self.current = 0
 
     def set_device(self, device: object) -> None:
         index = torch.cuda._utils._get_device_index(device)  # torch's own argument check
@@ -41,7 +43,9 @@ class FakeCuda:
             return
         if index >= self.count:
             raise RuntimeError("CUDA error: invalid device ordinal")
-        raise DeviceChosen(index)
+        if self.stop:
+            raise DeviceChosen(index)
+        self.current = index
 
 
 @pytest.fixture
@@ -114,6 +118,15 @@ def test_under_torchrun_each_rank_takes_the_gpu_of_its_local_rank(two_gpus, tmp_
     assert chosen_gpu(gpu_check.main, ["--ddp_worker", str(tmp_path / "ddp.json")]) == 1  # gpu_check's DDP rank
     with pytest.raises(UsageError, match="would put every rank on one GPU"):
         playground_main([*argv, "--device", "cuda:0"])
+
+
+def test_the_picked_device_carries_its_index_and_is_made_current(two_gpus, monkeypatch):
+    """DDP's device_ids and NCCL's device_id need the index; `cuda` alone would mean whatever is current."""
+    two_gpus.stop = False
+    assert runtime.pick_device("cuda") == torch.device("cuda", 0) and two_gpus.current == 0
+    assert runtime.pick_device("cuda:1") == torch.device("cuda", 1) and two_gpus.current == 1
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert runtime.pick_device("auto") == torch.device("cuda", 1)
 
 
 def test_a_local_rank_past_the_gpu_count_says_how_many_processes_fit(two_gpus, monkeypatch):
