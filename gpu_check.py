@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import multiprocessing
 import os
 import re
 import signal
@@ -39,6 +40,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import torch
@@ -55,9 +57,11 @@ from gptlab.speed import Trainer, matmul_flops, seconds_per_call, sync, trainer
 
 REPO = Path(__file__).resolve().parent
 GPT2_VOCAB = 50304  # GPT-2's 50,257 tokens rounded up to a multiple of 64 (friendlier matmul shapes)
-ROW_MARK = "gpu_check row: "  # a part's last line of output: its row as JSON
 CHILD_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled",
              "PYTHONUNBUFFERED": "1"}  # unbuffered: a killed part's log holds all it printed
+# Parts start as forks of a server process that has imported this module: a fresh interpreter would spend
+# seconds importing torch per part, and a fork of this process could inherit its CUDA state.
+FORKSERVER = multiprocessing.get_context("forkserver")
 
 
 @dataclass(frozen=True)
@@ -349,76 +353,72 @@ def parts(plan: Plan) -> list[Part]:
 # ---------------------------------------------------------------------- one part, in its own process
 
 
-def run_part_here(part: Part, plan: Plan) -> None:
-    """The body of a part's process: pick the device, run the check, print its row as the last line."""
+def run_part_here(part: Part, plan: Plan) -> Row:
+    """Pick the device and run the check; a failure becomes a FAILED row, its traceback goes to the log."""
     device = torch.device("cpu") if plan.dry_run else pick_device("cuda")
     allow_tf32(device)
     try:
         row = part.check(plan, device)
-        row.part = part.name
-    except Exception as e:  # reported in the row; the traceback goes to the log
+    except Exception as e:
         traceback.print_exc()
-        row = Row(part.name, f"FAILED ({one_line(e)})")
-    print(ROW_MARK + json.dumps(dataclasses.asdict(row)), flush=True)
+        return Row(part.name, f"FAILED ({one_line(e)})")
+    return dataclasses.replace(row, part=part.name)
+
+
+def part_process(name: str, dry_run: bool, log: str, row_out: Connection) -> None:
+    """The body of a part's process. It is forked from a server that has imported this module (torch
+    included) and never touched CUDA, so it starts at once. It runs in a session of its own (stop() ends it
+    and all it starts); everything it and its children print goes to its log; its row comes back via row_out."""
+    os.setsid()
+    log_fd = os.open(log, os.O_WRONLY | os.O_APPEND)
+    os.dup2(log_fd, sys.stdout.fileno())
+    os.dup2(log_fd, sys.stderr.fileno())
+    plan = dry_plan() if dry_run else full_plan()
+    part = {p.name: p for p in parts(plan)}[name]
+    row_out.send(dataclasses.asdict(run_part_here(part, plan)))
 
 
 def log_path(out: Path, part: Part) -> Path:
     return out / (re.sub(r"[^a-z0-9]+", "_", part.name.lower()).strip("_") + ".log")
 
 
-def stop(proc: subprocess.Popen) -> None:
+def stop(proc: multiprocessing.Process) -> None:
     """End a part's process and all it started: SIGTERM first (torchrun passes it on to its workers, which
     run in sessions of their own), then SIGKILL to whatever of its group is left after 10 s."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=10)
+    proc.join(10)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc.join()
 
 
 def run_part(part: Part, plan: Plan, out: Path, seconds_left: float) -> Row:
-    """Run one part in a process of its own (`gpu_check.py --part NAME`), its output appended to its log,
-    within its limit (or the time left, if less). A hang or crash becomes a FAILED row."""
+    """Run one part in a process of its own, its output appended to its log, within its limit (or the time
+    left, if less). A hang or a crash becomes a FAILED row."""
     if seconds_left < 10:
         return Row(part.name, "skipped (time budget used up)")
     limit = min(part.limit_s, seconds_left)
     log = log_path(out, part)
-    cmd = [sys.executable, str(REPO / "gpu_check.py"), "--part", part.name] + (["--dry_run"] if plan.dry_run else [])
+    append(log, f"==== {part.name}: started {utc_now()}, limit {limit:.0f} s")
+    rows, row_out = FORKSERVER.Pipe(duplex=False)
+    proc = FORKSERVER.Process(target=part_process, args=(part.name, plan.dry_run, str(log), row_out))
     start = time.monotonic()
-    with open(log, "a", encoding="utf-8") as f:
-        f.write(f"==== {part.name}: started {utc_now()}, limit {limit:.0f} s\n")
-        f.flush()
-        offset = f.tell()
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, **CHILD_ENV})
-        try:
-            code = proc.wait(timeout=limit)
-        except subprocess.TimeoutExpired:
+    proc.start()
+    row_out.close()  # the child's end: a child that dies leaves the pipe empty
+    try:
+        proc.join(limit)
+    finally:  # a hang, or Ctrl-C here: the part runs in a session of its own and would outlive this process
+        if proc.is_alive():
             stop(proc)
-            code = None
-        except BaseException:  # Ctrl-C: the part runs in a session of its own and would outlive this process
-            stop(proc)
-            raise
     seconds = time.monotonic() - start
-    if code is None:
+    with contextlib.suppress(EOFError):  # EOF: the part ended without sending its row
+        if rows.poll():
+            return dataclasses.replace(Row(**rows.recv()), seconds=seconds)
+    if seconds >= limit:
         return Row(part.name, f"FAILED (no result within its {limit:.0f} s limit: stopped; see {log.name})",
                    seconds=seconds)
-    row = read_row(log, offset) or Row(part.name, f"FAILED (exit {code} without a result; see {log.name})")
-    return dataclasses.replace(row, seconds=seconds)
-
-
-def read_row(log: Path, offset: int) -> Row | None:
-    """The row a part's process printed last, in this run's part of its log."""
-    with open(log, encoding="utf-8", errors="replace") as f:
-        f.seek(offset)
-        rows = [row_from_line(line) for line in f if line.startswith(ROW_MARK)]
-    return rows[-1] if rows else None
-
-
-def row_from_line(line: str) -> Row:
-    return Row(**json.loads(line.removeprefix(ROW_MARK)))
+    return Row(part.name, f"FAILED (exit {proc.exitcode} without a result; see {log.name})", seconds=seconds)
 
 
 # ---------------------------------------------------------------------- the table
@@ -460,8 +460,6 @@ class GpuCheckArgs:
     dry_run: bool = setting(False, "every part's control flow on the CPU with tiny shapes, with an injected "
                                    "compile failure and an injected hang")
     minutes: float = setting(10.0, "time budget; a part gets at most what is left of it", rule=POSITIVE)
-    part: str | None = setting(None, "internal: run this one part here (the driver starts one process per part)",
-                               hidden=True)
     ddp_worker: str | None = setting(None, "internal: one rank of the ddp part under torchrun; rank 0 writes "
                                            "its result to this file", hidden=True)
 
@@ -482,11 +480,6 @@ def main(argv: list[str] | None = None) -> None:
     plan = dry_plan() if args.dry_run else full_plan()
     if args.ddp_worker is not None:
         return ddp_worker(plan, Path(args.ddp_worker))
-    by_name = {part.name: part for part in parts(plan)}
-    if args.part is not None:
-        if args.part not in by_name:
-            raise UsageError(f"--part {args.part!r}: the parts are {', '.join(by_name)}")
-        return run_part_here(by_name[args.part], plan)
     drive(plan, args)
 
 
@@ -494,6 +487,8 @@ def drive(plan: Plan, args: GpuCheckArgs) -> None:
     """Every part in turn: its row printed and appended to table.md as it ends."""
     check_output_dir(args.out, "--out")
     out, deadline = Path(args.out), time.monotonic() + args.minutes * 60
+    os.environ.update(CHILD_ENV)  # before the fork server starts: it and every part inherit them
+    FORKSERVER.set_forkserver_preload(["__main__"])
     header = table_header(plan)
     print(f"rows: {out / 'table.md'}; each part's whole output: {out}/<part>.log\n{header}", flush=True)
     append(out / "table.md", header)

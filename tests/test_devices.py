@@ -99,8 +99,9 @@ def test_each_cli_selects_a_cuda_device_the_way_torch_accepts(two_gpus, tmp_path
 
 
 def test_each_gpu_check_part_runs_on_the_first_gpu(two_gpus):
-    for part in gpu_check.parts(gpu_check.full_plan()):
-        assert chosen_gpu(gpu_check.main, ["--part", part.name]) == 0
+    plan = gpu_check.full_plan()
+    for part in gpu_check.parts(plan):
+        assert chosen_gpu(lambda _, part=part: gpu_check.run_part_here(part, plan), []) == 0
 
 
 @pytest.mark.parametrize("cli", ("playground", "generate", "bench train"))
