@@ -408,6 +408,7 @@ def run_part(part: Part, plan: Plan, out: Path, seconds_left: float) -> Row:
     row_out.close()  # the child's end: a child that dies leaves the pipe empty
     try:
         proc.join(limit)
+        hung = proc.is_alive()
     finally:  # a hang, or Ctrl-C here: the part runs in a session of its own and would outlive this process
         if proc.is_alive():
             stop(proc)
@@ -415,7 +416,7 @@ def run_part(part: Part, plan: Plan, out: Path, seconds_left: float) -> Row:
     with contextlib.suppress(EOFError):  # EOF: the part ended without sending its row
         if rows.poll():
             return dataclasses.replace(Row(**rows.recv()), seconds=seconds)
-    if seconds >= limit:
+    if hung:
         return Row(part.name, f"FAILED (no result within its {limit:.0f} s limit: stopped; see {log.name})",
                    seconds=seconds)
     return Row(part.name, f"FAILED (exit {proc.exitcode} without a result; see {log.name})", seconds=seconds)
