@@ -24,19 +24,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from config import TrainConfig
 from gpt import GPT, GPTConfig
 from gptlab.cli import NON_NEGATIVE, POSITIVE, check_fields, parse_dataclass, setting
-from gptlab.data import TokenSplit, token_dtype
 from gptlab.errors import UsageError, run_cli
 from gptlab.metrics import read_metrics
-from gptlab.objectives import NextToken
 from gptlab.runtime import DTYPE_CHOICES, DTYPE_HELP, Runtime, check_fits, peak_flops, pick_device, pick_dtype
+from gptlab.speed import seconds_per_call, trainer
 from gptlab.tokenizer import corpus_files, train_tokenizer
-from gptlab.training import make_optimizer, train_step
 
 
 @dataclass(frozen=True)
@@ -126,28 +122,6 @@ def check_fits_device(config: GPTConfig, batch_size: int, device: torch.device) 
                f"a {config.num_of_layers}-layer, {config.embedding_dim}-wide model (batch {batch_size})")
 
 
-def timed(fn: Callable[[], object], warmup: int, iters: int, device: torch.device) -> float:
-    """Seconds per call, after warm-up (compilation, allocator, caches)."""
-    for _ in range(warmup):
-        fn()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    sync()
-    return (time.perf_counter() - start) / iters
-
-
-def random_split(folder: Path, vocab_size: int, block_size: int) -> TokenSplit:
-    """Random tokens, in the dtype the token cache would use for this vocabulary (uint32 above 65,536)."""
-    n = max(200_000, 2 * block_size + 2)
-    dtype = token_dtype(vocab_size)
-    path = folder / "bench_tokens.bin"
-    np.random.default_rng(0).integers(0, vocab_size, n).astype(dtype).tofile(path)
-    return TokenSplit(path, dtype, n, n)
-
-
 def bench_train(args: TrainBench) -> None:
     device = pick_device(args.device)
     rt = Runtime(device, pick_dtype(args.dtype, device))
@@ -155,27 +129,18 @@ def bench_train(args: TrainBench) -> None:
                              num_of_layers=args.num_of_layers, num_of_heads=args.num_of_heads, dropout=0.0,
                              attention=args.attention)
     check_fits_device(model_config, args.batch_size, device)
-    c = TrainConfig(model=model_config, batch_size=args.batch_size, compile=args.compile, warmup_iters=0)
-    torch.manual_seed(0)
-    model = GPT(model_config).to(device)
-    optimizer = make_optimizer(model, c, device)
-    step_model = torch.compile(model) if c.compile else model
-    scaler = torch.amp.GradScaler(device.type, enabled=rt.dtype == torch.float16)
-    with tempfile.TemporaryDirectory() as tmp:
-        split = random_split(Path(tmp), args.vocab_size, model_config.block_size)
-        counter = iter(range(10 ** 9))
-        activities = [torch.profiler.ProfilerActivity.CPU] + (
-            [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        with (torch.profiler.profile(activities=activities) if args.profile else contextlib.nullcontext()) as prof:
-            seconds = timed(lambda: train_step(step_model, optimizer, scaler, split, next(counter), c, rt, NextToken()),
-                            args.warmup, args.iters, device)
-    tokens = c.batch_size * model_config.block_size
+    run = trainer(model_config, args.batch_size, rt, args.compile)
+    activities = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with (torch.profiler.profile(activities=activities) if args.profile else contextlib.nullcontext()) as prof:
+        seconds = seconds_per_call(run.step, args.warmup, args.iters, device)
+    tokens, flops_per_token = run.tokens_per_step, run.model.flops_per_token()
     peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(device, rt.dtype)
-    mfu = f"{model.flops_per_token() * tokens / seconds / peak * 100:.1f}%" if peak else "n/a"
-    print(f"config: {vars(args)}\nparameters: {model.num_parameters() / 1e6:.2f}M, "
-          f"{model.flops_per_token() * tokens / 1e9:.2f} GFLOP per step")
+    mfu = f"{flops_per_token * tokens / seconds / peak * 100:.1f}%" if peak else "n/a"
+    print(f"config: {vars(args)}\nparameters: {run.model.num_parameters() / 1e6:.2f}M, "
+          f"{flops_per_token * tokens / 1e9:.2f} GFLOP per step")
     print("| device | dtype | attention | compile | ms/step | tokens/s | MFU |\n|---|---|---|---|---|---|---|")
-    print(f"| {device} | {str(rt.dtype).removeprefix('torch.')} | {model_config.attention} | {c.compile} | "
+    print(f"| {device} | {str(rt.dtype).removeprefix('torch.')} | {model_config.attention} | {args.compile} | "
           f"{seconds * 1e3:.1f} | {tokens / seconds:,.0f} | {mfu} |")
     if args.profile:  # warm-up steps included; the profiler itself slows the steps a little
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
@@ -210,8 +175,8 @@ def bench_attention(args: AttentionBench) -> None:
             model = GPT(GPTConfig(vocab_size=args.vocab_size, block_size=block, embedding_dim=width,
                                   num_of_layers=layers, num_of_heads=heads, dropout=0.0, attention=core)).to(device)
             x = torch.randint(0, args.vocab_size, (batch, block), device=device)
-            rates.append(batch * block / timed(lambda m=model, x=x: m(x, x)[1].backward(), args.warmup, args.iters,
-                                               device))
+            rates.append(batch * block / seconds_per_call(lambda m=model, x=x: m(x, x)[1].backward(),
+                                                          args.warmup, args.iters, device))
         print(f"| {block} | {layers} | {width} | {heads} | {batch} | {rates[0]:,.0f} | {rates[1]:,.0f} | "
               f"{rates[1] / rates[0]:.2f}x |")
 
@@ -230,8 +195,9 @@ def bench_generate(args: GenerateBench) -> None:
     print("| KV cache | tokens/s | speed-up |\n|---|---|---|")
     rates = {}
     for use_cache in (False, True):
-        seconds = timed(lambda cache=use_cache: model.generate(start, args.new_tokens, temperature=0, use_cache=cache),
-                        1, args.repeats, device)
+        seconds = seconds_per_call(
+            lambda cache=use_cache: model.generate(start, args.new_tokens, temperature=0, use_cache=cache),
+            1, args.repeats, device)
         rates[use_cache] = args.new_tokens / seconds
     for use_cache in (False, True):
         print(f"| {'yes' if use_cache else 'no'} | {rates[use_cache]:,.0f} | {rates[use_cache] / rates[False]:.2f}x |")

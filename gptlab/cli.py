@@ -43,10 +43,11 @@ SEED = Rule(f"in [0, {MAX_INT}]", lambda v: 0 <= v <= MAX_INT)
 
 
 def setting(default: Any, help: str, *, rule: Rule | None = None, choices: tuple[str, ...] | None = None,
-            group: str = "options", flag: bool = True) -> Any:
-    """A dataclass field that is also a flag. flag=False: a field the program sets, never the user."""
+            group: str = "options", flag: bool = True, hidden: bool = False) -> Any:
+    """A dataclass field that is also a flag. flag=False: a field the program sets, never the user.
+    hidden: a flag that a program passes to its own child processes, left out of --help."""
     return dataclasses.field(default=default, metadata={"help": help, "rule": rule, "choices": choices,
-                                                        "group": group, "flag": flag})
+                                                        "group": group, "flag": flag, "hidden": hidden})
 
 
 def flag_fields(cls: type) -> list[dataclasses.Field]:
@@ -135,6 +136,8 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, positional: str | None
         meta = f.metadata
         group = groups.get(meta["group"]) or groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
         help_text = f"{meta['help']} (default: {f.default})".replace("%", "%%")
+        if meta.get("hidden"):
+            help_text = argparse.SUPPRESS
         kind = scalar_type(f)
         if f.name == positional:
             group.add_argument(f.name, nargs="*", help=help_text)

@@ -31,6 +31,7 @@ class Runtime:
     world_size: int = 1
     fsdp: bool = False  # the model is sharded across the ranks (FSDP2) rather than replicated (DDP)
     local_rank: int = 0  # the rank among this machine's processes
+    in_group: bool = False  # started by torchrun: this process joined a process group (even one of 1 process)
 
     @property
     def is_main(self) -> bool:
@@ -59,28 +60,37 @@ class Runtime:
 
 
 def pick_device(name: str) -> torch.device:
-    """auto: cuda, then mps, then cpu. A named device must exist on this machine."""
+    """auto: cuda, then mps, then cpu. A named device must exist on this machine. A CUDA device always comes
+    back with its index, and is made the current one (or cuda:1 work would also open a context on GPU 0)."""
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
         raise UsageError(f"unknown --device {name!r} (try auto, cpu, cuda, cuda:1, mps)") from None
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {name} asked for, but torch sees no CUDA GPU")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
-        torch.cuda.set_device(device)  # or cuda:1 work would also open a context on GPU 0
-    elif device.type == "mps" and not torch.backends.mps.is_available():
+        return cuda_device(device.index, name)
+    if device.type == "mps" and not torch.backends.mps.is_available():
         raise UsageError(f"--device {name} asked for, but this torch build or machine has no MPS")
-    elif device.type not in ("cpu", "cuda", "mps"):
+    if device.type not in ("cpu", "mps"):
         raise UsageError(f"--device {name}: only cpu, cuda and mps are supported")
     return device
+
+
+def cuda_device(index: int | None, name: str) -> torch.device:
+    """GPU `index`; without one, this process's GPU: LOCAL_RANK's under torchrun, else the first.
+    torch.cuda.set_device takes only an index (a bare torch.device("cuda") raises ValueError)."""
+    if not torch.cuda.is_available():
+        raise UsageError(f"--device {name} asked for, but torch sees no CUDA GPU")
+    by_rank = index is None and "LOCAL_RANK" in os.environ
+    if index is None:
+        index = int(os.environ.get("LOCAL_RANK", 0))
+    count = torch.cuda.device_count()
+    if index >= count:
+        which = f"GPU {index} (LOCAL_RANK: start at most {count} processes per machine)" if by_rank else f"GPU {index}"
+        raise UsageError(f"--device {name} asked for {which}, but this machine has {count} CUDA GPU(s)")
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -99,9 +109,16 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def allow_tf32(device: torch.device) -> None:
-    """float32 matmuls on a GPU's tensor cores (TF32) where float32 is asked for: nearly free accuracy-wise."""
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")
+    """float32 matmuls and convolutions on a GPU's tensor cores (TF32) where float32 is asked for: nearly free
+    accuracy-wise. New torch has a per-backend setting (the old global one mixed with it draws warnings)."""
+    if device.type != "cuda":
+        return
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+    else:  # torch before 2.9
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 # Dense peak FLOP/s of GPUs (vendor datasheets, no sparsity) by exact device name, per precision: the
@@ -151,19 +168,15 @@ def setup_runtime(device: str, dtype: str, fsdp: bool = False) -> Runtime:
         return local_runtime(device, dtype)
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if device in ("auto", "cuda") and torch.cuda.is_available():
-        picked = torch.device("cuda", local_rank)  # one GPU per process, whatever the flag's index
-        torch.cuda.set_device(picked)
-    elif device.startswith("cuda:"):
+    if device.startswith("cuda:"):
         raise UsageError(f"--device {device} under torchrun would put every rank on one GPU: use --device cuda "
                          f"(each rank takes the GPU of its LOCAL_RANK)")
-    else:
-        picked = pick_device(device)
+    picked = pick_device(device)  # cuda: the GPU of this rank's LOCAL_RANK
     allow_tf32(picked)
     dist.init_process_group(backend="nccl" if picked.type == "cuda" else "gloo",
                             device_id=picked if picked.type == "cuda" else None)
     return Runtime(picked, pick_dtype(dtype, picked), rank, world_size, fsdp=fsdp and world_size > 1,
-                   local_rank=local_rank)
+                   local_rank=local_rank, in_group=True)
 
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -210,7 +223,7 @@ def teardown(rt: Runtime, error: BaseException | None = None) -> None:
        those frames and collecting cycles frees them while the group still exists, not at interpreter exit.
     3. Destroy the group.
     """
-    if not (rt.distributed and dist.is_initialized()):
+    if not (rt.in_group and dist.is_initialized()):  # a 1-process torchrun run has a group to destroy too
         return
     try:
         final_barrier(rt, FAILED_BARRIER_TIMEOUT_S if error else FINAL_BARRIER_TIMEOUT_S)

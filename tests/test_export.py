@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
 
 import export
 from attention import apply_rope, rope_cos_sin
@@ -68,6 +67,7 @@ def run_export(argv: list[str]) -> int:
 
 def assert_same_as_transformers(model: GPT, folder: Path) -> None:
     """Logits to 1e-4 and 50 greedy tokens, ours against transformers' from_pretrained(folder)."""
+    transformers = pytest.importorskip("transformers")
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
     idx = torch.randint(0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -82,7 +82,8 @@ def assert_same_as_transformers(model: GPT, folder: Path) -> None:
 # ---------------------------------------------------------------------- export to transformers
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "llama-untied"])
-def test_exported_folder_gives_our_logits_generation_and_token_ids(tmp_path, tokenizer, corpus, arch, capsys):
+def test_exported_folder_gives_our_logits_generation_and_token_ids(tmp_path, tokenizer, corpus, arch, capsys,
+                                                                   transformers):
     kw = {"gpt2": {}, "llama": LLAMA, "llama-untied": {**LLAMA, "tie_embeddings": False, "rope_base": 500.0}}[arch]
     model = random_model(tokenizer.vocab_size, **kw)
     out = tmp_path / "hf"
@@ -106,7 +107,7 @@ def test_exported_folder_gives_our_logits_generation_and_token_ids(tmp_path, tok
     assert "(step 10): 4.3750 nats per token, 2.0625 bits per byte" in card and "best validation loss: 4.2500" in card
 
 
-def test_the_character_bpe_tokenizer_exports_exactly_to_transformers(tmp_path, corpus):
+def test_the_character_bpe_tokenizer_exports_exactly_to_transformers(tmp_path, corpus, transformers):
     bpe = train_tokenizer([corpus], "bpe", 300, show_progress=False)
     ckpt = write_checkpoint(tmp_path, random_model(bpe.vocab_size), bpe, corpus)
     assert run_export(["--checkpoint", str(ckpt), "--out", str(tmp_path / "hf")]) == 0
@@ -129,12 +130,13 @@ def test_a_classifier_checkpoint_exports_its_language_model_and_says_so(tmp_path
 
 # ---------------------------------------------------------------------- import from transformers
 
-def save_hf_folder(hf_model: transformers.PreTrainedModel, tokenizer: Tokenizer, folder: Path) -> None:
+def save_hf_folder(hf_model: torch.nn.Module, tokenizer: Tokenizer, folder: Path) -> None:
+    transformers = pytest.importorskip("transformers")
     hf_model.save_pretrained(folder)
     transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer.hf, eos_token=EOT).save_pretrained(folder)
 
 
-def test_a_transformers_gpt2_folder_loads_trains_here_and_exports_back(tmp_path, tokenizer, corpus):
+def test_a_transformers_gpt2_folder_loads_trains_here_and_exports_back(tmp_path, tokenizer, corpus, transformers):
     torch.manual_seed(2)
     config = transformers.GPT2Config(vocab_size=tokenizer.vocab_size, n_positions=64, n_embd=32, n_layer=2,
                                      n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
@@ -162,7 +164,7 @@ def test_a_transformers_gpt2_folder_loads_trains_here_and_exports_back(tmp_path,
     assert_same_as_transformers(model, tmp_path / "back")
 
 
-def test_a_transformers_llama_folder_gives_the_same_logits_here(tmp_path, tokenizer):
+def test_a_transformers_llama_folder_gives_the_same_logits_here(tmp_path, tokenizer, transformers):
     torch.manual_seed(4)
     config = transformers.LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
                                       num_attention_heads=2, num_key_value_heads=2,
@@ -321,7 +323,8 @@ def test_llama_cpp_runs_the_gguf_with_our_tokens_and_logits(tmp_path, tokenizer,
     torch.testing.assert_close(theirs, ours, atol=1e-2 if arch == "gpt2" else 1e-3, rtol=0)
 
 
-def test_playground_starts_from_a_transformers_folder_and_refuses_contradicting_flags(tmp_path, tokenizer, corpus):
+def test_playground_starts_from_a_transformers_folder_and_refuses_contradicting_flags(tmp_path, tokenizer, corpus,
+                                                                                      transformers):
     """--init_from: the run takes the folder's shape, weights and tokenizer (with --lr 0 the weights it saves are
     the folder's own)."""
     import playground

@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import transformers
 
 from gpt import GPT, GPTConfig, sample_next
 from gptlab.convert import from_hf_gpt2, to_hf_gpt2_state_dict
@@ -96,7 +95,8 @@ def test_top_k_keeps_only_the_k_most_likely():
 
 # ---------------------------------------------------------------------- Hugging Face GPT-2
 
-def hf_gpt2() -> transformers.GPT2LMHeadModel:
+def hf_gpt2() -> torch.nn.Module:
+    transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=32, vocab_size=50,
                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)

@@ -38,7 +38,7 @@ import finetune
 import generate
 import playground
 from gpt import GPT, GPTConfig
-from gptlab import checkpoint, cli, data, errors
+from gptlab import checkpoint, cli, data, errors, speed
 from gptlab.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from gptlab.errors import UsageError
 from gptlab.fileio import RunLock, atomic_write_text, check_output, check_output_dir
@@ -657,6 +657,6 @@ def test_finetune_reads_a_bom_csv_long_fields_and_refuses_empty_texts(tmp_path):
 
 
 def test_bench_token_files_fit_large_vocabularies(tmp_path):
-    split = bench.random_split(tmp_path, 70_000, 16)
+    split = speed.random_tokens(tmp_path, 70_000, 16)
     tokens = torch.from_numpy(np.memmap(split.path, dtype=split.dtype, mode="r").astype("int64"))
     assert split.dtype == "uint32" and int(tokens.max()) >= 65_536 and int(tokens.max()) < 70_000

@@ -1,16 +1,12 @@
 """The fast paths give what the plain ones give: batched generation row by row equals one-row generation (with
 end-of-text and both position kinds), sampling equals a plain recompute-everything loop, the KV cache's views
-are the slices it stores; and gpu_check.py --dry_run runs every part and reports each in one summary table."""
+are the slices it stores."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-import gpu_check
 from attention import KVCache
 from gpt import GPT, GPTConfig, sample_next
 
@@ -87,52 +83,3 @@ def test_the_kv_cache_returns_views_of_what_it_stored():
     k, v = cache.append(second, -second)
     assert cache.length == 6 and torch.equal(k, torch.cat([first, second], dim=2)) and torch.equal(v, -k)
     assert k.data_ptr() == cache.k.data_ptr()  # a view into the preallocated buffer, not a copy
-
-
-# ---------------------------------------------------------------------- gpu_check.py
-
-
-def summary_rows(stdout: str) -> dict[str, str]:
-    """part -> result, from the markdown table gpu_check.py prints."""
-    rows = {}
-    for line in stdout.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("| ") and len(cells) == 4 and cells[0] not in ("part", "---"):
-            rows[cells[0]] = cells[1]
-    return rows
-
-
-def test_gpu_check_dry_run_reports_every_part_in_one_table():
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    r = subprocess.run([sys.executable, str(REPO / "gpu_check.py"), "--dry_run"], cwd=REPO, capture_output=True,
-                       text=True, timeout=400, env=env)
-    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
-    assert r.stdout.count("| part | result | detail | seconds |") == 1
-    rows = summary_rows(r.stdout)
-    assert set(rows) == set(gpu_check.PARTS)
-    for part, result in rows.items():
-        assert result.startswith("skipped (") or any(ch.isdigit() for ch in result), (part, result)
-        assert "FAILED" not in result, (part, result)
-    assert "tokens/s" in rows["train"] and "MFU" in rows["train"]
-    assert "cache" in rows["generate"] and "no cache" in rows["generate"]
-
-
-def test_a_failing_part_is_reported_and_a_spent_budget_skips_the_rest():
-    def broken(*_args) -> gpu_check.Row:
-        raise RuntimeError("out of\nmemory")
-
-    plan, cpu = gpu_check.dry_plan(), torch.device("cpu")
-    row = gpu_check.run_part("train", broken, plan, cpu, True, deadline=float("inf"))
-    assert row.result == "FAILED (RuntimeError: out of memory)"
-    skipped = gpu_check.run_part("generate", broken, plan, cpu, True, deadline=0.0)
-    assert skipped.result == "skipped (time budget used up)"
-    table = gpu_check.summary([row, skipped], cpu, True, 1.0)
-    assert summary_rows(table) == {"train": row.result, "generate": skipped.result}
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where there is no GPU")
-def test_gpu_check_without_a_gpu_is_a_one_line_error():
-    r = subprocess.run([sys.executable, str(REPO / "gpu_check.py")], cwd=REPO, capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
-        "error: torch sees no CUDA GPU here: run `python gpu_check.py --dry_run` for the CPU rehearsal"]
