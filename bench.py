@@ -32,6 +32,7 @@ from gpt import GPT, GPTConfig
 from gptlab.cli import NON_NEGATIVE, POSITIVE, check_fields, parse_dataclass, setting
 from gptlab.data import TokenSplit, token_dtype
 from gptlab.errors import UsageError, run_cli
+from gptlab.memory import Step, estimate
 from gptlab.metrics import read_metrics
 from gptlab.objectives import NextToken
 from gptlab.runtime import DTYPE_CHOICES, DTYPE_HELP, Runtime, check_fits, peak_flops, pick_device, pick_dtype
@@ -121,9 +122,11 @@ class PeersBench:
             raise UsageError(f"--corpus {self.corpus} is not a file")
 
 
-def check_fits_device(config: GPTConfig, batch_size: int, device: torch.device) -> None:
-    check_fits(config.estimated_training_bytes(batch_size), device,
-               f"a {config.num_of_layers}-layer, {config.embedding_dim}-wide model (batch {batch_size})")
+def check_fits_device(config: GPTConfig, batch_size: int, device: torch.device,
+                      dtype: torch.dtype = torch.float32) -> None:
+    """Refuse, before allocating, a training step (AdamW) that the device cannot hold (gptlab/memory.py)."""
+    need = estimate(config, Step(batch_size, dtype=dtype, device_type=device.type)).peak
+    check_fits(need, device, f"a {config.num_of_layers}-layer, {config.embedding_dim}-wide model (batch {batch_size})")
 
 
 def timed(fn: Callable[[], object], warmup: int, iters: int, device: torch.device) -> float:
@@ -154,7 +157,7 @@ def bench_train(args: TrainBench) -> None:
     model_config = GPTConfig(vocab_size=args.vocab_size, block_size=args.block_size, embedding_dim=args.embedding_dim,
                              num_of_layers=args.num_of_layers, num_of_heads=args.num_of_heads, dropout=0.0,
                              attention=args.attention)
-    check_fits_device(model_config, args.batch_size, device)
+    check_fits_device(model_config, args.batch_size, device, rt.dtype)
     c = TrainConfig(model=model_config, batch_size=args.batch_size, compile=args.compile, warmup_iters=0)
     torch.manual_seed(0)
     model = GPT(model_config).to(device)

@@ -39,9 +39,10 @@ from gptlab.convert import checkpoint_from_hf_folder
 from gptlab.data import TokenSplit, batch_rng, build_token_cache, cache_key
 from gptlab.errors import UsageError, run_cli
 from gptlab.fileio import RunLock, check_output, check_output_dir
+from gptlab.memory import MemoryPlan, gib, plan_run
 from gptlab.metrics import Metrics, plot_losses
 from gptlab.objectives import Objective, objective_for
-from gptlab.runtime import Runtime, check_fits, peak_flops, seconds_since_start, setup_runtime, teardown, to_device
+from gptlab.runtime import Runtime, peak_flops, seconds_since_start, setup_runtime, teardown, to_device
 from gptlab.tokenizer import MASK, Tokenizer, corpus_files, train_tokenizer
 from gptlab.training import learning_rate, make_optimizer, set_learning_rate, train_step
 
@@ -72,6 +73,7 @@ class Run:
     metrics: Metrics | None  # rank 0 only
     metrics_path: Path
     started: float  # time.perf_counter() when the command started
+    plan: MemoryPlan  # the micro-batch each forward/backward pass takes, and the estimated peak memory
     seconds_before: float = 0.0  # wall time of the runs this one resumes
     iteration: int = 0  # optimiser steps done
     best_val_loss: float = math.inf
@@ -164,13 +166,10 @@ def sharded_model(config: GPTConfig, rt: Runtime, weights: dict[str, torch.Tenso
     return model
 
 
-def build_model(c: TrainConfig, tokenizer: Tokenizer, objective: Objective, rt: Runtime,
-                weights: dict[str, torch.Tensor] | None, rng_states: dict[str, list[torch.Tensor]] | None) -> GPT:
-    """The model with its initial weights (fresh, resumed, or --init_from's), on the device, sharded under FSDP;
-    with rng_states, the dropout RNG of a resumed run."""
-    config = replace(c.model, vocab_size=tokenizer.vocab_size, causal=objective.causal)
-    check_fits(config.estimated_training_bytes(c.batch_size, rt.world_size if rt.fsdp else 1), rt.device,
-               f"training a {config.num_of_layers}-layer, {config.embedding_dim}-wide model")
+def build_model(c: TrainConfig, config: GPTConfig, rt: Runtime, weights: dict[str, torch.Tensor] | None,
+                rng_states: dict[str, list[torch.Tensor]] | None) -> GPT:
+    """The model of `config` with its initial weights (fresh, resumed, or --init_from's), on the device, sharded
+    under FSDP; with rng_states, the dropout RNG of a resumed run."""
     torch.manual_seed(c.seed)  # the same initial weights on every rank (FSDP keeps each rank's shard of them)
     try:
         if rt.fsdp:
@@ -199,8 +198,10 @@ def build_run(c: TrainConfig, ckpt: dict[str, Any] | None, rt: Runtime, started:
     tokenizer = Tokenizer.from_json(source["tokenizer"]) if source else resolve_tokenizer(c, files, rt)
     objective = objective_for(c.objective, tokenizer, c.mask_prob)
     splits = load_data(c, tokenizer, files, rt)
-    model = build_model(c, tokenizer, objective, rt, source["model"] if source else None,
-                        ckpt["rng"] if ckpt else None)
+    config = replace(c.model, vocab_size=tokenizer.vocab_size, causal=objective.causal)
+    plan = plan_run(c, config, rt)  # before anything is allocated: refuses what cannot fit
+    model = build_model(c, replace(config, activation_checkpointing=plan.activation_checkpointing), rt,
+                        source["model"] if source else None, ckpt["rng"] if ckpt else None)
     optimizer = make_optimizer(model, c, rt.device)
     if ckpt is not None:  # the saved state is whole; under FSDP each rank keeps its shard of it
         set_optimizer_state_dict(model, optimizer, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
@@ -215,7 +216,7 @@ def build_run(c: TrainConfig, ckpt: dict[str, Any] | None, rt: Runtime, started:
     metrics = Metrics(metrics_path(c), c.to_dict(), resumed_at, c.wandb_project, c.wandb_run_name) \
         if rt.is_main else None
     run = Run(c, rt, tokenizer, objective, splits, model, step_model, optimizer, scaler, metrics, metrics_path(c),
-              started)
+              started, plan)
     if ckpt is not None:
         run.iteration, run.best_val_loss = ckpt["iteration"], ckpt["best_val_loss"]
         run.seconds_before = ckpt.get("seconds", 0.0)
@@ -234,6 +235,7 @@ def describe(run: Run) -> None:
     print(f"data: train {run.splits['train'].num_tokens:,} tokens, val {run.splits['val'].num_tokens:,} tokens; "
           f"effective batch {c.batch_size} x {c.grad_accum_steps} accum x {rt.world_size} ranks = "
           f"{run.tokens_per_step:,} tokens/step ({rt.mode})")
+    print(run.plan.describe())
     if c.fsdp and not rt.fsdp:
         print("--fsdp: one process has nothing to shard across, so the model stays whole (start with "
               "torchrun --nproc_per_node N to shard it)")
@@ -254,7 +256,7 @@ def train_loop(run: Run) -> None:
         lr = learning_rate(run.iteration, run.c)
         set_learning_rate(run.optimizer, lr, run.c)
         loss = train_step(run.step_model, run.optimizer, run.scaler, run.splits["train"], run.iteration, run.c,
-                          run.rt, run.objective)
+                          run.rt, run.objective, run.plan.micro_batch)
         run.iteration += 1
         step, c = run.iteration, run.c
         meter.tokens += run.tokens_per_step
@@ -499,6 +501,9 @@ def finish(run: Run) -> None:
     if plot_losses(run.metrics_path, png):
         print(f"loss curve: {png}")
     print(f"checkpoint: {c.checkpoint}")
+    if rt.device.type == "cuda":  # the memory model beside what the allocator saw (evaluations included)
+        print(f"memory: peak {gib(torch.cuda.max_memory_allocated(rt.device))} allocated, estimated "
+              f"{gib(run.plan.need)}")
     if writes_text:
         print("sample:\n" + sample(sampler, run.tokenizer, c.sample_tokens, rt))
     elif c.sample_tokens:
