@@ -4,6 +4,7 @@ checkpointing (same numbers, less memory); and --max_memory's plan (same losses,
 
 `python tests/test_memory.py` prints the grid's table (docs/memory.md)."""
 
+import json
 import re
 import tempfile
 import weakref
@@ -12,17 +13,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import corpus_slice
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from config import TrainConfig, fixed_on_resume
+import playground
+from config import TrainConfig, fixed_on_resume, parse_config
 from gpt import GPT, GPTConfig
 from gptlab import memory
+from gptlab.checkpoint import load_checkpoint
 from gptlab.convert import architecture_for
 from gptlab.data import TokenSplit, token_dtype
 from gptlab.errors import UsageError
 from gptlab.objectives import NextToken
 from gptlab.runtime import Runtime
+from gptlab.tokenizer import corpus_files, train_tokenizer
 from gptlab.training import make_optimizer, train_step
 
 BF16 = torch.bfloat16
@@ -115,7 +120,7 @@ GRID = [
     {"mlp": "relu2", "qk_norm": True, "dropout": 0.1},
     {"dropout": 0.1, "attention": "scratch", "norm_position": "post"},
     {"accum": 2, "tie_embeddings": False, "logit_softcap": 30.0},
-    {"B": 8, "block_size": 128, "embedding_dim": 128, "vocab_size": 2000},
+    {"B": 6, "block_size": 96, "embedding_dim": 96, "num_of_heads": 6, "vocab_size": 1000},
     {"B": 1, "block_size": 32, "embedding_dim": 128, "vocab_size": 2000},
     {"vocab_size": 16, "attention": "scratch", "num_of_layers": 3},
 ]
@@ -146,7 +151,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients_with_less_me
     assert loss_ckpt == pytest.approx(loss_plain, abs=1e-6)
     for name, grad in grads_plain.items():
         torch.testing.assert_close(grads_ckpt[name], grad, atol=1e-6, rtol=1e-6, msg=name)
-    point = {"B": 8, "num_of_layers": 3}
+    point = {"B": 4, "num_of_layers": 3}
     assert measured_peak({**point, "activation_checkpointing": True}) < 0.7 * measured_peak(point)
 
 
@@ -194,6 +199,57 @@ def test_checkpointing_only_when_one_sequence_does_not_fit_and_a_refusal_names_w
         memory.plan(PLAN_MODEL, 12, step, 2**20, 12)
     fits = memory.parse_size(re.search(r"--max_memory (\d+MB)", str(e.value)).group(1))
     assert memory.plan(PLAN_MODEL, 12, step, fits, 12).micro_batch == 1
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return corpus_slice(tmp_path_factory.mktemp("corpus"), 30_000)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(corpus, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    train_tokenizer(corpus_files([corpus]), "bbpe", 320, show_progress=False).save(path)
+    return path
+
+
+TINY = {"embedding_dim": 32, "num_of_layers": 2, "num_of_heads": 2, "block_size": 32, "dropout": 0.0}
+
+
+def train(tmp_path: Path, corpus: Path, tokenizer: Path, name: str, *flags: str) -> list[float]:
+    """A short run on the CPU; its training loss at every step."""
+    argv = [str(corpus), "--tokenizer", str(tokenizer), "--out_dir", str(tmp_path), "--checkpoint",
+            str(tmp_path / f"{name}.tar"), *(f"--{k}={v}" for k, v in TINY.items()), "--batch_size", "8",
+            "--max_iters", "4", "--log_interval", "1", "--eval_interval", "4", "--eval_iters", "1",
+            "--warmup_iters", "2", "--lr", "3e-3", "--sample_tokens", "0", *flags]
+    playground.train(*parse_config(argv))
+    rows = (tmp_path / f"{name}.metrics.jsonl").read_text().splitlines()
+    return [row["loss"] for row in map(json.loads, rows) if "loss" in row]
+
+
+@pytest.fixture(scope="module")
+def plain(corpus, tokenizer_path, tmp_path_factory) -> list[float]:
+    """The losses of a run of 8 sequences per step, in one micro-batch, without checkpointing."""
+    return train(tmp_path_factory.mktemp("plain"), corpus, tokenizer_path, "plain")
+
+
+def test_a_small_max_memory_accumulates_micro_batches_with_the_same_losses(tmp_path, corpus, tokenizer_path,
+                                                                           plain, capsys):
+    config = GPTConfig(vocab_size=320, **TINY)
+    need = {m: memory.estimate(config, memory.Step(m, 8 // m, device_type="cpu")).peak for m in (2, 4)}
+    planned = train(tmp_path, corpus, tokenizer_path, "planned", "--max_memory", str((need[2] + need[4]) // 2))
+    assert "8 sequences per step as 4 micro-batch(es) of 2, activation checkpointing off" in capsys.readouterr().out
+    assert planned == pytest.approx(plain, rel=1e-5, abs=1e-5) and len(plain) == 4
+
+
+def test_activation_checkpointing_is_saved_and_a_resume_may_turn_it_off(tmp_path, corpus, tokenizer_path, plain):
+    first = train(tmp_path, corpus, tokenizer_path, "ckpt", "--activation_checkpointing", "--max_iters", "2")
+    assert load_checkpoint(tmp_path / "ckpt.tar")["config"]["activation_checkpointing"] is True
+    train(tmp_path, corpus, tokenizer_path, "ckpt", "--resume", "--no-activation_checkpointing")
+    assert load_checkpoint(tmp_path / "ckpt.tar")["config"]["activation_checkpointing"] is False
+    rows = (tmp_path / "ckpt.metrics.jsonl").read_text().splitlines()
+    resumed = [row["loss"] for row in map(json.loads, rows) if "loss" in row]
+    assert first == pytest.approx(plain[:2], abs=1e-5) and resumed == pytest.approx(plain, abs=1e-5)
 
 
 def print_grid() -> None:
