@@ -154,13 +154,16 @@ def attention_bytes(config: GPTConfig, batch: int, c: int, step: Step) -> int:
 
 def query_key_bytes(config: GPTConfig, batch: int, c: int, step: Step) -> int:
     """QK-norm and RoPE make new queries and keys (the core keeps them, unless its math path copies them);
-    QK-norm also keeps its own work, and RoPE its float32 cos and sin tables (T x D each)."""
+    QK-norm also keeps its own work (and views of the qkv output, which the math path would have freed), and
+    RoPE its float32 cos and sin tables (T x D each)."""
     tokens, head = batch * config.block_size, config.embedding_dim // config.num_of_heads
+    tokens_e = tokens * config.embedding_dim
     saved = 0
     if (config.qk_norm or config.position == "rope") and not math_path(config, step):
-        saved += 2 * tokens * config.embedding_dim * c
+        saved += 2 * tokens_e * c
     if config.qk_norm:
         saved += 2 * norm_bytes(replace(config, norm="rmsnorm"), tokens, head, c)
+        saved += 3 * tokens_e * c if math_path(config, step) else 0
     if config.position == "rope":
         saved += 2 * config.block_size * head * FP32
     return saved
@@ -181,6 +184,8 @@ def block_activation_bytes(config: GPTConfig, params: Parameters, batch: int, st
     saved += 2 * tokens_e * c  # the qkv and MLP inputs
     saved += attention_bytes(config, batch, c, step) + query_key_bytes(config, batch, c, step)
     saved += (4 if config.mlp == "swiglu" else 2) * tokens * params.mlp_hidden * c
+    if config.mlp == "swiglu" and c != FP32:  # autocast casts the input once for each of its two matmuls
+        saved += tokens_e * c
     if config.dropout > 0:
         saved += 2 * tokens_e * mask_bytes(c, step)
     return saved
