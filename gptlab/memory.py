@@ -277,7 +277,8 @@ def moments(config: GPTConfig, step: Step) -> list[Estimate]:
 
     def block(done: int) -> Estimate:  # the backward pass of the block below `done` finished blocks
         made = accumulated or head_grads + done * block_grads
-        return Estimate("a block's backward pass", weights, buckets + made, state,
+        which = "top" if done == 0 else "bottom"
+        return Estimate(f"the {which} block's backward pass", weights, buckets + made, state,
                         (layers - done) * per_block + outside, inside)
 
     tied_sum = 2 * config.vocab_size * config.embedding_dim * FP32 if config.tie_embeddings else 0
