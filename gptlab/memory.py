@@ -46,10 +46,10 @@ def parse_size(text: str) -> int:
     match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([a-zA-Z]*)\s*", text)
     if match is None or match.group(2).upper() not in UNITS:
         raise UsageError(f"--max_memory {text!r}: want a size like 8GB, 512MB or 1.5GiB")
-    size = int(float(match.group(1)) * UNITS[match.group(2).upper()])
-    if size <= 0:
-        raise UsageError(f"--max_memory {text!r} must be above zero")
-    return size
+    size = float(match.group(1)) * UNITS[match.group(2).upper()]
+    if not 1 <= size < math.inf:
+        raise UsageError(f"--max_memory {text!r} must be at least one byte, and finite")
+    return int(size)
 
 
 def gib(n: int) -> str:
