@@ -1,21 +1,16 @@
 """How much memory one training step holds at its peak, and the micro-batch plan that fits a budget.
 
-The estimate counts tensor bytes, the way torch's allocator counts them (torch.cuda.max_memory_allocated), in
-four parts:
+The estimate counts tensor bytes, the way torch's allocator counts them (torch.cuda.max_memory_allocated):
     weights       every parameter, in float32
     gradients     float32, one per parameter
     optimizer     AdamW: two float32 moments per parameter; Muon: one momentum buffer per block matrix, AdamW's two
                   moments for the rest
-    activations   what autograd saves in the forward pass for the backward pass (see block_activation_bytes),
-                  plus the largest transient: the cross-entropy's two gradients, each as large as the logits
+    activations   what autograd saves in the forward pass for the backward pass (see block_activation_bytes)
+    transient     what is made around the peak and freed soon after (see moments)
 The weights, gradients and optimizer state are known exactly (a copy of the model on the meta device, which
 holds no memory, lists the parameters). The activations are derived from what each operation of gpt.py and
 attention.py keeps for its backward pass, and checked against measured peaks of real training steps
-(tests/test_memory.py, docs/memory.md).
-
-The step's peak is the larger of two moments: the start of the backward pass (every activation is alive, the
-logits' gradients are made; gradients of earlier micro-batches too, when accumulating) and its end (every
-gradient, and the optimizer's temporaries).
+(tests/test_memory.py, docs/memory.md). The peak is the largest of four moments of a step (see moments).
 """
 
 import math
@@ -221,9 +216,20 @@ def saved_per_block(config: GPTConfig, params: Parameters, step: Step) -> int:
 
 
 def weight_copy_bytes(numel: int, step: Step) -> int:
-    """Autocast casts each matmul's weights to its dtype once per forward pass; the backward pass needs them."""
+    """Autocast casts each matmul's weights to its dtype once per forward pass; the backward pass needs them.
+    Under FSDP the gathered weights already are in that dtype (the run's MixedPrecisionPolicy): no copies."""
     c = element_bytes(step.dtype)
-    return numel * c if c != FP32 else 0
+    return numel * c if c != FP32 and step.shards == 1 else 0
+
+
+def gathered_bytes(config: GPTConfig, params: Parameters, step: Step) -> int:
+    """FSDP: the root unit (embeddings, final norm, head) stays gathered whole from the forward pass through the
+    backward pass, and a block is gathered while it computes and the next one prefetched, in the autocast dtype.
+    (Not measured: the CPU tests run one process.)"""
+    if step.shards == 1:
+        return 0
+    root = params.total - config.num_of_layers * params.per_block
+    return (root + 2 * params.per_block) * element_bytes(step.dtype)
 
 
 def block_backward_transient(config: GPTConfig, params: Parameters, step: Step) -> int:
@@ -264,11 +270,9 @@ def moments(config: GPTConfig, step: Step) -> list[Estimate]:
     accumulated = grads if step.micro_steps > 1 else 0  # the first micro-batch starts without gradients
     muon = params.muon if step.optimizer == "muon" else 0
     state = (muon + 2 * (params.total - muon)) * FP32 // shards
-    outside = outside_activation_bytes(config, step.micro_batch, step)
-    head_copy = weight_copy_bytes(params.linear - layers * params.per_block, step) // shards
-    if shards > 1:  # the unit computing and the next one, gathered whole in the autocast dtype
-        outside += 2 * params.per_block * element_bytes(step.dtype)
-    per_block = saved_per_block(config, params, step) // (shards if config.activation_checkpointing else 1)
+    outside = outside_activation_bytes(config, step.micro_batch, step) + gathered_bytes(config, params, step)
+    head_copy = weight_copy_bytes(params.linear - layers * params.per_block, step)
+    per_block = saved_per_block(config, params, step)
     saved = layers * per_block + outside + head_copy + head_activation_bytes(config, step.micro_batch, step)
     logit_grads = 2 * step.micro_batch * config.block_size * config.vocab_size * FP32
     head_grads = config.vocab_size * config.embedding_dim * FP32 // shards

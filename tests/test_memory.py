@@ -253,6 +253,17 @@ def test_activation_checkpointing_is_saved_and_a_resume_may_turn_it_off(tmp_path
     assert first == pytest.approx(plain[:2], abs=1e-5) and resumed == pytest.approx(plain, abs=1e-5)
 
 
+def test_fsdp_divides_weights_gradients_and_optimizer_state_by_the_processes():
+    """Not measured (the tests run one process): the arithmetic of sharding at the start of the backward pass
+    of an accumulating step, where every gradient exists."""
+    one, four = (memory.moments(PLAN_MODEL, memory.Step(4, 2, BF16, shards=n))[0] for n in (1, 4))
+    assert (four.weights, four.gradients, four.optimizer) == (one.weights // 4, one.gradients // 4,
+                                                              one.optimizer // 4)
+    params = memory.Parameters.of(PLAN_MODEL)
+    gathered = (params.total - PLAN_MODEL.num_of_layers * params.per_block + 2 * params.per_block) * 2
+    assert four.activations == one.activations - params.linear * 2 + gathered  # gathered bf16, no autocast copies
+
+
 def print_grid() -> None:
     print("| point | measured peak (bytes) | estimate (bytes) | error | peak moment (estimate) |")
     print("|---|---|---|---|---|")
