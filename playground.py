@@ -337,7 +337,7 @@ def evaluate_and_log(run: Run, bar: tqdm) -> None:
     gathers each unit's parameters from all of them."""
     if not (run.rt.is_main or run.rt.fsdp):
         return
-    run.final = evaluate(run.model, run.splits, run.c, run.rt, run.objective)
+    run.final = evaluate(run.model, run.splits, run.c, run.rt, run.objective, run.plan.micro_batch)
     run.best_val_loss = min(run.best_val_loss, run.final["val_loss"])
     if run.rt.is_main:
         bar.write(f"step {run.iteration}: train loss {run.final['train_loss']:.4f}, val loss "
@@ -379,8 +379,7 @@ def time_eval_batch(run: Run) -> float:
     x, y = run.objective.batch(run.splits["val"], run.c.batch_size, run.c.model.block_size, batch_rng(0, 99, 0))
     run.model.eval()
     start = time.perf_counter()
-    with run.rt.autocast():
-        run.objective.loss(run.model, to_device(x, run.rt.device), to_device(y, run.rt.device))
+    batch_loss(run.model, x, y, run.plan.micro_batch, run.rt, run.objective)
     seconds = time.perf_counter() - start
     run.model.train()
     return seconds
@@ -415,30 +414,46 @@ def save(run: Run) -> None:
 # ----------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def estimate_loss(model: GPT, split: TokenSplit, stream: int, c: TrainConfig, rt: Runtime,
-                  objective: Objective) -> tuple[float, float]:
+def batch_loss(model: GPT, x: torch.Tensor, y: torch.Tensor, micro_batch: int, rt: Runtime,
+               objective: Objective) -> tuple[float, int, int]:
+    """A batch's mean loss over its scored targets (those not -1), how many of them the model ranks first, and
+    their count, computed in the memory plan's micro-batches: where those are smaller than the batch, the whole
+    batch's logits may not fit."""
+    loss_sum, correct, scored_count = 0.0, 0, 0
+    for xm, ym in zip(x.split(micro_batch), y.split(micro_batch), strict=True):
+        xm, ym = to_device(xm, rt.device), to_device(ym, rt.device)
+        with rt.autocast():
+            logits, loss = objective.loss(model, xm, ym)
+        scored = ym != -1
+        n = int(scored.sum())
+        loss_sum += loss.item() * n if n else 0.0  # a micro-batch with nothing scored has a NaN mean
+        correct += int((logits.argmax(-1)[scored] == ym[scored]).sum())
+        scored_count += n
+    return loss_sum / max(scored_count, 1), correct, scored_count
+
+
+@torch.no_grad()
+def estimate_loss(model: GPT, split: TokenSplit, stream: int, c: TrainConfig, rt: Runtime, objective: Objective,
+                  micro_batch: int) -> tuple[float, float]:
     """Mean loss over `eval_iters` batches, and the fraction of predicted tokens the model ranks first;
     the same batches (and masks) at every evaluation, so curves are comparable."""
     model.eval()
     losses, correct, predicted = [], 0, 0
     for i in range(c.eval_iters):
         x, y = objective.batch(split, c.batch_size, c.model.block_size, batch_rng(c.seed, stream, i))
-        x, y = to_device(x, rt.device), to_device(y, rt.device)
-        with rt.autocast():
-            logits, loss = objective.loss(model, x, y)
-        losses.append(loss.item())
-        scored = y != -1
-        correct += int((logits.argmax(-1)[scored] == y[scored]).sum())
-        predicted += int(scored.sum())
+        loss, batch_correct, scored = batch_loss(model, x, y, micro_batch, rt, objective)
+        losses.append(loss)
+        correct += batch_correct
+        predicted += scored
     model.train()
     return sum(losses) / len(losses), correct / max(predicted, 1)
 
 
-def evaluate(model: GPT, splits: dict[str, TokenSplit], c: TrainConfig, rt: Runtime,
-             objective: Objective) -> dict[str, float]:
+def evaluate(model: GPT, splits: dict[str, TokenSplit], c: TrainConfig, rt: Runtime, objective: Objective,
+             micro_batch: int) -> dict[str, float]:
     """Train and val loss, and what the objective reports (val bits per byte, or masked-token accuracy)."""
-    train_loss, _ = estimate_loss(model, splits["train"], EVAL_TRAIN_STREAM, c, rt, objective)
-    val_loss, val_accuracy = estimate_loss(model, splits["val"], EVAL_VAL_STREAM, c, rt, objective)
+    train_loss, _ = estimate_loss(model, splits["train"], EVAL_TRAIN_STREAM, c, rt, objective, micro_batch)
+    val_loss, val_accuracy = estimate_loss(model, splits["val"], EVAL_VAL_STREAM, c, rt, objective, micro_batch)
     return objective.report(train_loss, val_loss, val_accuracy, splits["val"])
 
 

@@ -15,6 +15,7 @@ attention.py keeps for its backward pass, and checked against measured peaks of 
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -93,16 +94,30 @@ class Parameters:
 
     @classmethod
     def of(cls, config: GPTConfig) -> "Parameters":
-        with torch.device("meta"):
-            model = GPT(config)
-        named = dict(model.named_parameters())  # a tied head appears once
-        linear = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters())
-        matrices = [p for n, p in named.items() if n.startswith("blocks.") and p.dim() == 2]
-        largest = max(matrices, key=lambda p: p.numel())
-        return cls(total=sum(p.numel() for p in named.values()), linear=linear,
-                   muon=sum(p.numel() for p in matrices), largest_matrix=tuple(largest.shape),
-                   per_block=sum(p.numel() for p in model.blocks[0].parameters()),
-                   mlp_hidden=model.blocks[0].mlp.proj.in_features)
+        """From a one-block copy of the model (the blocks are alike), so any depth is counted at once."""
+        try:
+            with torch.device("meta"):
+                model = GPT(replace(config, num_of_layers=1))
+        except RuntimeError as e:  # a size beyond what a tensor can hold
+            raise UsageError(f"a {config.embedding_dim}-wide model with {config.vocab_size} tokens and block_size "
+                             f"{config.block_size} is too large to build: {e}") from None
+        more, block = config.num_of_layers - 1, model.blocks[0]
+        per_block = numel(block.parameters())
+        matrices = [p for p in block.parameters() if p.dim() == 2]
+        return cls(total=numel(model.parameters()) + more * per_block,  # a tied head is counted once
+                   linear=linear_numel(model) + more * linear_numel(block),
+                   muon=config.num_of_layers * numel(matrices),
+                   largest_matrix=tuple(max(matrices, key=lambda p: p.numel()).shape),
+                   per_block=per_block, mlp_hidden=block.mlp.proj.in_features)
+
+
+def numel(params: Iterable[torch.Tensor]) -> int:
+    return sum(p.numel() for p in params)
+
+
+def linear_numel(module: torch.nn.Module) -> int:
+    """Parameters of the nn.Linear layers inside `module`: what autocast casts for its matmuls."""
+    return sum(numel(m.parameters()) for m in module.modules() if isinstance(m, torch.nn.Linear))
 
 
 def element_bytes(dtype: torch.dtype) -> int:
@@ -257,12 +272,12 @@ def optimizer_transient(params: Parameters, step: Step) -> int:
     return (5 * rows * cols + min(rows, cols) ** 2) * FP32
 
 
-def moments(config: GPTConfig, step: Step) -> list[Estimate]:
+def moments(config: GPTConfig, step: Step, params: Parameters | None = None) -> list[Estimate]:
     """The candidates for the step's peak: the start of the backward pass (every activation saved, the
     cross-entropy's two float32 gradients as large as the logits), the backward pass of the top and of the bottom
     block (gradients of the blocks above made, activations of the blocks above freed), and its end (every
     gradient; the tied embedding's gradient summed from two; the optimizer's work)."""
-    params = Parameters.of(config)
+    params = params or Parameters.of(config)
     layers, shards = config.num_of_layers, step.shards
     weights = params.total * FP32 // shards
     grads = params.total * FP32 // shards
@@ -292,9 +307,10 @@ def moments(config: GPTConfig, step: Step) -> list[Estimate]:
                      max(tied_sum // shards, optimizer_transient(params, step)))]
 
 
-def estimate(config: GPTConfig, step: Step) -> Estimate:
-    """Peak bytes of one training step of `config` (its vocab_size set) at `step`'s micro-batch and switches."""
-    return max(moments(config, step), key=lambda e: e.peak)
+def estimate(config: GPTConfig, step: Step, params: Parameters | None = None) -> Estimate:
+    """Peak bytes of one training step of `config` (its vocab_size set) at `step`'s micro-batch and switches;
+    `params`: Parameters.of(config), when already counted."""
+    return max(moments(config, step, params), key=lambda e: e.peak)
 
 
 @dataclass(frozen=True)
@@ -328,9 +344,11 @@ def plan(config: GPTConfig, sequences: int, step: Step, budget: int | None, micr
     can (unless the config asks for it); with no budget, `micro_batch` as the user set it. Refuses, naming the
     budget that would fit, when not even a micro-batch of one sequence with checkpointing does."""
 
+    params = Parameters.of(config)  # counted once: checkpointing and the micro-batch leave them as they are
+
     def need(m: int, ckpt: bool) -> int:
         c = replace(config, activation_checkpointing=ckpt)
-        return estimate(c, replace(step, micro_batch=m, micro_steps=sequences // m)).peak
+        return estimate(c, replace(step, micro_batch=m, micro_steps=sequences // m), params).peak
 
     if budget is None:
         ckpt = config.activation_checkpointing

@@ -218,19 +218,23 @@ TINY = {"embedding_dim": 32, "num_of_layers": 2, "num_of_heads": 2, "block_size"
 
 
 def train(tmp_path: Path, corpus: Path, tokenizer: Path, name: str, *flags: str) -> list[float]:
-    """A short run on the CPU; its training loss at every step."""
+    """A short run on the CPU; its training loss at every step, then its final validation loss."""
     argv = [str(corpus), "--tokenizer", str(tokenizer), "--out_dir", str(tmp_path), "--checkpoint",
             str(tmp_path / f"{name}.tar"), *(f"--{k}={v}" for k, v in TINY.items()), "--batch_size", "8",
             "--max_iters", "4", "--log_interval", "1", "--eval_interval", "4", "--eval_iters", "1",
             "--warmup_iters", "2", "--lr", "3e-3", "--sample_tokens", "0", *flags]
-    playground.train(*parse_config(argv))
-    rows = (tmp_path / f"{name}.metrics.jsonl").read_text().splitlines()
-    return [row["loss"] for row in map(json.loads, rows) if "loss" in row]
+    final = playground.train(*parse_config(argv))
+    return losses(tmp_path / f"{name}.metrics.jsonl") + [final["val_loss"]]
+
+
+def losses(metrics: Path) -> list[float]:
+    return [row["loss"] for row in map(json.loads, metrics.read_text().splitlines()) if "loss" in row]
 
 
 @pytest.fixture(scope="module")
 def plain(corpus, tokenizer_path, tmp_path_factory) -> list[float]:
-    """The losses of a run of 8 sequences per step, in one micro-batch, without checkpointing."""
+    """The losses of a run of 8 sequences per step, in one micro-batch, without checkpointing (4 steps, then
+    the validation loss)."""
     return train(tmp_path_factory.mktemp("plain"), corpus, tokenizer_path, "plain")
 
 
@@ -240,17 +244,15 @@ def test_a_small_max_memory_accumulates_micro_batches_with_the_same_losses(tmp_p
     need = {m: memory.estimate(config, memory.Step(m, 8 // m, device_type="cpu")).peak for m in (2, 4)}
     planned = train(tmp_path, corpus, tokenizer_path, "planned", "--max_memory", str((need[2] + need[4]) // 2))
     assert "8 sequences per step as 4 micro-batch(es) of 2, activation checkpointing off" in capsys.readouterr().out
-    assert planned == pytest.approx(plain, rel=1e-5, abs=1e-5) and len(plain) == 4
+    assert planned == pytest.approx(plain, rel=1e-5, abs=1e-5) and len(plain) == 5  # evaluated in micro-batches too
 
 
 def test_activation_checkpointing_is_saved_and_a_resume_may_turn_it_off(tmp_path, corpus, tokenizer_path, plain):
     first = train(tmp_path, corpus, tokenizer_path, "ckpt", "--activation_checkpointing", "--max_iters", "2")
     assert load_checkpoint(tmp_path / "ckpt.tar")["config"]["activation_checkpointing"] is True
-    train(tmp_path, corpus, tokenizer_path, "ckpt", "--resume", "--no-activation_checkpointing")
+    resumed = train(tmp_path, corpus, tokenizer_path, "ckpt", "--resume", "--no-activation_checkpointing")
     assert load_checkpoint(tmp_path / "ckpt.tar")["config"]["activation_checkpointing"] is False
-    rows = (tmp_path / "ckpt.metrics.jsonl").read_text().splitlines()
-    resumed = [row["loss"] for row in map(json.loads, rows) if "loss" in row]
-    assert first == pytest.approx(plain[:2], abs=1e-5) and resumed == pytest.approx(plain, abs=1e-5)
+    assert first[:2] == pytest.approx(plain[:2], abs=1e-5) and resumed == pytest.approx(plain, abs=1e-5)
 
 
 def test_fsdp_divides_weights_gradients_and_optimizer_state_by_the_processes():
