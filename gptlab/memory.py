@@ -49,7 +49,8 @@ def parse_size(text: str) -> int:
 
 
 def gib(n: int) -> str:
-    return f"{n / 2**30:,.2f} GiB"
+    """Bytes for people: GiB, or MiB below one GiB."""
+    return f"{n / 2**30:,.2f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
 
 
 @dataclass(frozen=True)
