@@ -5,6 +5,7 @@
     python bench.py attention [--device cpu]                                  scratch vs SDPA
     python bench.py generate  [--device cpu]                                  KV cache vs none
     python bench.py peers --corpus FILE [--baseline DIR] [--nanogpt DIR]      whole training runs side by side
+    python bench.py memory --config FILE [--vocab_size N] [--cards 8GB ...]   memory plans (no device needed)
 
 Model flags (train): --embedding_dim --num_of_layers --num_of_heads --block_size --batch_size --vocab_size
 --attention; the defaults are nanoGPT's CPU recipe (4 layers, 4 heads, 128 wide, block 64, batch 12,
@@ -21,16 +22,18 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
+from config import TrainConfig, load_yaml
 from gpt import GPT, GPTConfig
 from gptlab.cli import NON_NEGATIVE, POSITIVE, check_fields, parse_dataclass, setting
 from gptlab.errors import UsageError, run_cli
+from gptlab.memory import Step, default_budget, estimate, gib, parse_size, plan
 from gptlab.metrics import read_metrics
-from gptlab.runtime import DTYPE_CHOICES, DTYPE_HELP, Runtime, check_fits, peak_flops, pick_device, pick_dtype
+from gptlab.runtime import DTYPE_CHOICES, DTYPE_HELP, DTYPES, Runtime, check_fits, peak_flops, pick_device, pick_dtype
 from gptlab.speed import seconds_per_call, trainer
 from gptlab.tokenizer import corpus_files, train_tokenizer
 
@@ -117,9 +120,52 @@ class PeersBench:
             raise UsageError(f"--corpus {self.corpus} is not a file")
 
 
-def check_fits_device(config: GPTConfig, batch_size: int, device: torch.device) -> None:
-    check_fits(config.estimated_training_bytes(batch_size), device,
-               f"a {config.num_of_layers}-layer, {config.embedding_dim}-wide model (batch {batch_size})")
+@dataclass(frozen=True)
+class MemoryBench:
+    config: str = setting("configs/gpt2_small.yaml", "the training config (YAML) to plan for")
+    vocab_size: int = setting(50257, "the tokenizer's vocabulary size (GPT-2's: 50257)", rule=POSITIVE)
+    dtype: str = setting("bfloat16", "autocast precision of the run", choices=tuple(DTYPES))
+    cards: tuple[str, ...] = setting(("8GB", "12GB", "16GB", "24GB", "40GB", "80GB"), "GPU memory sizes to plan for")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        for card in self.cards:
+            parse_size(card)
+
+
+# What a CUDA context holds before the run allocates anything (0.3-0.6 GiB, by driver and GPU): the free memory
+# that --max_memory's default starts from on a card of a given size.
+CUDA_CONTEXT = 2**29
+
+
+def bench_memory(args: MemoryBench) -> None:
+    """The --max_memory plan, from the memory model alone, of a config on cards of the given sizes: the budget
+    each would default to (free memory after the CUDA context, less the margin), the micro-batch, whether blocks
+    are recomputed, and the estimated peak."""
+    c = TrainConfig.from_dict(load_yaml(args.config))
+    config = replace(c.model, vocab_size=args.vocab_size)
+    sequences = c.batch_size * c.grad_accum_steps
+    step = Step(c.batch_size, c.grad_accum_steps, DTYPES[args.dtype], c.optimizer, "cuda")
+    print(f"{args.config}: {sequences} sequences of {config.block_size} tokens per step (batch_size "
+          f"{c.batch_size} x grad_accum_steps {c.grad_accum_steps}), vocabulary {args.vocab_size}, {args.dtype}, "
+          f"{c.optimizer}, one GPU, eager (no compile)")
+    print("| card | budget | micro-batch x steps | activation checkpointing | estimated peak |\n|---|---|---|---|---|")
+    for card in args.cards:
+        budget = default_budget(parse_size(card) - CUDA_CONTEXT)
+        try:
+            p = plan(config, sequences, step, budget, c.batch_size)
+        except UsageError:
+            print(f"| {card} | {gib(budget)} | does not fit | | |")
+            continue
+        print(f"| {card} | {gib(budget)} | {p.micro_batch} x {p.micro_steps} | "
+              f"{'on' if p.activation_checkpointing else 'off'} | {gib(p.need)} |")
+
+
+def check_fits_device(config: GPTConfig, batch_size: int, device: torch.device,
+                      dtype: torch.dtype = torch.float32) -> None:
+    """Refuse, before allocating, a training step (AdamW) that the device cannot hold (gptlab/memory.py)."""
+    need = estimate(config, Step(batch_size, dtype=dtype, device_type=device.type)).peak
+    check_fits(need, device, f"a {config.num_of_layers}-layer, {config.embedding_dim}-wide model (batch {batch_size})")
 
 
 def bench_train(args: TrainBench) -> None:
@@ -128,7 +174,7 @@ def bench_train(args: TrainBench) -> None:
     model_config = GPTConfig(vocab_size=args.vocab_size, block_size=args.block_size, embedding_dim=args.embedding_dim,
                              num_of_layers=args.num_of_layers, num_of_heads=args.num_of_heads, dropout=0.0,
                              attention=args.attention)
-    check_fits_device(model_config, args.batch_size, device)
+    check_fits_device(model_config, args.batch_size, device, rt.dtype)
     run = trainer(model_config, args.batch_size, rt, args.compile)
     activities = [torch.profiler.ProfilerActivity.CPU] + (
         [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -282,13 +328,15 @@ BENCHMARKS: dict[str, tuple[type, Callable[..., None], str]] = {
     "attention": (AttentionBench, bench_attention, "scratch vs SDPA attention, forward + backward"),
     "generate": (GenerateBench, bench_generate, "generation with and without the KV cache"),
     "peers": (PeersBench, bench_peers, "whole training runs beside an older checkout and nanoGPT"),
+    "memory": (MemoryBench, bench_memory, "memory plans of a config on GPUs of several sizes, from the model"),
 }
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("-h", "--help"):
-        print("usage: bench.py {train,attention,generate,peers} [flags]   (bench.py WHAT --help lists the flags)\n" +
+        print("usage: bench.py {train,attention,generate,peers,memory} [flags]   (bench.py WHAT --help lists the "
+              "flags)\n" +
               "\n".join(f"  {name:10} {about}" for name, (_, _, about) in BENCHMARKS.items()))
         return
     if not argv or argv[0] not in BENCHMARKS:

@@ -27,6 +27,7 @@ from gptlab.cli import (
     setting,
 )
 from gptlab.errors import CliParser, UsageError
+from gptlab.memory import parse_size
 from gptlab.runtime import DTYPE_CHOICES, DTYPE_HELP
 
 BUNDLED_CORPUS = str(Path(__file__).resolve().parent / "data" / "shakespeare.txt")
@@ -112,6 +113,11 @@ class TrainConfig:
     fsdp: bool = setting(False, "under torchrun: shard parameters, gradients and optimizer state across processes "
                          "(FSDP2) instead of replicating them (DDP); for models that do not fit one device. Ignored "
                          "in a single process", group="system")
+    max_memory: str | None = setting(None, "memory budget per process, like 8GB or 512MB (powers of 1024): the "
+                                     "sequences per step (batch_size x grad_accum_steps) stay, split into the "
+                                     "largest micro-batch that fits, with activation checkpointing only if even "
+                                     "one sequence would not fit; default on CUDA: the free memory less a margin, "
+                                     "none elsewhere", group="system")
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -126,6 +132,8 @@ class TrainConfig:
                              "encoder cannot tell the order of its tokens")
         if self.checkpoint == "" or self.out_dir == "":
             raise UsageError("--checkpoint and --out_dir cannot be empty")
+        if self.max_memory is not None:
+            parse_size(self.max_memory)
 
     @property
     def final_lr(self) -> float:
@@ -158,7 +166,7 @@ class TrainConfig:
 def fixed_on_resume() -> tuple[str, ...]:
     """Settings that fix the model's weights, what it predicts, or the optimizer's state: a run resumes only with
     the same ones."""
-    changeable = {"dropout", "attention", "init"}
+    changeable = {"dropout", "attention", "init", "activation_checkpointing"}
     return tuple(f.name for f in flag_fields(GPTConfig) if f.name not in changeable) + ("objective", "optimizer")
 
 

@@ -39,9 +39,10 @@ from gptlab.convert import checkpoint_from_hf_folder
 from gptlab.data import TokenSplit, batch_rng, build_token_cache, cache_key
 from gptlab.errors import UsageError, run_cli
 from gptlab.fileio import RunLock, check_output, check_output_dir
+from gptlab.memory import MemoryPlan, gib, plan_run
 from gptlab.metrics import Metrics, plot_losses
 from gptlab.objectives import Objective, objective_for
-from gptlab.runtime import Runtime, check_fits, peak_flops, seconds_since_start, setup_runtime, teardown, to_device
+from gptlab.runtime import Runtime, peak_flops, seconds_since_start, setup_runtime, teardown, to_device
 from gptlab.tokenizer import MASK, Tokenizer, corpus_files, train_tokenizer
 from gptlab.training import learning_rate, make_optimizer, set_learning_rate, train_step
 
@@ -72,6 +73,7 @@ class Run:
     metrics: Metrics | None  # rank 0 only
     metrics_path: Path
     started: float  # time.perf_counter() when the command started
+    plan: MemoryPlan  # the micro-batch each forward/backward pass takes, and the estimated peak memory
     seconds_before: float = 0.0  # wall time of the runs this one resumes
     iteration: int = 0  # optimiser steps done
     best_val_loss: float = math.inf
@@ -164,13 +166,10 @@ def sharded_model(config: GPTConfig, rt: Runtime, weights: dict[str, torch.Tenso
     return model
 
 
-def build_model(c: TrainConfig, tokenizer: Tokenizer, objective: Objective, rt: Runtime,
-                weights: dict[str, torch.Tensor] | None, rng_states: dict[str, list[torch.Tensor]] | None) -> GPT:
-    """The model with its initial weights (fresh, resumed, or --init_from's), on the device, sharded under FSDP;
-    with rng_states, the dropout RNG of a resumed run."""
-    config = replace(c.model, vocab_size=tokenizer.vocab_size, causal=objective.causal)
-    check_fits(config.estimated_training_bytes(c.batch_size, rt.world_size if rt.fsdp else 1), rt.device,
-               f"training a {config.num_of_layers}-layer, {config.embedding_dim}-wide model")
+def build_model(c: TrainConfig, config: GPTConfig, rt: Runtime, weights: dict[str, torch.Tensor] | None,
+                rng_states: dict[str, list[torch.Tensor]] | None) -> GPT:
+    """The model of `config` with its initial weights (fresh, resumed, or --init_from's), on the device, sharded
+    under FSDP; with rng_states, the dropout RNG of a resumed run."""
     torch.manual_seed(c.seed)  # the same initial weights on every rank (FSDP keeps each rank's shard of them)
     try:
         if rt.fsdp:
@@ -199,8 +198,10 @@ def build_run(c: TrainConfig, ckpt: dict[str, Any] | None, rt: Runtime, started:
     tokenizer = Tokenizer.from_json(source["tokenizer"]) if source else resolve_tokenizer(c, files, rt)
     objective = objective_for(c.objective, tokenizer, c.mask_prob)
     splits = load_data(c, tokenizer, files, rt)
-    model = build_model(c, tokenizer, objective, rt, source["model"] if source else None,
-                        ckpt["rng"] if ckpt else None)
+    config = replace(c.model, vocab_size=tokenizer.vocab_size, causal=objective.causal)
+    plan = plan_run(c, config, rt)  # before anything is allocated: refuses what cannot fit
+    model = build_model(c, replace(config, activation_checkpointing=plan.activation_checkpointing), rt,
+                        source["model"] if source else None, ckpt["rng"] if ckpt else None)
     optimizer = make_optimizer(model, c, rt.device)
     if ckpt is not None:  # the saved state is whole; under FSDP each rank keeps its shard of it
         set_optimizer_state_dict(model, optimizer, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
@@ -215,7 +216,7 @@ def build_run(c: TrainConfig, ckpt: dict[str, Any] | None, rt: Runtime, started:
     metrics = Metrics(metrics_path(c), c.to_dict(), resumed_at, c.wandb_project, c.wandb_run_name) \
         if rt.is_main else None
     run = Run(c, rt, tokenizer, objective, splits, model, step_model, optimizer, scaler, metrics, metrics_path(c),
-              started)
+              started, plan)
     if ckpt is not None:
         run.iteration, run.best_val_loss = ckpt["iteration"], ckpt["best_val_loss"]
         run.seconds_before = ckpt.get("seconds", 0.0)
@@ -234,6 +235,7 @@ def describe(run: Run) -> None:
     print(f"data: train {run.splits['train'].num_tokens:,} tokens, val {run.splits['val'].num_tokens:,} tokens; "
           f"effective batch {c.batch_size} x {c.grad_accum_steps} accum x {rt.world_size} ranks = "
           f"{run.tokens_per_step:,} tokens/step ({rt.mode})")
+    print(run.plan.describe())
     if c.fsdp and not rt.fsdp:
         print("--fsdp: one process has nothing to shard across, so the model stays whole (start with "
               "torchrun --nproc_per_node N to shard it)")
@@ -254,7 +256,7 @@ def train_loop(run: Run) -> None:
         lr = learning_rate(run.iteration, run.c)
         set_learning_rate(run.optimizer, lr, run.c)
         loss = train_step(run.step_model, run.optimizer, run.scaler, run.splits["train"], run.iteration, run.c,
-                          run.rt, run.objective)
+                          run.rt, run.objective, run.plan.micro_batch)
         run.iteration += 1
         step, c = run.iteration, run.c
         meter.tokens += run.tokens_per_step
@@ -335,7 +337,7 @@ def evaluate_and_log(run: Run, bar: tqdm) -> None:
     gathers each unit's parameters from all of them."""
     if not (run.rt.is_main or run.rt.fsdp):
         return
-    run.final = evaluate(run.model, run.splits, run.c, run.rt, run.objective)
+    run.final = evaluate(run.model, run.splits, run.c, run.rt, run.objective, run.plan.micro_batch)
     run.best_val_loss = min(run.best_val_loss, run.final["val_loss"])
     if run.rt.is_main:
         bar.write(f"step {run.iteration}: train loss {run.final['train_loss']:.4f}, val loss "
@@ -377,8 +379,7 @@ def time_eval_batch(run: Run) -> float:
     x, y = run.objective.batch(run.splits["val"], run.c.batch_size, run.c.model.block_size, batch_rng(0, 99, 0))
     run.model.eval()
     start = time.perf_counter()
-    with run.rt.autocast():
-        run.objective.loss(run.model, to_device(x, run.rt.device), to_device(y, run.rt.device))
+    batch_loss(run.model, x, y, run.plan.micro_batch, run.rt, run.objective)
     seconds = time.perf_counter() - start
     run.model.train()
     return seconds
@@ -413,30 +414,46 @@ def save(run: Run) -> None:
 # ----------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def estimate_loss(model: GPT, split: TokenSplit, stream: int, c: TrainConfig, rt: Runtime,
-                  objective: Objective) -> tuple[float, float]:
+def batch_loss(model: GPT, x: torch.Tensor, y: torch.Tensor, micro_batch: int, rt: Runtime,
+               objective: Objective) -> tuple[float, int, int]:
+    """A batch's mean loss over its scored targets (those not -1), how many of them the model ranks first, and
+    their count, computed in the memory plan's micro-batches: where those are smaller than the batch, the whole
+    batch's logits may not fit."""
+    loss_sum, correct, scored_count = 0.0, 0, 0
+    for xm, ym in zip(x.split(micro_batch), y.split(micro_batch), strict=True):
+        xm, ym = to_device(xm, rt.device), to_device(ym, rt.device)
+        with rt.autocast():
+            logits, loss = objective.loss(model, xm, ym)
+        scored = ym != -1
+        n = int(scored.sum())
+        loss_sum += loss.item() * n if n else 0.0  # a micro-batch with nothing scored has a NaN mean
+        correct += int((logits.argmax(-1)[scored] == ym[scored]).sum())
+        scored_count += n
+    return loss_sum / max(scored_count, 1), correct, scored_count
+
+
+@torch.no_grad()
+def estimate_loss(model: GPT, split: TokenSplit, stream: int, c: TrainConfig, rt: Runtime, objective: Objective,
+                  micro_batch: int) -> tuple[float, float]:
     """Mean loss over `eval_iters` batches, and the fraction of predicted tokens the model ranks first;
     the same batches (and masks) at every evaluation, so curves are comparable."""
     model.eval()
     losses, correct, predicted = [], 0, 0
     for i in range(c.eval_iters):
         x, y = objective.batch(split, c.batch_size, c.model.block_size, batch_rng(c.seed, stream, i))
-        x, y = to_device(x, rt.device), to_device(y, rt.device)
-        with rt.autocast():
-            logits, loss = objective.loss(model, x, y)
-        losses.append(loss.item())
-        scored = y != -1
-        correct += int((logits.argmax(-1)[scored] == y[scored]).sum())
-        predicted += int(scored.sum())
+        loss, batch_correct, scored = batch_loss(model, x, y, micro_batch, rt, objective)
+        losses.append(loss)
+        correct += batch_correct
+        predicted += scored
     model.train()
     return sum(losses) / len(losses), correct / max(predicted, 1)
 
 
-def evaluate(model: GPT, splits: dict[str, TokenSplit], c: TrainConfig, rt: Runtime,
-             objective: Objective) -> dict[str, float]:
+def evaluate(model: GPT, splits: dict[str, TokenSplit], c: TrainConfig, rt: Runtime, objective: Objective,
+             micro_batch: int) -> dict[str, float]:
     """Train and val loss, and what the objective reports (val bits per byte, or masked-token accuracy)."""
-    train_loss, _ = estimate_loss(model, splits["train"], EVAL_TRAIN_STREAM, c, rt, objective)
-    val_loss, val_accuracy = estimate_loss(model, splits["val"], EVAL_VAL_STREAM, c, rt, objective)
+    train_loss, _ = estimate_loss(model, splits["train"], EVAL_TRAIN_STREAM, c, rt, objective, micro_batch)
+    val_loss, val_accuracy = estimate_loss(model, splits["val"], EVAL_VAL_STREAM, c, rt, objective, micro_batch)
     return objective.report(train_loss, val_loss, val_accuracy, splits["val"])
 
 
@@ -499,6 +516,9 @@ def finish(run: Run) -> None:
     if plot_losses(run.metrics_path, png):
         print(f"loss curve: {png}")
     print(f"checkpoint: {c.checkpoint}")
+    if rt.device.type == "cuda":  # the memory model beside what the allocator saw (evaluations included)
+        print(f"memory: peak {gib(torch.cuda.max_memory_allocated(rt.device))} allocated, estimated "
+              f"{gib(run.plan.need)}")
     if writes_text:
         print("sample:\n" + sample(sampler, run.tokenizer, c.sample_tokens, rt))
     elif c.sample_tokens:

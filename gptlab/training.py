@@ -67,18 +67,36 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float, c: TrainConfi
         group["lr"] = lr * muon_scale if group.get("use_muon") else lr
 
 
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-               split: TokenSplit, it: int, c: TrainConfig, rt: Runtime, objective: Objective) -> torch.Tensor:
-    """One optimiser step over grad_accum_steps micro-batches; returns the mean micro-batch loss (a tensor)."""
-    total = torch.zeros((), device=rt.device)
+def step_batches(split: TokenSplit, it: int, c: TrainConfig, rt: Runtime,
+                 objective: Objective) -> tuple[torch.Tensor, torch.Tensor]:
+    """All of this process's sequences for optimiser step `it`: its grad_accum_steps micro-batches of batch_size,
+    drawn as always, stacked (so a memory plan that splits them otherwise sees the same tokens)."""
+    xs, ys = [], []
     for micro in range(c.grad_accum_steps):
         # Global slot of this micro-batch: the batches depend on the step, not on how many ranks share it.
         slot = (it * c.grad_accum_steps + micro) * rt.world_size + rt.rank
         x, y = objective.batch(split, c.batch_size, c.model.block_size, batch_rng(c.seed, TRAIN_STREAM, slot))
-        with gradient_sync(model, micro == c.grad_accum_steps - 1):
+        xs.append(x)
+        ys.append(y)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               split: TokenSplit, it: int, c: TrainConfig, rt: Runtime, objective: Objective,
+               micro_batch: int | None = None) -> torch.Tensor:
+    """One optimiser step over the step's sequences in micro-batches of `micro_batch` (default batch_size; a
+    memory plan may choose another divisor of batch_size x grad_accum_steps); returns the mean micro-batch loss
+    (a tensor)."""
+    x_all, y_all = step_batches(split, it, c, rt, objective)
+    size = micro_batch or c.batch_size
+    micro_batches = list(zip(x_all.split(size), y_all.split(size), strict=True))
+    total = torch.zeros((), device=rt.device)
+    for micro, (x, y) in enumerate(micro_batches):
+        with gradient_sync(model, micro == len(micro_batches) - 1):
             with rt.autocast():
-                _, loss = objective.loss(model, to_device(x, rt.device), to_device(y, rt.device))
-            scaler.scale(loss / c.grad_accum_steps).backward()
+                # [1]: the loss alone; holding the logits (B x T x vocab) through the backward pass costs memory
+                loss = objective.loss(model, to_device(x, rt.device), to_device(y, rt.device))[1]
+            scaler.scale(loss / len(micro_batches)).backward()
         total += loss.detach()
     if c.grad_clip > 0:
         scaler.unscale_(optimizer)
@@ -86,7 +104,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler:
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return total / c.grad_accum_steps
+    return total / len(micro_batches)
 
 
 def gradient_sync(model: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager:
