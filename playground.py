@@ -75,7 +75,8 @@ class Run:
     seconds_before: float = 0.0  # wall time of the runs this one resumes
     iteration: int = 0  # optimiser steps done
     best_val_loss: float = math.inf
-    stop_requested: bool = False  # set by Ctrl-C: save at the end of the current step, then stop
+    stop_requested: bool = False  # set by Ctrl-C or SIGTERM: save at the end of the current step, then stop
+    stop_signal: int = signal.SIGINT  # the signal that asked, which sets the exit status (128 + its number)
     budget_checks: int = 0  # --time_budget: how many times max_iters has been (re)planned
     next_budget_check: int = 0  # the step at which it is planned next
     final: dict[str, float] = field(default_factory=dict)  # the latest evaluation
@@ -263,8 +264,8 @@ def train_loop(run: Run) -> None:
         if c.time_budget is not None and step == run.next_budget_check:
             plan_time_budget(run, meter, bar)
             c = run.c
-        # Read the Ctrl-C flag once: a signal arriving later in this step must not stop it unsaved.
-        stopping = run.stop_requested
+        # Read the stop flag once: a signal arriving later in this step must not stop it unsaved.
+        stopping = stop_agreed(run)
         evaluating = step % c.eval_interval == 0 or step == c.max_iters
         saving = step % c.checkpoint_interval == 0 or step == c.max_iters or stopping
         if step % c.log_interval == 0 or evaluating or saving:
@@ -280,10 +281,26 @@ def train_loop(run: Run) -> None:
             meter.exclude(since)
         if stopping:
             bar.close()
-            print(f"stopped at step {step}; checkpoint {c.checkpoint} saved (continue with --resume)",
-                  file=sys.stderr)
-            raise KeyboardInterrupt
+            if run.rt.is_main:
+                print(f"stopped at step {step}; checkpoint {c.checkpoint} saved (continue with --resume)",
+                      file=sys.stderr)
+            if run.stop_signal == signal.SIGINT:
+                raise KeyboardInterrupt  # exit status 130, as for any Ctrl-C
+            raise SystemExit(128 + run.stop_signal)  # 143 for SIGTERM: what schedulers expect
     bar.close()
+
+
+def stop_agreed(run: Run) -> bool:
+    """Whether this step is the last one (a Ctrl-C or SIGTERM arrived). Under torchrun the signal reaches the
+    ranks at different moments, so they agree at each log step (where the loss is synced anyway): all stop if
+    one was asked."""
+    if not run.rt.distributed:
+        return run.stop_requested
+    if run.iteration % run.c.log_interval and run.iteration != run.c.max_iters:
+        return False
+    flag = torch.tensor([int(run.stop_requested)], device=run.rt.device if run.rt.device.type == "cuda" else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 class Throughput:
@@ -592,7 +609,7 @@ def run_job(c: TrainConfig, ckpt: dict[str, Any] | None, init: dict[str, Any] | 
         run = build_run(c, ckpt, rt, started, init)
         if rt.is_main:
             describe(run)
-        with stop_on_ctrl_c(run):
+        with stop_on_signals(run):
             train_loop(run)
         finish(run)
         return run.final
@@ -607,28 +624,39 @@ def check_outputs(c: TrainConfig) -> None:
 
 
 @contextlib.contextmanager
-def stop_on_ctrl_c(run: Run) -> Iterator[None]:
-    """Ctrl-C asks the loop to save a checkpoint at the end of the current step and stop; a second Ctrl-C stops at
-    once. Single process only: under torchrun the ranks could not agree on the step to stop at."""
-    if run.rt.distributed:
-        yield
-        return
+def stop_on_signals(run: Run) -> Iterator[None]:
+    """Ctrl-C (SIGINT) or SIGTERM (timeout, docker, Kubernetes, SLURM) asks the loop to save a checkpoint at the
+    end of the current step and stop. In a single process a second signal stops at once; under torchrun it is
+    ignored, since torchrun forwards each signal it gets itself (and kills the ranks 30 s after the first)."""
 
     def handle(signum: int, frame: Any) -> None:
         if run.stop_requested:
-            raise KeyboardInterrupt
-        run.stop_requested = True
-        print("\ninterrupt: saving a checkpoint at the end of this step (Ctrl-C again to stop at once)",
-              file=sys.stderr)
+            if run.rt.distributed:
+                return
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + signum)
+        run.stop_requested, run.stop_signal = True, signum
+        if run.rt.is_main:
+            again = "" if run.rt.distributed else " (again to stop at once)"
+            print(f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step{again}",
+                  file=sys.stderr)
 
-    previous = signal.signal(signal.SIGINT, handle)
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def exit_on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM before or after the training loop: unwind like Ctrl-C (the run lock is released), exit 143."""
+    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> None:
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     started = time.perf_counter() - seconds_since_start()
     c, set_by_flags = parse_config(argv)
     train(c, set_by_flags, started)

@@ -113,7 +113,10 @@ def test_resume_after_a_kill_logs_each_step_once(tmp_path, corpus, tokenizer):
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
-def test_ctrl_c_saves_the_step_it_stopped_at_and_resume_continues(tmp_path, corpus, tokenizer):
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_and_sigterm_save_the_step_they_stopped_at(tmp_path, corpus, tokenizer, sig, status):
+    """SIGTERM (timeout, docker, Kubernetes, SLURM) is a Ctrl-C: save at the end of the step, free the lock,
+    exit 128 + 15."""
     cmd = [sys.executable, str(REPO / "playground.py"),
            *args(tmp_path, corpus, tokenizer, "--max_iters", "100000", "--checkpoint_interval", "100000",
                  "--eval_interval", "100000")]
@@ -123,9 +126,10 @@ def test_ctrl_c_saves_the_step_it_stopped_at_and_resume_continues(tmp_path, corp
     deadline = time.time() + 120
     while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    assert proc.returncode == status, err
+    assert not (tmp_path / "ckpt.tar.lock").exists()
     saved = load_checkpoint(tmp_path / "ckpt.tar")
     assert 3 <= saved["iteration"] < 100000
     assert f"stopped at step {saved['iteration']}" in err and "Traceback" not in err
