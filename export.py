@@ -27,6 +27,7 @@ from gptlab.checkpoint import load_checkpoint, model_from_checkpoint
 from gptlab.cli import check_fields, parse_dataclass, setting
 from gptlab.convert import RMS_EPS, architecture_for, hf_config, to_hf_state_dict
 from gptlab.errors import UsageError, run_cli
+from gptlab.metrics import read_metrics
 from gptlab.tokenizer import BERT_TOKENS, CLS, EOT, MASK, PAD, SEP, UNK, Tokenizer
 
 FORMATS = ("hf", "gguf")
@@ -200,7 +201,7 @@ def final_evaluation(ckpt: dict[str, Any], checkpoint: Path) -> dict[str, Any] |
                   Path(config.get("out_dir", ".")) / f"{stem}.metrics.jsonl"]
     for path in candidates:
         if path.is_file():
-            lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            lines = read_metrics(path)
             evaluations = [m for m in lines if "val_loss" in m and m.get("step", 0) <= ckpt.get("iteration", 0)]
             if evaluations:
                 return evaluations[-1]

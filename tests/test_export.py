@@ -345,3 +345,11 @@ def test_playground_starts_from_a_transformers_folder_and_refuses_contradicting_
     _, folder_weights, _ = load_hf_folder(tmp_path / "gpt2")
     assert saved["iteration"] == 3
     assert all(torch.equal(saved["model"][name], folder_weights[name]) for name in folder_weights)
+
+
+def test_the_model_card_reads_a_metrics_file_whose_last_line_a_kill_tore(tmp_path):
+    """The one metrics reader (gptlab.metrics): a torn last line, a blank line or a stray value is skipped."""
+    ckpt = tmp_path / "model_checkpoint.tar"
+    ckpt.with_name("model_checkpoint.metrics.jsonl").write_text(
+        '{"step": 5, "train_loss": 5.0, "val_loss": 5.125, "val_bpb": 2.5}\n\n42\n{"step": 6, "val_lo')
+    assert export.final_evaluation({"iteration": 6}, ckpt)["val_loss"] == 5.125
