@@ -28,7 +28,6 @@ output goes to the run folder's run.log. A rerun skips finished runs and resumes
 """
 
 import argparse
-import csv
 import itertools
 import json
 import math
@@ -49,10 +48,21 @@ from config import build_parser, parse_config
 from gptlab import stats
 from gptlab.checkpoint import load_checkpoint, model_from_checkpoint
 from gptlab.errors import CliParser, UsageError, run_cli
+from gptlab.metrics import read_metrics
+from gptlab.report import (
+    BUDGETS,
+    Plan,
+    RunResult,
+    Variant,
+    plot_curves,
+    report_markdown,
+    show,
+    summarise,
+    write_csv,
+)
 
 PLAYGROUND = Path(__file__).resolve().parent / "playground.py"
 SPEC_KEYS = ("name", "out_dir", "base", "variants", "grid", "baseline", "seeds", "budget")
-BUDGETS = {"max_iters": "equal steps", "tokens": "equal tokens", "time_budget": "equal wall time (seconds)"}
 BASE_SEED = 1337
 # Settings the runner decides for every run (per run, or from the budget), never the spec.
 RUNNER_SETTINGS = ("seed", "out_dir", "checkpoint", "resume", "max_iters", "time_budget")
@@ -62,24 +72,6 @@ PLAN_NAME = "experiment.json"  # the resolved spec, saved so that --report DIR n
 
 
 # ----------------------------------------------------------------------------- the plan
-
-@dataclass(frozen=True)
-class Variant:
-    name: str
-    overrides: dict[str, Any]  # what it changes relative to the base (shown in the report)
-    settings: dict[str, Any]  # base updated with the overrides: playground options, plus corpus
-    max_iters: int | None  # from the budget; None under a time budget, where playground stops on time
-
-
-@dataclass(frozen=True)
-class Plan:
-    name: str
-    folder: str  # <out_dir>/<name>
-    baseline: str
-    seeds: list[int]
-    budget: dict[str, float]  # exactly one of BUDGETS -> its amount
-    variants: list[Variant]
-
 
 def playground_options() -> dict[str, bool]:
     """Every option playground.py accepts, read from its own parser (so a new flag works here at once),
@@ -145,7 +137,7 @@ def variant_overrides(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
     if not grid or not all(isinstance(v, list) and v for v in grid.values()):
         raise UsageError("grid: must map each setting to a non-empty list of values, e.g. lr: [1.0e-3, 2.0e-3]")
     combos = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
-    return {",".join(f"{k}={_show(v)}".replace("/", "_") for k, v in combo.items()): combo for combo in combos}
+    return {",".join(f"{k}={show(v)}".replace("/", "_") for k, v in combo.items()): combo for combo in combos}
 
 
 def parse_seeds(value: Any) -> list[int]:
@@ -182,7 +174,7 @@ def make_variant(name: str, overrides: dict[str, Any], base: dict[str, Any], bud
     _check_files(settings)
     argv = playground_args(settings, options)
     if "time_budget" in budget:
-        argv += ["--time_budget", _show(budget["time_budget"])]
+        argv += ["--time_budget", show(budget["time_budget"])]
     try:
         c, _ = parse_config(argv)
     except UsageError as e:
@@ -210,7 +202,7 @@ def playground_args(settings: dict[str, Any], options: dict[str, bool]) -> list[
         elif isinstance(value, bool) or not isinstance(value, int | float | str):
             raise UsageError(f"{key} needs a single number or word, got {value!r}")
         else:
-            args += [f"--{key}", _show(value)]
+            args += [f"--{key}", show(value)]
     return args
 
 
@@ -249,13 +241,6 @@ def _folder_name(value: Any, what: str) -> str:
     if not isinstance(value, str) or not value or "/" in value or value.startswith("."):
         raise UsageError(f"{what} must be a non-empty name without '/' (it names a folder), got {value!r}")
     return value
-
-
-def _show(value: Any) -> str:
-    """A setting's value as typed on a command line or in a variant name."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return repr(value) if isinstance(value, float) else str(value)
 
 
 def save_plan(plan: Plan, folder: Path) -> None:
@@ -313,7 +298,7 @@ def run_command(run: Run, plan: Plan, options: dict[str, bool], resume: bool) ->
     if run.variant.max_iters is not None:
         args += ["--max_iters", str(run.variant.max_iters)]
     if "time_budget" in plan.budget:
-        args += ["--time_budget", _show(plan.budget["time_budget"])]
+        args += ["--time_budget", show(plan.budget["time_budget"])]
     if resume:  # playground refuses to overwrite a checkpoint: an existing one is always continued
         args.append("--resume")
     return [sys.executable, str(PLAYGROUND), *args]
@@ -381,37 +366,6 @@ def train_runs(todo: list[tuple[Run, str]], total: int, plan: Plan, options: dic
 
 # ----------------------------------------------------------------------------- results
 
-@dataclass(frozen=True)
-class RunResult:
-    variant: str
-    seed: int
-    steps: int
-    val_bpb: float
-    val_loss: float
-    tokens_per_s: float
-    wall_s: float
-    parameters: int
-    curve: list[tuple[int, float | None, float]]  # evaluations: (step, seconds since the start or None, val_bpb)
-
-
-CSV_COLUMNS = ("variant", "seed", "steps", "val_bpb", "val_loss", "tokens_per_s", "wall_s", "parameters")
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The metrics lines in step order, keeping the last one written for each step and kind: a resumed run
-    writes again the steps after its last checkpoint. A line torn by a kill is skipped."""
-    if not path.exists():
-        return []
-    rows: dict[tuple[int, bool], dict[str, Any]] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        rows[(row["step"], "val_loss" in row)] = row
-    return [rows[key] for key in sorted(rows)]
-
-
 def final_eval(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     evals = [r for r in rows if "val_loss" in r]
     return evals[-1] if evals else None
@@ -428,129 +382,6 @@ def read_result(run: Run) -> RunResult:
     curve = [(r["step"], r.get("time_s"), r.get("val_bpb", math.nan)) for r in rows if "val_loss" in r]
     return RunResult(run.variant.name, run.seed, final["step"], final.get("val_bpb", math.nan), final["val_loss"],
                      stats.mean(speeds) if speeds else math.nan, wall_s, model.num_parameters(), curve)
-
-
-def summarise(plan: Plan, results: list[RunResult]) -> list[dict[str, Any]]:
-    """Per variant: the spread over its seeds, and its difference to the baseline paired by seed."""
-    baseline = {r.seed: r.val_bpb for r in results if r.variant == plan.baseline}
-    rows = []
-    for v in plan.variants:
-        mine = [r for r in results if r.variant == v.name]
-        row: dict[str, Any] = {"variant": v.name, "n": len(mine)}
-        if mine:
-            bpb = [r.val_bpb for r in mine]
-            row |= {"bpb_mean": stats.mean(bpb), "bpb_ci": stats.confidence_interval(bpb), "bpb_min": min(bpb),
-                    "bpb_max": max(bpb), "loss_mean": stats.mean([r.val_loss for r in mine]),
-                    "tokens_per_s": stats.mean([r.tokens_per_s for r in mine]),
-                    "wall_s": stats.mean([r.wall_s for r in mine]), "parameters": mine[0].parameters}
-        pairs = [(r.val_bpb, baseline[r.seed]) for r in mine if r.seed in baseline]
-        if v.name != plan.baseline and pairs:
-            diff, low, high, p = stats.paired_t_test([a for a, _ in pairs], [b for _, b in pairs])
-            row |= {"diff": diff, "diff_ci": (low, high), "p": p, "pairs": len(pairs)}
-        rows.append(row)
-    return rows
-
-
-def _number(x: float | None, digits: int = 4) -> str:
-    return "n/a" if x is None or math.isnan(x) else f"{x:.{digits}f}"
-
-
-def _interval(ci: tuple[float, float] | None) -> str:
-    return "n/a" if ci is None or math.isnan(ci[0]) else f"[{ci[0]:.4f}, {ci[1]:.4f}]"
-
-
-def report_markdown(plan: Plan, rows: list[dict[str, Any]], missing: list[str], has_png: bool) -> str:
-    (kind, amount), = plan.budget.items()
-    lines = [f"# Experiment {plan.name}", "",
-             f"Budget: {kind} {_show(amount)} ({BUDGETS[kind]}). Seeds: {', '.join(map(str, plan.seeds))}. "
-             f"Baseline: {plan.baseline}.", "",
-             "| variant | n | val bits/byte | 95% CI | min | max | val loss | tokens/s | wall s | parameters "
-             "| Δ bits/byte vs baseline | 95% CI of Δ | p |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if not r["n"]:
-            lines.append(f"| {r['variant']} | 0 | " + " | ".join(["n/a"] * 11) + " |")
-            continue
-        diff = ("baseline", "", "") if r["variant"] == plan.baseline else (
-            (f"{r['diff']:+.4f} (n={r['pairs']})", _interval(r["diff_ci"]), _number(r["p"], 3)) if "diff" in r
-            else ("n/a", "n/a", "n/a"))
-        lines.append(f"| {r['variant']} | {r['n']} | {_number(r['bpb_mean'])} | {_interval(r['bpb_ci'])} | "
-                     f"{_number(r['bpb_min'])} | {_number(r['bpb_max'])} | {_number(r['loss_mean'])} | "
-                     f"{_number(r['tokens_per_s'], 0)} | {_number(r['wall_s'], 1)} | {r['parameters']:,} | "
-                     f"{diff[0]} | {diff[1]} | {diff[2]} |")
-    lines += ["", "Lower bits/byte is better. 95% CI: Student t interval of the mean over seeds (n/a with one "
-              "seed). Δ = variant − baseline, paired by seed (only seeds both finished), with its 95% CI and the "
-              "two-sided paired t-test's p. tokens/s and wall s: means over seeds. Parameters: non-embedding "
-              "count, as playground.py prints it.", "", "## Variants", ""]
-    for v in plan.variants:
-        changes = ", ".join(f"{k}={_show(x) if not isinstance(x, list) else x}" for k, x in v.overrides.items())
-        steps = f"; max_iters {v.max_iters}" if v.max_iters is not None else ""
-        lines.append(f"- **{v.name}**: {changes or 'the base settings'}{steps}")
-    if missing:
-        lines += ["", f"## Not finished ({len(missing)})", "", *[f"- {m}" for m in missing]]
-    if has_png:
-        lines += ["", "## Curves", "", "![val bits/byte vs step and vs wall time](curves.png)"]
-    return "\n".join(lines) + "\n"
-
-
-def write_csv(results: list[RunResult], path: Path) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(CSV_COLUMNS)
-        for r in results:
-            writer.writerow([getattr(r, column) for column in CSV_COLUMNS])
-
-
-def mean_band(curves: list[tuple[list[float], list[float]]]) -> tuple[list[float], list[float], list[float],
-                                                                       list[float]]:
-    """Seeds' curves on common x values (those inside every curve's range, linearly interpolated): the x
-    values, and the mean, minimum and maximum across seeds at each."""
-    import numpy as np
-
-    lo, hi = max(xs[0] for xs, _ in curves), min(xs[-1] for xs, _ in curves)
-    grid = sorted({x for xs, _ in curves for x in xs if lo <= x <= hi})
-    values = np.array([np.interp(grid, xs, ys) for xs, ys in curves])
-    return grid, list(values.mean(0)), list(values.min(0)), list(values.max(0))
-
-
-def plot_curves(plan: Plan, results: list[RunResult], path: Path) -> bool:
-    """Val bits/byte against step and against wall seconds: the mean over seeds and a min-max band per
-    variant. Skipped (False) when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    timed = False
-    for i, v in enumerate(plan.variants):
-        runs = [r.curve for r in results if r.variant == v.name and r.curve]
-        for ax, column in zip(axes, (0, 1), strict=True):
-            curves = [([p[column] for p in c], [p[2] for p in c]) for c in runs if all(p[column] is not None
-                                                                                       for p in c)]
-            if not curves:
-                continue
-            timed |= column == 1
-            x, mid, low, high = mean_band(curves)
-            ax.plot(x, mid, color=f"C{i % 10}", marker="." if len(x) < 30 else None,
-                    label=f"{v.name} (n={len(curves)})")
-            if len(curves) > 1:
-                ax.fill_between(x, low, high, color=f"C{i % 10}", alpha=0.2)
-    axes[0].set_xlabel("step")
-    axes[1].set_xlabel("wall seconds since the run began")
-    if not timed:
-        axes[1].text(0.5, 0.5, "no time_s in the metrics", ha="center", va="center", transform=axes[1].transAxes)
-    for ax in axes:
-        ax.set_ylabel("val bits/byte")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize="small")
-    fig.suptitle(f"{plan.name}: mean over seeds, band from min to max")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
 
 
 def write_report(plan: Plan, folder: Path) -> str:

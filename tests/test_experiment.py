@@ -12,8 +12,10 @@ import pytest
 import yaml
 
 import experiment
+from gptlab import report
 from gptlab.checkpoint import load_checkpoint, save_checkpoint
 from gptlab.errors import UsageError, run_cli
+from gptlab.metrics import read_metrics
 from gptlab.tokenizer import train_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -147,7 +149,7 @@ def test_interrupted_run_is_resumed_and_finished_runs_are_left_alone(sweep, caps
     assert load_checkpoint(folder / "ckpt.tar")["iteration"] == 4
     commands = [line for line in (folder / "run.log").read_text().splitlines() if line.startswith("$ ")]
     assert len(commands) == 2 and commands[-1].endswith("--resume")
-    rows = experiment.read_metrics(metrics)
+    rows = read_metrics(metrics)
     assert [(r["step"], "val_loss" in r) for r in rows] == [(2, False), (2, True), (4, False), (4, True)]
     final = rows[-1]
     with open(out / "results.csv") as f:
@@ -224,8 +226,8 @@ def test_token_budget_gives_each_variant_the_steps_its_batch_needs():
 
 
 def test_time_budget_command_passes_the_budget_and_no_step_count():
-    variant = experiment.Variant("v", {}, {"corpus": "c.txt", "bias": False}, None)
-    plan = experiment.Plan("p", "out/p", "v", [1], {"time_budget": 120}, [variant])
+    variant = report.Variant("v", {}, {"corpus": "c.txt", "bias": False}, None)
+    plan = report.Plan("p", "out/p", "v", [1], {"time_budget": 120}, [variant])
     run = experiment.Run(variant, 1, Path("out/p/v/seed1"))
     command = experiment.run_command(run, plan, {"bias": True}, resume=True)
     assert command[:3] == [sys.executable, str(experiment.PLAYGROUND), "c.txt"]
@@ -242,20 +244,20 @@ def test_ablation_spec_parses():
 def test_mean_band_uses_the_x_range_every_seed_covers():
     # Curve 1: y = x + 1 at x = 0, 1, 2; curve 2: y = 2 at x = 0.5, 1.5, 2.5. Common range [0.5, 2]: at
     # x = 0.5, 1, 1.5, 2 curve 1 is 1.5, 2, 2.5, 3 and curve 2 is 2 throughout.
-    x, mid, low, high = experiment.mean_band([([0, 1, 2], [1, 2, 3]), ([0.5, 1.5, 2.5], [2, 2, 2])])
+    x, mid, low, high = report.mean_band([([0, 1, 2], [1, 2, 3]), ([0.5, 1.5, 2.5], [2, 2, 2])])
     assert x == [0.5, 1, 1.5, 2]
     assert mid == pytest.approx([1.75, 2, 2.25, 2.5])
     assert low == pytest.approx([1.5, 2, 2, 2]) and high == pytest.approx([2, 2, 2.5, 3])
 
 
 def test_one_seed_shows_n_a_for_intervals_and_p():
-    variants = [experiment.Variant(n, {}, {}, 10) for n in ("base", "other")]
-    plan = experiment.Plan("p", "out/p", "base", [1], {"max_iters": 10}, variants)
-    results = [experiment.RunResult(n, 1, 10, bpb, 1.0, 100.0, 5.0, 1000, []) for n, bpb in
+    variants = [report.Variant(n, {}, {}, 10) for n in ("base", "other")]
+    plan = report.Plan("p", "out/p", "base", [1], {"max_iters": 10}, variants)
+    results = [report.RunResult(n, 1, 10, bpb, 1.0, 100.0, 5.0, 1000, []) for n, bpb in
                (("base", 2.0), ("other", 1.9))]
-    rows = experiment.summarise(plan, results)
+    rows = report.summarise(plan, results)
     assert rows[1]["diff"] == pytest.approx(-0.1) and math.isnan(rows[1]["p"])
-    text = experiment.report_markdown(plan, rows, ["other/seed2"], has_png=False)
+    text = report.report_markdown(plan, rows, ["other/seed2"], has_png=False)
     other = next(line for line in text.splitlines() if line.startswith("| other |"))
     cells = [c.strip() for c in other.strip("|").split("|")]
     assert cells[:4] == ["other", "1", "1.9000", "n/a"] and cells[-3:] == ["-0.1000 (n=1)", "n/a", "n/a"]
