@@ -123,16 +123,20 @@ def _make_folder(folder: Path, flag: str, path: str | Path) -> None:
 
 
 def check_output(path: str | Path, flag: str, inputs: Iterable[tuple[str, str | Path | None]] = (),
-                 other_outputs: Iterable[tuple[str, str | Path | None]] = ()) -> None:
+                 other_outputs: Iterable[tuple[str, str | Path | None]] = (), overwrite: bool | None = None) -> None:
     """Fail before any work, not after it, when `path` cannot be written or would overwrite an input.
 
     inputs / other_outputs: (flag, path) pairs; a None path is skipped. A missing parent folder is created.
+    overwrite=False: an existing file is refused too (an earlier run's work), True lets it be replaced; None
+    for outputs that are meant to be rewritten in place.
     """
     p = Path(path)
     if str(path) == "":
         raise UsageError(f"{flag} is empty: give a file name")
     if p.is_dir():
         raise UsageError(f"{flag} {path} is a folder; give a file name inside it")
+    if overwrite is False and (p.exists() or p.is_symlink()):
+        raise UsageError(f"{flag} {path} already exists: choose another file, or replace it with --overwrite")
     for kind, pairs in (("input", inputs), ("output", other_outputs)):
         for other_flag, other in pairs:
             if other is not None and str(other) != "" and _same_file(p, Path(other)):
