@@ -227,6 +227,10 @@ def metrics_path(c: TrainConfig) -> Path:
     return Path(c.out_dir) / f"{Path(c.checkpoint).stem}.metrics.jsonl"
 
 
+def plot_path(c: TrainConfig) -> Path:
+    return Path(c.out_dir) / f"{Path(c.checkpoint).stem}.loss.png"
+
+
 def describe(run: Run) -> None:
     c, rt = run.c, run.rt
     print(f"model: {run.model.num_parameters() / 1e6:.2f}M parameters (non-embedding), vocab "
@@ -512,7 +516,7 @@ def finish(run: Run) -> None:
     if not rt.is_main:
         return
     run.metrics.close()
-    png = Path(c.out_dir) / f"{Path(c.checkpoint).stem}.loss.png"
+    png = plot_path(c)
     if plot_losses(run.metrics_path, png):
         print(f"loss curve: {png}")
     print(f"checkpoint: {c.checkpoint}")
@@ -577,10 +581,15 @@ def init_config(c: TrainConfig, set_by_flags: set[str]) -> tuple[TrainConfig, di
 
 
 def check_fresh_run(c: TrainConfig) -> None:
-    """A fresh run never silently replaces an earlier run's checkpoint."""
+    """A fresh run never silently replaces an earlier run's checkpoint, nor its metrics or loss plot (which
+    outlive a checkpoint that was moved, or never written by a run killed before its first save)."""
     if Path(c.checkpoint).exists() and not c.overwrite:
         raise UsageError(f"{c.checkpoint} already exists: continue it with --resume, choose another --checkpoint, "
                          f"or replace it with --overwrite")
+    for path, what in ((metrics_path(c), "metrics"), (plot_path(c), "loss plot")):
+        if path.exists() and not c.overwrite:
+            raise UsageError(f"{path} already exists (an earlier run's {what}): choose another --checkpoint or "
+                             f"--out_dir, or replace it with --overwrite")
 
 
 def train(c: TrainConfig, set_by_flags: set[str] = frozenset(), started: float | None = None) -> dict[str, float]:

@@ -187,3 +187,14 @@ def test_muon_run_resumes_bit_exactly(tmp_path, corpus, tokenizer):
     train(["--resume", "--checkpoint", str(part / "ckpt.tar"), "--max_iters", "6"])
     a, b = load_checkpoint(full / "ckpt.tar")["model"], load_checkpoint(part / "ckpt.tar")["model"]
     assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+@pytest.mark.parametrize("earlier", ["ckpt.metrics.jsonl", "ckpt.loss.png"])
+def test_a_fresh_run_never_replaces_an_earlier_runs_metrics_or_plot(tmp_path, corpus, tokenizer, earlier):
+    """The checkpoint is gone (moved, or the run was killed before its first save), its metrics or plot stay."""
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / earlier).write_text("an earlier run's")
+    with pytest.raises(UsageError, match=f"{earlier} already exists .*--overwrite"):
+        train(args(tmp_path, corpus, tokenizer, "--max_iters", "2"))
+    assert (tmp_path / "runs" / earlier).read_text() == "an earlier run's"
+    assert not (tmp_path / "ckpt.tar").exists()
