@@ -12,8 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from gpt import GPTConfig
 from gptlab.cli import (
     FRACTION,
@@ -24,6 +22,7 @@ from gptlab.cli import (
     check_fields,
     coerce,
     flag_fields,
+    read_yaml,
     setting,
 )
 from gptlab.errors import CliParser, UsageError
@@ -163,13 +162,7 @@ def fixed_on_resume() -> tuple[str, ...]:
 
 
 def load_yaml(path: str) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read config file {path}: {getattr(e, 'strerror', None) or e}") from None
-    except yaml.YAMLError as e:
-        raise UsageError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    data = read_yaml(path, "config file")
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -41,12 +41,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from tqdm import tqdm
 
 from config import build_parser, parse_config
 from gptlab import stats
 from gptlab.checkpoint import load_checkpoint, model_from_checkpoint
+from gptlab.cli import read_yaml
 from gptlab.errors import CliParser, UsageError, run_cli
 from gptlab.metrics import read_metrics
 from gptlab.report import (
@@ -85,13 +85,7 @@ def playground_options() -> dict[str, bool]:
 
 
 def read_spec(path: str) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            spec = yaml.safe_load(f)
-    except OSError as e:
-        raise UsageError(f"cannot read experiment spec {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise UsageError(f"experiment spec {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    spec = read_yaml(path, "experiment spec")
     if not isinstance(spec, dict):
         raise UsageError(f"experiment spec {path} must hold a mapping (name:, base:, variants:, seeds:, budget:)")
     return spec

@@ -45,6 +45,7 @@ def test_no_corpus_means_the_bundled_one():
     ("lr_schedule: triangle\n", "--lr_schedule must be one of"),
     ("- just\n- a list\n", "must hold a mapping"),
     ("lr: [unclosed\n", "not valid YAML"),
+    ("lr: 0.001\nbatch_size: 8\nlr: 0.002\n", "not valid YAML: duplicate key 'lr' (line 3)"),
 ])
 def test_bad_yaml_is_a_usage_error(tmp_path, text, message):
     with pytest.raises(UsageError, match=None) as e:
