@@ -28,13 +28,13 @@ output goes to the run folder's run.log. A rerun skips finished runs and resumes
 """
 
 import argparse
-import itertools
 import json
 import math
-import os
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
@@ -43,32 +43,38 @@ from typing import Any
 
 from tqdm import tqdm
 
-from config import build_parser, parse_config
+from config import TrainConfig, build_parser, fixed_on_resume, parse_config
 from gptlab import stats
 from gptlab.checkpoint import load_checkpoint, model_from_checkpoint
 from gptlab.cli import read_yaml
 from gptlab.errors import CliParser, UsageError, run_cli
+from gptlab.fileio import atomic_write_text
 from gptlab.metrics import read_metrics
 from gptlab.report import (
-    BUDGETS,
+    PLAN_NAME,
     Plan,
     RunResult,
     Variant,
+    folder_name,
+    mapping,
+    parse_budget,
+    parse_seeds,
+    plan_from_dict,
     plot_curves,
     report_markdown,
     show,
     summarise,
+    variant_overrides,
     write_csv,
 )
+from gptlab.tokenizer import corpus_files
 
 PLAYGROUND = Path(__file__).resolve().parent / "playground.py"
 SPEC_KEYS = ("name", "out_dir", "base", "variants", "grid", "baseline", "seeds", "budget")
-BASE_SEED = 1337
 # Settings the runner decides for every run (per run, or from the budget), never the spec.
 RUNNER_SETTINGS = ("seed", "out_dir", "checkpoint", "resume", "max_iters", "time_budget")
 CHECKPOINT_NAME = "ckpt.tar"
 METRICS_NAME = "ckpt.metrics.jsonl"  # playground writes <out_dir>/<checkpoint stem>.metrics.jsonl
-PLAN_NAME = "experiment.json"  # the resolved spec, saved so that --report DIR needs nothing else
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -96,11 +102,11 @@ def make_plan(spec: dict[str, Any], stem: str, options: dict[str, bool]) -> Plan
     unknown = sorted(set(spec) - set(SPEC_KEYS))
     if unknown:
         raise UsageError(f"unknown experiment spec key(s): {', '.join(unknown)} (known: {', '.join(SPEC_KEYS)})")
-    name = _folder_name(spec.get("name", stem), "name")
+    name = folder_name(spec.get("name", stem), "name")
     out_dir = spec.get("out_dir", "runs/experiments")
     if not isinstance(out_dir, str) or not out_dir:
         raise UsageError(f"out_dir must be a folder path, got {out_dir!r}")
-    base = _mapping(spec.get("base"), "base")
+    base = mapping(spec.get("base"), "base")
     _check_keys(base, "base", options)
     overrides = variant_overrides(spec)
     for variant_name, changes in overrides.items():
@@ -110,55 +116,8 @@ def make_plan(spec: dict[str, Any], stem: str, options: dict[str, bool]) -> Plan
         raise UsageError(f"baseline '{baseline}' is not one of the variants: {', '.join(overrides)}")
     seeds = parse_seeds(spec.get("seeds"))
     budget = parse_budget(spec.get("budget"))
-    if "time_budget" in budget and "time_budget" not in options:
-        raise UsageError("budget time_budget needs playground.py's --time_budget flag, which this playground.py "
-                         "does not have yet")
     variants = [make_variant(v, changes, base, budget, options) for v, changes in overrides.items()]
     return Plan(name, str(Path(out_dir) / name), baseline, seeds, budget, variants)
-
-
-def variant_overrides(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Variant name -> its overrides, from `variants:` as written or from every combination of `grid:`."""
-    if ("variants" in spec) == ("grid" in spec):
-        raise UsageError("give exactly one of variants: (name -> overrides) or grid: (setting -> list of values)")
-    if "variants" in spec:
-        variants = _mapping(spec["variants"], "variants")
-        if not variants:
-            raise UsageError("variants: is empty")
-        return {_folder_name(name, "variant name"): _mapping(changes, f"variant '{name}'")
-                for name, changes in variants.items()}
-    grid = _mapping(spec["grid"], "grid")
-    if not grid or not all(isinstance(v, list) and v for v in grid.values()):
-        raise UsageError("grid: must map each setting to a non-empty list of values, e.g. lr: [1.0e-3, 2.0e-3]")
-    combos = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
-    return {",".join(f"{k}={show(v)}".replace("/", "_") for k, v in combo.items()): combo for combo in combos}
-
-
-def parse_seeds(value: Any) -> list[int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value <= 0:
-            raise UsageError(f"seeds must be a positive number of seeds or a list of seeds, got {value}")
-        return [BASE_SEED + i for i in range(value)]
-    if (isinstance(value, list) and value and all(isinstance(s, int) and not isinstance(s, bool) for s in value)
-            and min(value) >= 0):
-        if len(set(value)) != len(value):
-            raise UsageError(f"seeds lists a seed twice: {value}")
-        return list(value)
-    raise UsageError(f"seeds must be a positive number of seeds (e.g. seeds: 3) or a list of seeds >= 0, "
-                     f"got {value!r}")
-
-
-def parse_budget(value: Any) -> dict[str, float]:
-    choices = "; ".join(f"{{{k}: N}} ({why})" for k, why in BUDGETS.items())
-    if not isinstance(value, dict) or len(value) != 1:
-        raise UsageError(f"budget must be exactly one of {choices}; got {value!r}")
-    (kind, amount), = value.items()
-    if kind not in BUDGETS:
-        raise UsageError(f"unknown budget '{kind}': use one of {choices}")
-    whole = kind != "time_budget"
-    if isinstance(amount, bool) or not isinstance(amount, int if whole else int | float) or amount <= 0:
-        raise UsageError(f"budget {kind} must be a positive {'integer' if whole else 'number'}, got {amount!r}")
-    return {kind: amount}
 
 
 def make_variant(name: str, overrides: dict[str, Any], base: dict[str, Any], budget: dict[str, float],
@@ -171,6 +130,7 @@ def make_variant(name: str, overrides: dict[str, Any], base: dict[str, Any], bud
         argv += ["--time_budget", show(budget["time_budget"])]
     try:
         c, _ = parse_config(argv)
+        check_data(c)
     except UsageError as e:
         raise UsageError(f"variant '{name}': {e}") from None
     if "max_iters" in budget:
@@ -180,6 +140,16 @@ def make_variant(name: str, overrides: dict[str, Any], base: dict[str, Any], bud
     else:
         max_iters = None
     return Variant(name, overrides, settings, max_iters)
+
+
+def check_data(c: TrainConfig) -> None:
+    """What can be known of a run's data without tokenizing it: its files exist and hold text, and its
+    validation text is long enough for one block (a token is at least one byte, so bytes bound tokens)."""
+    files = corpus_files(list(c.corpus))
+    val_bytes = int(sum(path.stat().st_size for path in files) * c.val_fraction)
+    if val_bytes < c.model.block_size + 1:
+        raise UsageError(f"its validation text (~{val_bytes:,} bytes: at most that many tokens) is shorter than "
+                         f"block_size + 1 = {c.model.block_size + 1}: use a longer corpus or a smaller block_size")
 
 
 def playground_args(settings: dict[str, Any], options: dict[str, bool]) -> list[str]:
@@ -214,27 +184,9 @@ def _check_keys(settings: dict[str, Any], where: str, options: dict[str, bool]) 
 
 
 def _check_files(settings: dict[str, Any]) -> None:
-    corpus = settings.get("corpus") or []
-    for path in [corpus] if isinstance(corpus, str) else corpus:
-        if not Path(path).exists():
-            raise UsageError(f"corpus not found: {path}")
     for key in ("config", "tokenizer"):
         if key in settings and not Path(str(settings[key])).is_file():
             raise UsageError(f"{key} file not found: {settings[key]}")
-
-
-def _mapping(value: Any, where: str) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise UsageError(f"{where} must be a mapping of key: value, got {value!r}")
-    return value
-
-
-def _folder_name(value: Any, what: str) -> str:
-    if not isinstance(value, str) or not value or "/" in value or value.startswith("."):
-        raise UsageError(f"{what} must be a non-empty name without '/' (it names a folder), got {value!r}")
-    return value
 
 
 def save_plan(plan: Plan, folder: Path) -> None:
@@ -247,8 +199,11 @@ def load_plan(folder: Path) -> Plan:
     if not path.is_file():
         raise UsageError(f"{folder} holds no {PLAN_NAME} (the runner writes it when it starts): give the spec "
                          f"file too, or check the folder")
-    d = json.loads(path.read_text())
-    return Plan(**{**d, "variants": [Variant(**v) for v in d["variants"]]})
+    try:
+        return plan_from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, UsageError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise UsageError(f"{path} is damaged ({str(e).splitlines()[0]}): run the spec file again to rewrite it "
+                         f"(finished runs are kept)") from None
 
 
 # ----------------------------------------------------------------------------- runs
@@ -298,40 +253,97 @@ def run_command(run: Run, plan: Plan, options: dict[str, bool], resume: bool) ->
     return [sys.executable, str(PLAYGROUND), *args]
 
 
-def run_state(run: Run) -> str:
-    """'new' (nothing saved), 'partial' (a checkpoint to resume), 'finished', or 'stale' (a checkpoint at the
-    last step but no final evaluation in the metrics, which resuming cannot add: train it again)."""
+# Settings that locate a run or change only what it prints, not what it learns: a run trained with other
+# values of these still counts as this variant's (the budget's max_iters and time_budget are checked apart).
+NOT_COMPARED = ("resume", "overwrite", "max_iters", "time_budget", "out_dir", "checkpoint", "device",
+                "sample_tokens", "log_interval", "wandb_project", "wandb_run_name")
+
+
+def run_state(run: Run, plan: Plan, options: dict[str, bool]) -> str:
+    """'new' (nothing saved), 'partial' (a checkpoint to resume), 'finished', or 'unevaluated' (trained to its
+    budget, but its metrics file lost the final evaluation: kept, never retrained, left out of the report).
+    A checkpoint trained with other settings than its variant's now is refused, naming them."""
     if not run.checkpoint.exists():
         return "new"
-    iteration = load_checkpoint(run.checkpoint)["iteration"]
+    ckpt = load_checkpoint(run.checkpoint)
+    check_settings(run, plan, options, ckpt.get("config") or {})
+    iteration = ckpt["iteration"]
     final = final_eval(read_metrics(run.metrics))
     evaluated = final is not None and final["step"] == iteration
     max_iters = run.variant.max_iters
     if max_iters is None:  # time budget: playground decides when to stop; a clean exit says it has
         done = _read_json(run.result).get("returncode") == 0
-        return "finished" if evaluated and done else "partial"
+        return ("finished" if evaluated else "unevaluated") if done else "partial"
     if iteration > max_iters:
         raise UsageError(f"{run.checkpoint} has trained {iteration} steps, past this budget's {max_iters}: "
                          f"delete {run.folder} or change the budget")
     if iteration < max_iters:
         return "partial"
-    return "finished" if evaluated else "stale"
+    return "finished" if evaluated else "unevaluated"
 
 
-def train_run(run: Run, state: str, plan: Plan, options: dict[str, bool]) -> int:
-    """One playground.py subprocess, its output appended to run.log; returns its exit status."""
+def check_settings(run: Run, plan: Plan, options: dict[str, bool], saved: dict[str, Any]) -> None:
+    """The settings a checkpoint was trained with are those its variant has now (an edited spec would report,
+    or resume, old runs under new settings)."""
+    now = parse_config(run_command(run, plan, options, resume=False)[2:])[0].to_dict()
+    saved = TrainConfig.from_dict({**now, **saved}).to_dict()  # older checkpoints lack newer settings
+    ignored = set(NOT_COMPARED) | (set(fixed_on_resume()) if now["init_from"] else set())  # from the folder
+    changed = [k for k in now if k not in ignored and saved[k] != now[k]]
+    if changed:
+        raise UsageError(f"{run.label} was trained with {', '.join(f'{k}={show(saved[k])}' for k in changed)}, "
+                         f"but variant '{run.variant.name}' now has "
+                         f"{', '.join(f'{k}={show(now[k])}' for k in changed)}: delete {run.folder} to train "
+                         f"it again, or give the experiment another name")
+
+
+class Children:
+    """The playground processes running now. Each runs in a session of its own, so a Ctrl-C typed in the
+    terminal reaches the runner alone, which passes it on once (a second one would stop a run unsaved)."""
+
+    def __init__(self) -> None:
+        self.lock, self.running, self.stopped_by = threading.Lock(), set(), 0
+
+    def start(self, command: list[str], log: Any) -> subprocess.Popen | None:
+        with self.lock:  # a signal passed on now reaches every child started before it; none start after
+            if self.stopped_by:
+                return None
+            child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
+            self.running.add(child)
+            return child
+
+    def stop(self, signum: int, frame: Any) -> None:
+        """A signal handler: each run saves at the end of its step and exits; no queued run starts."""
+        if not self.stopped_by:
+            print(f"\n{signal.Signals(signum).name}: stopping the running runs at the end of their step",
+                  file=sys.stderr)
+        self.stopped_by = signum
+        with self.lock:
+            for child in self.running:
+                child.send_signal(signum)
+
+
+def train_run(run: Run, state: str, plan: Plan, options: dict[str, bool], children: Children) -> int | None:
+    """One playground.py subprocess, its output appended to run.log; returns its exit status (None when the
+    runner was stopped before it started)."""
+    if children.stopped_by:
+        return None
     run.folder.mkdir(parents=True, exist_ok=True)
-    if state == "stale":
-        run.checkpoint.unlink()
-        run.metrics.unlink(missing_ok=True)
     resume = state == "partial"
     earlier_wall = _read_json(run.result).get("wall_s", 0.0) if resume else 0.0
     command = run_command(run, plan, options, resume)
+    if state == "new":  # no checkpoint: what a run killed before its first save left is replaced
+        command.append("--overwrite")
     start = time.perf_counter()
     with open(run.log, "a", encoding="utf-8") as log:
         log.write(f"$ {shlex.join(command)}\n")
         log.flush()
-        returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+        child = children.start(command, log)
+        if child is None:
+            return None
+        returncode = child.wait()
+    with children.lock:
+        children.running.discard(child)
     _write_json(run.result, {"returncode": returncode, "wall_s": earlier_wall + time.perf_counter() - start,
                              "command": command})
     return returncode
@@ -339,22 +351,29 @@ def train_run(run: Run, state: str, plan: Plan, options: dict[str, bool]) -> int
 
 def train_runs(todo: list[tuple[Run, str]], total: int, plan: Plan, options: dict[str, bool],
                jobs: int) -> list[Run]:
-    """Train the runs, `jobs` at a time; a failure is reported and the others go on. Returns the failed runs."""
-    failed = []
-    pool = ThreadPoolExecutor(max_workers=jobs)
+    """Train the runs, `jobs` at a time; a failure is reported and the others go on. Returns the failed runs.
+    SIGTERM or Ctrl-C stops the running ones cleanly (saved, resumable) and exits 128 + the signal."""
+    failed, children = [], Children()
+    previous = {sig: signal.signal(sig, children.stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with tqdm(total=total, initial=total - len(todo), desc=f"{plan.name}: runs", unit="run",
-                  dynamic_ncols=True) as bar:
-            futures = {pool.submit(train_run, run, state, plan, options): run for run, state in todo}
+        with ThreadPoolExecutor(max_workers=jobs) as pool, tqdm(
+                total=total, initial=total - len(todo), desc=f"{plan.name}: runs", unit="run",
+                dynamic_ncols=True) as bar:
+            futures = {pool.submit(train_run, run, state, plan, options, children): run for run, state in todo}
             for future in as_completed(futures):
                 run, returncode = futures[future], future.result()
-                bar.update(1)
-                if returncode != 0:
+                bar.update(returncode is not None)
+                if returncode not in (0, None) and not children.stopped_by:
                     failed.append(run)
                     bar.write(f"run {run.label} failed (exit status {returncode}); the end of {run.log}:\n"
                               f"{_tail(run.log)}", file=sys.stderr)
-    finally:  # on Ctrl-C the running subprocesses got it too; start no queued ones
-        pool.shutdown(wait=True, cancel_futures=True)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if children.stopped_by:
+        print(f"stopped: the interrupted runs saved their last step; run {plan.name}'s spec again to resume them",
+              file=sys.stderr)
+        raise SystemExit(128 + children.stopped_by)
     return failed
 
 
@@ -372,27 +391,35 @@ def read_result(run: Run) -> RunResult:
     speeds = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
     times = [r["time_s"] for r in rows if "time_s" in r]
     wall_s = times[-1] if times else _read_json(run.result).get("wall_s", math.nan)
-    model, _ = model_from_checkpoint(load_checkpoint(run.checkpoint))
+    ckpt = load_checkpoint(run.checkpoint)
+    model, _ = model_from_checkpoint(ckpt)
     curve = [(r["step"], r.get("time_s"), r.get("val_bpb", math.nan)) for r in rows if "val_loss" in r]
     return RunResult(run.variant.name, run.seed, final["step"], final.get("val_bpb", math.nan), final["val_loss"],
-                     stats.mean(speeds) if speeds else math.nan, wall_s, model.num_parameters(), curve)
+                     stats.mean(speeds) if speeds else math.nan, wall_s, model.num_parameters(), curve,
+                     ckpt["config"].get("objective", "clm"))
 
 
-def write_report(plan: Plan, folder: Path) -> str:
+def unevaluated_note(run: Run) -> str:
+    return (f"{run.label} (its final evaluation is missing from {run.metrics}, torn or deleted; the checkpoint "
+            f"is kept: delete {run.folder} to train it again)")
+
+
+def write_report(plan: Plan, folder: Path, options: dict[str, bool]) -> str:
     """report.md, results.csv and curves.png in `folder`, from its finished runs; returns the markdown."""
     results, missing = [], []
     for run in plan_runs(plan, folder):
-        if run_state(run) == "finished":
+        state = run_state(run, plan, options)
+        if state == "finished":
             results.append(read_result(run))
         else:
-            missing.append(run.label)
+            missing.append(unevaluated_note(run) if state == "unevaluated" else run.label)
     folder.mkdir(parents=True, exist_ok=True)
     write_csv(results, folder / "results.csv")
     has_png = plot_curves(plan, results, folder / "curves.png")
     if not has_png:
         print("matplotlib is not installed: no curves.png (pip install matplotlib)")
     text = report_markdown(plan, summarise(plan, results), missing, has_png)
-    (folder / "report.md").write_text(text, encoding="utf-8")
+    atomic_write_text(folder / "report.md", text, "report")
     return text
 
 
@@ -401,15 +428,12 @@ def write_report(plan: Plan, folder: Path) -> str:
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):
         return {}
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write beside the target, then rename: a kill never leaves half a file."""
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=1) + "\n", path.name)
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -434,21 +458,25 @@ def main(argv: list[str] | None = None) -> None:
     plan = make_plan(read_spec(args.spec), Path(args.spec).stem, options) if args.spec else None
     if args.report is not None:
         folder = Path(args.report)
-        print(write_report(plan or load_plan(folder), folder), end="")
+        print(write_report(plan or load_plan(folder), folder, options), end="")
         print(f"report: {folder / 'report.md'}")
         return
     folder = Path(plan.folder)
     runs = plan_runs(plan, folder)
-    states = [(run, run_state(run)) for run in runs]  # may refuse (a run past its budget) before any training
-    todo = [(run, state) for run, state in states if state != "finished"]
+    # Before any training: may refuse (a run past its budget, or trained with other settings).
+    states = [(run, run_state(run, plan, options)) for run in runs]
+    todo = [(run, state) for run, state in states if state in ("new", "partial")]
     save_plan(plan, folder)
     print(f"{plan.name}: {len(plan.variants)} variant(s) x {len(plan.seeds)} seed(s); {len(runs) - len(todo)} "
           f"finished, {sum(s == 'partial' for _, s in todo)} to resume, "
-          f"{sum(s != 'partial' for _, s in todo)} to start; logs in {folder}/<variant>/seed<S>/run.log")
+          f"{sum(s == 'new' for _, s in todo)} to start; logs in {folder}/<variant>/seed<S>/run.log")
+    for run, state in states:
+        if state == "unevaluated":
+            print(f"note: {unevaluated_note(run)}")
     if args.jobs > 1 and "time_budget" in plan.budget:
         print("note: under a time budget, runs side by side share the machine and each gets fewer steps")
     failed = train_runs(todo, len(runs), plan, options, args.jobs)
-    print(write_report(plan, folder), end="")
+    print(write_report(plan, folder, options), end="")
     print(f"report: {folder / 'report.md'}")
     if failed:
         print(f"{len(failed)} run(s) failed: {', '.join(r.label for r in failed)} (see their run.log)",

@@ -1,15 +1,20 @@
-"""An experiment's plan and its report: the variants x seeds that were trained, each run's numbers, the
-summary over seeds (mean, 95% interval, paired difference to the baseline), report.md, results.csv and
-curves.png. experiment.py trains the runs and calls write_report's parts; nothing here trains."""
+"""An experiment's plan and its report: the variants x seeds (checked from the spec's parts), each run's
+numbers, the summary over seeds (mean, 95% interval, paired difference to the baseline), report.md,
+results.csv and curves.png. experiment.py checks the spec against playground.py and trains; nothing here trains."""
 
 import csv
+import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from gptlab import stats
+from gptlab.errors import UsageError
 
+BASE_SEED = 1337
+PLAN_NAME = "experiment.json"  # the resolved spec, saved so that --report DIR needs nothing else
+RESERVED_NAMES = (PLAN_NAME, "report.md", "results.csv", "curves.png")  # the runner's files beside variants
 BUDGETS = {"max_iters": "equal steps", "tokens": "equal tokens", "time_budget": "equal wall time (seconds)"}
 
 
@@ -31,12 +36,112 @@ class Plan:
     variants: list[Variant]
 
 
+def plan_from_dict(d: Any) -> Plan:
+    """A plan read back from its JSON file, checked field by field (a hand edit or a torn file may hold
+    anything): ValueError says what is wrong."""
+    if not isinstance(d, dict) or set(d) != {f.name for f in fields(Plan)}:
+        raise ValueError(f"it must hold exactly {', '.join(f.name for f in fields(Plan))}")
+    variant_keys = {f.name for f in fields(Variant)}
+    if not isinstance(d["variants"], list) or not all(isinstance(v, dict) and set(v) == variant_keys
+                                                      for v in d["variants"]) or not d["variants"]:
+        raise ValueError(f"variants must be a list of {{{', '.join(sorted(variant_keys))}}}")
+    plan = Plan(**{**d, "variants": [Variant(**v) for v in d["variants"]]})
+    for v in plan.variants:
+        variant_name(v.name)
+        if not (isinstance(v.overrides, dict) and isinstance(v.settings, dict)
+                and (v.max_iters is None or type(v.max_iters) is int)):
+            raise ValueError(f"variant {v.name!r} is not a variant")
+    if not isinstance(plan.name, str) or not isinstance(plan.folder, str) or \
+            plan.baseline not in [v.name for v in plan.variants]:
+        raise ValueError("its name, folder or baseline is wrong")
+    parse_seeds(plan.seeds)
+    parse_budget(plan.budget)
+    return plan
+
+
 def show(value: Any) -> str:
     """A setting's value as typed on a command line or in a variant name."""
     if isinstance(value, bool):
         return "true" if value else "false"
     return repr(value) if isinstance(value, float) else str(value)
 
+
+# ----------------------------------------------------------------------------- the spec's parts
+
+def variant_overrides(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Variant name -> its overrides, from `variants:` as written or from every combination of `grid:`."""
+    if ("variants" in spec) == ("grid" in spec):
+        raise UsageError("give exactly one of variants: (name -> overrides) or grid: (setting -> list of values)")
+    if "variants" in spec:
+        variants = mapping(spec["variants"], "variants")
+        if not variants:
+            raise UsageError("variants: is empty")
+        return {variant_name(name): mapping(changes, f"variant '{name}'")
+                for name, changes in variants.items()}
+    grid = mapping(spec["grid"], "grid")
+    if not grid or not all(isinstance(v, list) and v for v in grid.values()):
+        raise UsageError("grid: must map each setting to a non-empty list of values, e.g. lr: [1.0e-3, 2.0e-3]")
+    combos = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+    named = {}
+    for combo in combos:
+        name = ",".join(f"{k}={show(v)}".replace("/", "_") for k, v in combo.items())
+        if name in named:  # e.g. lr: [0.001, 1.0e-3]: one value written twice, which one folder cannot hold
+            raise UsageError(f"grid values print alike: {name} twice (give each setting's values once)")
+        named[name] = combo
+    return named
+
+
+def parse_seeds(value: Any) -> list[int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value <= 0:
+            raise UsageError(f"seeds must be a positive number of seeds or a list of seeds, got {value}")
+        return [BASE_SEED + i for i in range(value)]
+    if (isinstance(value, list) and value and all(isinstance(s, int) and not isinstance(s, bool) for s in value)
+            and min(value) >= 0):
+        if len(set(value)) != len(value):
+            raise UsageError(f"seeds lists a seed twice: {value}")
+        return list(value)
+    raise UsageError(f"seeds must be a positive number of seeds (e.g. seeds: 3) or a list of seeds >= 0, "
+                     f"got {value!r}")
+
+
+def parse_budget(value: Any) -> dict[str, float]:
+    choices = "; ".join(f"{{{k}: N}} ({why})" for k, why in BUDGETS.items())
+    if not isinstance(value, dict) or len(value) != 1:
+        raise UsageError(f"budget must be exactly one of {choices}; got {value!r}")
+    (kind, amount), = value.items()
+    if kind not in BUDGETS:
+        raise UsageError(f"unknown budget '{kind}': use one of {choices}")
+    whole = kind != "time_budget"
+    if isinstance(amount, bool) or not isinstance(amount, int if whole else int | float) or amount <= 0:
+        raise UsageError(f"budget {kind} must be a positive {'integer' if whole else 'number'}, got {amount!r}")
+    return {kind: amount}
+
+
+def mapping(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UsageError(f"{where} must be a mapping of key: value, got {value!r}")
+    return value
+
+
+def variant_name(value: Any) -> str:
+    """A variant names a folder beside the runner's own files in the experiment's folder."""
+    if value in RESERVED_NAMES:
+        raise UsageError(f"variant '{value}': '{value}' is a name the runner uses for its own files "
+                         f"({', '.join(RESERVED_NAMES)}): choose another")
+    return folder_name(value, "variant name")
+
+
+def folder_name(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not value or "/" in value or value.startswith("."):
+        raise UsageError(f"{what} must be a non-empty name without '/' (it names a folder), got {value!r}")
+    return value
+
+
+
+# ----------------------------------------------------------------------------- results and report
 
 @dataclass(frozen=True)
 class RunResult:
@@ -49,6 +154,7 @@ class RunResult:
     wall_s: float
     parameters: int
     curve: list[tuple[int, float | None, float]]  # evaluations: (step, seconds since the start or None, val_bpb)
+    objective: str = "clm"  # what the run learned: bits/byte compare only runs of one objective
 
 
 CSV_COLUMNS = ("variant", "seed", "steps", "val_bpb", "val_loss", "tokens_per_s", "wall_s", "parameters")
@@ -67,8 +173,12 @@ def summarise(plan: Plan, results: list[RunResult]) -> list[dict[str, Any]]:
                     "bpb_max": max(bpb), "loss_mean": stats.mean([r.val_loss for r in mine]),
                     "tokens_per_s": stats.mean([r.tokens_per_s for r in mine]),
                     "wall_s": stats.mean([r.wall_s for r in mine]), "parameters": mine[0].parameters}
-        pairs = [(r.val_bpb, baseline[r.seed]) for r in mine if r.seed in baseline]
-        if v.name != plan.baseline and pairs:
+        pairs = [(r.val_bpb, baseline[r.seed]) for r in mine if r.seed in baseline and
+                 math.isfinite(r.val_bpb) and math.isfinite(baseline[r.seed])]
+        theirs = {r.objective for r in results if r.variant == plan.baseline}
+        if v.name != plan.baseline and mine and theirs and mine[0].objective not in theirs:
+            row["diff_note"] = f"not comparable ({mine[0].objective} vs the baseline's {theirs.pop()})"
+        elif v.name != plan.baseline and pairs:
             diff, low, high, p = stats.paired_t_test([a for a, _ in pairs], [b for _, b in pairs])
             row |= {"diff": diff, "diff_ci": (low, high), "p": p, "pairs": len(pairs)}
         rows.append(row)
@@ -97,7 +207,7 @@ def report_markdown(plan: Plan, rows: list[dict[str, Any]], missing: list[str], 
             continue
         diff = ("baseline", "", "") if r["variant"] == plan.baseline else (
             (f"{r['diff']:+.4f} (n={r['pairs']})", _interval(r["diff_ci"]), _number(r["p"], 3)) if "diff" in r
-            else ("n/a", "n/a", "n/a"))
+            else (r.get("diff_note", "n/a"), "n/a", "n/a"))
         lines.append(f"| {r['variant']} | {r['n']} | {_number(r['bpb_mean'])} | {_interval(r['bpb_ci'])} | "
                      f"{_number(r['bpb_min'])} | {_number(r['bpb_max'])} | {_number(r['loss_mean'])} | "
                      f"{_number(r['tokens_per_s'], 0)} | {_number(r['wall_s'], 1)} | {r['parameters']:,} | "
