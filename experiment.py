@@ -37,44 +37,26 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from config import TrainConfig, build_parser, fixed_on_resume, parse_config
-from gptlab import stats
-from gptlab.checkpoint import load_checkpoint, model_from_checkpoint
+from gptlab import report
+from gptlab.checkpoint import load_checkpoint
 from gptlab.cli import read_yaml
 from gptlab.errors import CliParser, UsageError, run_cli
 from gptlab.fileio import atomic_write_text
 from gptlab.metrics import read_metrics
-from gptlab.report import (
-    PLAN_NAME,
-    Plan,
-    RunResult,
-    Variant,
-    folder_name,
-    mapping,
-    parse_budget,
-    parse_seeds,
-    plan_from_dict,
-    plot_curves,
-    report_markdown,
-    show,
-    summarise,
-    variant_overrides,
-    write_csv,
-)
+from gptlab.report import Plan, Run, Variant
 from gptlab.tokenizer import corpus_files
 
 PLAYGROUND = Path(__file__).resolve().parent / "playground.py"
 SPEC_KEYS = ("name", "out_dir", "base", "variants", "grid", "baseline", "seeds", "budget")
 # Settings the runner decides for every run (per run, or from the budget), never the spec.
 RUNNER_SETTINGS = ("seed", "out_dir", "checkpoint", "resume", "max_iters", "time_budget")
-CHECKPOINT_NAME = "ckpt.tar"
-METRICS_NAME = "ckpt.metrics.jsonl"  # playground writes <out_dir>/<checkpoint stem>.metrics.jsonl
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -102,20 +84,20 @@ def make_plan(spec: dict[str, Any], stem: str, options: dict[str, bool]) -> Plan
     unknown = sorted(set(spec) - set(SPEC_KEYS))
     if unknown:
         raise UsageError(f"unknown experiment spec key(s): {', '.join(unknown)} (known: {', '.join(SPEC_KEYS)})")
-    name = folder_name(spec.get("name", stem), "name")
+    name = report.folder_name(spec.get("name", stem), "name")
     out_dir = spec.get("out_dir", "runs/experiments")
     if not isinstance(out_dir, str) or not out_dir:
         raise UsageError(f"out_dir must be a folder path, got {out_dir!r}")
-    base = mapping(spec.get("base"), "base")
+    base = report.mapping(spec.get("base"), "base")
     _check_keys(base, "base", options)
-    overrides = variant_overrides(spec)
+    overrides = report.variant_overrides(spec)
     for variant_name, changes in overrides.items():
         _check_keys(changes, f"variant '{variant_name}'", options)
     baseline = spec.get("baseline", next(iter(overrides)))
     if baseline not in overrides:
         raise UsageError(f"baseline '{baseline}' is not one of the variants: {', '.join(overrides)}")
-    seeds = parse_seeds(spec.get("seeds"))
-    budget = parse_budget(spec.get("budget"))
+    seeds = report.parse_seeds(spec.get("seeds"))
+    budget = report.parse_budget(spec.get("budget"))
     variants = [make_variant(v, changes, base, budget, options) for v, changes in overrides.items()]
     return Plan(name, str(Path(out_dir) / name), baseline, seeds, budget, variants)
 
@@ -127,7 +109,7 @@ def make_variant(name: str, overrides: dict[str, Any], base: dict[str, Any], bud
     _check_files(settings)
     argv = playground_args(settings, options)
     if "time_budget" in budget:
-        argv += ["--time_budget", show(budget["time_budget"])]
+        argv += ["--time_budget", report.show(budget["time_budget"])]
     try:
         c, _ = parse_config(argv)
         check_data(c)
@@ -166,7 +148,7 @@ def playground_args(settings: dict[str, Any], options: dict[str, bool]) -> list[
         elif isinstance(value, bool) or not isinstance(value, int | float | str):
             raise UsageError(f"{key} needs a single number or word, got {value!r}")
         else:
-            args += [f"--{key}", show(value)]
+            args += [f"--{key}", report.show(value)]
     return args
 
 
@@ -191,53 +173,22 @@ def _check_files(settings: dict[str, Any]) -> None:
 
 def save_plan(plan: Plan, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    _write_json(folder / PLAN_NAME, asdict(plan))
+    _write_json(folder / report.PLAN_NAME, asdict(plan))
 
 
 def load_plan(folder: Path) -> Plan:
-    path = folder / PLAN_NAME
+    path = folder / report.PLAN_NAME
     if not path.is_file():
-        raise UsageError(f"{folder} holds no {PLAN_NAME} (the runner writes it when it starts): give the spec "
+        raise UsageError(f"{folder} holds no {report.PLAN_NAME} (the runner writes it when it starts): give the spec "
                          f"file too, or check the folder")
     try:
-        return plan_from_dict(json.loads(path.read_text(encoding="utf-8")))
+        return report.plan_from_dict(json.loads(path.read_text(encoding="utf-8")))
     except (ValueError, UsageError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise UsageError(f"{path} is damaged ({str(e).splitlines()[0]}): run the spec file again to rewrite it "
                          f"(finished runs are kept)") from None
 
 
 # ----------------------------------------------------------------------------- runs
-
-@dataclass(frozen=True)
-class Run:
-    variant: Variant
-    seed: int
-    folder: Path
-
-    @property
-    def label(self) -> str:
-        return f"{self.variant.name}/seed{self.seed}"
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.folder / CHECKPOINT_NAME
-
-    @property
-    def metrics(self) -> Path:
-        return self.folder / METRICS_NAME
-
-    @property
-    def log(self) -> Path:
-        return self.folder / "run.log"
-
-    @property
-    def result(self) -> Path:
-        return self.folder / "result.json"
-
-
-def plan_runs(plan: Plan, folder: Path) -> list[Run]:
-    return [Run(v, seed, folder / v.name / f"seed{seed}") for v in plan.variants for seed in plan.seeds]
-
 
 def run_command(run: Run, plan: Plan, options: dict[str, bool], resume: bool) -> list[str]:
     args = playground_args(run.variant.settings, options)
@@ -247,7 +198,7 @@ def run_command(run: Run, plan: Plan, options: dict[str, bool], resume: bool) ->
     if run.variant.max_iters is not None:
         args += ["--max_iters", str(run.variant.max_iters)]
     if "time_budget" in plan.budget:
-        args += ["--time_budget", show(plan.budget["time_budget"])]
+        args += ["--time_budget", report.show(plan.budget["time_budget"])]
     if resume:  # playground refuses to overwrite a checkpoint: an existing one is always continued
         args.append("--resume")
     return [sys.executable, str(PLAYGROUND), *args]
@@ -268,11 +219,11 @@ def run_state(run: Run, plan: Plan, options: dict[str, bool]) -> str:
     ckpt = load_checkpoint(run.checkpoint)
     check_settings(run, plan, options, ckpt.get("config") or {})
     iteration = ckpt["iteration"]
-    final = final_eval(read_metrics(run.metrics))
+    final = report.final_eval(read_metrics(run.metrics))
     evaluated = final is not None and final["step"] == iteration
     max_iters = run.variant.max_iters
     if max_iters is None:  # time budget: playground decides when to stop; a clean exit says it has
-        done = _read_json(run.result).get("returncode") == 0
+        done = report.read_json(run.result).get("returncode") == 0
         return ("finished" if evaluated else "unevaluated") if done else "partial"
     if iteration > max_iters:
         raise UsageError(f"{run.checkpoint} has trained {iteration} steps, past this budget's {max_iters}: "
@@ -290,9 +241,9 @@ def check_settings(run: Run, plan: Plan, options: dict[str, bool], saved: dict[s
     ignored = set(NOT_COMPARED) | (set(fixed_on_resume()) if now["init_from"] else set())  # from the folder
     changed = [k for k in now if k not in ignored and saved[k] != now[k]]
     if changed:
-        raise UsageError(f"{run.label} was trained with {', '.join(f'{k}={show(saved[k])}' for k in changed)}, "
+        raise UsageError(f"{run.label} was trained with {', '.join(f'{k}={report.show(saved[k])}' for k in changed)}, "
                          f"but variant '{run.variant.name}' now has "
-                         f"{', '.join(f'{k}={show(now[k])}' for k in changed)}: delete {run.folder} to train "
+                         f"{', '.join(f'{k}={report.show(now[k])}' for k in changed)}: delete {run.folder} to train "
                          f"it again, or give the experiment another name")
 
 
@@ -323,14 +274,15 @@ class Children:
                 child.send_signal(signum)
 
 
-def train_run(run: Run, state: str, plan: Plan, options: dict[str, bool], children: Children) -> int | None:
+def train_run(run: Run, state: str, plan: Plan, options: dict[str, bool],
+              children: Children) -> int | None:
     """One playground.py subprocess, its output appended to run.log; returns its exit status (None when the
     runner was stopped before it started)."""
     if children.stopped_by:
         return None
     run.folder.mkdir(parents=True, exist_ok=True)
     resume = state == "partial"
-    earlier_wall = _read_json(run.result).get("wall_s", 0.0) if resume else 0.0
+    earlier_wall = report.read_json(run.result).get("wall_s", 0.0) if resume else 0.0
     command = run_command(run, plan, options, resume)
     if state == "new":  # no checkpoint: what a run killed before its first save left is replaced
         command.append("--overwrite")
@@ -379,58 +331,13 @@ def train_runs(todo: list[tuple[Run, str]], total: int, plan: Plan, options: dic
 
 # ----------------------------------------------------------------------------- results
 
-def final_eval(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    evals = [r for r in rows if "val_loss" in r]
-    return evals[-1] if evals else None
-
-
-def read_result(run: Run) -> RunResult:
-    """A finished run's numbers: its metrics file, its checkpoint (parameters) and the runner's result.json."""
-    rows = read_metrics(run.metrics)
-    final = final_eval(rows)
-    speeds = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
-    times = [r["time_s"] for r in rows if "time_s" in r]
-    wall_s = times[-1] if times else _read_json(run.result).get("wall_s", math.nan)
-    ckpt = load_checkpoint(run.checkpoint)
-    model, _ = model_from_checkpoint(ckpt)
-    curve = [(r["step"], r.get("time_s"), r.get("val_bpb", math.nan)) for r in rows if "val_loss" in r]
-    return RunResult(run.variant.name, run.seed, final["step"], final.get("val_bpb", math.nan), final["val_loss"],
-                     stats.mean(speeds) if speeds else math.nan, wall_s, model.num_parameters(), curve,
-                     ckpt["config"].get("objective", "clm"))
-
-
-def unevaluated_note(run: Run) -> str:
-    return (f"{run.label} (its final evaluation is missing from {run.metrics}, torn or deleted; the checkpoint "
-            f"is kept: delete {run.folder} to train it again)")
-
-
 def write_report(plan: Plan, folder: Path, options: dict[str, bool]) -> str:
     """report.md, results.csv and curves.png in `folder`, from its finished runs; returns the markdown."""
-    results, missing = [], []
-    for run in plan_runs(plan, folder):
-        state = run_state(run, plan, options)
-        if state == "finished":
-            results.append(read_result(run))
-        else:
-            missing.append(unevaluated_note(run) if state == "unevaluated" else run.label)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_csv(results, folder / "results.csv")
-    has_png = plot_curves(plan, results, folder / "curves.png")
-    if not has_png:
-        print("matplotlib is not installed: no curves.png (pip install matplotlib)")
-    text = report_markdown(plan, summarise(plan, results), missing, has_png)
-    atomic_write_text(folder / "report.md", text, "report")
-    return text
+    return report.write_report(plan, folder, [(run, run_state(run, plan, options)) for run in report.plan_runs(
+        plan, folder)])
 
 
 # ----------------------------------------------------------------------------- helpers and CLI
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(data, indent=1) + "\n", path.name)
@@ -462,7 +369,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"report: {folder / 'report.md'}")
         return
     folder = Path(plan.folder)
-    runs = plan_runs(plan, folder)
+    runs = report.plan_runs(plan, folder)
     # Before any training: may refuse (a run past its budget, or trained with other settings).
     states = [(run, run_state(run, plan, options)) for run in runs]
     todo = [(run, state) for run, state in states if state in ("new", "partial")]
@@ -472,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{sum(s == 'new' for _, s in todo)} to start; logs in {folder}/<variant>/seed<S>/run.log")
     for run, state in states:
         if state == "unevaluated":
-            print(f"note: {unevaluated_note(run)}")
+            print(f"note: {report.unevaluated_note(run)}")
     if args.jobs > 1 and "time_budget" in plan.budget:
         print("note: under a time budget, runs side by side share the machine and each gets fewer steps")
     failed = train_runs(todo, len(runs), plan, options, args.jobs)

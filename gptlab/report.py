@@ -4,16 +4,22 @@ results.csv and curves.png. experiment.py checks the spec against playground.py 
 
 import csv
 import itertools
+import json
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from gptlab import stats
+from gptlab.checkpoint import load_checkpoint, model_from_checkpoint
 from gptlab.errors import UsageError
+from gptlab.fileio import atomic_write_text
+from gptlab.metrics import read_metrics
 
 BASE_SEED = 1337
 PLAN_NAME = "experiment.json"  # the resolved spec, saved so that --report DIR needs nothing else
+CHECKPOINT_NAME = "ckpt.tar"
+METRICS_NAME = "ckpt.metrics.jsonl"  # playground writes <out_dir>/<checkpoint stem>.metrics.jsonl
 RESERVED_NAMES = (PLAN_NAME, "report.md", "results.csv", "curves.png")  # the runner's files beside variants
 BUDGETS = {"max_iters": "equal steps", "tokens": "equal tokens", "time_budget": "equal wall time (seconds)"}
 
@@ -160,6 +166,64 @@ class RunResult:
 CSV_COLUMNS = ("variant", "seed", "steps", "val_bpb", "val_loss", "tokens_per_s", "wall_s", "parameters")
 
 
+@dataclass(frozen=True)
+class Run:
+    variant: Variant
+    seed: int
+    folder: Path
+
+    @property
+    def label(self) -> str:
+        return f"{self.variant.name}/seed{self.seed}"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.folder / CHECKPOINT_NAME
+
+    @property
+    def metrics(self) -> Path:
+        return self.folder / METRICS_NAME
+
+    @property
+    def log(self) -> Path:
+        return self.folder / "run.log"
+
+    @property
+    def result(self) -> Path:
+        return self.folder / "result.json"
+
+
+def plan_runs(plan: Plan, folder: Path) -> list[Run]:
+    return [Run(v, seed, folder / v.name / f"seed{seed}") for v in plan.variants for seed in plan.seeds]
+
+
+def final_eval(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    evals = [r for r in rows if "val_loss" in r]
+    return evals[-1] if evals else None
+
+
+def read_result(run: Run) -> RunResult:
+    """A finished run's numbers: its metrics file, its checkpoint (parameters) and the runner's result.json."""
+    rows = read_metrics(run.metrics)
+    final = final_eval(rows)
+    speeds = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
+    times = [r["time_s"] for r in rows if "time_s" in r]
+    wall_s = times[-1] if times else read_json(run.result).get("wall_s", math.nan)
+    ckpt = load_checkpoint(run.checkpoint)
+    model, _ = model_from_checkpoint(ckpt)
+    curve = [(r["step"], r.get("time_s"), r.get("val_bpb", math.nan)) for r in rows if "val_loss" in r]
+    return RunResult(run.variant.name, run.seed, final["step"], final.get("val_bpb", math.nan), final["val_loss"],
+                     stats.mean(speeds) if speeds else math.nan, wall_s, model.num_parameters(), curve,
+                     ckpt["config"].get("objective", "clm"))
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
 def summarise(plan: Plan, results: list[RunResult]) -> list[dict[str, Any]]:
     """Per variant: the spread over its seeds, and its difference to the baseline paired by seed."""
     baseline = {r.seed: r.val_bpb for r in results if r.variant == plan.baseline}
@@ -287,3 +351,25 @@ def plot_curves(plan: Plan, results: list[RunResult], path: Path) -> bool:
     return True
 
 
+def unevaluated_note(run: Run) -> str:
+    return (f"{run.label} (its final evaluation is missing from {run.metrics}, torn or deleted; the checkpoint "
+            f"is kept: delete {run.folder} to train it again)")
+
+
+def write_report(plan: Plan, folder: Path, states: list[tuple[Run, str]]) -> str:
+    """report.md, results.csv and curves.png in `folder`, from its finished runs (states: each run and what
+    the runner found of it: new, partial, finished or unevaluated); returns the markdown."""
+    results, missing = [], []
+    for run, state in states:
+        if state == "finished":
+            results.append(read_result(run))
+        else:
+            missing.append(unevaluated_note(run) if state == "unevaluated" else run.label)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_csv(results, folder / "results.csv")
+    has_png = plot_curves(plan, results, folder / "curves.png")
+    if not has_png:
+        print("matplotlib is not installed: no curves.png (pip install matplotlib)")
+    text = report_markdown(plan, summarise(plan, results), missing, has_png)
+    atomic_write_text(folder / "report.md", text, "report")
+    return text
