@@ -555,10 +555,14 @@ def resume_config(c: TrainConfig, set_by_flags: set[str]) -> tuple[TrainConfig, 
                              f"a checkpoint resumes only with the model and optimizer it was trained with")
     if "tokenizer" in set_by_flags and Tokenizer.from_file(c.tokenizer).to_json() != ckpt["tokenizer"]:
         raise UsageError(f"--tokenizer {c.tokenizer} is not the tokenizer {c.checkpoint} was trained with")
-    overrides = dict(typed)
-    if saved["time_budget"] is None:  # the budget was already turned into the saved max_iters: keep that plan
-        overrides.pop("time_budget", None)
-    merged = TrainConfig.from_dict({**saved, **overrides, "resume": True})
+    if "time_budget" in set_by_flags and saved["time_budget"] is None:
+        raise UsageError(f"--time_budget: {c.checkpoint} has no time budget left to continue (a budgeted run fixes "
+                         f"its max_iters, saved in the checkpoint, once timed): give --max_iters to train on, or "
+                         f"start a fresh run with --time_budget")
+    if "init_from" in set_by_flags:
+        raise UsageError("--init_from starts a fresh run from a folder's weights; --resume continues a checkpoint: "
+                         "give one of them")
+    merged = TrainConfig.from_dict({**saved, **typed, "resume": True})
     if merged.max_iters <= ckpt["iteration"]:
         raise UsageError(f"{c.checkpoint} is already at step {ckpt['iteration']}: give a --max_iters above it to "
                          f"train on")

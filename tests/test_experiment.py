@@ -232,10 +232,13 @@ def test_time_budget_command_passes_the_budget_and_no_step_count():
     variant = report.Variant("v", {}, {"corpus": "c.txt", "bias": False}, None)
     plan = report.Plan("p", "out/p", "v", [1], {"time_budget": 120}, [variant])
     run = experiment.Run(variant, 1, Path("out/p/v/seed1"))
-    command = experiment.run_command(run, plan, {"bias": True}, resume=True)
+    command = experiment.run_command(run, plan, {"bias": True}, resume=False)
     assert command[:3] == [sys.executable, str(experiment.PLAYGROUND), "c.txt"]
     assert command[3:] == ["--no-bias", "--seed", "1", "--out_dir", str(run.folder), "--checkpoint",
-                           str(run.folder / "ckpt.tar"), "--sample_tokens", "0", "--time_budget", "120", "--resume"]
+                           str(run.folder / "ckpt.tar"), "--sample_tokens", "0", "--time_budget", "120"]
+    # Resumed, the checkpoint holds the budget (or the max_iters planned from it): playground refuses a new one.
+    assert experiment.run_command(run, plan, {"bias": True}, resume=True)[-3:] == ["--sample_tokens", "0",
+                                                                                  "--resume"]
 
 
 def test_ablation_spec_parses():

@@ -91,6 +91,11 @@ def test_resume_refuses_what_would_do_nothing_or_change_the_tokenizer(tmp_path, 
         train(["--resume", "--checkpoint", ckpt, "--max_iters", "5", "--tokenizer", str(other)])
     with pytest.raises(UsageError, match="--optimizer muon differs from the checkpoint's adamw"):
         train(["--resume", "--checkpoint", ckpt, "--max_iters", "5", "--optimizer", "muon"])
+    # A flag typed on resume is applied or refused, never dropped (the budget here: minutes, not 6 s).
+    with pytest.raises(UsageError, match="--time_budget: .* has no time budget left to continue"):
+        train(["--resume", "--checkpoint", ckpt, "--max_iters", "100000", "--time_budget", "6"])
+    with pytest.raises(UsageError, match="--init_from starts a fresh run"):
+        train(["--resume", "--checkpoint", ckpt, "--max_iters", "5", "--init_from", str(tmp_path)])
 
 
 def test_a_second_run_on_a_checkpoint_in_use_is_refused(tmp_path, corpus, tokenizer):
