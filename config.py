@@ -20,6 +20,7 @@ from gptlab.cli import (
     POSITIVE,
     add_flags,
     check_fields,
+    check_requirements,
     coerce,
     flag_fields,
     read_yaml,
@@ -41,7 +42,7 @@ class TrainConfig:
     tokenizer: str | None = setting(None, "tokenizer.json to use; if omitted, a byte-level BPE tokenizer is "
                                     "trained on the corpus and saved in out_dir", group="data")
     tokenizer_kind: str = setting("bbpe", "kind of tokenizer to train when --tokenizer is not given",
-                                  choices=("bbpe", "bpe"), group="data")
+                                  choices=("bbpe", "bpe"), group="data", requires=("tokenizer", None))
     vocab_size: int | None = setting(None, "vocabulary size of the trained tokenizer (default 8000); with "
                                      "--tokenizer it must match the tokenizer's size", rule=POSITIVE, group="data")
     val_fraction: float = setting(0.1, "fraction of the corpus (its last bytes) held out for validation",
@@ -52,7 +53,8 @@ class TrainConfig:
     objective: str = setting("clm", "clm: next-token prediction with a causal decoder (GPT); mlm: masked-token "
                              "prediction with a bidirectional encoder (BERT)", choices=("clm", "mlm"), group="model")
     mask_prob: float = setting(0.15, "mlm only: fraction of tokens chosen for prediction (of those, 80% become "
-                               "<mask>, 10% a random token, 10% stay)", rule=OPEN_FRACTION, group="model")
+                               "<mask>, 10% a random token, 10% stay)", rule=OPEN_FRACTION, group="model",
+                               requires=("objective", "mlm"))
     init_from: str | None = setting(None, "start from the weights of a local Hugging Face GPT-2 or Llama folder "
                                     "(save_pretrained), taking its model settings and tokenizer", group="model")
     # optimisation
@@ -71,7 +73,7 @@ class TrainConfig:
     warmup_iters: int = setting(2000, "linear warmup steps (the GPT-1 paper used 2000)", rule=NON_NEGATIVE,
                                 group="optimisation")
     decay_fraction: float = setting(0.2, "wsd only: fraction of the run spent decaying to min_lr", rule=FRACTION,
-                                    group="optimisation")
+                                    group="optimisation", requires=("lr_schedule", "wsd"))
     weight_decay: float = setting(0.01, "decoupled weight decay on matrices and embeddings (never on biases or "
                                   "LayerNorm gains)", rule=NON_NEGATIVE, group="optimisation")
     beta1: float = setting(0.9, "AdamW beta1", rule=FRACTION, group="optimisation")
@@ -80,9 +82,10 @@ class TrainConfig:
                              "the matrices inside the blocks, AdamW for embeddings, head, gains and biases",
                              choices=("adamw", "muon"), group="optimisation")
     muon_lr: float = setting(0.02, "muon only: peak learning rate of the Muon matrices (follows the same "
-                             "schedule as --lr)", rule=NON_NEGATIVE, group="optimisation")
+                             "schedule as --lr)", rule=NON_NEGATIVE, group="optimisation",
+                             requires=("optimizer", "muon"))
     muon_momentum: float = setting(0.95, "muon only: momentum of the Muon matrices", rule=FRACTION,
-                                   group="optimisation")
+                                   group="optimisation", requires=("optimizer", "muon"))
     grad_clip: float = setting(1.0, "clip the global gradient norm to this (0 = off)", rule=NON_NEGATIVE,
                                group="optimisation")
     # evaluation, checkpoints and logging
@@ -152,6 +155,12 @@ class TrainConfig:
     def replace(self, **flat: Any) -> "TrainConfig":
         """A copy with some flat settings changed (model ones included)."""
         return TrainConfig.from_dict({**self.to_dict(), **flat})
+
+
+def check_dependent_flags(c: TrainConfig, given: set[str]) -> None:
+    """Refuse a flag given that does nothing in this configuration (--muon_lr without --optimizer muon): each
+    setting declares what it needs with setting(..., requires=...)."""
+    check_requirements(flag_fields(GPTConfig) + flag_fields(TrainConfig), c.to_dict(), given)
 
 
 def fixed_on_resume() -> tuple[str, ...]:

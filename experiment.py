@@ -43,7 +43,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from config import TrainConfig, build_parser, fixed_on_resume, parse_config
+from config import TrainConfig, build_parser, check_dependent_flags, fixed_on_resume, parse_config
 from gptlab import report
 from gptlab.checkpoint import load_checkpoint
 from gptlab.cli import read_yaml
@@ -111,7 +111,8 @@ def make_variant(name: str, overrides: dict[str, Any], base: dict[str, Any], bud
     if "time_budget" in budget:
         argv += ["--time_budget", report.show(budget["time_budget"])]
     try:
-        c, _ = parse_config(argv)
+        c, given = parse_config(argv)
+        check_dependent_flags(c, given)
         check_data(c)
     except UsageError as e:
         raise UsageError(f"variant '{name}': {e}") from None

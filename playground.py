@@ -32,7 +32,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from config import TrainConfig, fixed_on_resume, parse_config
+from config import TrainConfig, check_dependent_flags, fixed_on_resume, parse_config
 from gpt import GPT, GPTConfig
 from gptlab.checkpoint import load_checkpoint, save_checkpoint
 from gptlab.convert import checkpoint_from_hf_folder
@@ -607,6 +607,7 @@ def train(c: TrainConfig, set_by_flags: set[str] = frozenset(), started: float |
         check_fresh_run(c)
         if c.init_from is not None:
             c, init = init_config(c, set_by_flags)
+    check_dependent_flags(c, set_by_flags)  # with the settings a resume or --init_from brings
     check_outputs(c)
     rt = setup_runtime(c.device, c.dtype, c.fsdp)
     try:

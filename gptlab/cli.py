@@ -45,10 +45,22 @@ SEED = Rule(f"in [0, {MAX_INT}]", lambda v: 0 <= v <= MAX_INT)
 
 
 def setting(default: Any, help: str, *, rule: Rule | None = None, choices: tuple[str, ...] | None = None,
-            group: str = "options", flag: bool = True) -> Any:
-    """A dataclass field that is also a flag. flag=False: a field the program sets, never the user."""
+            group: str = "options", flag: bool = True, requires: tuple[str, Any] | None = None) -> Any:
+    """A dataclass field that is also a flag. flag=False: a field the program sets, never the user.
+    requires=(other, value): the setting does something only where setting `other` is `value`."""
     return dataclasses.field(default=default, metadata={"help": help, "rule": rule, "choices": choices,
-                                                        "group": group, "flag": flag})
+                                                        "group": group, "flag": flag, "requires": requires})
+
+
+def check_requirements(fields: list[dataclasses.Field], values: dict[str, Any], given: set[str]) -> None:
+    """A flag given (typed, or named in a variant) that does nothing with the other values is a mistake."""
+    for f in fields:
+        if f.name not in given or not f.metadata.get("requires"):
+            continue
+        other, value = f.metadata["requires"]
+        if values[other] != value:
+            needed = f"when --{other} is given" if value is None else f"without --{other} {value}"
+            raise UsageError(f"--{f.name} does nothing {needed}: leave it out, or set --{other}")
 
 
 def flag_fields(cls: type) -> list[dataclasses.Field]:
