@@ -587,6 +587,8 @@ def init_config(c: TrainConfig, set_by_flags: set[str]) -> tuple[TrainConfig, di
 def check_fresh_run(c: TrainConfig) -> None:
     """A fresh run never silently replaces an earlier run's checkpoint, nor its metrics or loss plot (which
     outlive a checkpoint that was moved, or never written by a run killed before its first save)."""
+    if Path(c.checkpoint).is_dir():  # --overwrite would not help: say so first
+        raise UsageError(f"--checkpoint {c.checkpoint} is a folder; give a file name inside it")
     if Path(c.checkpoint).exists() and not c.overwrite:
         raise UsageError(f"{c.checkpoint} already exists: continue it with --resume, choose another --checkpoint, "
                          f"or replace it with --overwrite")

@@ -138,7 +138,7 @@ def iter_corpus(files: list[Path]) -> Iterator[str]:
     A file that is not UTF-8, or holds NUL characters (binary data can decode as UTF-8: a token cache
     of small ids does), is an error; so is a corpus with no text but whitespace.
     """
-    empty = True
+    empty, chars = True, 0
     for path in files:
         with open(path, encoding="utf-8", newline="") as f:  # newline="": keep "\r\n" as it is in the file
             while True:
@@ -151,10 +151,12 @@ def iter_corpus(files: list[Path]) -> Iterator[str]:
                     break
                 if "\x00" in piece:
                     raise UsageError(f"{path} holds NUL characters: a binary file, not text")
-                empty = empty and piece.isspace()
+                empty, chars = empty and piece.isspace(), chars + len(piece)
                 yield piece
     if empty:
-        raise UsageError("the corpus is empty")
+        names = ", ".join(map(str, files))
+        raise UsageError(f"the corpus is empty: {names} " + (f"holds only whitespace ({chars:,} characters)" if chars
+                                                             else "holds nothing"))
 
 
 def _new_tokenizer(kind: str) -> HFTokenizer:

@@ -20,7 +20,7 @@ from config import parse_config
 from gptlab.checkpoint import load_checkpoint
 from gptlab.errors import UsageError
 from gptlab.fileio import RunLock
-from gptlab.tokenizer import corpus_files, train_tokenizer
+from gptlab.tokenizer import corpus_files, iter_corpus, train_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--embedding_dim", "32", "--num_of_layers", "1", "--num_of_heads", "2", "--block_size", "16",
@@ -203,3 +203,17 @@ def test_a_fresh_run_never_replaces_an_earlier_runs_metrics_or_plot(tmp_path, co
         train(args(tmp_path, corpus, tokenizer, "--max_iters", "2"))
     assert (tmp_path / "runs" / earlier).read_text() == "an earlier run's"
     assert not (tmp_path / "ckpt.tar").exists()
+
+
+def test_a_folder_as_checkpoint_is_refused_once_and_for_what_it_is(tmp_path, corpus, tokenizer):
+    (tmp_path / "ckpt.tar").mkdir()
+    for extra in ([], ["--overwrite"]):  # the first answer must not suggest what the second refuses
+        with pytest.raises(UsageError, match="ckpt.tar is a folder; give a file name inside it"):
+            train(args(tmp_path, corpus, tokenizer, "--max_iters", "2", *extra))
+
+
+def test_a_text_of_blank_lines_is_named_for_what_it_holds(tmp_path):
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n" * 8)
+    with pytest.raises(UsageError, match=r"blank.txt holds only whitespace \(8 characters\)"):
+        list(iter_corpus([blank]))
