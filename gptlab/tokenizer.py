@@ -127,6 +127,8 @@ def corpus_files(paths: list[str | Path]) -> list[Path]:
             files.extend(found)
         elif p.is_file():
             files.append(p)
+        elif p.exists():  # a FIFO or a device would be read forever, or as nothing
+            raise UsageError(f"corpus {p} is not a regular file: give a text file or a folder of .txt files")
         else:
             raise UsageError(f"corpus not found: {p}")
     return files
