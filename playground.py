@@ -108,7 +108,7 @@ def resolve_tokenizer(c: TrainConfig, files: list[Path], rt: Runtime) -> Tokeniz
         path.parent.mkdir(parents=True, exist_ok=True)
         # With <mask> <pad> <cls> <sep> (4 of the vocab_size ids), so that the same tokenizer serves masked-LM
         # pretraining and fine-tuning (finetune.py) of the model trained here.
-        train_tokenizer(files, c.tokenizer_kind, vocab_size, show_progress=sys.stderr.isatty(),
+        train_tokenizer(files, c.tokenizer_kind, vocab_size, show_progress=True,
                         bert_tokens=True).save(path)
     wait_for(path, "the tokenizer")
     return Tokenizer.from_file(path)

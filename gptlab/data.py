@@ -20,10 +20,10 @@ from typing import BinaryIO
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from gptlab.errors import UsageError
 from gptlab.fileio import atomic_write_text, remove_stale_temps
+from gptlab.progress import byte_progress
 from gptlab.tokenizer import Tokenizer
 
 CACHE_FORMAT = 1  # bump when the layout of the cache files changes
@@ -199,8 +199,7 @@ def _tokenize_into(outs: dict[str, BinaryIO], counts: dict[str, dict[str, int]],
     if total == 0:
         raise UsageError("the corpus is empty")
     buffered, current = 0, "train"
-    # disable=None: no bar when stderr is not a terminal (logs, pipes), where it would only add noise.
-    with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", leave=False, disable=None) as bar:
+    with byte_progress(total, "tokenizing") as bar:  # a bar on a terminal, a line every 30 s in a log
         for split, line in _split_lines(files, val_fraction):
             if split != current or buffered >= CHUNK_BYTES:
                 flush(current, end_of_document=False)

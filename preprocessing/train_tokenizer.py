@@ -7,7 +7,6 @@ CORPUS: .txt files and/or folders of .txt files. See gptlab/tokenizer.py for the
 special-token ids.
 """
 
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     files = corpus_files(list(args.files))
     check_output(args.out, "--out", inputs=[("corpus", f) for f in files])
     start = time.perf_counter()
-    tokenizer = train_tokenizer(files, args.kind, args.vocab_size, show_progress=sys.stderr.isatty(),
+    tokenizer = train_tokenizer(files, args.kind, args.vocab_size, show_progress=True,
                                 bert_tokens=args.bert_tokens)
     seconds = time.perf_counter() - start
     tokenizer.save(args.out)

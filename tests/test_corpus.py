@@ -50,3 +50,18 @@ def test_a_corpus_that_is_not_a_regular_file_says_so(tmp_path, kind):
         os.mkfifo(path)
     with pytest.raises(UsageError, match=f"{path} is not a regular file"):
         corpus_files([path])
+
+
+def test_outside_a_terminal_the_long_phases_print_a_line_every_30_s(tmp_path, tokenizer, monkeypatch, capsys):
+    """In a log file (SLURM, nohup) a tokenizer or token cache of minutes says how far it is: bytes, MB/s, ETA."""
+    from gptlab import progress
+
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)  # every update, so that a tiny corpus shows it
+    corpus = tmp_path / "c.txt"
+    corpus.write_text((REPO / "data" / "shakespeare.txt").read_text(encoding="utf-8")[:20_000])
+    data.build_token_cache([corpus], tokenizer, tmp_path / "cache", 0.1)
+    train_tokenizer([corpus], "bbpe", 300, show_progress=True)
+    err = capsys.readouterr().err  # pytest's stderr is not a terminal
+    for phase in ("tokenizing", "reading corpus"):
+        line = next(line for line in err.splitlines() if line.startswith(f"{phase}: "))
+        assert " of 0 MB (" in line and " MB/s, about " in line and line.endswith(" s left"), line
