@@ -96,7 +96,7 @@ class TrainConfig:
     checkpoint_interval: int = setting(500, "steps between checkpoints (one is always written at the end, and one "
                                        "at the step where Ctrl-C stops a run)", rule=POSITIVE, group="evaluation")
     checkpoint: str = setting("model_checkpoint.tar", "checkpoint file to write (and to read with --resume)",
-                              group="evaluation")
+                              group="evaluation", output=True)
     resume: bool = setting(False, "continue the run saved in --checkpoint", group="evaluation")
     overwrite: bool = setting(False, "let a fresh run replace an existing --checkpoint (and its metrics)",
                               group="evaluation")

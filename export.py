@@ -36,7 +36,8 @@ FORMATS = ("hf", "gguf")
 @dataclass(frozen=True)
 class ExportArgs:
     checkpoint: str = setting("model_checkpoint.tar", "checkpoint to export")
-    out: str | None = setting(None, "folder to write (required); it must not exist or be empty, unless --overwrite")
+    out: str | None = setting(None, "folder to write (required); it must not exist or be empty, unless --overwrite",
+                              output=True)
     format: str = setting("hf", "hf: a Hugging Face transformers folder; gguf: a GGUF file for llama.cpp",
                           choices=FORMATS)
     overwrite: bool = setting(False, "replace the contents of an existing, non-empty --out folder")

@@ -62,9 +62,9 @@ class FinetuneConfig:
                                      "then linear decay to 0", rule=Rule("in [0, 1]", lambda v: 0 <= v <= 1))
     weight_decay: float = setting(0.01, "AdamW weight decay on matrices and embeddings (never biases or LayerNorm "
                                   "gains)", rule=NON_NEGATIVE)
-    out: str = setting("finetuned.tar", "fine-tuned checkpoint to write")
+    out: str = setting("finetuned.tar", "fine-tuned checkpoint to write", output=True)
     predictions: str = setting("predictions.jsonl", "JSONL file of predictions (one line per val or --predict "
-                               "example)")
+                               "example)", output=True)
     overwrite: bool = setting(False, "replace an existing --out or --predictions file (an earlier run's)")
     seed: int = setting(1337, "seeds the head's initialisation, dropout and the shuffling", rule=SEED)
     device: str = setting("auto", "auto, cpu, cuda, cuda:1, mps")

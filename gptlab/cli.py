@@ -45,11 +45,14 @@ SEED = Rule(f"in [0, {MAX_INT}]", lambda v: 0 <= v <= MAX_INT)
 
 
 def setting(default: Any, help: str, *, rule: Rule | None = None, choices: tuple[str, ...] | None = None,
-            group: str = "options", flag: bool = True, requires: tuple[str, Any] | None = None) -> Any:
+            group: str = "options", flag: bool = True, requires: tuple[str, Any] | None = None,
+            output: bool = False) -> Any:
     """A dataclass field that is also a flag. flag=False: a field the program sets, never the user.
-    requires=(other, value): the setting does something only where setting `other` is `value`."""
+    requires=(other, value): the setting does something only where setting `other` is `value`.
+    output=True: it names a file the command writes, which must not replace an earlier one (tests check it)."""
     return dataclasses.field(default=default, metadata={"help": help, "rule": rule, "choices": choices,
-                                                        "group": group, "flag": flag, "requires": requires})
+                                                        "group": group, "flag": flag, "requires": requires,
+                                                        "output": output})
 
 
 def check_requirements(fields: list[dataclasses.Field], values: dict[str, Any], given: set[str]) -> None:

@@ -660,3 +660,40 @@ def test_bench_token_files_fit_large_vocabularies(tmp_path):
     split = bench.random_split(tmp_path, 70_000, 16)
     tokens = torch.from_numpy(np.memmap(split.path, dtype=split.dtype, mode="r").astype("int64"))
     assert split.dtype == "uint32" and int(tokens.max()) >= 65_536 and int(tokens.max()) < 70_000
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+
+def test_every_output_a_cli_declares_is_kept_when_it_exists(inputs, tmp_path):
+    """Generated from the declarations (setting(..., output=True)): for every file a CLI writes, an earlier
+    one in its place is refused before any work (exit 2, one error line) and left as it was."""
+    import export
+    corpus, tok, ck = str(inputs["corpus"]), str(inputs["tok"]), str(inputs["ckpt"])
+    out = tmp_path / "out"
+    out.mkdir()
+    clis = {  # the dataclass that declares a CLI's flags, its main, and a command that would succeed
+        "train_tokenizer": (train_tokenizer_cli.TokenizerArgs, train_tokenizer_cli.main,
+                            [corpus, "bbpe", "--vocab_size", "280"]),
+        "finetune": (finetune.FinetuneConfig, finetune.main,
+                     ["--checkpoint", ck, "--train", str(inputs["train"]), "--val", str(inputs["val"]),
+                      "--epochs", "1", "--device", "cpu"]),
+        "export": (export.ExportArgs, export.main, ["--checkpoint", ck]),
+        "playground": (config.TrainConfig, playground.main,
+                       [corpus, "--tokenizer", tok, "--out_dir", str(out / "runs"), "--max_iters", "1",
+                        "--embedding_dim", "32", "--num_of_layers", "1", "--num_of_heads", "2", "--block_size",
+                        "16", "--device", "cpu"]),
+    }
+    checked = []
+    for name, (cls, main, argv) in clis.items():
+        outputs = [f.name for f in cli.flag_fields(cls) if f.metadata["output"]]
+        for flag in outputs:  # each output in turn already exists; the others are new
+            paths = {other: out / f"{name}-{other}-{flag}" for other in outputs}
+            paths[flag].write_text("an earlier run's")
+            command = argv + [a for other in outputs for a in (f"--{other}", str(paths[other]))]
+            code, stderr = invoke(main, command)
+            lines = stderr.strip().splitlines()
+            assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (name, flag, stderr)
+            assert paths[flag].read_text() == "an earlier run's", (name, flag)
+            checked.append(f"{name} --{flag}")
+    assert {"train_tokenizer --out", "finetune --out", "finetune --predictions", "export --out",
+            "playground --checkpoint"} <= set(checked)
