@@ -24,7 +24,8 @@ The spec (YAML; unknown keys are errors; paths are relative to the current folde
     budget: {max_iters: 1000}       # equal steps; or {tokens: N}: equal tokens; or {time_budget: SECONDS}
 
 Every run is `python playground.py ...` in a subprocess, so it trains exactly what that command would; its
-output goes to the run folder's run.log. A rerun skips finished runs and resumes interrupted ones.
+output goes to the run folder's run.log. A rerun skips finished runs and resumes interrupted ones; it never
+deletes a checkpoint, and refuses one trained with other settings than its variant now has.
 """
 
 import argparse
