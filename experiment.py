@@ -254,7 +254,8 @@ class Children:
     terminal reaches the runner alone, which passes it on once (a second one would stop a run unsaved)."""
 
     def __init__(self) -> None:
-        self.lock, self.running, self.stopped_by = threading.Lock(), set(), 0
+        # Reentrant: a second signal may arrive while the handler of the first holds it.
+        self.lock, self.running, self.stopped_by = threading.RLock(), set(), 0
 
     def start(self, command: list[str], log: Any) -> subprocess.Popen | None:
         with self.lock:  # a signal passed on now reaches every child started before it; none start after
