@@ -135,14 +135,14 @@ def check_output(path: str | Path, flag: str, inputs: Iterable[tuple[str, str | 
         raise UsageError(f"{flag} is empty: give a file name")
     if p.is_dir():
         raise UsageError(f"{flag} {path} is a folder; give a file name inside it")
-    if overwrite is False and (p.exists() or p.is_symlink()):
-        raise UsageError(f"{flag} {path} already exists: choose another file, or replace it with --overwrite")
     for kind, pairs in (("input", inputs), ("output", other_outputs)):
         for other_flag, other in pairs:
             if other is not None and str(other) != "" and _same_file(p, Path(other)):
                 which = "the input" if kind == "input" else "also"
                 raise UsageError(f"{flag} {path} is {which} {other_flag}: choose another file so it is not "
                                  f"overwritten")
+    if overwrite is False and (p.exists() or p.is_symlink()):  # after the inputs: the more precise message
+        raise UsageError(f"{flag} {path} already exists: choose another file, or replace it with --overwrite")
     folder = p.absolute().parent
     _make_folder(folder, flag, path)
     _probe(p, flag, path)
