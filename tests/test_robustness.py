@@ -13,6 +13,7 @@ import dataclasses
 import errno
 import hashlib
 import io
+import json
 import os
 import pickle
 import shutil
@@ -697,3 +698,44 @@ def test_every_output_a_cli_declares_is_kept_when_it_exists(inputs, tmp_path):
             checked.append(f"{name} --{flag}")
     assert {"train_tokenizer --out", "finetune --out", "finetune --predictions", "export --out",
             "playground --checkpoint"} <= set(checked)
+
+
+# ---------------------------------------------------------------------------------------------- loaders
+
+def test_every_loader_of_a_file_the_user_names_answers_damage_in_one_line(inputs, tmp_path, monkeypatch):
+    """Each file a user names (checkpoint, tokenizer, YAML config, experiment spec and state, labelled CSV and
+    JSONL, metrics), truncated, random or of the wrong shape: loaded, or one UsageError line; never a traceback."""
+    from dataclasses import asdict
+
+    import experiment
+    from gptlab.metrics import read_metrics
+
+    monkeypatch.chdir(REPO)  # the experiment spec's paths are relative to the repository
+    options = experiment.playground_options()
+    spec = REPO / "experiments" / "ablation.yaml"
+    state = tmp_path / "experiment.json"
+    state.write_text(json.dumps(asdict(experiment.make_plan(experiment.read_spec(str(spec)), "a", options))))
+    jsonl = tmp_path / "train.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": t, "label": t[:3]}) + "\n" for t in ("cat cat", "saw saw")))
+    loaders = {  # name -> (a good file, what loads it)
+        "checkpoint": (inputs["ckpt"], lambda p: model_from_checkpoint(load_checkpoint(p))),
+        "tokenizer": (inputs["tok"], Tokenizer.from_file),
+        "config": (REPO / "configs" / "cpu_quickstart.yaml", lambda p: config.parse_config(["--config", str(p)])),
+        "experiment spec": (spec, lambda p: experiment.make_plan(experiment.read_spec(str(p)), "a", options)),
+        "experiment state": (state, lambda p: experiment.load_plan(p.parent)),
+        "labelled CSV": (inputs["train"], lambda p: finetune.read_examples(str(p), None)),
+        "labelled JSONL": (jsonl, lambda p: finetune.read_examples(str(p), None)),
+        "metrics": (None, read_metrics),
+    }
+    for name, (good, load) in loaders.items():
+        original = good.read_bytes() if good else b'{"step": 1, "loss": 2.0}\n'
+        suffix = good.name if good else "m.metrics.jsonl"
+        for damage, content in (("truncated", original[: len(original) // 2]), ("random", os.urandom(3000)),
+                                ("wrong shape", b"[1, 2, 3]\n"), ("empty", b"")):
+            folder = tmp_path / name.replace(" ", "_") / damage.replace(" ", "_")
+            folder.mkdir(parents=True)
+            (folder / suffix).write_bytes(content)
+            try:
+                load(folder / suffix)
+            except UsageError as e:
+                assert "\n" not in str(e) and str(e), (name, damage, str(e))
