@@ -61,9 +61,11 @@ def check_requirements(fields: list[dataclasses.Field], values: dict[str, Any], 
         if f.name not in given or not f.metadata.get("requires"):
             continue
         other, value = f.metadata["requires"]
-        if values[other] != value:
-            needed = f"when --{other} is given" if value is None else f"without --{other} {value}"
-            raise UsageError(f"--{f.name} does nothing {needed}: leave it out, or set --{other}")
+        if values[other] == value:
+            continue
+        if value is None:
+            raise UsageError(f"--{f.name} does nothing when --{other} is given: give one of them")
+        raise UsageError(f"--{f.name} does nothing without --{other} {value}: leave it out, or add --{other} {value}")
 
 
 def flag_fields(cls: type) -> list[dataclasses.Field]:
