@@ -4,6 +4,7 @@ target computes exactly is refused with one error line and nothing written. Rand
 
 import json
 import os
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -357,6 +358,15 @@ def test_the_model_card_reads_a_metrics_file_whose_last_line_a_kill_tore(tmp_pat
     assert export.final_evaluation({"iteration": 6}, ckpt)["val_loss"] == 5.125
 
 
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tokenizer, corpus) -> Path:
+    """A tiny GPT-2 exported to a Hugging Face folder, for tests to copy and damage."""
+    folder = tmp_path_factory.mktemp("exported")
+    ckpt = write_checkpoint(folder, random_model(tokenizer.vocab_size), tokenizer, corpus)
+    assert run_export(["--checkpoint", str(ckpt), "--out", str(folder / "hf")]) == 0
+    return folder / "hf"
+
+
 def _damage(folder: Path, case: str) -> None:
     """One way a Hugging Face folder a user names can be broken (truncated, random, wrong shape)."""
     weights = folder / "model.safetensors"
@@ -388,10 +398,9 @@ def _damage(folder: Path, case: str) -> None:
                                   "a list in pytorch_model.bin", "config.json missing a key", "config.json holding []",
                                   "config.json with a word for a number", "index without weight_map",
                                   "random tokenizer.json"])
-def test_a_damaged_hugging_face_folder_is_one_error_line(tmp_path, tokenizer, corpus, case):
-    ckpt = write_checkpoint(tmp_path, random_model(tokenizer.vocab_size), tokenizer, corpus)
+def test_a_damaged_hugging_face_folder_is_one_error_line(tmp_path, exported, case):
     folder = tmp_path / "hf"
-    assert run_export(["--checkpoint", str(ckpt), "--out", str(folder)]) == 0
+    shutil.copytree(exported, folder)
     _damage(folder, case)
     with pytest.raises(UsageError) as e:
         checkpoint_from_hf_folder(folder)
