@@ -52,7 +52,6 @@ from gptlab.errors import CliParser, UsageError, run_cli
 from gptlab.fileio import atomic_write_text
 from gptlab.metrics import read_metrics
 from gptlab.report import Plan, Run, Variant
-from gptlab.tokenizer import corpus_files
 
 PLAYGROUND = Path(__file__).resolve().parent / "playground.py"
 SPEC_KEYS = ("name", "out_dir", "base", "variants", "grid", "baseline", "seeds", "budget")
@@ -114,7 +113,7 @@ def make_variant(name: str, overrides: dict[str, Any], base: dict[str, Any], bud
     try:
         c, given = parse_config(argv)
         check_dependent_flags(c, given)
-        check_data(c)
+        report.check_data(list(c.corpus), c.val_fraction, c.model.block_size, c.tokenizer)
     except UsageError as e:
         raise UsageError(f"variant '{name}': {e}") from None
     if "max_iters" in budget:
@@ -124,16 +123,6 @@ def make_variant(name: str, overrides: dict[str, Any], base: dict[str, Any], bud
     else:
         max_iters = None
     return Variant(name, overrides, settings, max_iters)
-
-
-def check_data(c: TrainConfig) -> None:
-    """What can be known of a run's data without tokenizing it: its files exist and hold text, and its
-    validation text is long enough for one block (a token is at least one byte, so bytes bound tokens)."""
-    files = corpus_files(list(c.corpus))
-    val_bytes = int(sum(path.stat().st_size for path in files) * c.val_fraction)
-    if val_bytes < c.model.block_size + 1:
-        raise UsageError(f"its validation text (~{val_bytes:,} bytes: at most that many tokens) is shorter than "
-                         f"block_size + 1 = {c.model.block_size + 1}: use a longer corpus or a smaller block_size")
 
 
 def playground_args(settings: dict[str, Any], options: dict[str, bool]) -> list[str]:

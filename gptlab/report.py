@@ -15,12 +15,14 @@ from gptlab.checkpoint import load_checkpoint, model_from_checkpoint
 from gptlab.errors import UsageError
 from gptlab.fileio import atomic_write_text
 from gptlab.metrics import read_metrics
+from gptlab.tokenizer import Tokenizer, corpus_files
 
 BASE_SEED = 1337
 PLAN_NAME = "experiment.json"  # the resolved spec, saved so that --report DIR needs nothing else
 CHECKPOINT_NAME = "ckpt.tar"
 METRICS_NAME = "ckpt.metrics.jsonl"  # playground writes <out_dir>/<checkpoint stem>.metrics.jsonl
 RESERVED_NAMES = (PLAN_NAME, "report.md", "results.csv", "curves.png")  # the runner's files beside variants
+COUNTED_BYTES = 1 << 20  # validation text up to this size is tokenized before any run, to count its tokens
 BUDGETS = {"max_iters": "equal steps", "tokens": "equal tokens", "time_budget": "equal wall time (seconds)"}
 
 
@@ -145,6 +147,33 @@ def folder_name(value: Any, what: str) -> str:
         raise UsageError(f"{what} must be a non-empty name without '/' (it names a folder), got {value!r}")
     return value
 
+
+
+def check_data(corpus: list[str], val_fraction: float, block_size: int, tokenizer: str | None) -> None:
+    """What can be known of a run's data before it runs: its files exist and hold text, and its validation
+    text holds block_size + 1 tokens: counted with the run's tokenizer when it names one (and the text is
+    small), else bounded by its bytes (a token is at least one byte)."""
+    files = corpus_files(corpus)
+    val_bytes = int(sum(path.stat().st_size for path in files) * val_fraction)
+    tokens, unit = val_bytes, "bytes: at most that many tokens"
+    if tokenizer is not None and val_bytes < COUNTED_BYTES:
+        tokens, unit = len(Tokenizer.from_file(tokenizer).encode(tail_text(files, val_bytes))), "tokens"
+    if tokens < block_size + 1:
+        raise UsageError(f"its validation text (~{tokens:,} {unit}) is shorter than block_size + 1 = "
+                         f"{block_size + 1}: use a longer corpus or a smaller block_size")
+
+
+def tail_text(files: list[Path], n: int) -> str:
+    """The corpus's last n bytes (its validation text, near enough: the split moves to a line start)."""
+    parts: list[bytes] = []
+    for path in reversed(files):
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - n))
+            parts.append(f.read(n))
+        n -= len(parts[-1])
+        if n <= 0:
+            break
+    return b"".join(reversed(parts)).decode("utf-8", errors="replace")
 
 
 # ----------------------------------------------------------------------------- results and report

@@ -312,6 +312,7 @@ def test_duplicate_keys_in_the_spec_are_refused(tmp_path, data):
     ({"variants": {"a": {}, "report.md": {}}}, "'report.md' is a name the runner uses for its own files"),
     ({"variants": {"a": {}, "b": {"corpus": "EMPTY"}}}, "variant 'b': no .txt files in"),
     ({"variants": {"a": {}, "b": {"block_size": 4096}}}, "variant 'b': its validation text"),
+    ({"variants": {"a": {}, "b": {"block_size": 1800}}}, "tokens) is shorter than block_size + 1 = 1801"),
 ])
 def test_every_variant_is_checked_before_the_first_run(tmp_path, data, capsys, change, message):
     (tmp_path / "empty").mkdir()
