@@ -12,8 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from gpt import GPTConfig
 from gptlab.cli import (
     FRACTION,
@@ -22,8 +20,10 @@ from gptlab.cli import (
     POSITIVE,
     add_flags,
     check_fields,
+    check_requirements,
     coerce,
     flag_fields,
+    read_yaml,
     setting,
 )
 from gptlab.errors import CliParser, UsageError
@@ -43,7 +43,7 @@ class TrainConfig:
     tokenizer: str | None = setting(None, "tokenizer.json to use; if omitted, a byte-level BPE tokenizer is "
                                     "trained on the corpus and saved in out_dir", group="data")
     tokenizer_kind: str = setting("bbpe", "kind of tokenizer to train when --tokenizer is not given",
-                                  choices=("bbpe", "bpe"), group="data")
+                                  choices=("bbpe", "bpe"), group="data", requires=("tokenizer", None))
     vocab_size: int | None = setting(None, "vocabulary size of the trained tokenizer (default 8000); with "
                                      "--tokenizer it must match the tokenizer's size", rule=POSITIVE, group="data")
     val_fraction: float = setting(0.1, "fraction of the corpus (its last bytes) held out for validation",
@@ -54,7 +54,8 @@ class TrainConfig:
     objective: str = setting("clm", "clm: next-token prediction with a causal decoder (GPT); mlm: masked-token "
                              "prediction with a bidirectional encoder (BERT)", choices=("clm", "mlm"), group="model")
     mask_prob: float = setting(0.15, "mlm only: fraction of tokens chosen for prediction (of those, 80% become "
-                               "<mask>, 10% a random token, 10% stay)", rule=OPEN_FRACTION, group="model")
+                               "<mask>, 10% a random token, 10% stay)", rule=OPEN_FRACTION, group="model",
+                               requires=("objective", "mlm"))
     init_from: str | None = setting(None, "start from the weights of a local Hugging Face GPT-2 or Llama folder "
                                     "(save_pretrained), taking its model settings and tokenizer", group="model")
     # optimisation
@@ -73,7 +74,7 @@ class TrainConfig:
     warmup_iters: int = setting(2000, "linear warmup steps (the GPT-1 paper used 2000)", rule=NON_NEGATIVE,
                                 group="optimisation")
     decay_fraction: float = setting(0.2, "wsd only: fraction of the run spent decaying to min_lr", rule=FRACTION,
-                                    group="optimisation")
+                                    group="optimisation", requires=("lr_schedule", "wsd"))
     weight_decay: float = setting(0.01, "decoupled weight decay on matrices and embeddings (never on biases or "
                                   "LayerNorm gains)", rule=NON_NEGATIVE, group="optimisation")
     beta1: float = setting(0.9, "AdamW beta1", rule=FRACTION, group="optimisation")
@@ -82,9 +83,10 @@ class TrainConfig:
                              "the matrices inside the blocks, AdamW for embeddings, head, gains and biases",
                              choices=("adamw", "muon"), group="optimisation")
     muon_lr: float = setting(0.02, "muon only: peak learning rate of the Muon matrices (follows the same "
-                             "schedule as --lr)", rule=NON_NEGATIVE, group="optimisation")
+                             "schedule as --lr)", rule=NON_NEGATIVE, group="optimisation",
+                             requires=("optimizer", "muon"))
     muon_momentum: float = setting(0.95, "muon only: momentum of the Muon matrices", rule=FRACTION,
-                                   group="optimisation")
+                                   group="optimisation", requires=("optimizer", "muon"))
     grad_clip: float = setting(1.0, "clip the global gradient norm to this (0 = off)", rule=NON_NEGATIVE,
                                group="optimisation")
     # evaluation, checkpoints and logging
@@ -95,7 +97,7 @@ class TrainConfig:
     checkpoint_interval: int = setting(500, "steps between checkpoints (one is always written at the end, and one "
                                        "at the step where Ctrl-C stops a run)", rule=POSITIVE, group="evaluation")
     checkpoint: str = setting("model_checkpoint.tar", "checkpoint file to write (and to read with --resume)",
-                              group="evaluation")
+                              group="evaluation", output=True)
     resume: bool = setting(False, "continue the run saved in --checkpoint", group="evaluation")
     overwrite: bool = setting(False, "let a fresh run replace an existing --checkpoint (and its metrics)",
                               group="evaluation")
@@ -163,6 +165,12 @@ class TrainConfig:
         return TrainConfig.from_dict({**self.to_dict(), **flat})
 
 
+def check_dependent_flags(c: TrainConfig, given: set[str]) -> None:
+    """Refuse a flag given that does nothing in this configuration (--muon_lr without --optimizer muon): each
+    setting declares what it needs with setting(..., requires=...)."""
+    check_requirements(flag_fields(GPTConfig) + flag_fields(TrainConfig), c.to_dict(), given)
+
+
 def fixed_on_resume() -> tuple[str, ...]:
     """Settings that fix the model's weights, what it predicts, or the optimizer's state: a run resumes only with
     the same ones."""
@@ -171,13 +179,7 @@ def fixed_on_resume() -> tuple[str, ...]:
 
 
 def load_yaml(path: str) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read config file {path}: {getattr(e, 'strerror', None) or e}") from None
-    except yaml.YAMLError as e:
-        raise UsageError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    data = read_yaml(path, "config file")
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -24,62 +24,42 @@ The spec (YAML; unknown keys are errors; paths are relative to the current folde
     budget: {max_iters: 1000}       # equal steps; or {tokens: N}: equal tokens; or {time_budget: SECONDS}
 
 Every run is `python playground.py ...` in a subprocess, so it trains exactly what that command would; its
-output goes to the run folder's run.log. A rerun skips finished runs and resumes interrupted ones.
+output goes to the run folder's run.log. A rerun skips finished runs and resumes interrupted ones; it never
+deletes a checkpoint, and refuses one trained with other settings than its variant now has.
 """
 
 import argparse
-import csv
-import itertools
 import json
 import math
-import os
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import yaml
 from tqdm import tqdm
 
-from config import build_parser, parse_config
-from gptlab import stats
-from gptlab.checkpoint import load_checkpoint, model_from_checkpoint
+from config import TrainConfig, build_parser, check_dependent_flags, fixed_on_resume, parse_config
+from gptlab import report
+from gptlab.checkpoint import load_checkpoint
+from gptlab.cli import read_yaml
 from gptlab.errors import CliParser, UsageError, run_cli
+from gptlab.fileio import atomic_write_text
+from gptlab.metrics import read_metrics
+from gptlab.report import Plan, Run, Variant
 
 PLAYGROUND = Path(__file__).resolve().parent / "playground.py"
 SPEC_KEYS = ("name", "out_dir", "base", "variants", "grid", "baseline", "seeds", "budget")
-BUDGETS = {"max_iters": "equal steps", "tokens": "equal tokens", "time_budget": "equal wall time (seconds)"}
-BASE_SEED = 1337
 # Settings the runner decides for every run (per run, or from the budget), never the spec.
 RUNNER_SETTINGS = ("seed", "out_dir", "checkpoint", "resume", "max_iters", "time_budget")
-CHECKPOINT_NAME = "ckpt.tar"
-METRICS_NAME = "ckpt.metrics.jsonl"  # playground writes <out_dir>/<checkpoint stem>.metrics.jsonl
-PLAN_NAME = "experiment.json"  # the resolved spec, saved so that --report DIR needs nothing else
 
 
 # ----------------------------------------------------------------------------- the plan
-
-@dataclass(frozen=True)
-class Variant:
-    name: str
-    overrides: dict[str, Any]  # what it changes relative to the base (shown in the report)
-    settings: dict[str, Any]  # base updated with the overrides: playground options, plus corpus
-    max_iters: int | None  # from the budget; None under a time budget, where playground stops on time
-
-
-@dataclass(frozen=True)
-class Plan:
-    name: str
-    folder: str  # <out_dir>/<name>
-    baseline: str
-    seeds: list[int]
-    budget: dict[str, float]  # exactly one of BUDGETS -> its amount
-    variants: list[Variant]
-
 
 def playground_options() -> dict[str, bool]:
     """Every option playground.py accepts, read from its own parser (so a new flag works here at once),
@@ -93,13 +73,7 @@ def playground_options() -> dict[str, bool]:
 
 
 def read_spec(path: str) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            spec = yaml.safe_load(f)
-    except OSError as e:
-        raise UsageError(f"cannot read experiment spec {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise UsageError(f"experiment spec {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    spec = read_yaml(path, "experiment spec")
     if not isinstance(spec, dict):
         raise UsageError(f"experiment spec {path} must hold a mapping (name:, base:, variants:, seeds:, budget:)")
     return spec
@@ -110,69 +84,22 @@ def make_plan(spec: dict[str, Any], stem: str, options: dict[str, bool]) -> Plan
     unknown = sorted(set(spec) - set(SPEC_KEYS))
     if unknown:
         raise UsageError(f"unknown experiment spec key(s): {', '.join(unknown)} (known: {', '.join(SPEC_KEYS)})")
-    name = _folder_name(spec.get("name", stem), "name")
+    name = report.folder_name(spec.get("name", stem), "name")
     out_dir = spec.get("out_dir", "runs/experiments")
     if not isinstance(out_dir, str) or not out_dir:
         raise UsageError(f"out_dir must be a folder path, got {out_dir!r}")
-    base = _mapping(spec.get("base"), "base")
+    base = report.mapping(spec.get("base"), "base")
     _check_keys(base, "base", options)
-    overrides = variant_overrides(spec)
+    overrides = report.variant_overrides(spec)
     for variant_name, changes in overrides.items():
         _check_keys(changes, f"variant '{variant_name}'", options)
     baseline = spec.get("baseline", next(iter(overrides)))
     if baseline not in overrides:
         raise UsageError(f"baseline '{baseline}' is not one of the variants: {', '.join(overrides)}")
-    seeds = parse_seeds(spec.get("seeds"))
-    budget = parse_budget(spec.get("budget"))
-    if "time_budget" in budget and "time_budget" not in options:
-        raise UsageError("budget time_budget needs playground.py's --time_budget flag, which this playground.py "
-                         "does not have yet")
+    seeds = report.parse_seeds(spec.get("seeds"))
+    budget = report.parse_budget(spec.get("budget"))
     variants = [make_variant(v, changes, base, budget, options) for v, changes in overrides.items()]
     return Plan(name, str(Path(out_dir) / name), baseline, seeds, budget, variants)
-
-
-def variant_overrides(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Variant name -> its overrides, from `variants:` as written or from every combination of `grid:`."""
-    if ("variants" in spec) == ("grid" in spec):
-        raise UsageError("give exactly one of variants: (name -> overrides) or grid: (setting -> list of values)")
-    if "variants" in spec:
-        variants = _mapping(spec["variants"], "variants")
-        if not variants:
-            raise UsageError("variants: is empty")
-        return {_folder_name(name, "variant name"): _mapping(changes, f"variant '{name}'")
-                for name, changes in variants.items()}
-    grid = _mapping(spec["grid"], "grid")
-    if not grid or not all(isinstance(v, list) and v for v in grid.values()):
-        raise UsageError("grid: must map each setting to a non-empty list of values, e.g. lr: [1.0e-3, 2.0e-3]")
-    combos = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
-    return {",".join(f"{k}={_show(v)}".replace("/", "_") for k, v in combo.items()): combo for combo in combos}
-
-
-def parse_seeds(value: Any) -> list[int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value <= 0:
-            raise UsageError(f"seeds must be a positive number of seeds or a list of seeds, got {value}")
-        return [BASE_SEED + i for i in range(value)]
-    if (isinstance(value, list) and value and all(isinstance(s, int) and not isinstance(s, bool) for s in value)
-            and min(value) >= 0):
-        if len(set(value)) != len(value):
-            raise UsageError(f"seeds lists a seed twice: {value}")
-        return list(value)
-    raise UsageError(f"seeds must be a positive number of seeds (e.g. seeds: 3) or a list of seeds >= 0, "
-                     f"got {value!r}")
-
-
-def parse_budget(value: Any) -> dict[str, float]:
-    choices = "; ".join(f"{{{k}: N}} ({why})" for k, why in BUDGETS.items())
-    if not isinstance(value, dict) or len(value) != 1:
-        raise UsageError(f"budget must be exactly one of {choices}; got {value!r}")
-    (kind, amount), = value.items()
-    if kind not in BUDGETS:
-        raise UsageError(f"unknown budget '{kind}': use one of {choices}")
-    whole = kind != "time_budget"
-    if isinstance(amount, bool) or not isinstance(amount, int if whole else int | float) or amount <= 0:
-        raise UsageError(f"budget {kind} must be a positive {'integer' if whole else 'number'}, got {amount!r}")
-    return {kind: amount}
 
 
 def make_variant(name: str, overrides: dict[str, Any], base: dict[str, Any], budget: dict[str, float],
@@ -182,9 +109,11 @@ def make_variant(name: str, overrides: dict[str, Any], base: dict[str, Any], bud
     _check_files(settings)
     argv = playground_args(settings, options)
     if "time_budget" in budget:
-        argv += ["--time_budget", _show(budget["time_budget"])]
+        argv += ["--time_budget", report.show(budget["time_budget"])]
     try:
-        c, _ = parse_config(argv)
+        c, given = parse_config(argv)
+        check_dependent_flags(c, given)
+        report.check_data(list(c.corpus), c.val_fraction, c.model.block_size, c.tokenizer)
     except UsageError as e:
         raise UsageError(f"variant '{name}': {e}") from None
     if "max_iters" in budget:
@@ -210,7 +139,7 @@ def playground_args(settings: dict[str, Any], options: dict[str, bool]) -> list[
         elif isinstance(value, bool) or not isinstance(value, int | float | str):
             raise UsageError(f"{key} needs a single number or word, got {value!r}")
         else:
-            args += [f"--{key}", _show(value)]
+            args += [f"--{key}", report.show(value)]
     return args
 
 
@@ -228,82 +157,29 @@ def _check_keys(settings: dict[str, Any], where: str, options: dict[str, bool]) 
 
 
 def _check_files(settings: dict[str, Any]) -> None:
-    corpus = settings.get("corpus") or []
-    for path in [corpus] if isinstance(corpus, str) else corpus:
-        if not Path(path).exists():
-            raise UsageError(f"corpus not found: {path}")
     for key in ("config", "tokenizer"):
         if key in settings and not Path(str(settings[key])).is_file():
             raise UsageError(f"{key} file not found: {settings[key]}")
 
 
-def _mapping(value: Any, where: str) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise UsageError(f"{where} must be a mapping of key: value, got {value!r}")
-    return value
-
-
-def _folder_name(value: Any, what: str) -> str:
-    if not isinstance(value, str) or not value or "/" in value or value.startswith("."):
-        raise UsageError(f"{what} must be a non-empty name without '/' (it names a folder), got {value!r}")
-    return value
-
-
-def _show(value: Any) -> str:
-    """A setting's value as typed on a command line or in a variant name."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return repr(value) if isinstance(value, float) else str(value)
-
-
 def save_plan(plan: Plan, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    _write_json(folder / PLAN_NAME, asdict(plan))
+    _write_json(folder / report.PLAN_NAME, asdict(plan))
 
 
 def load_plan(folder: Path) -> Plan:
-    path = folder / PLAN_NAME
+    path = folder / report.PLAN_NAME
     if not path.is_file():
-        raise UsageError(f"{folder} holds no {PLAN_NAME} (the runner writes it when it starts): give the spec "
+        raise UsageError(f"{folder} holds no {report.PLAN_NAME} (the runner writes it when it starts): give the spec "
                          f"file too, or check the folder")
-    d = json.loads(path.read_text())
-    return Plan(**{**d, "variants": [Variant(**v) for v in d["variants"]]})
+    try:
+        return report.plan_from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, UsageError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise UsageError(f"{path} is damaged ({str(e).splitlines()[0]}): run the spec file again to rewrite it "
+                         f"(finished runs are kept)") from None
 
 
 # ----------------------------------------------------------------------------- runs
-
-@dataclass(frozen=True)
-class Run:
-    variant: Variant
-    seed: int
-    folder: Path
-
-    @property
-    def label(self) -> str:
-        return f"{self.variant.name}/seed{self.seed}"
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.folder / CHECKPOINT_NAME
-
-    @property
-    def metrics(self) -> Path:
-        return self.folder / METRICS_NAME
-
-    @property
-    def log(self) -> Path:
-        return self.folder / "run.log"
-
-    @property
-    def result(self) -> Path:
-        return self.folder / "result.json"
-
-
-def plan_runs(plan: Plan, folder: Path) -> list[Run]:
-    return [Run(v, seed, folder / v.name / f"seed{seed}") for v in plan.variants for seed in plan.seeds]
-
 
 def run_command(run: Run, plan: Plan, options: dict[str, bool], resume: bool) -> list[str]:
     args = playground_args(run.variant.settings, options)
@@ -312,47 +188,106 @@ def run_command(run: Run, plan: Plan, options: dict[str, bool], resume: bool) ->
         args += ["--sample_tokens", "0"]
     if run.variant.max_iters is not None:
         args += ["--max_iters", str(run.variant.max_iters)]
-    if "time_budget" in plan.budget:
-        args += ["--time_budget", _show(plan.budget["time_budget"])]
+    if "time_budget" in plan.budget and not resume:  # a checkpoint holds its budget, or the plan made of it
+        args += ["--time_budget", report.show(plan.budget["time_budget"])]
     if resume:  # playground refuses to overwrite a checkpoint: an existing one is always continued
         args.append("--resume")
     return [sys.executable, str(PLAYGROUND), *args]
 
 
-def run_state(run: Run) -> str:
-    """'new' (nothing saved), 'partial' (a checkpoint to resume), 'finished', or 'stale' (a checkpoint at the
-    last step but no final evaluation in the metrics, which resuming cannot add: train it again)."""
+# Settings that locate a run or change only what it prints, not what it learns: a run trained with other
+# values of these still counts as this variant's (the budget's max_iters and time_budget are checked apart).
+NOT_COMPARED = ("resume", "overwrite", "max_iters", "time_budget", "out_dir", "checkpoint", "device",
+                "sample_tokens", "log_interval", "wandb_project", "wandb_run_name")
+
+
+def run_state(run: Run, plan: Plan, options: dict[str, bool]) -> str:
+    """'new' (nothing saved), 'partial' (a checkpoint to resume), 'finished', or 'unevaluated' (trained to its
+    budget, but its metrics file lost the final evaluation: kept, never retrained, left out of the report).
+    A checkpoint trained with other settings than its variant's now is refused, naming them."""
     if not run.checkpoint.exists():
         return "new"
-    iteration = load_checkpoint(run.checkpoint)["iteration"]
-    final = final_eval(read_metrics(run.metrics))
+    ckpt = load_checkpoint(run.checkpoint)
+    check_settings(run, plan, options, ckpt.get("config") or {})
+    iteration = ckpt["iteration"]
+    final = report.final_eval(read_metrics(run.metrics))
     evaluated = final is not None and final["step"] == iteration
     max_iters = run.variant.max_iters
     if max_iters is None:  # time budget: playground decides when to stop; a clean exit says it has
-        done = _read_json(run.result).get("returncode") == 0
-        return "finished" if evaluated and done else "partial"
+        done = report.read_json(run.result).get("returncode") == 0
+        return ("finished" if evaluated else "unevaluated") if done else "partial"
     if iteration > max_iters:
         raise UsageError(f"{run.checkpoint} has trained {iteration} steps, past this budget's {max_iters}: "
                          f"delete {run.folder} or change the budget")
     if iteration < max_iters:
         return "partial"
-    return "finished" if evaluated else "stale"
+    return "finished" if evaluated else "unevaluated"
 
 
-def train_run(run: Run, state: str, plan: Plan, options: dict[str, bool]) -> int:
-    """One playground.py subprocess, its output appended to run.log; returns its exit status."""
+def check_settings(run: Run, plan: Plan, options: dict[str, bool], saved: dict[str, Any]) -> None:
+    """The settings a checkpoint was trained with are those its variant has now (an edited spec would report,
+    or resume, old runs under new settings)."""
+    now = parse_config(run_command(run, plan, options, resume=False)[2:])[0].to_dict()
+    saved = TrainConfig.from_dict({**now, **saved}).to_dict()  # older checkpoints lack newer settings
+    ignored = set(NOT_COMPARED) | (set(fixed_on_resume()) if now["init_from"] else set())  # from the folder
+    changed = [k for k in now if k not in ignored and saved[k] != now[k]]
+    if changed:
+        raise UsageError(f"{run.label} was trained with {', '.join(f'{k}={report.show(saved[k])}' for k in changed)}, "
+                         f"but variant '{run.variant.name}' now has "
+                         f"{', '.join(f'{k}={report.show(now[k])}' for k in changed)}: delete {run.folder} to train "
+                         f"it again, or give the experiment another name")
+
+
+class Children:
+    """The playground processes running now. Each runs in a session of its own, so a Ctrl-C typed in the
+    terminal reaches the runner alone, which passes it on once (a second one would stop a run unsaved)."""
+
+    def __init__(self) -> None:
+        # Reentrant: a second signal may arrive while the handler of the first holds it.
+        self.lock, self.running, self.stopped_by = threading.RLock(), set(), 0
+
+    def start(self, command: list[str], log: Any) -> subprocess.Popen | None:
+        with self.lock:  # a signal passed on now reaches every child started before it; none start after
+            if self.stopped_by:
+                return None
+            child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
+            self.running.add(child)
+            return child
+
+    def stop(self, signum: int, frame: Any) -> None:
+        """A signal handler: each run saves at the end of its step and exits; no queued run starts."""
+        if not self.stopped_by:
+            print(f"\n{signal.Signals(signum).name}: stopping the running runs at the end of their step",
+                  file=sys.stderr)
+        self.stopped_by = signum
+        with self.lock:
+            for child in self.running:
+                child.send_signal(signum)
+
+
+def train_run(run: Run, state: str, plan: Plan, options: dict[str, bool],
+              children: Children) -> int | None:
+    """One playground.py subprocess, its output appended to run.log; returns its exit status (None when the
+    runner was stopped before it started)."""
+    if children.stopped_by:
+        return None
     run.folder.mkdir(parents=True, exist_ok=True)
-    if state == "stale":
-        run.checkpoint.unlink()
-        run.metrics.unlink(missing_ok=True)
     resume = state == "partial"
-    earlier_wall = _read_json(run.result).get("wall_s", 0.0) if resume else 0.0
+    earlier_wall = report.read_json(run.result).get("wall_s", 0.0) if resume else 0.0
     command = run_command(run, plan, options, resume)
+    if state == "new":  # no checkpoint: what a run killed before its first save left is replaced
+        command.append("--overwrite")
     start = time.perf_counter()
     with open(run.log, "a", encoding="utf-8") as log:
         log.write(f"$ {shlex.join(command)}\n")
         log.flush()
-        returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+        child = children.start(command, log)
+        if child is None:
+            return None
+        returncode = child.wait()
+    with children.lock:
+        children.running.discard(child)
     _write_json(run.result, {"returncode": returncode, "wall_s": earlier_wall + time.perf_counter() - start,
                              "command": command})
     return returncode
@@ -360,231 +295,44 @@ def train_run(run: Run, state: str, plan: Plan, options: dict[str, bool]) -> int
 
 def train_runs(todo: list[tuple[Run, str]], total: int, plan: Plan, options: dict[str, bool],
                jobs: int) -> list[Run]:
-    """Train the runs, `jobs` at a time; a failure is reported and the others go on. Returns the failed runs."""
-    failed = []
-    pool = ThreadPoolExecutor(max_workers=jobs)
+    """Train the runs, `jobs` at a time; a failure is reported and the others go on. Returns the failed runs.
+    SIGTERM or Ctrl-C stops the running ones cleanly (saved, resumable) and exits 128 + the signal."""
+    failed, children = [], Children()
+    previous = {sig: signal.signal(sig, children.stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with tqdm(total=total, initial=total - len(todo), desc=f"{plan.name}: runs", unit="run",
-                  dynamic_ncols=True) as bar:
-            futures = {pool.submit(train_run, run, state, plan, options): run for run, state in todo}
+        with ThreadPoolExecutor(max_workers=jobs) as pool, tqdm(
+                total=total, initial=total - len(todo), desc=f"{plan.name}: runs", unit="run",
+                dynamic_ncols=True) as bar:
+            futures = {pool.submit(train_run, run, state, plan, options, children): run for run, state in todo}
             for future in as_completed(futures):
                 run, returncode = futures[future], future.result()
-                bar.update(1)
-                if returncode != 0:
+                bar.update(returncode is not None)
+                if returncode not in (0, None) and not children.stopped_by:
                     failed.append(run)
                     bar.write(f"run {run.label} failed (exit status {returncode}); the end of {run.log}:\n"
                               f"{_tail(run.log)}", file=sys.stderr)
-    finally:  # on Ctrl-C the running subprocesses got it too; start no queued ones
-        pool.shutdown(wait=True, cancel_futures=True)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if children.stopped_by:
+        print(f"stopped: the interrupted runs saved their last step; run {plan.name}'s spec again to resume them",
+              file=sys.stderr)
+        raise SystemExit(128 + children.stopped_by)
     return failed
 
 
 # ----------------------------------------------------------------------------- results
 
-@dataclass(frozen=True)
-class RunResult:
-    variant: str
-    seed: int
-    steps: int
-    val_bpb: float
-    val_loss: float
-    tokens_per_s: float
-    wall_s: float
-    parameters: int
-    curve: list[tuple[int, float | None, float]]  # evaluations: (step, seconds since the start or None, val_bpb)
-
-
-CSV_COLUMNS = ("variant", "seed", "steps", "val_bpb", "val_loss", "tokens_per_s", "wall_s", "parameters")
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The metrics lines in step order, keeping the last one written for each step and kind: a resumed run
-    writes again the steps after its last checkpoint. A line torn by a kill is skipped."""
-    if not path.exists():
-        return []
-    rows: dict[tuple[int, bool], dict[str, Any]] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        rows[(row["step"], "val_loss" in row)] = row
-    return [rows[key] for key in sorted(rows)]
-
-
-def final_eval(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    evals = [r for r in rows if "val_loss" in r]
-    return evals[-1] if evals else None
-
-
-def read_result(run: Run) -> RunResult:
-    """A finished run's numbers: its metrics file, its checkpoint (parameters) and the runner's result.json."""
-    rows = read_metrics(run.metrics)
-    final = final_eval(rows)
-    speeds = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
-    times = [r["time_s"] for r in rows if "time_s" in r]
-    wall_s = times[-1] if times else _read_json(run.result).get("wall_s", math.nan)
-    model, _ = model_from_checkpoint(load_checkpoint(run.checkpoint))
-    curve = [(r["step"], r.get("time_s"), r.get("val_bpb", math.nan)) for r in rows if "val_loss" in r]
-    return RunResult(run.variant.name, run.seed, final["step"], final.get("val_bpb", math.nan), final["val_loss"],
-                     stats.mean(speeds) if speeds else math.nan, wall_s, model.num_parameters(), curve)
-
-
-def summarise(plan: Plan, results: list[RunResult]) -> list[dict[str, Any]]:
-    """Per variant: the spread over its seeds, and its difference to the baseline paired by seed."""
-    baseline = {r.seed: r.val_bpb for r in results if r.variant == plan.baseline}
-    rows = []
-    for v in plan.variants:
-        mine = [r for r in results if r.variant == v.name]
-        row: dict[str, Any] = {"variant": v.name, "n": len(mine)}
-        if mine:
-            bpb = [r.val_bpb for r in mine]
-            row |= {"bpb_mean": stats.mean(bpb), "bpb_ci": stats.confidence_interval(bpb), "bpb_min": min(bpb),
-                    "bpb_max": max(bpb), "loss_mean": stats.mean([r.val_loss for r in mine]),
-                    "tokens_per_s": stats.mean([r.tokens_per_s for r in mine]),
-                    "wall_s": stats.mean([r.wall_s for r in mine]), "parameters": mine[0].parameters}
-        pairs = [(r.val_bpb, baseline[r.seed]) for r in mine if r.seed in baseline]
-        if v.name != plan.baseline and pairs:
-            diff, low, high, p = stats.paired_t_test([a for a, _ in pairs], [b for _, b in pairs])
-            row |= {"diff": diff, "diff_ci": (low, high), "p": p, "pairs": len(pairs)}
-        rows.append(row)
-    return rows
-
-
-def _number(x: float | None, digits: int = 4) -> str:
-    return "n/a" if x is None or math.isnan(x) else f"{x:.{digits}f}"
-
-
-def _interval(ci: tuple[float, float] | None) -> str:
-    return "n/a" if ci is None or math.isnan(ci[0]) else f"[{ci[0]:.4f}, {ci[1]:.4f}]"
-
-
-def report_markdown(plan: Plan, rows: list[dict[str, Any]], missing: list[str], has_png: bool) -> str:
-    (kind, amount), = plan.budget.items()
-    lines = [f"# Experiment {plan.name}", "",
-             f"Budget: {kind} {_show(amount)} ({BUDGETS[kind]}). Seeds: {', '.join(map(str, plan.seeds))}. "
-             f"Baseline: {plan.baseline}.", "",
-             "| variant | n | val bits/byte | 95% CI | min | max | val loss | tokens/s | wall s | parameters "
-             "| Δ bits/byte vs baseline | 95% CI of Δ | p |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if not r["n"]:
-            lines.append(f"| {r['variant']} | 0 | " + " | ".join(["n/a"] * 11) + " |")
-            continue
-        diff = ("baseline", "", "") if r["variant"] == plan.baseline else (
-            (f"{r['diff']:+.4f} (n={r['pairs']})", _interval(r["diff_ci"]), _number(r["p"], 3)) if "diff" in r
-            else ("n/a", "n/a", "n/a"))
-        lines.append(f"| {r['variant']} | {r['n']} | {_number(r['bpb_mean'])} | {_interval(r['bpb_ci'])} | "
-                     f"{_number(r['bpb_min'])} | {_number(r['bpb_max'])} | {_number(r['loss_mean'])} | "
-                     f"{_number(r['tokens_per_s'], 0)} | {_number(r['wall_s'], 1)} | {r['parameters']:,} | "
-                     f"{diff[0]} | {diff[1]} | {diff[2]} |")
-    lines += ["", "Lower bits/byte is better. 95% CI: Student t interval of the mean over seeds (n/a with one "
-              "seed). Δ = variant − baseline, paired by seed (only seeds both finished), with its 95% CI and the "
-              "two-sided paired t-test's p. tokens/s and wall s: means over seeds. Parameters: non-embedding "
-              "count, as playground.py prints it.", "", "## Variants", ""]
-    for v in plan.variants:
-        changes = ", ".join(f"{k}={_show(x) if not isinstance(x, list) else x}" for k, x in v.overrides.items())
-        steps = f"; max_iters {v.max_iters}" if v.max_iters is not None else ""
-        lines.append(f"- **{v.name}**: {changes or 'the base settings'}{steps}")
-    if missing:
-        lines += ["", f"## Not finished ({len(missing)})", "", *[f"- {m}" for m in missing]]
-    if has_png:
-        lines += ["", "## Curves", "", "![val bits/byte vs step and vs wall time](curves.png)"]
-    return "\n".join(lines) + "\n"
-
-
-def write_csv(results: list[RunResult], path: Path) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(CSV_COLUMNS)
-        for r in results:
-            writer.writerow([getattr(r, column) for column in CSV_COLUMNS])
-
-
-def mean_band(curves: list[tuple[list[float], list[float]]]) -> tuple[list[float], list[float], list[float],
-                                                                       list[float]]:
-    """Seeds' curves on common x values (those inside every curve's range, linearly interpolated): the x
-    values, and the mean, minimum and maximum across seeds at each."""
-    import numpy as np
-
-    lo, hi = max(xs[0] for xs, _ in curves), min(xs[-1] for xs, _ in curves)
-    grid = sorted({x for xs, _ in curves for x in xs if lo <= x <= hi})
-    values = np.array([np.interp(grid, xs, ys) for xs, ys in curves])
-    return grid, list(values.mean(0)), list(values.min(0)), list(values.max(0))
-
-
-def plot_curves(plan: Plan, results: list[RunResult], path: Path) -> bool:
-    """Val bits/byte against step and against wall seconds: the mean over seeds and a min-max band per
-    variant. Skipped (False) when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    timed = False
-    for i, v in enumerate(plan.variants):
-        runs = [r.curve for r in results if r.variant == v.name and r.curve]
-        for ax, column in zip(axes, (0, 1), strict=True):
-            curves = [([p[column] for p in c], [p[2] for p in c]) for c in runs if all(p[column] is not None
-                                                                                       for p in c)]
-            if not curves:
-                continue
-            timed |= column == 1
-            x, mid, low, high = mean_band(curves)
-            ax.plot(x, mid, color=f"C{i % 10}", marker="." if len(x) < 30 else None,
-                    label=f"{v.name} (n={len(curves)})")
-            if len(curves) > 1:
-                ax.fill_between(x, low, high, color=f"C{i % 10}", alpha=0.2)
-    axes[0].set_xlabel("step")
-    axes[1].set_xlabel("wall seconds since the run began")
-    if not timed:
-        axes[1].text(0.5, 0.5, "no time_s in the metrics", ha="center", va="center", transform=axes[1].transAxes)
-    for ax in axes:
-        ax.set_ylabel("val bits/byte")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize="small")
-    fig.suptitle(f"{plan.name}: mean over seeds, band from min to max")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
-
-
-def write_report(plan: Plan, folder: Path) -> str:
+def write_report(plan: Plan, folder: Path, options: dict[str, bool]) -> str:
     """report.md, results.csv and curves.png in `folder`, from its finished runs; returns the markdown."""
-    results, missing = [], []
-    for run in plan_runs(plan, folder):
-        if run_state(run) == "finished":
-            results.append(read_result(run))
-        else:
-            missing.append(run.label)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_csv(results, folder / "results.csv")
-    has_png = plot_curves(plan, results, folder / "curves.png")
-    if not has_png:
-        print("matplotlib is not installed: no curves.png (pip install matplotlib)")
-    text = report_markdown(plan, summarise(plan, results), missing, has_png)
-    (folder / "report.md").write_text(text, encoding="utf-8")
-    return text
+    return report.write_report(plan, folder, [(run, run_state(run, plan, options)) for run in report.plan_runs(
+        plan, folder)])
 
 
 # ----------------------------------------------------------------------------- helpers and CLI
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write beside the target, then rename: a kill never leaves half a file."""
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=1) + "\n", path.name)
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -609,21 +357,25 @@ def main(argv: list[str] | None = None) -> None:
     plan = make_plan(read_spec(args.spec), Path(args.spec).stem, options) if args.spec else None
     if args.report is not None:
         folder = Path(args.report)
-        print(write_report(plan or load_plan(folder), folder), end="")
+        print(write_report(plan or load_plan(folder), folder, options), end="")
         print(f"report: {folder / 'report.md'}")
         return
     folder = Path(plan.folder)
-    runs = plan_runs(plan, folder)
-    states = [(run, run_state(run)) for run in runs]  # may refuse (a run past its budget) before any training
-    todo = [(run, state) for run, state in states if state != "finished"]
+    runs = report.plan_runs(plan, folder)
+    # Before any training: may refuse (a run past its budget, or trained with other settings).
+    states = [(run, run_state(run, plan, options)) for run in runs]
+    todo = [(run, state) for run, state in states if state in ("new", "partial")]
     save_plan(plan, folder)
     print(f"{plan.name}: {len(plan.variants)} variant(s) x {len(plan.seeds)} seed(s); {len(runs) - len(todo)} "
           f"finished, {sum(s == 'partial' for _, s in todo)} to resume, "
-          f"{sum(s != 'partial' for _, s in todo)} to start; logs in {folder}/<variant>/seed<S>/run.log")
+          f"{sum(s == 'new' for _, s in todo)} to start; logs in {folder}/<variant>/seed<S>/run.log")
+    for run, state in states:
+        if state == "unevaluated":
+            print(f"note: {report.unevaluated_note(run)}")
     if args.jobs > 1 and "time_budget" in plan.budget:
         print("note: under a time budget, runs side by side share the machine and each gets fewer steps")
     failed = train_runs(todo, len(runs), plan, options, args.jobs)
-    print(write_report(plan, folder), end="")
+    print(write_report(plan, folder, options), end="")
     print(f"report: {folder / 'report.md'}")
     if failed:
         print(f"{len(failed)} run(s) failed: {', '.join(r.label for r in failed)} (see their run.log)",

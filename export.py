@@ -27,6 +27,7 @@ from gptlab.checkpoint import load_checkpoint, model_from_checkpoint
 from gptlab.cli import check_fields, parse_dataclass, setting
 from gptlab.convert import RMS_EPS, architecture_for, hf_config, to_hf_state_dict
 from gptlab.errors import UsageError, run_cli
+from gptlab.metrics import read_metrics
 from gptlab.tokenizer import BERT_TOKENS, CLS, EOT, MASK, PAD, SEP, UNK, Tokenizer
 
 FORMATS = ("hf", "gguf")
@@ -35,7 +36,8 @@ FORMATS = ("hf", "gguf")
 @dataclass(frozen=True)
 class ExportArgs:
     checkpoint: str = setting("model_checkpoint.tar", "checkpoint to export")
-    out: str | None = setting(None, "folder to write (required); it must not exist or be empty, unless --overwrite")
+    out: str | None = setting(None, "folder to write (required); it must not exist or be empty, unless --overwrite",
+                              output=True)
     format: str = setting("hf", "hf: a Hugging Face transformers folder; gguf: a GGUF file for llama.cpp",
                           choices=FORMATS)
     overwrite: bool = setting(False, "replace the contents of an existing, non-empty --out folder")
@@ -200,7 +202,7 @@ def final_evaluation(ckpt: dict[str, Any], checkpoint: Path) -> dict[str, Any] |
                   Path(config.get("out_dir", ".")) / f"{stem}.metrics.jsonl"]
     for path in candidates:
         if path.is_file():
-            lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            lines = read_metrics(path)
             evaluations = [m for m in lines if "val_loss" in m and m.get("step", 0) <= ckpt.get("iteration", 0)]
             if evaluations:
                 return evaluations[-1]

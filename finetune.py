@@ -62,9 +62,10 @@ class FinetuneConfig:
                                      "then linear decay to 0", rule=Rule("in [0, 1]", lambda v: 0 <= v <= 1))
     weight_decay: float = setting(0.01, "AdamW weight decay on matrices and embeddings (never biases or LayerNorm "
                                   "gains)", rule=NON_NEGATIVE)
-    out: str = setting("finetuned.tar", "fine-tuned checkpoint to write")
+    out: str = setting("finetuned.tar", "fine-tuned checkpoint to write", output=True)
     predictions: str = setting("predictions.jsonl", "JSONL file of predictions (one line per val or --predict "
-                               "example)")
+                               "example)", output=True)
+    overwrite: bool = setting(False, "replace an existing --out or --predictions file (an earlier run's)")
     seed: int = setting(1337, "seeds the head's initialisation, dropout and the shuffling", rule=SEED)
     device: str = setting("auto", "auto, cpu, cuda, cuda:1, mps")
     dtype: str = setting("auto", DTYPE_HELP, choices=DTYPE_CHOICES)
@@ -80,13 +81,14 @@ class FinetuneConfig:
             raise UsageError(f"--lr {self.lr} times --weight_decay {self.weight_decay} must be below 1")
 
     def check_outputs(self) -> None:
-        """Before any work: each output can be written and is none of the inputs nor the other output."""
+        """Before any work: each output can be written, replaces no earlier file unless --overwrite, and is none of
+        the inputs nor the other output."""
         inputs = [("--checkpoint", self.checkpoint), ("--train", self.train), ("--val", self.val),
                   ("--predict", self.predict)]
         if self.predict is None:
-            check_output(self.out, "--out", inputs, [("--predictions", self.predictions)])
+            check_output(self.out, "--out", inputs, [("--predictions", self.predictions)], self.overwrite)
         check_output(self.predictions, "--predictions", inputs,
-                     [("--out", self.out)] if self.predict is None else [])
+                     [("--out", self.out)] if self.predict is None else [], self.overwrite)
 
 
 def parse_args(argv: list[str] | None = None) -> FinetuneConfig:

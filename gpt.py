@@ -57,7 +57,8 @@ class GPTConfig:
                             "keys (Su et al. 2021); none: no position signal (NoPE, causal models only)",
                             choices=("learned", "rope", "none"), group="model")
     rope_base: float = setting(10000.0, "rope only: the slowest feature pair turns once every 2 pi rope_base "
-                               "positions", rule=Rule("greater than 1", lambda v: v > 1), group="model")
+                               "positions", rule=Rule("greater than 1", lambda v: v > 1), group="model",
+                               requires=("position", "rope"))
     norm: str = setting("layernorm", "layernorm, or rmsnorm (Zhang & Sennrich 2019: no mean, no bias), for every "
                         "normalisation", choices=("layernorm", "rmsnorm"), group="model")
     mlp: str = setting("gelu", "gelu: GPT-2's 4x MLP; swiglu: gated SiLU (Shazeer 2020), hidden size ~8E/3 for the "

@@ -32,7 +32,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from config import TrainConfig, fixed_on_resume, parse_config
+from config import TrainConfig, check_dependent_flags, fixed_on_resume, parse_config
 from gpt import GPT, GPTConfig
 from gptlab.checkpoint import load_checkpoint, save_checkpoint
 from gptlab.convert import checkpoint_from_hf_folder
@@ -77,7 +77,8 @@ class Run:
     seconds_before: float = 0.0  # wall time of the runs this one resumes
     iteration: int = 0  # optimiser steps done
     best_val_loss: float = math.inf
-    stop_requested: bool = False  # set by Ctrl-C: save at the end of the current step, then stop
+    stop_requested: bool = False  # set by Ctrl-C or SIGTERM: save at the end of the current step, then stop
+    stop_signal: int = signal.SIGINT  # the signal that asked, which sets the exit status (128 + its number)
     budget_checks: int = 0  # --time_budget: how many times max_iters has been (re)planned
     next_budget_check: int = 0  # the step at which it is planned next
     final: dict[str, float] = field(default_factory=dict)  # the latest evaluation
@@ -109,7 +110,7 @@ def resolve_tokenizer(c: TrainConfig, files: list[Path], rt: Runtime) -> Tokeniz
         path.parent.mkdir(parents=True, exist_ok=True)
         # With <mask> <pad> <cls> <sep> (4 of the vocab_size ids), so that the same tokenizer serves masked-LM
         # pretraining and fine-tuning (finetune.py) of the model trained here.
-        train_tokenizer(files, c.tokenizer_kind, vocab_size, show_progress=sys.stderr.isatty(),
+        train_tokenizer(files, c.tokenizer_kind, vocab_size, show_progress=True,
                         bert_tokens=True).save(path)
     wait_for(path, "the tokenizer")
     return Tokenizer.from_file(path)
@@ -227,6 +228,10 @@ def metrics_path(c: TrainConfig) -> Path:
     return Path(c.out_dir) / f"{Path(c.checkpoint).stem}.metrics.jsonl"
 
 
+def plot_path(c: TrainConfig) -> Path:
+    return Path(c.out_dir) / f"{Path(c.checkpoint).stem}.loss.png"
+
+
 def describe(run: Run) -> None:
     c, rt = run.c, run.rt
     print(f"model: {run.model.num_parameters() / 1e6:.2f}M parameters (non-embedding), vocab "
@@ -265,8 +270,8 @@ def train_loop(run: Run) -> None:
         if c.time_budget is not None and step == run.next_budget_check:
             plan_time_budget(run, meter, bar)
             c = run.c
-        # Read the Ctrl-C flag once: a signal arriving later in this step must not stop it unsaved.
-        stopping = run.stop_requested
+        # Read the stop flag once: a signal arriving later in this step must not stop it unsaved.
+        stopping = stop_agreed(run)
         evaluating = step % c.eval_interval == 0 or step == c.max_iters
         saving = step % c.checkpoint_interval == 0 or step == c.max_iters or stopping
         if step % c.log_interval == 0 or evaluating or saving:
@@ -282,10 +287,26 @@ def train_loop(run: Run) -> None:
             meter.exclude(since)
         if stopping:
             bar.close()
-            print(f"stopped at step {step}; checkpoint {c.checkpoint} saved (continue with --resume)",
-                  file=sys.stderr)
-            raise KeyboardInterrupt
+            if run.rt.is_main:
+                print(f"stopped at step {step}; checkpoint {c.checkpoint} saved (continue with --resume)",
+                      file=sys.stderr)
+            if run.stop_signal == signal.SIGINT:
+                raise KeyboardInterrupt  # exit status 130, as for any Ctrl-C
+            raise SystemExit(128 + run.stop_signal)  # 143 for SIGTERM: what schedulers expect
     bar.close()
+
+
+def stop_agreed(run: Run) -> bool:
+    """Whether this step is the last one (a Ctrl-C or SIGTERM arrived). Under torchrun the signal reaches the
+    ranks at different moments, so they agree at each log step (where the loss is synced anyway): all stop if
+    one was asked."""
+    if not run.rt.distributed:
+        return run.stop_requested
+    if run.iteration % run.c.log_interval and run.iteration != run.c.max_iters:
+        return False
+    flag = torch.tensor([int(run.stop_requested)], device=run.rt.device if run.rt.device.type == "cuda" else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 class Throughput:
@@ -512,7 +533,7 @@ def finish(run: Run) -> None:
     if not rt.is_main:
         return
     run.metrics.close()
-    png = Path(c.out_dir) / f"{Path(c.checkpoint).stem}.loss.png"
+    png = plot_path(c)
     if plot_losses(run.metrics_path, png):
         print(f"loss curve: {png}")
     print(f"checkpoint: {c.checkpoint}")
@@ -554,10 +575,14 @@ def resume_config(c: TrainConfig, set_by_flags: set[str]) -> tuple[TrainConfig, 
                              f"a checkpoint resumes only with the model and optimizer it was trained with")
     if "tokenizer" in set_by_flags and Tokenizer.from_file(c.tokenizer).to_json() != ckpt["tokenizer"]:
         raise UsageError(f"--tokenizer {c.tokenizer} is not the tokenizer {c.checkpoint} was trained with")
-    overrides = dict(typed)
-    if saved["time_budget"] is None:  # the budget was already turned into the saved max_iters: keep that plan
-        overrides.pop("time_budget", None)
-    merged = TrainConfig.from_dict({**saved, **overrides, "resume": True})
+    if "time_budget" in set_by_flags and saved["time_budget"] is None:
+        raise UsageError(f"--time_budget: {c.checkpoint} has no time budget left to continue (a budgeted run fixes "
+                         f"its max_iters, saved in the checkpoint, once timed): give --max_iters to train on, or "
+                         f"start a fresh run with --time_budget")
+    if "init_from" in set_by_flags:
+        raise UsageError("--init_from starts a fresh run from a folder's weights; --resume continues a checkpoint: "
+                         "give one of them")
+    merged = TrainConfig.from_dict({**saved, **typed, "resume": True})
     if merged.max_iters <= ckpt["iteration"]:
         raise UsageError(f"{c.checkpoint} is already at step {ckpt['iteration']}: give a --max_iters above it to "
                          f"train on")
@@ -580,10 +605,17 @@ def init_config(c: TrainConfig, set_by_flags: set[str]) -> tuple[TrainConfig, di
 
 
 def check_fresh_run(c: TrainConfig) -> None:
-    """A fresh run never silently replaces an earlier run's checkpoint."""
+    """A fresh run never silently replaces an earlier run's checkpoint, nor its metrics or loss plot (which
+    outlive a checkpoint that was moved, or never written by a run killed before its first save)."""
+    if Path(c.checkpoint).is_dir():  # --overwrite would not help: say so first
+        raise UsageError(f"--checkpoint {c.checkpoint} is a folder; give a file name inside it")
     if Path(c.checkpoint).exists() and not c.overwrite:
         raise UsageError(f"{c.checkpoint} already exists: continue it with --resume, choose another --checkpoint, "
                          f"or replace it with --overwrite")
+    for path, what in ((metrics_path(c), "metrics"), (plot_path(c), "loss plot")):
+        if path.exists() and not c.overwrite:
+            raise UsageError(f"{path} already exists (an earlier run's {what}): choose another --checkpoint or "
+                             f"--out_dir, or replace it with --overwrite")
 
 
 def train(c: TrainConfig, set_by_flags: set[str] = frozenset(), started: float | None = None) -> dict[str, float]:
@@ -597,6 +629,7 @@ def train(c: TrainConfig, set_by_flags: set[str] = frozenset(), started: float |
         check_fresh_run(c)
         if c.init_from is not None:
             c, init = init_config(c, set_by_flags)
+    check_dependent_flags(c, set_by_flags)  # with the settings a resume or --init_from brings
     check_outputs(c)
     rt = setup_runtime(c.device, c.dtype, c.fsdp)
     try:
@@ -612,7 +645,7 @@ def run_job(c: TrainConfig, ckpt: dict[str, Any] | None, init: dict[str, Any] | 
         run = build_run(c, ckpt, rt, started, init)
         if rt.is_main:
             describe(run)
-        with stop_on_ctrl_c(run):
+        with stop_on_signals(run):
             train_loop(run)
         finish(run)
         return run.final
@@ -627,28 +660,39 @@ def check_outputs(c: TrainConfig) -> None:
 
 
 @contextlib.contextmanager
-def stop_on_ctrl_c(run: Run) -> Iterator[None]:
-    """Ctrl-C asks the loop to save a checkpoint at the end of the current step and stop; a second Ctrl-C stops at
-    once. Single process only: under torchrun the ranks could not agree on the step to stop at."""
-    if run.rt.distributed:
-        yield
-        return
+def stop_on_signals(run: Run) -> Iterator[None]:
+    """Ctrl-C (SIGINT) or SIGTERM (timeout, docker, Kubernetes, SLURM) asks the loop to save a checkpoint at the
+    end of the current step and stop. In a single process a second signal stops at once; under torchrun it is
+    ignored, since torchrun forwards each signal it gets itself (and kills the ranks 30 s after the first)."""
 
     def handle(signum: int, frame: Any) -> None:
         if run.stop_requested:
-            raise KeyboardInterrupt
-        run.stop_requested = True
-        print("\ninterrupt: saving a checkpoint at the end of this step (Ctrl-C again to stop at once)",
-              file=sys.stderr)
+            if run.rt.distributed:
+                return
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + signum)
+        run.stop_requested, run.stop_signal = True, signum
+        if run.rt.is_main:
+            again = "" if run.rt.distributed else " (again to stop at once)"
+            print(f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step{again}",
+                  file=sys.stderr)
 
-    previous = signal.signal(signal.SIGINT, handle)
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def exit_on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM before or after the training loop: unwind like Ctrl-C (the run lock is released), exit 143."""
+    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> None:
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     started = time.perf_counter() - seconds_since_start()
     c, set_by_flags = parse_config(argv)
     train(c, set_by_flags, started)

@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import yaml
+
 from gptlab.errors import CliParser, UsageError
 
 
@@ -43,11 +45,28 @@ SEED = Rule(f"in [0, {MAX_INT}]", lambda v: 0 <= v <= MAX_INT)
 
 
 def setting(default: Any, help: str, *, rule: Rule | None = None, choices: tuple[str, ...] | None = None,
-            group: str = "options", flag: bool = True, hidden: bool = False) -> Any:
+            group: str = "options", flag: bool = True, hidden: bool = False,
+            requires: tuple[str, Any] | None = None, output: bool = False) -> Any:
     """A dataclass field that is also a flag. flag=False: a field the program sets, never the user.
-    hidden: a flag that a program passes to its own child processes, left out of --help."""
+    hidden: a flag that a program passes to its own child processes, left out of --help.
+    requires=(other, value): the setting does something only where setting `other` is `value`.
+    output=True: it names a file the command writes, which must not replace an earlier one (tests check it)."""
     return dataclasses.field(default=default, metadata={"help": help, "rule": rule, "choices": choices,
-                                                        "group": group, "flag": flag, "hidden": hidden})
+                                                        "group": group, "flag": flag, "hidden": hidden,
+                                                        "requires": requires, "output": output})
+
+
+def check_requirements(fields: list[dataclasses.Field], values: dict[str, Any], given: set[str]) -> None:
+    """A flag given (typed, or named in a variant) that does nothing with the other values is a mistake."""
+    for f in fields:
+        if f.name not in given or not f.metadata.get("requires"):
+            continue
+        other, value = f.metadata["requires"]
+        if values[other] == value:
+            continue
+        if value is None:
+            raise UsageError(f"--{f.name} does nothing when --{other} is given: give one of them")
+        raise UsageError(f"--{f.name} does nothing without --{other} {value}: leave it out, or add --{other} {value}")
 
 
 def flag_fields(cls: type) -> list[dataclasses.Field]:
@@ -116,6 +135,35 @@ def coerce(f: dataclasses.Field, value: Any) -> Any:
     if type(value) is not kind:
         raise UsageError(f"config key '{f.name}' must be of type {kind.__name__}, got {value!r}")
     return value
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys in a mapping; a settings file that names one twice is refused."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, typing.Hashable):
+                continue  # the base class refuses it
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: str, what: str) -> Any:
+    """A YAML file the user names (a config, an experiment spec): its content, or one UsageError."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.load(f, Loader=_StrictLoader)
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read {what} {path}: {getattr(e, 'strerror', None) or e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UsageError(f"{what} {path} is not valid YAML: {problem}{where}") from None
 
 
 def _number(kind: type) -> Callable[[str], Any]:

@@ -284,7 +284,15 @@ def load_hf_folder(path: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor]
     if not folder.is_dir():
         raise UsageError(f"{path} is not a local folder; nothing is downloaded: save the model with "
                          f"save_pretrained first")
-    arch, config = gpt_config_from_hf(_read_json(folder / "config.json"))
+    hf = _read_json(folder / "config.json")
+    if not isinstance(hf, dict):
+        raise UsageError(f"{folder}: config.json does not hold a mapping of settings")
+    try:  # a hand-edited or damaged config.json: a missing key, a word for a number
+        arch, config = gpt_config_from_hf(hf)
+    except KeyError as e:
+        raise UsageError(f"{folder}: config.json lacks {e.args[0]!r}") from None
+    except (UsageError, TypeError, ValueError) as e:
+        raise UsageError(f"{folder}: config.json is not a model's config ({e})") from None
     weights = {k: v.float() for k, v in _read_weights(folder).items()}
     ours = gpt2_to_ours(weights, config) if arch == "gpt2" else llama_to_ours(weights, config)
     tokenizer = read_hf_tokenizer(folder)
@@ -303,7 +311,7 @@ def checkpoint_from_hf_folder(path: str | Path) -> dict[str, Any]:
             "source": str(path)}
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -315,7 +323,10 @@ def _read_json(path: Path) -> dict[str, Any]:
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     """model.safetensors (or its shards, listed in model.safetensors.index.json), else pytorch_model.bin."""
     index = folder / "model.safetensors.index.json"
-    files = sorted(set(_read_json(index)["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    weight_map = _read_json(index).get("weight_map") if index.exists() else {"": "model.safetensors"}
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise UsageError(f"{index} has no weight_map of tensor names to files")
+    files = sorted(set(weight_map.values()))
     if all((folder / f).exists() for f in files):
         try:
             from safetensors.torch import load_file
@@ -324,11 +335,26 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
                 from None
         weights: dict[str, torch.Tensor] = {}
         for f in files:
-            weights.update(load_file(folder / f))
+            weights.update(_load_weights(folder / f, load_file))
         return weights
     if (folder / "pytorch_model.bin").exists():
-        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        return _load_weights(folder / "pytorch_model.bin",
+                             lambda path: torch.load(path, map_location="cpu", weights_only=True))
     raise UsageError(f"{folder} has neither model.safetensors nor pytorch_model.bin")
+
+
+def _load_weights(path: Path, load: Any) -> dict[str, torch.Tensor]:
+    """One weights file: a mapping of names to tensors, or one UsageError (truncated, random, another shape)."""
+    try:
+        weights = load(path)
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors and pickle report damage with types of their own
+        raise UsageError(f"cannot read {path}: damaged or not a weights file ({str(e).splitlines()[0][:200]})") \
+            from None
+    if not isinstance(weights, dict) or not all(isinstance(t, torch.Tensor) for t in weights.values()):
+        raise UsageError(f"{path} does not hold a mapping of tensor names to tensors")
+    return weights
 
 
 def read_hf_tokenizer(folder: Path) -> Tokenizer:
@@ -339,8 +365,10 @@ def read_hf_tokenizer(folder: Path) -> Tokenizer:
     if not path.exists():
         raise UsageError(f"{folder} has no tokenizer.json (a fast tokenizer's file): load its tokenizer with "
                          f"transformers.AutoTokenizer and save_pretrained it into the folder")
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise UsageError(f"{path} is not a tokenizer's JSON")
     text = path.read_text(encoding="utf-8")
-    data = json.loads(text)
     if any(t["content"] == EOT for t in data.get("added_tokens", [])) or EOT in _vocab(data):
         return Tokenizer.from_json(text, source=str(path))
     eos = _eos_token(folder)
@@ -368,7 +396,8 @@ def _eos_token(folder: Path) -> str | None:
     """The eos token's text, from tokenizer_config.json or special_tokens_map.json."""
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         if (folder / name).exists():
-            eos = _read_json(folder / name).get("eos_token")
+            settings = _read_json(folder / name)
+            eos = settings.get("eos_token") if isinstance(settings, dict) else None
             if isinstance(eos, dict):
                 eos = eos.get("content")
             if isinstance(eos, str):

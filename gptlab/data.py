@@ -20,10 +20,10 @@ from typing import BinaryIO
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from gptlab.errors import UsageError
 from gptlab.fileio import atomic_write_text, remove_stale_temps
+from gptlab.progress import byte_progress
 from gptlab.tokenizer import Tokenizer
 
 CACHE_FORMAT = 1  # bump when the layout of the cache files changes
@@ -66,11 +66,35 @@ def _split_lines(files: list[Path], val_fraction: float) -> Iterator[tuple[str, 
     val_start = int(total * (1 - val_fraction))
     seen = 0
     for path in files:
-        with open(path, "rb") as f:
-            for line in f:
-                yield ("train" if seen < val_start else "val"), line
-                seen += len(line)
+        for line in _pieces(path):
+            yield ("train" if seen < val_start else "val"), line
+            seen += len(line)
         yield ("train" if seen <= val_start else "val"), None
+
+
+def _pieces(path: Path) -> Iterator[bytes]:
+    """The file's lines, a line longer than CHUNK_BYTES in pieces of at most that size cut between characters,
+    so memory stays bounded whatever the file holds; NUL bytes (a binary or sparse file) are refused."""
+    carry = b""
+    with open(path, "rb") as f:
+        while piece := carry + f.readline(CHUNK_BYTES - len(carry)):
+            carry = b""
+            if not piece.endswith(b"\n"):  # part of a long line (or the file's end): keep characters whole
+                cut = _whole_characters(piece)
+                piece, carry = piece[:cut], piece[cut:]
+            if b"\0" in piece:
+                raise UsageError(f"{path} holds NUL bytes: a binary file, not text")
+            yield piece
+
+
+def _whole_characters(piece: bytes) -> int:
+    """The length of `piece` without a UTF-8 character its end cuts (its rest comes with the next piece)."""
+    for back in range(1, min(4, len(piece)) + 1):
+        byte = piece[-back]
+        if byte & 0xC0 != 0x80:  # the first byte of a character: how many bytes it announces
+            size = 1 if byte < 0xC0 else 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            return len(piece) - back if size > back and back < len(piece) else len(piece)
+    return len(piece)
 
 
 def _decode(chunk: bytes, files: list[Path]) -> str:
@@ -175,8 +199,7 @@ def _tokenize_into(outs: dict[str, BinaryIO], counts: dict[str, dict[str, int]],
     if total == 0:
         raise UsageError("the corpus is empty")
     buffered, current = 0, "train"
-    # disable=None: no bar when stderr is not a terminal (logs, pipes), where it would only add noise.
-    with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", leave=False, disable=None) as bar:
+    with byte_progress(total, "tokenizing") as bar:  # a bar on a terminal, a line every 30 s in a log
         for split, line in _split_lines(files, val_fraction):
             if split != current or buffered >= CHUNK_BYTES:
                 flush(current, end_of_document=False)

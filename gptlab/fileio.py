@@ -123,10 +123,12 @@ def _make_folder(folder: Path, flag: str, path: str | Path) -> None:
 
 
 def check_output(path: str | Path, flag: str, inputs: Iterable[tuple[str, str | Path | None]] = (),
-                 other_outputs: Iterable[tuple[str, str | Path | None]] = ()) -> None:
+                 other_outputs: Iterable[tuple[str, str | Path | None]] = (), overwrite: bool | None = None) -> None:
     """Fail before any work, not after it, when `path` cannot be written or would overwrite an input.
 
     inputs / other_outputs: (flag, path) pairs; a None path is skipped. A missing parent folder is created.
+    overwrite=False: an existing file is refused too (an earlier run's work), True lets it be replaced; None
+    for outputs that are meant to be rewritten in place.
     """
     p = Path(path)
     if str(path) == "":
@@ -139,6 +141,8 @@ def check_output(path: str | Path, flag: str, inputs: Iterable[tuple[str, str | 
                 which = "the input" if kind == "input" else "also"
                 raise UsageError(f"{flag} {path} is {which} {other_flag}: choose another file so it is not "
                                  f"overwritten")
+    if overwrite is False and (p.exists() or p.is_symlink()):  # after the inputs: the more precise message
+        raise UsageError(f"{flag} {path} already exists: choose another file, or replace it with --overwrite")
     folder = p.absolute().parent
     _make_folder(folder, flag, path)
     _probe(p, flag, path)

@@ -15,13 +15,20 @@ from gptlab.fileio import atomic_write_text
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The rows of a metrics file; a line torn by a kill (the last one) is skipped."""
+    """The rows of a metrics file in the order written, or [] when there is none: the one reader, for every
+    command. What is not a row (a line torn by a kill, a blank line, a hand edit) is skipped."""
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return []
     rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
     return rows
 
 

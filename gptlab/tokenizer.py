@@ -26,15 +26,17 @@ and, when trained with bert_tokens (for masked-language-model pretraining and fi
        <sep>          separates the two texts of a pair
 """
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
-from tqdm import tqdm
 
 from gptlab.errors import UsageError
 from gptlab.fileio import atomic_write_text
+from gptlab.progress import byte_progress
 
 EOT = "<|endoftext|>"
 UNK = "<unk>"
@@ -127,6 +129,8 @@ def corpus_files(paths: list[str | Path]) -> list[Path]:
             files.extend(found)
         elif p.is_file():
             files.append(p)
+        elif p.exists():  # a FIFO or a device would be read forever, or as nothing
+            raise UsageError(f"corpus {p} is not a regular file: give a text file or a folder of .txt files")
         else:
             raise UsageError(f"corpus not found: {p}")
     return files
@@ -138,7 +142,7 @@ def iter_corpus(files: list[Path]) -> Iterator[str]:
     A file that is not UTF-8, or holds NUL characters (binary data can decode as UTF-8: a token cache
     of small ids does), is an error; so is a corpus with no text but whitespace.
     """
-    empty = True
+    empty, chars = True, 0
     for path in files:
         with open(path, encoding="utf-8", newline="") as f:  # newline="": keep "\r\n" as it is in the file
             while True:
@@ -151,10 +155,12 @@ def iter_corpus(files: list[Path]) -> Iterator[str]:
                     break
                 if "\x00" in piece:
                     raise UsageError(f"{path} holds NUL characters: a binary file, not text")
-                empty = empty and piece.isspace()
+                empty, chars = empty and piece.isspace(), chars + len(piece)
                 yield piece
     if empty:
-        raise UsageError("the corpus is empty")
+        names = ", ".join(map(str, files))
+        raise UsageError(f"the corpus is empty: {names} " + (f"holds only whitespace ({chars:,} characters)" if chars
+                                                             else "holds nothing"))
 
 
 def _new_tokenizer(kind: str) -> HFTokenizer:
@@ -208,16 +214,17 @@ def train_tokenizer(files: list[Path], kind: str, vocab_size: int, show_progress
         raise UsageError(f"--vocab_size must be at least {minimum} for {kind} (got {vocab_size})")
     check_vocab_size(vocab_size)
     tok = _new_tokenizer(kind)
-    # Counting the corpus's words is most of the time on a large corpus: show it in bytes (MB/s, ETA); the
-    # trainer's own bar then shows the merges. The pieces are ~4 kB of characters; their bytes are counted.
-    with tqdm(total=sum(p.stat().st_size for p in files), unit="B", unit_scale=True, desc="reading corpus",
-              disable=not show_progress, leave=False) as bar:
-        tok.train_from_iterator(_counted(iter_corpus(files), bar), _trainer(kind, vocab_size, specials,
-                                                                            show_progress))
+    # Counting the corpus's words is most of the time on a large corpus: show it in bytes (MB/s, ETA; in a log
+    # file, a line every 30 s); the trainer's own bar (terminals only) then shows the merges. The pieces are
+    # ~4 kB of characters: their number, for that bar's total, is about the corpus's bytes / READ_CHARS.
+    total = sum(p.stat().st_size for p in files)
+    with byte_progress(total, "reading corpus", show_progress) as bar:
+        tok.train_from_iterator(_counted(iter_corpus(files), bar), _trainer(
+            kind, vocab_size, specials, show_progress and sys.stderr.isatty()), length=total // READ_CHARS + 1)
     return Tokenizer(tok)
 
 
-def _counted(pieces: Iterator[str], bar: tqdm) -> Iterator[str]:
+def _counted(pieces: Iterator[str], bar: Any) -> Iterator[str]:
     for piece in pieces:
         bar.update(len(piece.encode("utf-8")))
         yield piece

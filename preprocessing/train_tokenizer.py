@@ -7,7 +7,6 @@ CORPUS: .txt files and/or folders of .txt files. See gptlab/tokenizer.py for the
 special-token ids.
 """
 
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,8 @@ class TokenizerArgs:
     corpus: tuple[str, ...] = setting((), "CORPUS... KIND: text files and/or folders of .txt files, then the "
                                       "kind: bpe (BPE with an unknown token) or bbpe (byte-level BPE)")
     vocab_size: int = setting(8000, f"tokens in the vocabulary (at most {MAX_VOCAB_SIZE:,})")
-    out: str = setting("tokenizer.json", "where to write it")
+    out: str = setting("tokenizer.json", "where to write it", output=True)
+    overwrite: bool = setting(False, "replace an existing --out file")
     bert_tokens: bool = setting(False, "also add <mask> <pad> <cls> <sep>, needed for masked-LM pretraining "
                                 "(--objective mlm) and fine-tuning")
 
@@ -69,9 +69,9 @@ def tokens_per_byte(tokenizer: Tokenizer, files: list[Path]) -> float:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     files = corpus_files(list(args.files))
-    check_output(args.out, "--out", inputs=[("corpus", f) for f in files])
+    check_output(args.out, "--out", inputs=[("corpus", f) for f in files], overwrite=args.overwrite)
     start = time.perf_counter()
-    tokenizer = train_tokenizer(files, args.kind, args.vocab_size, show_progress=sys.stderr.isatty(),
+    tokenizer = train_tokenizer(files, args.kind, args.vocab_size, show_progress=True,
                                 bert_tokens=args.bert_tokens)
     seconds = time.perf_counter() - start
     tokenizer.save(args.out)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Install what the tests need, lint, and run the test suite; then the distributed tests once more on the newest
-# torch that requirements.txt allows, in their own environment (tests/newest_torch.sh; it downloads several GB
-# the first time: SKIP_NEWEST_TORCH=1 leaves it out). Fails loudly on any error.
+# Install what the tests need, lint, and run the test suite; then, in CI or where the torch in use is older than
+# the newest that requirements.txt allows, the distributed tests once more on that newest torch, in their own
+# environment (tests/newest_torch.sh; several GB the first time, said before it starts: SKIP_NEWEST_TORCH=1
+# leaves it out). Fails loudly on any error.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # A CPU build of torch when none is installed (a plain `pip install torch` pulls multi-GB CUDA wheels).
@@ -11,6 +12,6 @@ python -m ruff check .
 python -c "import torch; print(f'main suite on torch {torch.__version__}')"
 # WANDB_MODE=disabled: tests never talk to the network.
 WANDB_MODE=disabled python -m pytest -q "$@"
-if [ "${SKIP_NEWEST_TORCH:-0}" != 1 ]; then
+if [ "${SKIP_NEWEST_TORCH:-0}" != 1 ] && python tests/newest_torch_needed.py; then
     bash tests/newest_torch.sh
 fi

@@ -45,6 +45,7 @@ def test_no_corpus_means_the_bundled_one():
     ("lr_schedule: triangle\n", "--lr_schedule must be one of"),
     ("- just\n- a list\n", "must hold a mapping"),
     ("lr: [unclosed\n", "not valid YAML"),
+    ("lr: 0.001\nbatch_size: 8\nlr: 0.002\n", "not valid YAML: duplicate key 'lr' (line 3)"),
 ])
 def test_bad_yaml_is_a_usage_error(tmp_path, text, message):
     with pytest.raises(UsageError, match=None) as e:
@@ -120,3 +121,21 @@ def test_every_model_setting_is_declared_once_and_is_a_flag():
     assert not model_flags & {f.name for f in dataclasses.fields(TrainConfig)}
     c, _ = parse_config(["--embedding_dim", "64", "--num_of_heads", "2"])
     assert (c.model.embedding_dim, c.model.num_of_heads) == (64, 2)
+
+
+def test_every_dependent_flag_is_refused_where_it_does_nothing():
+    """Derived from the declarations (setting(..., requires=...)): each flag that takes effect only with another
+    setting's value is refused when typed without it, and accepted with it."""
+    from config import check_dependent_flags
+    from gpt import GPTConfig
+    from gptlab.cli import flag_fields
+    dependent = {f.name: f.metadata["requires"] for cls in (GPTConfig, TrainConfig) for f in flag_fields(cls)
+                 if f.metadata.get("requires")}
+    assert {"rope_base", "muon_lr", "muon_momentum", "mask_prob", "decay_fraction", "tokenizer_kind"} <= set(dependent)
+    for name, (needed, value) in dependent.items():
+        typed = ["--" + name, str(TrainConfig().to_dict()[name])]
+        c, given = parse_config(typed + (["--tokenizer", "t.json"] if value is None else []))
+        with pytest.raises(UsageError, match=f"--{name} does nothing (without --{needed} {value}|when --{needed})"):
+            check_dependent_flags(c, given)
+        if value is not None:
+            check_dependent_flags(*parse_config(typed + [f"--{needed}", str(value)]))

@@ -206,6 +206,32 @@ def test_a_crashed_rank_ends_the_job_instead_of_hanging(tmp_path, setup):
     assert "Signal 9 (SIGKILL)" in stderr or "SIGKILL" in stderr
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_torchrun_saves_every_rank_at_one_step(tmp_path, setup, sig):
+    """torchrun forwards SIGTERM (what SLURM sends before a time limit) and SIGINT to its ranks; they agree on
+    the step to stop at, save it once, and the checkpoint resumes."""
+    corpus, tokenizer = setup
+    metrics = tmp_path / "runs" / "ckpt.metrics.jsonl"
+    cmd = torchrun(2, *args_for(tmp_path, corpus, tokenizer, "--batch_size", "4", "--max_iters", "100000",
+                                "--eval_interval", "100000", "--checkpoint_interval", "100000"))
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 120
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+            assert proc.poll() is None and time.time() < deadline, "training did not start"
+            time.sleep(0.2)
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=60)  # torchrun kills its ranks 30 s after the signal
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    saved = load_checkpoint(tmp_path / "ckpt.tar")
+    assert 3 <= saved["iteration"] < 100000 and len(saved["rng"]["torch"]) == 2
+    assert f"stopped at step {saved['iteration']}" in stderr
+    assert not (tmp_path / "ckpt.tar.lock").exists()
+
+
 @contextmanager
 def busy_cpus(n: int) -> Iterator[None]:
     """n processes spinning on the CPUs, so that the ranks are descheduled at unlucky moments."""

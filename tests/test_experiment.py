@@ -5,15 +5,20 @@ import csv
 import json
 import math
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 import experiment
+from gptlab import report
 from gptlab.checkpoint import load_checkpoint, save_checkpoint
 from gptlab.errors import UsageError, run_cli
+from gptlab.metrics import read_metrics
 from gptlab.tokenizer import train_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -147,7 +152,7 @@ def test_interrupted_run_is_resumed_and_finished_runs_are_left_alone(sweep, caps
     assert load_checkpoint(folder / "ckpt.tar")["iteration"] == 4
     commands = [line for line in (folder / "run.log").read_text().splitlines() if line.startswith("$ ")]
     assert len(commands) == 2 and commands[-1].endswith("--resume")
-    rows = experiment.read_metrics(metrics)
+    rows = read_metrics(metrics)
     assert [(r["step"], "val_loss" in r) for r in rows] == [(2, False), (2, True), (4, False), (4, True)]
     final = rows[-1]
     with open(out / "results.csv") as f:
@@ -224,13 +229,16 @@ def test_token_budget_gives_each_variant_the_steps_its_batch_needs():
 
 
 def test_time_budget_command_passes_the_budget_and_no_step_count():
-    variant = experiment.Variant("v", {}, {"corpus": "c.txt", "bias": False}, None)
-    plan = experiment.Plan("p", "out/p", "v", [1], {"time_budget": 120}, [variant])
+    variant = report.Variant("v", {}, {"corpus": "c.txt", "bias": False}, None)
+    plan = report.Plan("p", "out/p", "v", [1], {"time_budget": 120}, [variant])
     run = experiment.Run(variant, 1, Path("out/p/v/seed1"))
-    command = experiment.run_command(run, plan, {"bias": True}, resume=True)
+    command = experiment.run_command(run, plan, {"bias": True}, resume=False)
     assert command[:3] == [sys.executable, str(experiment.PLAYGROUND), "c.txt"]
     assert command[3:] == ["--no-bias", "--seed", "1", "--out_dir", str(run.folder), "--checkpoint",
-                           str(run.folder / "ckpt.tar"), "--sample_tokens", "0", "--time_budget", "120", "--resume"]
+                           str(run.folder / "ckpt.tar"), "--sample_tokens", "0", "--time_budget", "120"]
+    # Resumed, the checkpoint holds the budget (or the max_iters planned from it): playground refuses a new one.
+    assert experiment.run_command(run, plan, {"bias": True}, resume=True)[-3:] == ["--sample_tokens", "0",
+                                                                                  "--resume"]
 
 
 def test_ablation_spec_parses():
@@ -242,21 +250,131 @@ def test_ablation_spec_parses():
 def test_mean_band_uses_the_x_range_every_seed_covers():
     # Curve 1: y = x + 1 at x = 0, 1, 2; curve 2: y = 2 at x = 0.5, 1.5, 2.5. Common range [0.5, 2]: at
     # x = 0.5, 1, 1.5, 2 curve 1 is 1.5, 2, 2.5, 3 and curve 2 is 2 throughout.
-    x, mid, low, high = experiment.mean_band([([0, 1, 2], [1, 2, 3]), ([0.5, 1.5, 2.5], [2, 2, 2])])
+    x, mid, low, high = report.mean_band([([0, 1, 2], [1, 2, 3]), ([0.5, 1.5, 2.5], [2, 2, 2])])
     assert x == [0.5, 1, 1.5, 2]
     assert mid == pytest.approx([1.75, 2, 2.25, 2.5])
     assert low == pytest.approx([1.5, 2, 2, 2]) and high == pytest.approx([2, 2, 2.5, 3])
 
 
 def test_one_seed_shows_n_a_for_intervals_and_p():
-    variants = [experiment.Variant(n, {}, {}, 10) for n in ("base", "other")]
-    plan = experiment.Plan("p", "out/p", "base", [1], {"max_iters": 10}, variants)
-    results = [experiment.RunResult(n, 1, 10, bpb, 1.0, 100.0, 5.0, 1000, []) for n, bpb in
+    variants = [report.Variant(n, {}, {}, 10) for n in ("base", "other")]
+    plan = report.Plan("p", "out/p", "base", [1], {"max_iters": 10}, variants)
+    results = [report.RunResult(n, 1, 10, bpb, 1.0, 100.0, 5.0, 1000, []) for n, bpb in
                (("base", 2.0), ("other", 1.9))]
-    rows = experiment.summarise(plan, results)
+    rows = report.summarise(plan, results)
     assert rows[1]["diff"] == pytest.approx(-0.1) and math.isnan(rows[1]["p"])
-    text = experiment.report_markdown(plan, rows, ["other/seed2"], has_png=False)
+    text = report.report_markdown(plan, rows, ["other/seed2"], has_png=False)
     other = next(line for line in text.splitlines() if line.startswith("| other |"))
     cells = [c.strip() for c in other.strip("|").split("|")]
     assert cells[:4] == ["other", "1", "1.9000", "n/a"] and cells[-3:] == ["-0.1000 (n=1)", "n/a", "n/a"]
     assert "- other/seed2" in text and "curves.png" not in text
+
+
+# ----------------------------------------------------------------------------- reruns keep what they made
+
+def test_a_finished_run_whose_metrics_are_gone_or_torn_is_kept_not_retrained(sweep, capsys):
+    spec, out = sweep
+    torn, gone = run_folder(out, "a", 1337), run_folder(out, "a", 1338)
+    lines = (torn / "ckpt.metrics.jsonl").read_text().splitlines()
+    (torn / "ckpt.metrics.jsonl").write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:10])
+    saved = (gone / "ckpt.metrics.jsonl").read_text()
+    (gone / "ckpt.metrics.jsonl").unlink()
+    before = {k: v for k, v in stamps(out).items() if "ckpt.tar" in k}
+    experiment.main([str(spec)])
+    assert {k: v for k, v in stamps(out).items() if "ckpt.tar" in k} == before  # no checkpoint retrained
+    text = capsys.readouterr().out
+    assert "4 finished" in text and "a/seed1337 (its final evaluation is missing" in text
+    (gone / "ckpt.metrics.jsonl").write_text(saved)
+    (torn / "ckpt.metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_a_run_trained_with_other_settings_than_its_variant_now_has_is_refused(sweep):
+    spec, out = sweep
+    before = stamps(out)
+    edited = spec.parent / "edited.yaml"
+    edited.write_text(spec.read_text().replace("lr: 0.003", "lr: 0.001") + "name: sweep\n")
+    with pytest.raises(UsageError, match=r"b/seed1337 was trained with lr=0.003, but variant 'b' now has "
+                                         r"lr=0.001"):
+        experiment.main([str(edited)])
+    assert stamps(out) == before
+
+
+def test_duplicate_keys_in_the_spec_are_refused(tmp_path, data):
+    spec = write_spec(tmp_path, data)
+    spec.write_text(spec.read_text().replace("variants:\n", "variants:\n  b: {}\n"))
+    with pytest.raises(UsageError, match="duplicate key 'b'"):
+        experiment.main([str(spec)])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"grid": {"lr": [0.001, 1.0e-3]}, "variants": None}, "grid values print alike: lr=0.001 twice"),
+    ({"variants": {"a": {}, "report.md": {}}}, "'report.md' is a name the runner uses for its own files"),
+    ({"variants": {"a": {}, "b": {"corpus": "EMPTY"}}}, "variant 'b': no .txt files in"),
+    ({"variants": {"a": {}, "b": {"block_size": 4096}}}, "variant 'b': its validation text"),
+    ({"variants": {"a": {}, "b": {"block_size": 1800}}}, "tokens) is shorter than block_size + 1 = 1801"),
+])
+def test_every_variant_is_checked_before_the_first_run(tmp_path, data, capsys, change, message):
+    (tmp_path / "empty").mkdir()
+    change = json.loads(json.dumps(change).replace("EMPTY", str(tmp_path / "empty")))
+    spec = write_spec(tmp_path, data, **change)
+    if change.get("variants", ...) is None:
+        spec.write_text("\n".join(line for line in spec.read_text().splitlines() if "variants" not in line))
+    with pytest.raises(SystemExit) as e:
+        run_cli(lambda: experiment.main([str(spec)]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content", ['{"name": "sweep", "fold', "[]", '{"name": "sweep"}',
+                                     '{"name": "s", "folder": "f", "baseline": "a", "seeds": "3", "budget": {}, '
+                                     '"variants": [{"name": "a"}]}'])
+def test_report_on_a_damaged_plan_file_is_one_error_line(tmp_path, capsys, content):
+    (tmp_path / "experiment.json").write_text(content)
+    with pytest.raises(SystemExit) as e:
+        run_cli(lambda: experiment.main(["--report", str(tmp_path)]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "experiment.json is damaged" in err[0], err
+
+
+def test_a_masked_lm_variant_is_not_compared_with_a_causal_baseline():
+    variants = [report.Variant(n, {}, {}, 10) for n in ("gpt", "bert")]
+    plan = report.Plan("p", "out/p", "gpt", [1, 2], {"max_iters": 10}, variants)
+    results = [report.RunResult("gpt", s, 10, 2.0 + s / 10, 1.0, 100.0, 5.0, 1000, [], "clm") for s in (1, 2)] + \
+              [report.RunResult("bert", s, 10, math.nan, 1.0, 100.0, 5.0, 1000, [], "mlm") for s in (1, 2)]
+    text = report.report_markdown(plan, report.summarise(plan, results), [], has_png=False)
+    bert = next(line for line in text.splitlines() if line.startswith("| bert |"))
+    assert "nan" not in bert and "not comparable (mlm vs the baseline's clm)" in bert
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_runner_stops_its_run_cleanly(tmp_path, data, sig):
+    """SIGTERM or SIGINT sent to experiment.py alone reaches the run it trains (once), which saves and exits;
+    the runner records it, starts no other run and exits 128 + the signal."""
+    fake = tmp_path / "fake_playground.py"
+    fake.write_text("import signal, sys, time\n"
+                    "def stop(signum, frame):\n"
+                    "    print(f'got signal {signum}', flush=True)\n"
+                    "    sys.exit(128 + signum)\n"
+                    "signal.signal(signal.SIGTERM, stop)\nsignal.signal(signal.SIGINT, stop)\n"
+                    "print('training', flush=True)\ntime.sleep(60)\n")
+    spec = write_spec(tmp_path, data, variants={"a": {}})
+    runner = (f"import sys, experiment; from pathlib import Path; from gptlab.errors import run_cli; "
+              f"experiment.PLAYGROUND = Path({str(fake)!r}); run_cli(lambda: experiment.main([{str(spec)!r}]))")
+    proc = subprocess.Popen([sys.executable, "-c", runner], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "out" / "sweep" / "a" / "seed1337" / "run.log"
+    deadline = time.time() + 60
+    while not (log.exists() and "training" in log.read_text()):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "no start"
+        time.sleep(0.1)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + sig, err
+    assert log.read_text().count(f"got signal {int(sig)}") == 1
+    result = json.loads((log.parent / "result.json").read_text())
+    assert result["returncode"] == 128 + sig
+    assert not (log.parent.parent / "seed1338").exists()  # the queued run never started
+    assert "Traceback" not in err

@@ -2,6 +2,9 @@
 ids) and in GGUF (tensors and vocabulary read back equal); transformers folders load here; every model no
 target computes exactly is refused with one error line and nothing written. Random tiny models, no network."""
 
+import json
+import os
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -348,3 +351,60 @@ def test_playground_starts_from_a_transformers_folder_and_refuses_contradicting_
     _, folder_weights, _ = load_hf_folder(tmp_path / "gpt2")
     assert saved["iteration"] == 3
     assert all(torch.equal(saved["model"][name], folder_weights[name]) for name in folder_weights)
+
+
+def test_the_model_card_reads_a_metrics_file_whose_last_line_a_kill_tore(tmp_path):
+    """The one metrics reader (gptlab.metrics): a torn last line, a blank line or a stray value is skipped."""
+    ckpt = tmp_path / "model_checkpoint.tar"
+    ckpt.with_name("model_checkpoint.metrics.jsonl").write_text(
+        '{"step": 5, "train_loss": 5.0, "val_loss": 5.125, "val_bpb": 2.5}\n\n42\n{"step": 6, "val_lo')
+    assert export.final_evaluation({"iteration": 6}, ckpt)["val_loss"] == 5.125
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tokenizer, corpus) -> Path:
+    """A tiny GPT-2 exported to a Hugging Face folder, for tests to copy and damage."""
+    folder = tmp_path_factory.mktemp("exported")
+    ckpt = write_checkpoint(folder, random_model(tokenizer.vocab_size), tokenizer, corpus)
+    assert run_export(["--checkpoint", str(ckpt), "--out", str(folder / "hf")]) == 0
+    return folder / "hf"
+
+
+def _damage(folder: Path, case: str) -> None:
+    """One way a Hugging Face folder a user names can be broken (truncated, random, wrong shape)."""
+    weights = folder / "model.safetensors"
+    config = json.loads((folder / "config.json").read_text())
+    if case == "truncated safetensors":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif case == "random safetensors":
+        weights.write_bytes(os.urandom(4096))
+    elif case.endswith("pytorch_model.bin"):
+        weights.unlink()
+        if case == "random pytorch_model.bin":
+            (folder / "pytorch_model.bin").write_bytes(os.urandom(4096))
+        else:
+            torch.save([1, 2, 3], folder / "pytorch_model.bin")
+    elif case == "config.json missing a key":
+        del config["n_embd"]
+        (folder / "config.json").write_text(json.dumps(config))
+    elif case == "config.json holding []":
+        (folder / "config.json").write_text("[]")
+    elif case == "config.json with a word for a number":
+        (folder / "config.json").write_text(json.dumps({**config, "n_layer": "two"}))
+    elif case == "index without weight_map":
+        (folder / "model.safetensors.index.json").write_text("{}")
+    elif case == "random tokenizer.json":
+        (folder / "tokenizer.json").write_bytes(os.urandom(512))
+
+
+@pytest.mark.parametrize("case", ["truncated safetensors", "random safetensors", "random pytorch_model.bin",
+                                  "a list in pytorch_model.bin", "config.json missing a key", "config.json holding []",
+                                  "config.json with a word for a number", "index without weight_map",
+                                  "random tokenizer.json"])
+def test_a_damaged_hugging_face_folder_is_one_error_line(tmp_path, exported, case):
+    folder = tmp_path / "hf"
+    shutil.copytree(exported, folder)
+    _damage(folder, case)
+    with pytest.raises(UsageError) as e:
+        checkpoint_from_hf_folder(folder)
+    assert str(folder) in str(e.value) and "\n" not in str(e.value)

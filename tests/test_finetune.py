@@ -17,6 +17,7 @@ import torch
 import finetune
 from gpt import GPT, GPTConfig
 from gptlab.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from gptlab.errors import UsageError
 from gptlab.tokenizer import CLS, PAD, SEP, corpus_files, train_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -238,7 +239,7 @@ def bad_input_command(case: str, folder: Path, tokenizers, ckpt: Path, train: Pa
         train = folder / "nowhere.csv"
     return [sys.executable, str(REPO / "finetune.py"), "--checkpoint", str(ckpt), "--train", str(train), "--val",
             str(val), "--out", str(folder / "ft.tar"), "--predictions", str(folder / "pred.jsonl"), "--device",
-            "cpu", *extra]
+            "cpu", "--overwrite", *extra]
 
 
 def test_bad_input_is_one_line_and_writes_nothing(tokenizers, decoder_ckpt, single_data, tmp_path):
@@ -259,3 +260,18 @@ def test_bad_input_is_one_line_and_writes_nothing(tokenizers, decoder_ckpt, sing
         folder = tmp_path / case
         assert (folder / "ft.tar").read_bytes() == b"an earlier fine-tuned model", case
         assert not any(p.name.startswith(("pred", "ft.tar.")) for p in folder.iterdir()), case
+
+
+@pytest.mark.parametrize("existing", ["ft.tar", "pred.jsonl"])
+def test_an_existing_output_is_refused_before_any_work_unless_overwrite(decoder_ckpt, single_data, tmp_path,
+                                                                         existing):
+    (tmp_path / existing).write_text("an earlier run's output")
+    with pytest.raises(UsageError, match=f"{existing} already exists: .*--overwrite"):
+        finetune.fine_tune(config(decoder_ckpt, *single_data, tmp_path, epochs=1))
+    if existing == "pred.jsonl":  # classifying with --predict writes the predictions file alone
+        with pytest.raises(UsageError, match="pred.jsonl already exists"):
+            finetune.predict(finetune.FinetuneConfig(checkpoint=str(decoder_ckpt), predict=str(single_data[1]),
+                                                     predictions=str(tmp_path / existing), device="cpu"))
+    assert (tmp_path / existing).read_text() == "an earlier run's output"
+    finetune.fine_tune(config(decoder_ckpt, *single_data, tmp_path, epochs=1, overwrite=True))
+    assert (tmp_path / existing).read_bytes() != b"an earlier run's output"

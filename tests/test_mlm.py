@@ -88,7 +88,8 @@ def test_mlm_needs_a_tokenizer_with_a_mask_token(tmp_path):
     plain = tmp_path / "plain.json"
     train_tokenizer([corpus], "bpe", 64, show_progress=False).save(plain)
     c, flags = parse_config([str(corpus), "--tokenizer", str(plain), "--out_dir", str(tmp_path / "runs"),
-                             "--max_iters", "1", *[a for a in TINY if a not in ("--vocab_size", "100")]])
+                             "--max_iters", "1",
+                             *[a for a in TINY if a not in ("--vocab_size", "100", "--tokenizer_kind", "bpe")]])
     with pytest.raises(UsageError, match="--objective mlm needs the <mask> token.*--bert_tokens"):
         playground.train(c, flags)
 

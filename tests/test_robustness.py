@@ -13,6 +13,7 @@ import dataclasses
 import errno
 import hashlib
 import io
+import json
 import os
 import pickle
 import shutil
@@ -660,3 +661,81 @@ def test_bench_token_files_fit_large_vocabularies(tmp_path):
     split = speed.random_tokens(tmp_path, 70_000, 16)
     tokens = torch.from_numpy(np.memmap(split.path, dtype=split.dtype, mode="r").astype("int64"))
     assert split.dtype == "uint32" and int(tokens.max()) >= 65_536 and int(tokens.max()) < 70_000
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+
+def test_every_output_a_cli_declares_is_kept_when_it_exists(inputs, tmp_path):
+    """Generated from the declarations (setting(..., output=True)): for every file a CLI writes, an earlier
+    one in its place is refused before any work (exit 2, one error line) and left as it was."""
+    import export
+    corpus, tok, ck = str(inputs["corpus"]), str(inputs["tok"]), str(inputs["ckpt"])
+    out = tmp_path / "out"
+    out.mkdir()
+    clis = {  # the dataclass that declares a CLI's flags, its main, and a command that would succeed
+        "train_tokenizer": (train_tokenizer_cli.TokenizerArgs, train_tokenizer_cli.main,
+                            [corpus, "bbpe", "--vocab_size", "280"]),
+        "finetune": (finetune.FinetuneConfig, finetune.main,
+                     ["--checkpoint", ck, "--train", str(inputs["train"]), "--val", str(inputs["val"]),
+                      "--epochs", "1", "--device", "cpu"]),
+        "export": (export.ExportArgs, export.main, ["--checkpoint", ck]),
+        "playground": (config.TrainConfig, playground.main,
+                       [corpus, "--tokenizer", tok, "--out_dir", str(out / "runs"), "--max_iters", "1",
+                        "--embedding_dim", "32", "--num_of_layers", "1", "--num_of_heads", "2", "--block_size",
+                        "16", "--device", "cpu"]),
+    }
+    checked = []
+    for name, (cls, main, argv) in clis.items():
+        outputs = [f.name for f in cli.flag_fields(cls) if f.metadata["output"]]
+        for flag in outputs:  # each output in turn already exists; the others are new
+            paths = {other: out / f"{name}-{other}-{flag}" for other in outputs}
+            paths[flag].write_text("an earlier run's")
+            command = argv + [a for other in outputs for a in (f"--{other}", str(paths[other]))]
+            code, stderr = invoke(main, command)
+            lines = stderr.strip().splitlines()
+            assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (name, flag, stderr)
+            assert paths[flag].read_text() == "an earlier run's", (name, flag)
+            checked.append(f"{name} --{flag}")
+    assert {"train_tokenizer --out", "finetune --out", "finetune --predictions", "export --out",
+            "playground --checkpoint"} <= set(checked)
+
+
+# ---------------------------------------------------------------------------------------------- loaders
+
+def test_every_loader_of_a_file_the_user_names_answers_damage_in_one_line(inputs, tmp_path, monkeypatch):
+    """Each file a user names (checkpoint, tokenizer, YAML config, experiment spec and state, labelled CSV and
+    JSONL, metrics), truncated, random or of the wrong shape: loaded, or one UsageError line; never a traceback."""
+    from dataclasses import asdict
+
+    import experiment
+    from gptlab.metrics import read_metrics
+
+    monkeypatch.chdir(REPO)  # the experiment spec's paths are relative to the repository
+    options = experiment.playground_options()
+    spec = REPO / "experiments" / "ablation.yaml"
+    state = tmp_path / "experiment.json"
+    state.write_text(json.dumps(asdict(experiment.make_plan(experiment.read_spec(str(spec)), "a", options))))
+    jsonl = tmp_path / "train.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": t, "label": t[:3]}) + "\n" for t in ("cat cat", "saw saw")))
+    loaders = {  # name -> (a good file, what loads it)
+        "checkpoint": (inputs["ckpt"], lambda p: model_from_checkpoint(load_checkpoint(p))),
+        "tokenizer": (inputs["tok"], Tokenizer.from_file),
+        "config": (REPO / "configs" / "cpu_quickstart.yaml", lambda p: config.parse_config(["--config", str(p)])),
+        "experiment spec": (spec, lambda p: experiment.make_plan(experiment.read_spec(str(p)), "a", options)),
+        "experiment state": (state, lambda p: experiment.load_plan(p.parent)),
+        "labelled CSV": (inputs["train"], lambda p: finetune.read_examples(str(p), None)),
+        "labelled JSONL": (jsonl, lambda p: finetune.read_examples(str(p), None)),
+        "metrics": (None, read_metrics),
+    }
+    for name, (good, load) in loaders.items():
+        original = good.read_bytes() if good else b'{"step": 1, "loss": 2.0}\n'
+        suffix = good.name if good else "m.metrics.jsonl"
+        for damage, content in (("truncated", original[: len(original) // 2]), ("random", os.urandom(3000)),
+                                ("wrong shape", b"[1, 2, 3]\n"), ("empty", b"")):
+            folder = tmp_path / name.replace(" ", "_") / damage.replace(" ", "_")
+            folder.mkdir(parents=True)
+            (folder / suffix).write_bytes(content)
+            try:
+                load(folder / suffix)
+            except UsageError as e:
+                assert "\n" not in str(e) and str(e), (name, damage, str(e))

@@ -20,7 +20,7 @@ from config import parse_config
 from gptlab.checkpoint import load_checkpoint
 from gptlab.errors import UsageError
 from gptlab.fileio import RunLock
-from gptlab.tokenizer import corpus_files, train_tokenizer
+from gptlab.tokenizer import corpus_files, iter_corpus, train_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--embedding_dim", "32", "--num_of_layers", "1", "--num_of_heads", "2", "--block_size", "16",
@@ -91,6 +91,11 @@ def test_resume_refuses_what_would_do_nothing_or_change_the_tokenizer(tmp_path, 
         train(["--resume", "--checkpoint", ckpt, "--max_iters", "5", "--tokenizer", str(other)])
     with pytest.raises(UsageError, match="--optimizer muon differs from the checkpoint's adamw"):
         train(["--resume", "--checkpoint", ckpt, "--max_iters", "5", "--optimizer", "muon"])
+    # A flag typed on resume is applied or refused, never dropped (the budget here: minutes, not 6 s).
+    with pytest.raises(UsageError, match="--time_budget: .* has no time budget left to continue"):
+        train(["--resume", "--checkpoint", ckpt, "--max_iters", "100000", "--time_budget", "6"])
+    with pytest.raises(UsageError, match="--init_from starts a fresh run"):
+        train(["--resume", "--checkpoint", ckpt, "--max_iters", "5", "--init_from", str(tmp_path)])
 
 
 def test_a_second_run_on_a_checkpoint_in_use_is_refused(tmp_path, corpus, tokenizer):
@@ -113,7 +118,10 @@ def test_resume_after_a_kill_logs_each_step_once(tmp_path, corpus, tokenizer):
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
-def test_ctrl_c_saves_the_step_it_stopped_at_and_resume_continues(tmp_path, corpus, tokenizer):
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_and_sigterm_save_the_step_they_stopped_at(tmp_path, corpus, tokenizer, sig, status):
+    """SIGTERM (timeout, docker, Kubernetes, SLURM) is a Ctrl-C: save at the end of the step, free the lock,
+    exit 128 + 15."""
     cmd = [sys.executable, str(REPO / "playground.py"),
            *args(tmp_path, corpus, tokenizer, "--max_iters", "100000", "--checkpoint_interval", "100000",
                  "--eval_interval", "100000")]
@@ -123,9 +131,10 @@ def test_ctrl_c_saves_the_step_it_stopped_at_and_resume_continues(tmp_path, corp
     deadline = time.time() + 120
     while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    assert proc.returncode == status, err
+    assert not (tmp_path / "ckpt.tar.lock").exists()
     saved = load_checkpoint(tmp_path / "ckpt.tar")
     assert 3 <= saved["iteration"] < 100000
     assert f"stopped at step {saved['iteration']}" in err and "Traceback" not in err
@@ -183,3 +192,28 @@ def test_muon_run_resumes_bit_exactly(tmp_path, corpus, tokenizer):
     train(["--resume", "--checkpoint", str(part / "ckpt.tar"), "--max_iters", "6"])
     a, b = load_checkpoint(full / "ckpt.tar")["model"], load_checkpoint(part / "ckpt.tar")["model"]
     assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+@pytest.mark.parametrize("earlier", ["ckpt.metrics.jsonl", "ckpt.loss.png"])
+def test_a_fresh_run_never_replaces_an_earlier_runs_metrics_or_plot(tmp_path, corpus, tokenizer, earlier):
+    """The checkpoint is gone (moved, or the run was killed before its first save), its metrics or plot stay."""
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / earlier).write_text("an earlier run's")
+    with pytest.raises(UsageError, match=f"{earlier} already exists .*--overwrite"):
+        train(args(tmp_path, corpus, tokenizer, "--max_iters", "2"))
+    assert (tmp_path / "runs" / earlier).read_text() == "an earlier run's"
+    assert not (tmp_path / "ckpt.tar").exists()
+
+
+def test_a_folder_as_checkpoint_is_refused_once_and_for_what_it_is(tmp_path, corpus, tokenizer):
+    (tmp_path / "ckpt.tar").mkdir()
+    for extra in ([], ["--overwrite"]):  # the first answer must not suggest what the second refuses
+        with pytest.raises(UsageError, match="ckpt.tar is a folder; give a file name inside it"):
+            train(args(tmp_path, corpus, tokenizer, "--max_iters", "2", *extra))
+
+
+def test_a_text_of_blank_lines_is_named_for_what_it_holds(tmp_path):
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n" * 8)
+    with pytest.raises(UsageError, match=r"blank.txt holds only whitespace \(8 characters\)"):
+        list(iter_corpus([blank]))

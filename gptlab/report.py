@@ -1,0 +1,404 @@
+"""An experiment's plan and its report: the variants x seeds (checked from the spec's parts), each run's
+numbers, the summary over seeds (mean, 95% interval, paired difference to the baseline), report.md,
+results.csv and curves.png. experiment.py checks the spec against playground.py and trains; nothing here trains."""
+
+import csv
+import itertools
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from gptlab import stats
+from gptlab.checkpoint import load_checkpoint, model_from_checkpoint
+from gptlab.errors import UsageError
+from gptlab.fileio import atomic_write_text
+from gptlab.metrics import read_metrics
+from gptlab.tokenizer import Tokenizer, corpus_files
+
+BASE_SEED = 1337
+PLAN_NAME = "experiment.json"  # the resolved spec, saved so that --report DIR needs nothing else
+CHECKPOINT_NAME = "ckpt.tar"
+METRICS_NAME = "ckpt.metrics.jsonl"  # playground writes <out_dir>/<checkpoint stem>.metrics.jsonl
+RESERVED_NAMES = (PLAN_NAME, "report.md", "results.csv", "curves.png")  # the runner's files beside variants
+COUNTED_BYTES = 1 << 20  # validation text up to this size is tokenized before any run, to count its tokens
+BUDGETS = {"max_iters": "equal steps", "tokens": "equal tokens", "time_budget": "equal wall time (seconds)"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    overrides: dict[str, Any]  # what it changes relative to the base (shown in the report)
+    settings: dict[str, Any]  # base updated with the overrides: playground options, plus corpus
+    max_iters: int | None  # from the budget; None under a time budget, where playground stops on time
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    folder: str  # <out_dir>/<name>
+    baseline: str
+    seeds: list[int]
+    budget: dict[str, float]  # exactly one of BUDGETS -> its amount
+    variants: list[Variant]
+
+
+def plan_from_dict(d: Any) -> Plan:
+    """A plan read back from its JSON file, checked field by field (a hand edit or a torn file may hold
+    anything): ValueError says what is wrong."""
+    if not isinstance(d, dict) or set(d) != {f.name for f in fields(Plan)}:
+        raise ValueError(f"it must hold exactly {', '.join(f.name for f in fields(Plan))}")
+    variant_keys = {f.name for f in fields(Variant)}
+    if not isinstance(d["variants"], list) or not all(isinstance(v, dict) and set(v) == variant_keys
+                                                      for v in d["variants"]) or not d["variants"]:
+        raise ValueError(f"variants must be a list of {{{', '.join(sorted(variant_keys))}}}")
+    plan = Plan(**{**d, "variants": [Variant(**v) for v in d["variants"]]})
+    for v in plan.variants:
+        variant_name(v.name)
+        if not (isinstance(v.overrides, dict) and isinstance(v.settings, dict)
+                and (v.max_iters is None or type(v.max_iters) is int)):
+            raise ValueError(f"variant {v.name!r} is not a variant")
+    if not isinstance(plan.name, str) or not isinstance(plan.folder, str) or \
+            plan.baseline not in [v.name for v in plan.variants]:
+        raise ValueError("its name, folder or baseline is wrong")
+    parse_seeds(plan.seeds)
+    parse_budget(plan.budget)
+    return plan
+
+
+def show(value: Any) -> str:
+    """A setting's value as typed on a command line or in a variant name."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+# ----------------------------------------------------------------------------- the spec's parts
+
+def variant_overrides(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Variant name -> its overrides, from `variants:` as written or from every combination of `grid:`."""
+    if ("variants" in spec) == ("grid" in spec):
+        raise UsageError("give exactly one of variants: (name -> overrides) or grid: (setting -> list of values)")
+    if "variants" in spec:
+        variants = mapping(spec["variants"], "variants")
+        if not variants:
+            raise UsageError("variants: is empty")
+        return {variant_name(name): mapping(changes, f"variant '{name}'")
+                for name, changes in variants.items()}
+    grid = mapping(spec["grid"], "grid")
+    if not grid or not all(isinstance(v, list) and v for v in grid.values()):
+        raise UsageError("grid: must map each setting to a non-empty list of values, e.g. lr: [1.0e-3, 2.0e-3]")
+    combos = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+    named = {}
+    for combo in combos:
+        name = ",".join(f"{k}={show(v)}".replace("/", "_") for k, v in combo.items())
+        if name in named:  # e.g. lr: [0.001, 1.0e-3]: one value written twice, which one folder cannot hold
+            raise UsageError(f"grid values print alike: {name} twice (give each setting's values once)")
+        named[name] = combo
+    return named
+
+
+def parse_seeds(value: Any) -> list[int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value <= 0:
+            raise UsageError(f"seeds must be a positive number of seeds or a list of seeds, got {value}")
+        return [BASE_SEED + i for i in range(value)]
+    if (isinstance(value, list) and value and all(isinstance(s, int) and not isinstance(s, bool) for s in value)
+            and min(value) >= 0):
+        if len(set(value)) != len(value):
+            raise UsageError(f"seeds lists a seed twice: {value}")
+        return list(value)
+    raise UsageError(f"seeds must be a positive number of seeds (e.g. seeds: 3) or a list of seeds >= 0, "
+                     f"got {value!r}")
+
+
+def parse_budget(value: Any) -> dict[str, float]:
+    choices = "; ".join(f"{{{k}: N}} ({why})" for k, why in BUDGETS.items())
+    if not isinstance(value, dict) or len(value) != 1:
+        raise UsageError(f"budget must be exactly one of {choices}; got {value!r}")
+    (kind, amount), = value.items()
+    if kind not in BUDGETS:
+        raise UsageError(f"unknown budget '{kind}': use one of {choices}")
+    whole = kind != "time_budget"
+    if isinstance(amount, bool) or not isinstance(amount, int if whole else int | float) or amount <= 0:
+        raise UsageError(f"budget {kind} must be a positive {'integer' if whole else 'number'}, got {amount!r}")
+    return {kind: amount}
+
+
+def mapping(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UsageError(f"{where} must be a mapping of key: value, got {value!r}")
+    return value
+
+
+def variant_name(value: Any) -> str:
+    """A variant names a folder beside the runner's own files in the experiment's folder."""
+    if value in RESERVED_NAMES:
+        raise UsageError(f"variant '{value}': '{value}' is a name the runner uses for its own files "
+                         f"({', '.join(RESERVED_NAMES)}): choose another")
+    return folder_name(value, "variant name")
+
+
+def folder_name(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not value or "/" in value or value.startswith("."):
+        raise UsageError(f"{what} must be a non-empty name without '/' (it names a folder), got {value!r}")
+    return value
+
+
+
+def check_data(corpus: list[str], val_fraction: float, block_size: int, tokenizer: str | None) -> None:
+    """What can be known of a run's data before it runs: its files exist and hold text, and its validation
+    text holds block_size + 1 tokens: counted with the run's tokenizer when it names one (and the text is
+    small), else bounded by its bytes (a token is at least one byte)."""
+    files = corpus_files(corpus)
+    val_bytes = int(sum(path.stat().st_size for path in files) * val_fraction)
+    tokens, unit = val_bytes, "bytes: at most that many tokens"
+    if tokenizer is not None and val_bytes < COUNTED_BYTES:
+        tokens, unit = len(Tokenizer.from_file(tokenizer).encode(tail_text(files, val_bytes))), "tokens"
+    if tokens < block_size + 1:
+        raise UsageError(f"its validation text (~{tokens:,} {unit}) is shorter than block_size + 1 = "
+                         f"{block_size + 1}: use a longer corpus or a smaller block_size")
+
+
+def tail_text(files: list[Path], n: int) -> str:
+    """The corpus's last n bytes (its validation text, near enough: the split moves to a line start)."""
+    parts: list[bytes] = []
+    for path in reversed(files):
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - n))
+            parts.append(f.read(n))
+        n -= len(parts[-1])
+        if n <= 0:
+            break
+    return b"".join(reversed(parts)).decode("utf-8", errors="replace")
+
+
+# ----------------------------------------------------------------------------- results and report
+
+@dataclass(frozen=True)
+class RunResult:
+    variant: str
+    seed: int
+    steps: int
+    val_bpb: float
+    val_loss: float
+    tokens_per_s: float
+    wall_s: float
+    parameters: int
+    curve: list[tuple[int, float | None, float]]  # evaluations: (step, seconds since the start or None, val_bpb)
+    objective: str = "clm"  # what the run learned: bits/byte compare only runs of one objective
+
+
+CSV_COLUMNS = ("variant", "seed", "steps", "val_bpb", "val_loss", "tokens_per_s", "wall_s", "parameters")
+
+
+@dataclass(frozen=True)
+class Run:
+    variant: Variant
+    seed: int
+    folder: Path
+
+    @property
+    def label(self) -> str:
+        return f"{self.variant.name}/seed{self.seed}"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.folder / CHECKPOINT_NAME
+
+    @property
+    def metrics(self) -> Path:
+        return self.folder / METRICS_NAME
+
+    @property
+    def log(self) -> Path:
+        return self.folder / "run.log"
+
+    @property
+    def result(self) -> Path:
+        return self.folder / "result.json"
+
+
+def plan_runs(plan: Plan, folder: Path) -> list[Run]:
+    return [Run(v, seed, folder / v.name / f"seed{seed}") for v in plan.variants for seed in plan.seeds]
+
+
+def final_eval(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    evals = [r for r in rows if "val_loss" in r]
+    return evals[-1] if evals else None
+
+
+def read_result(run: Run) -> RunResult:
+    """A finished run's numbers: its metrics file, its checkpoint (parameters) and the runner's result.json."""
+    rows = read_metrics(run.metrics)
+    final = final_eval(rows)
+    speeds = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
+    times = [r["time_s"] for r in rows if "time_s" in r]
+    wall_s = times[-1] if times else read_json(run.result).get("wall_s", math.nan)
+    ckpt = load_checkpoint(run.checkpoint)
+    model, _ = model_from_checkpoint(ckpt)
+    curve = [(r["step"], r.get("time_s"), r.get("val_bpb", math.nan)) for r in rows if "val_loss" in r]
+    return RunResult(run.variant.name, run.seed, final["step"], final.get("val_bpb", math.nan), final["val_loss"],
+                     stats.mean(speeds) if speeds else math.nan, wall_s, model.num_parameters(), curve,
+                     ckpt["config"].get("objective", "clm"))
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def summarise(plan: Plan, results: list[RunResult]) -> list[dict[str, Any]]:
+    """Per variant: the spread over its seeds, and its difference to the baseline paired by seed."""
+    baseline = {r.seed: r.val_bpb for r in results if r.variant == plan.baseline}
+    rows = []
+    for v in plan.variants:
+        mine = [r for r in results if r.variant == v.name]
+        row: dict[str, Any] = {"variant": v.name, "n": len(mine)}
+        if mine:
+            bpb = [r.val_bpb for r in mine]
+            row |= {"bpb_mean": stats.mean(bpb), "bpb_ci": stats.confidence_interval(bpb), "bpb_min": min(bpb),
+                    "bpb_max": max(bpb), "loss_mean": stats.mean([r.val_loss for r in mine]),
+                    "tokens_per_s": stats.mean([r.tokens_per_s for r in mine]),
+                    "wall_s": stats.mean([r.wall_s for r in mine]), "parameters": mine[0].parameters}
+        pairs = [(r.val_bpb, baseline[r.seed]) for r in mine if r.seed in baseline and
+                 math.isfinite(r.val_bpb) and math.isfinite(baseline[r.seed])]
+        theirs = {r.objective for r in results if r.variant == plan.baseline}
+        if v.name != plan.baseline and mine and theirs and mine[0].objective not in theirs:
+            row["diff_note"] = f"not comparable ({mine[0].objective} vs the baseline's {theirs.pop()})"
+        elif v.name != plan.baseline and pairs:
+            diff, low, high, p = stats.paired_t_test([a for a, _ in pairs], [b for _, b in pairs])
+            row |= {"diff": diff, "diff_ci": (low, high), "p": p, "pairs": len(pairs)}
+        rows.append(row)
+    return rows
+
+
+def _number(x: float | None, digits: int = 4) -> str:
+    return "n/a" if x is None or math.isnan(x) else f"{x:.{digits}f}"
+
+
+def _interval(ci: tuple[float, float] | None) -> str:
+    return "n/a" if ci is None or math.isnan(ci[0]) else f"[{ci[0]:.4f}, {ci[1]:.4f}]"
+
+
+def report_markdown(plan: Plan, rows: list[dict[str, Any]], missing: list[str], has_png: bool) -> str:
+    (kind, amount), = plan.budget.items()
+    lines = [f"# Experiment {plan.name}", "",
+             f"Budget: {kind} {show(amount)} ({BUDGETS[kind]}). Seeds: {', '.join(map(str, plan.seeds))}. "
+             f"Baseline: {plan.baseline}.", "",
+             "| variant | n | val bits/byte | 95% CI | min | max | val loss | tokens/s | wall s | parameters "
+             "| Δ bits/byte vs baseline | 95% CI of Δ | p |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if not r["n"]:
+            lines.append(f"| {r['variant']} | 0 | " + " | ".join(["n/a"] * 11) + " |")
+            continue
+        diff = ("baseline", "", "") if r["variant"] == plan.baseline else (
+            (f"{r['diff']:+.4f} (n={r['pairs']})", _interval(r["diff_ci"]), _number(r["p"], 3)) if "diff" in r
+            else (r.get("diff_note", "n/a"), "n/a", "n/a"))
+        lines.append(f"| {r['variant']} | {r['n']} | {_number(r['bpb_mean'])} | {_interval(r['bpb_ci'])} | "
+                     f"{_number(r['bpb_min'])} | {_number(r['bpb_max'])} | {_number(r['loss_mean'])} | "
+                     f"{_number(r['tokens_per_s'], 0)} | {_number(r['wall_s'], 1)} | {r['parameters']:,} | "
+                     f"{diff[0]} | {diff[1]} | {diff[2]} |")
+    lines += ["", "Lower bits/byte is better. 95% CI: Student t interval of the mean over seeds (n/a with one "
+              "seed). Δ = variant − baseline, paired by seed (only seeds both finished), with its 95% CI and the "
+              "two-sided paired t-test's p. tokens/s and wall s: means over seeds. Parameters: non-embedding "
+              "count, as playground.py prints it.", "", "## Variants", ""]
+    for v in plan.variants:
+        changes = ", ".join(f"{k}={show(x) if not isinstance(x, list) else x}" for k, x in v.overrides.items())
+        steps = f"; max_iters {v.max_iters}" if v.max_iters is not None else ""
+        lines.append(f"- **{v.name}**: {changes or 'the base settings'}{steps}")
+    if missing:
+        lines += ["", f"## Not finished ({len(missing)})", "", *[f"- {m}" for m in missing]]
+    if has_png:
+        lines += ["", "## Curves", "", "![val bits/byte vs step and vs wall time](curves.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(results: list[RunResult], path: Path) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(CSV_COLUMNS)
+        for r in results:
+            writer.writerow([getattr(r, column) for column in CSV_COLUMNS])
+
+
+def mean_band(curves: list[tuple[list[float], list[float]]]) -> tuple[list[float], list[float], list[float],
+                                                                       list[float]]:
+    """Seeds' curves on common x values (those inside every curve's range, linearly interpolated): the x
+    values, and the mean, minimum and maximum across seeds at each."""
+    import numpy as np
+
+    lo, hi = max(xs[0] for xs, _ in curves), min(xs[-1] for xs, _ in curves)
+    grid = sorted({x for xs, _ in curves for x in xs if lo <= x <= hi})
+    values = np.array([np.interp(grid, xs, ys) for xs, ys in curves])
+    return grid, list(values.mean(0)), list(values.min(0)), list(values.max(0))
+
+
+def plot_curves(plan: Plan, results: list[RunResult], path: Path) -> bool:
+    """Val bits/byte against step and against wall seconds: the mean over seeds and a min-max band per
+    variant. Skipped (False) when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    timed = False
+    for i, v in enumerate(plan.variants):
+        runs = [r.curve for r in results if r.variant == v.name and r.curve]
+        for ax, column in zip(axes, (0, 1), strict=True):
+            curves = [([p[column] for p in c], [p[2] for p in c]) for c in runs if all(p[column] is not None
+                                                                                       for p in c)]
+            if not curves:
+                continue
+            timed |= column == 1
+            x, mid, low, high = mean_band(curves)
+            ax.plot(x, mid, color=f"C{i % 10}", marker="." if len(x) < 30 else None,
+                    label=f"{v.name} (n={len(curves)})")
+            if len(curves) > 1:
+                ax.fill_between(x, low, high, color=f"C{i % 10}", alpha=0.2)
+    axes[0].set_xlabel("step")
+    axes[1].set_xlabel("wall seconds since the run began")
+    if not timed:
+        axes[1].text(0.5, 0.5, "no time_s in the metrics", ha="center", va="center", transform=axes[1].transAxes)
+    for ax in axes:
+        ax.set_ylabel("val bits/byte")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+    fig.suptitle(f"{plan.name}: mean over seeds, band from min to max")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def unevaluated_note(run: Run) -> str:
+    return (f"{run.label} (its final evaluation is missing from {run.metrics}, torn or deleted; the checkpoint "
+            f"is kept: delete {run.folder} to train it again)")
+
+
+def write_report(plan: Plan, folder: Path, states: list[tuple[Run, str]]) -> str:
+    """report.md, results.csv and curves.png in `folder`, from its finished runs (states: each run and what
+    the runner found of it: new, partial, finished or unevaluated); returns the markdown."""
+    results, missing = [], []
+    for run, state in states:
+        if state == "finished":
+            results.append(read_result(run))
+        else:
+            missing.append(unevaluated_note(run) if state == "unevaluated" else run.label)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_csv(results, folder / "results.csv")
+    has_png = plot_curves(plan, results, folder / "curves.png")
+    if not has_png:
+        print("matplotlib is not installed: no curves.png (pip install matplotlib)")
+    text = report_markdown(plan, summarise(plan, results), missing, has_png)
+    atomic_write_text(folder / "report.md", text, "report")
+    return text

@@ -1,0 +1,13 @@
+"""tests/run.sh builds the second (several GB) torch environment only where it tests something new."""
+
+from newest_torch_needed import decide
+
+AVAILABLE = ["3.0.0", "2.13.0", "2.12.1", "2.14.0rc1", "2.6.0"]
+
+
+def test_the_newest_torch_environment_is_built_only_when_it_tests_another_torch():
+    assert decide("2.13.0+cpu", AVAILABLE, ci=False)[0] is False  # a newcomer's install: already the newest
+    needed, why = decide("2.11.0", AVAILABLE, ci=False)
+    assert needed and "older than 2.13.0" in why and "several GB" in why  # says what it costs first
+    assert decide("2.13.0", AVAILABLE, ci=True)[0] is True  # CI keeps testing the newest
+    assert decide("2.11.0", [], ci=False)[0] is False  # offline: skipped, said so
