@@ -7,11 +7,13 @@ from collections.abc import Iterator
 
 import torch
 from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from config import TrainConfig
 from gpt import GPT
 from gptlab.data import TokenSplit, batch_rng
+from gptlab.health import Health
 from gptlab.muon import Muon, muon_groups, require_whole_matrices
 from gptlab.objectives import Objective
 from gptlab.runtime import Runtime, to_device
@@ -67,26 +69,48 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float, c: TrainConfi
         group["lr"] = lr * muon_scale if group.get("use_muon") else lr
 
 
+def micro_batch(split: TokenSplit, it: int, micro: int, c: TrainConfig, rt: Runtime,
+                objective: Objective) -> tuple[torch.Tensor, torch.Tensor]:
+    """Micro-batch `micro` of step `it` on this rank, on the device. Its global slot depends on the step, not
+    on how many ranks share it."""
+    slot = (it * c.grad_accum_steps + micro) * rt.world_size + rt.rank
+    x, y = objective.batch(split, c.batch_size, c.model.block_size, batch_rng(c.seed, TRAIN_STREAM, slot))
+    return to_device(x, rt.device), to_device(y, rt.device)
+
+
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-               split: TokenSplit, it: int, c: TrainConfig, rt: Runtime, objective: Objective) -> torch.Tensor:
-    """One optimiser step over grad_accum_steps micro-batches; returns the mean micro-batch loss (a tensor)."""
+               split: TokenSplit, it: int, c: TrainConfig, rt: Runtime, objective: Objective,
+               health: Health | None = None) -> torch.Tensor:
+    """One optimiser step over grad_accum_steps micro-batches; returns the mean micro-batch loss (a tensor).
+    With `health`, a bad step's update is skipped and the step is measured (see gptlab/health.py)."""
     total = torch.zeros((), device=rt.device)
     for micro in range(c.grad_accum_steps):
-        # Global slot of this micro-batch: the batches depend on the step, not on how many ranks share it.
-        slot = (it * c.grad_accum_steps + micro) * rt.world_size + rt.rank
-        x, y = objective.batch(split, c.batch_size, c.model.block_size, batch_rng(c.seed, TRAIN_STREAM, slot))
+        x, y = micro_batch(split, it, micro, c, rt, objective)
         with gradient_sync(model, micro == c.grad_accum_steps - 1):
             with rt.autocast():
-                _, loss = objective.loss(model, to_device(x, rt.device), to_device(y, rt.device))
+                _, loss = objective.loss(model, x, y)
             scaler.scale(loss / c.grad_accum_steps).backward()
         total += loss.detach()
-    if c.grad_clip > 0:
+    loss = total / c.grad_accum_steps
+    if c.grad_clip > 0 or health is not None:
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
-    scaler.step(optimizer)
+    grad_norm = gradient_norm(model, c.grad_clip) if c.grad_clip > 0 or health is not None else None
+    if health is None or health.before_update(it, loss, grad_norm, optimizer, scaler):
+        scaler.step(optimizer)
     scaler.update()
+    if health is not None:
+        health.after_update(it, optimizer)
     optimizer.zero_grad(set_to_none=True)
-    return total / c.grad_accum_steps
+    return loss
+
+
+def gradient_norm(model: torch.nn.Module, grad_clip: float) -> torch.Tensor:
+    """The global gradient norm before clipping (a device tensor), clipping to grad_clip if it is > 0."""
+    if grad_clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
 def gradient_sync(model: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager:
