@@ -126,7 +126,7 @@ class SpikeDetector:
         return spike
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"losses": self.losses.cpu(), "written": self.written.cpu(), "streak": self.streak.cpu()}
+        return {name: getattr(self, name).cpu().clone() for name in ("losses", "written", "streak")}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for name, value in state.items():
@@ -290,7 +290,7 @@ class Health:
     def check(self, step: int) -> list[dict[str, Any]]:
         """Read the device counts (a sync, at log steps only) and act on the bad steps since the last check:
         rollback restores the snapshot, stop ends the run. Returns the events to log."""
-        counts = self.counts.cpu()
+        counts = self.counts.cpu().clone()  # .cpu() of a CPU tensor is the tensor itself
         new, self.checked = counts - self.checked, counts
         bad = int(new[COUNTS.index("skipped")])
         events = []
@@ -328,7 +328,8 @@ class Health:
     # ------------------------------------------------------------------ checkpoint
 
     def state_dict(self) -> dict[str, Any]:
-        return {"detector": self.detector.state_dict(), "counts": self.counts.cpu(), "checked": self.checked,
+        return {"detector": self.detector.state_dict(), "counts": self.counts.cpu().clone(),
+                "checked": self.checked.clone(),
                 "rollbacks": self.rollbacks, "slow_until": self.slow_until, "nonfinite_run": self.nonfinite_run}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -382,7 +383,9 @@ def plot_health(metrics_path: Path, png_path: Path) -> bool:
     for ax, stat, title in zip(axes, ("grad_norm", "update_ratio"),
                                ("gradient norm per layer", "update ratio |dw| / |w| per layer"), strict=True):
         grid = np.array([[r.get(f"{stat}/{layer}", np.nan) for r in rows] for layer in layers], dtype=float)
-        grid[~(grid > 0)] = np.nan  # log scale: a zero (a skipped step's update) shows as a gap
+        grid[~(np.isfinite(grid) & (grid > 0))] = np.nan  # a zero (a skipped update) or inf shows as a gap
+        if np.isnan(grid).all():
+            continue
         image = ax.pcolormesh(step_edges(steps), np.arange(len(layers) + 1), grid, norm=LogNorm(), cmap="viridis")
         ax.set_yticks(np.arange(len(layers)) + 0.5, layers)
         ax.invert_yaxis()  # the embedding on top, the head at the bottom: the order data flows

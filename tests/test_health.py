@@ -3,6 +3,7 @@ what it says, a spike is rolled back, and the moving average of the weights resu
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,9 @@ from conftest import corpus_slice
 import playground
 from config import TrainConfig, parse_config
 from gpt import GPT, GPTConfig
-from gptlab.checkpoint import load_checkpoint
+from gptlab import checkpoint as checkpoint_module
+from gptlab import health as health_module
+from gptlab.checkpoint import load_checkpoint, model_from_checkpoint
 from gptlab.data import TokenSplit, batch_rng, build_token_cache
 from gptlab.health import Health
 from gptlab.objectives import NextToken
@@ -137,3 +140,65 @@ def test_layer_telemetry_equals_norms_computed_by_hand(tied, split):
         assert row[f"weight_norm/{layer}"] == pytest.approx(weight.item(), rel=1e-5)
         assert row[f"update_ratio/{layer}"] == pytest.approx((delta / weight).item(), rel=1e-4)
     assert ("lm_head.weight" in grads) == (not tied)  # tied: the head's matrix is counted under embed
+
+
+def spike_lr_at(monkeypatch, step: int) -> None:
+    """One step at 1000x the learning rate: the loss spikes on the next step and stays up."""
+    real = playground.learning_rate
+    monkeypatch.setattr(playground, "learning_rate", lambda it, c: real(it, c) * (1000 if it == step else 1))
+
+
+def test_rollback_undoes_an_injected_spike_that_ruins_an_unprotected_run(tmp_path, corpus, tokenizer_path,
+                                                                         monkeypatch):
+    monkeypatch.setattr(health_module, "SPIKE_WINDOW", 20)  # judge spikes after 20 steps, not 50
+    common = ("--max_iters", "60", "--eval_interval", "60", "--snapshot_interval", "20")
+    clean = train(tmp_path, corpus, tokenizer_path, *common, name="clean")["val_loss"]
+    spike_lr_at(monkeypatch, 40)
+    skipped = train(tmp_path, corpus, tokenizer_path, *common, "--on_spike", "skip", name="skip")["val_loss"]
+    rolled = train(tmp_path, corpus, tokenizer_path, *common, "--on_spike", "rollback", name="rollback")["val_loss"]
+    assert skipped > clean + 1.0  # skipping the spiking steps cannot undo the step that did the damage
+    assert rolled == pytest.approx(clean, abs=0.05)
+    events = [r for r in metrics(tmp_path, "rollback") if r.get("event") == "rollback"]
+    assert [(e["step"], e["to_step"]) for e in events] == [(45, 40)]  # seen at the next log step
+    assert metrics(tmp_path, "rollback")[-2]["rollbacks"] == 1
+
+
+def test_resume_after_a_rollback_with_an_ema_is_bit_exact(tmp_path, corpus, tokenizer_path, monkeypatch):
+    """Rollback at step 45 (lr halved until 65), EMA on; the step-50 checkpoint resumed to 60 ends with the same
+    weights, average, health state and losses as the run that went straight through."""
+    monkeypatch.setattr(health_module, "SPIKE_WINDOW", 20)
+    spike_lr_at(monkeypatch, 40)
+    args = ("--max_iters", "60", "--eval_interval", "30", "--checkpoint_interval", "25", "--snapshot_interval", "20",
+            "--on_spike", "rollback", "--rollback_lr_factor", "0.5", "--ema_decay", "0.9")
+    real_save = checkpoint_module.save_checkpoint
+
+    def save_and_keep_step_50(state, path):
+        real_save(state, path)
+        if state["iteration"] == 50:
+            shutil.copy(path, tmp_path / "step50.tar")
+
+    monkeypatch.setattr(playground, "save_checkpoint", save_and_keep_step_50)
+    train(tmp_path, corpus, tokenizer_path, *args)
+    monkeypatch.setattr(playground, "save_checkpoint", real_save)
+    straight = load_checkpoint(tmp_path / "ckpt.tar")
+    assert straight["health"]["rollbacks"] == 1 and "ema_val_loss" in metrics(tmp_path)[-1]
+    c, set_by_flags = parse_config(["--resume", "--checkpoint", str(tmp_path / "step50.tar"),
+                                    "--out_dir", str(tmp_path / "runs")])
+    playground.train(c, set_by_flags)
+    resumed = load_checkpoint(tmp_path / "step50.tar")
+    for part in ("model", "ema"):
+        assert all(torch.equal(t, resumed[part][name]) for name, t in straight[part].items()), part
+    assert torch.equal(straight["health"]["detector"]["losses"], resumed["health"]["detector"]["losses"])
+    losses = {r["step"]: r["loss"] for r in metrics(tmp_path) if "loss" in r and r["step"] > 50}
+    assert losses == {r["step"]: r["loss"] for r in metrics(tmp_path, "step50") if "loss" in r and r["step"] > 50}
+
+
+def test_the_average_is_what_checkpoint_users_get_unless_they_ask_for_the_raw_weights(tmp_path, corpus,
+                                                                                       tokenizer_path):
+    train(tmp_path, corpus, tokenizer_path, "--max_iters", "10", "--eval_interval", "10", "--ema_decay", "0.9")
+    ckpt = load_checkpoint(tmp_path / "ckpt.tar")
+    averaged, _ = model_from_checkpoint(ckpt)
+    raw, _ = model_from_checkpoint(ckpt, raw_weights=True)
+    assert torch.equal(averaged.wte.weight, ckpt["ema"]["wte.weight"])
+    assert torch.equal(raw.wte.weight, ckpt["model"]["wte.weight"])
+    assert not torch.equal(averaged.wte.weight, raw.wte.weight)
