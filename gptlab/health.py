@@ -364,8 +364,8 @@ def attention_logit_max(attn: MultiHeadAttention, x: torch.Tensor, padding_mask:
 
 
 def plot_health(metrics_path: Path, png_path: Path) -> bool:
-    """Layers x steps heat maps of the gradient norm and the update ratio (log colour scales), from the JSONL
-    file; False when the run logged no telemetry or matplotlib is not installed."""
+    """Layers x steps heat maps of the gradient norm and the update ratio (log colour scales), rollbacks marked
+    by red dashed lines, from the JSONL file; False when the run logged no telemetry or matplotlib is missing."""
     try:
         import matplotlib
 
@@ -374,9 +374,11 @@ def plot_health(metrics_path: Path, png_path: Path) -> bool:
         from matplotlib.colors import LogNorm
     except ImportError:
         return False
-    rows = [r for r in read_metrics(metrics_path) if "grad_norm/embed" in r]
+    every = read_metrics(metrics_path)
+    rows = [r for r in every if "grad_norm/embed" in r]
     if not rows:
         return False
+    rollbacks = [r["step"] for r in every if r.get("event") == "rollback"]
     layers = [key.split("/", 1)[1] for key in rows[0] if key.startswith("grad_norm/")]
     steps = [r["step"] for r in rows]
     fig, axes = plt.subplots(2, 1, figsize=(8, 2.2 + 0.45 * len(layers)), sharex=True)
@@ -390,6 +392,8 @@ def plot_health(metrics_path: Path, png_path: Path) -> bool:
         ax.set_yticks(np.arange(len(layers)) + 0.5, layers)
         ax.invert_yaxis()  # the embedding on top, the head at the bottom: the order data flows
         ax.set_title(title, fontsize=10)
+        for step in rollbacks:  # where a rollback happened: the cells after it start from the snapshot
+            ax.axvline(step, color="red", linestyle="--", linewidth=1)
         fig.colorbar(image, ax=ax, pad=0.01)
     axes[-1].set_xlabel("step")
     fig.tight_layout()
