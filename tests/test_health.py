@@ -4,6 +4,7 @@ what it says, a spike is rolled back, and the moving average of the weights resu
 import json
 import math
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -202,3 +203,40 @@ def test_the_average_is_what_checkpoint_users_get_unless_they_ask_for_the_raw_we
     assert torch.equal(averaged.wte.weight, ckpt["ema"]["wte.weight"])
     assert torch.equal(raw.wte.weight, ckpt["model"]["wte.weight"])
     assert not torch.equal(averaged.wte.weight, raw.wte.weight)
+
+
+SPIKED_PLAYGROUND = '''import sys
+sys.path.insert(0, {repo!r})
+import playground
+from gptlab import health
+health.SPIKE_WINDOW = 20
+real = playground.learning_rate
+playground.learning_rate = lambda it, c: real(it, c) * (1000 if it == 40 else 1)
+playground.run_cli(playground.main)
+'''
+
+
+def test_two_ranks_roll_back_as_one_process_does(tmp_path, corpus, tokenizer_path):
+    """Under DDP (2 gloo ranks) the spike is judged on the loss averaged over the ranks, so both ranks roll back at
+    the same step, and the run equals one process with the same global batch: same losses, events, weights and
+    per-layer gradient norms and update ratios."""
+    from test_distributed import REPO, assert_same_weights, run, torchrun
+    script = tmp_path / "spiked_playground.py"
+    script.write_text(SPIKED_PLAYGROUND.format(repo=str(REPO)))
+    common = [str(corpus), "--tokenizer", str(tokenizer_path), *TINY, "--device", "cpu", "--batch_size", "4",
+              "--max_iters", "50", "--eval_interval", "50", "--snapshot_interval", "20", "--on_spike", "rollback",
+              "--health_interval", "10"]
+    for name, accum in (("one", "2"), ("two", "1")):
+        args = [*common, "--grad_accum_steps", accum, "--out_dir", str(tmp_path / name / "runs"),
+                "--checkpoint", str(tmp_path / name / "ckpt.tar")]
+        launcher = [sys.executable] if name == "one" else torchrun(2)[:-1]  # torchrun(2) ends with playground.py
+        run([*launcher, str(script), *args])
+    rows = {name: [json.loads(line) for line in (tmp_path / name / "runs" / "ckpt.metrics.jsonl").read_text()
+                   .splitlines()] for name in ("one", "two")}
+    events = {name: [(r["step"], r["to_step"]) for r in rows[name] if r.get("event") == "rollback"] for name in rows}
+    assert events["one"] == events["two"] == [(45, 40)]
+    for a, b in zip(rows["one"], rows["two"], strict=True):
+        for key in a.keys() & b.keys():
+            if key.startswith(("loss", "grad_norm", "update_ratio", "weight_norm", "spike_steps")):
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
+    assert_same_weights(tmp_path / "one" / "ckpt.tar", tmp_path / "two" / "ckpt.tar", tol=1e-4)
