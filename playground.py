@@ -274,7 +274,7 @@ def train_loop(run: Run) -> None:
         saving = step % c.checkpoint_interval == 0 or step == c.max_iters or stopping
         if step % c.log_interval == 0 or evaluating or saving:
             log_step(run, loss, lr, meter, bar)
-        log_health(run, bar)
+        log_health(run)
         bar.update(1)
         if evaluating:
             since = time.perf_counter()
@@ -341,7 +341,7 @@ def log_step(run: Run, loss: torch.Tensor, lr: float, meter: Throughput, bar: tq
             run.metrics.log(run.iteration, event)
 
 
-def log_health(run: Run, bar: tqdm) -> None:
+def log_health(run: Run) -> None:
     """The per-layer telemetry of a health step, into the metrics."""
     row = run.health.take_row()
     if row and run.metrics:
@@ -359,8 +359,9 @@ def evaluate_and_log(run: Run, bar: tqdm) -> None:
         run.final.update({f"ema_{name}": value for name, value in ema.items()})
     run.best_val_loss = min(run.best_val_loss, run.final["val_loss"])
     if run.rt.is_main:
+        ema = f", EMA val loss {run.final['ema_val_loss']:.4f}" if "ema_val_loss" in run.final else ""
         bar.write(f"step {run.iteration}: train loss {run.final['train_loss']:.4f}, val loss "
-                  f"{run.final['val_loss']:.4f}, {run.objective.describe(run.final)}")
+                  f"{run.final['val_loss']:.4f}, {run.objective.describe(run.final)}{ema}")
         run.metrics.log(run.iteration, {**run.final, "time_s": run.seconds})
 
 

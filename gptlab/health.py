@@ -214,7 +214,7 @@ class Health:
         self.counts += torch.stack([torch.ones_like(ok), ~ok, ~finite, spike, clipped]).float()
         self.grad_norm = grad_norm.detach().float()
         if self.measures(it + 1):
-            self.record_before(optimizer)
+            self.record_before()
         if self.c.on_spike == "rollback" and it % self.c.snapshot_interval == 0 and it > 0 and bool(ok):
             self.snapshot = Snapshot(self.model, optimizer, self.ema, it)  # the weights this step's loss vouched for
         if getattr(optimizer, "_step_supports_amp_scaling", False) and not scaler.is_enabled():
@@ -236,7 +236,7 @@ class Health:
 
     # ------------------------------------------------------------------ telemetry
 
-    def record_before(self, optimizer: torch.optim.Optimizer) -> None:
+    def record_before(self) -> None:
         names, groups = list(self.layers), list(self.layers.values())
         grads = [[p.grad for p in g if p.grad is not None] for g in groups]
         square = torch.cat([squared_norms(grads, self.counts.device), squared_norms(groups, self.counts.device)])

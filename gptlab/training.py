@@ -92,9 +92,10 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler:
             scaler.scale(loss / c.grad_accum_steps).backward()
         total += loss.detach()
     loss = total / c.grad_accum_steps
-    if c.grad_clip > 0 or health is not None:
+    grad_norm = None
+    if c.grad_clip > 0 or health is not None:  # both need the true (unscaled) gradients
         scaler.unscale_(optimizer)
-    grad_norm = gradient_norm(model, c.grad_clip) if c.grad_clip > 0 or health is not None else None
+        grad_norm = gradient_norm(model, c.grad_clip)
     if health is None or health.before_update(it, loss, grad_norm, optimizer, scaler):
         scaler.step(optimizer)
     scaler.update()
