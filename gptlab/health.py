@@ -1,6 +1,6 @@
 """Training health: see a run going wrong while it runs, survive bad steps, and keep an average of the weights.
 
-Four parts, each used by the training loop through one `Health` object (docs/health.md explains the numbers):
+Five parts, used by the training loop through one `Health` object (docs/health.md explains the numbers):
     guard        every step: a bad step (a non-finite loss or gradient, or a loss spike) has its update skipped
                  on the device, without a host sync where the optimizer allows it (fused AdamW's found_inf)
     spikes       a spike is a loss above median + k * MAD of the last SPIKE_WINDOW accepted losses
@@ -34,7 +34,6 @@ from gptlab.runtime import Runtime
 SPIKE_WINDOW = 50  # accepted losses the spike threshold is computed from
 MAD_FLOOR = 1e-3  # of the median: a window of identical losses must not make every tiny rise a spike
 COUNTS = ("steps", "skipped", "nonfinite", "spikes", "clipped")  # device-side running counts, read at log steps
-LAYER_STATS = ("grad_norm", "update_ratio", "weight_norm", "act_rms", "attn_logit_max")
 
 
 def layer_of(name: str) -> str:
@@ -91,6 +90,10 @@ def hooks(outputs: dict[str, nn.Module], rms: dict[str, torch.Tensor], logit_max
 def keyed(stat: str, layers: list[str], values: torch.Tensor) -> dict[str, float]:
     """{"stat/layer": value}: the metrics keys of one statistic (docs/health.md)."""
     return {f"{stat}/{layer}": v for layer, v in zip(layers, values.tolist(), strict=True)}
+
+
+def named(counts: torch.Tensor) -> dict[str, float]:
+    return dict(zip(COUNTS, counts.tolist(), strict=True))
 
 
 def all_reduce(t: torch.Tensor, op: dist.ReduceOp, rt: Runtime) -> torch.Tensor:
@@ -189,7 +192,8 @@ class Health:
         self.rollbacks, self.slow_until = 0, 0  # slow_until: the lr is lowered before this step
         self.nonfinite_run = 0  # non-finite steps in a row, as seen at the checks
         self.row: dict[str, float] = {}  # the telemetry of a health step, under construction
-        self.weights_before: list[torch.Tensor] = []
+        self.weights_before: list[torch.Tensor] = []  # on a health step, between before_update and after_update
+        self.weight_squares_before = torch.zeros(len(self.layers))
         if state is not None:
             self.load_state_dict(state)
         if c.ema_decay > 0 and rt.fsdp:
@@ -241,7 +245,7 @@ class Health:
         grads = [[p.grad for p in g if p.grad is not None] for g in groups]
         square = torch.cat([squared_norms(grads, self.counts.device), squared_norms(groups, self.counts.device)])
         square = all_reduce(square, dist.ReduceOp.SUM, self.rt) if self.rt.fsdp else square
-        self._before_square = square[len(names):]
+        self.weight_squares_before = square[len(names):]
         self.row.update(keyed("grad_norm", names, square[:len(names)].sqrt()))
         self.row.update(keyed("weight_norm", names, square[len(names):].sqrt()))
         self.weights_before = [local(p).detach().clone() for g in groups for p in g]
@@ -255,7 +259,7 @@ class Health:
             i += len(g)
         square = squared_norms(deltas, self.counts.device)
         square = all_reduce(square, dist.ReduceOp.SUM, self.rt) if self.rt.fsdp else square
-        ratios = (square / self._before_square.clamp_min(1e-30)).sqrt()
+        ratios = (square / self.weight_squares_before.clamp_min(1e-30)).sqrt()
         self.row.update(keyed("update_ratio", names, ratios))
         self.weights_before = []
 
@@ -291,16 +295,16 @@ class Health:
         """Read the device counts (a sync, at log steps only) and act on the bad steps since the last check:
         rollback restores the snapshot, stop ends the run. Returns the events to log."""
         counts = self.counts.cpu().clone()  # .cpu() of a CPU tensor is the tensor itself
-        new, self.checked = counts - self.checked, counts
-        bad = int(new[COUNTS.index("skipped")])
+        new, self.checked = named(counts - self.checked), counts
+        bad = int(new["skipped"])
         events = []
         if bad and self.c.on_spike == "stop":
-            raise UsageError(f"{bad} bad step(s) (loss spike or non-finite loss) by step {step}, and --on_spike "
-                             f"stop: stopped; the last checkpoint in {self.c.checkpoint} is untouched")
+            raise UsageError(f"{bad} bad step(s) (a loss spike or a non-finite loss or gradient) by step {step}, "
+                             f"and --on_spike stop: stopped; the last checkpoint in {self.c.checkpoint} is untouched")
         if bad and self.c.on_spike == "rollback":
             events.append(self.roll_back(step))
-        all_nonfinite = new[COUNTS.index("nonfinite")] == new[COUNTS.index("steps")]
-        self.nonfinite_run = self.nonfinite_run + int(new[0]) if all_nonfinite else 0
+        all_nonfinite = new["nonfinite"] == new["steps"]
+        self.nonfinite_run = self.nonfinite_run + int(new["steps"]) if all_nonfinite else 0
         if self.nonfinite_run >= SPIKE_WINDOW:
             raise UsageError(f"the last {self.nonfinite_run} steps up to step {step} all had a non-finite loss or "
                              f"gradient: the run cannot recover; the last checkpoint in {self.c.checkpoint} is "
@@ -319,11 +323,10 @@ class Health:
     def counters(self) -> dict[str, float]:
         """For the log line: running totals, the fraction of steps clipped since the last check, the latest
         gradient norm before clipping."""
-        counts, since = self.counts.cpu(), self.checked
-        steps = max(1.0, float(counts[0] - since[0]))
-        return {"grad_norm": self.grad_norm.item(), "clip_fraction": float(counts[4] - since[4]) / steps,
-                "skipped_steps": int(counts[1]), "nonfinite_steps": int(counts[2]), "spike_steps": int(counts[3]),
-                "rollbacks": self.rollbacks}
+        total, new = named(self.counts.cpu()), named(self.counts.cpu() - self.checked)
+        return {"grad_norm": self.grad_norm.item(), "clip_fraction": new["clipped"] / max(1.0, new["steps"]),
+                "skipped_steps": int(total["skipped"]), "nonfinite_steps": int(total["nonfinite"]),
+                "spike_steps": int(total["spikes"]), "rollbacks": self.rollbacks}
 
     # ------------------------------------------------------------------ checkpoint
 
