@@ -18,6 +18,7 @@ from gptlab.cli import (
     NON_NEGATIVE,
     OPEN_FRACTION,
     POSITIVE,
+    Rule,
     add_flags,
     check_fields,
     check_requirements,
@@ -106,6 +107,24 @@ class TrainConfig:
     wandb_project: str | None = setting(None, "log metrics to this Weights & Biases project (honours WANDB_MODE; "
                                         "offline when not logged in)", group="evaluation")
     wandb_run_name: str | None = setting(None, "Weights & Biases run name", group="evaluation")
+    # training health (docs/health.md)
+    health_interval: int = setting(50, "steps between per-layer health measurements (gradient and weight norms, "
+                                   "update ratios, activation RMS, attention logits) in the metrics and the "
+                                   "health PNG; 0 = off", rule=NON_NEGATIVE, group="health")
+    on_spike: str = setting("skip", "what a bad step (a non-finite loss or gradient, or a loss spike) does beyond "
+                            "skipping its update: skip: nothing more; rollback: restore the model and optimizer "
+                            "from the latest in-memory snapshot; stop: end the run",
+                            choices=("skip", "rollback", "stop"), group="health")
+    spike_threshold: float = setting(6.0, "a loss above median + this x MAD (median absolute deviation) of the "
+                                     "last 50 accepted losses is a spike", rule=POSITIVE, group="health")
+    snapshot_interval: int = setting(100, "rollback only: steps between in-memory snapshots of the model and "
+                                     "optimizer", rule=POSITIVE, group="health")
+    rollback_lr_factor: float = setting(1.0, "rollback only: learning-rate multiplier for snapshot_interval steps "
+                                        "after a rollback", rule=Rule("in (0, 1]", lambda v: 0 < v <= 1),
+                                        group="health")
+    ema_decay: float = setting(0.0, "keep an exponential moving average of the weights with this decay (e.g. "
+                               "0.999), evaluated beside the raw weights and saved in the checkpoint, where "
+                               "generate/evaluate/finetune/export use it; 0 = off", rule=FRACTION, group="health")
     # system
     seed: int = setting(1337, "random seed (model init, batches, dropout)", rule=NON_NEGATIVE, group="system")
     device: str = setting("auto", "auto picks cuda, then mps, then cpu", group="system")

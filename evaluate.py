@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from gpt import GPT
-from gptlab.checkpoint import model_from_checkpoint
+from gptlab.checkpoint import RAW_WEIGHTS_HELP, model_from_checkpoint
 from gptlab.cli import POSITIVE, check_fields, parse_dataclass, setting
 from gptlab.convert import load_checkpoint_or_folder
 from gptlab.data import CHUNK_BYTES, token_dtype
@@ -79,6 +79,7 @@ class EvaluateArgs:
     batch_size: int = setting(8, "windows per forward pass", rule=POSITIVE)
     device: str = setting("auto", "auto, cpu, cuda, cuda:1, mps")
     dtype: str = setting("auto", DTYPE_HELP, choices=DTYPE_CHOICES)
+    raw_weights: bool = setting(False, RAW_WEIGHTS_HELP)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -91,7 +92,8 @@ def main(argv: list[str] | None = None) -> None:
                            positional="files")
     rt = local_runtime(args.device, args.dtype)  # before the checkpoint: a missing device is the device's fault
     files = corpus_files(list(args.files))
-    model, tokenizer = model_from_checkpoint(load_checkpoint_or_folder(args.checkpoint), rt.device, args.checkpoint)
+    model, tokenizer = model_from_checkpoint(load_checkpoint_or_folder(args.checkpoint), rt.device, args.checkpoint,
+                                            args.raw_weights)
     if not model.config.causal:
         raise UsageError(f"{args.checkpoint} is an encoder (masked LM): it has no next-token loss to evaluate; "
                          f"its masked-token loss and accuracy are reported during training")

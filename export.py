@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from gpt import GPT, swiglu_hidden_size
-from gptlab.checkpoint import load_checkpoint, model_from_checkpoint
+from gptlab.checkpoint import RAW_WEIGHTS_HELP, load_checkpoint, model_from_checkpoint
 from gptlab.cli import check_fields, parse_dataclass, setting
 from gptlab.convert import RMS_EPS, architecture_for, hf_config, to_hf_state_dict
 from gptlab.errors import UsageError, run_cli
@@ -41,6 +41,7 @@ class ExportArgs:
     format: str = setting("hf", "hf: a Hugging Face transformers folder; gguf: a GGUF file for llama.cpp",
                           choices=FORMATS)
     overwrite: bool = setting(False, "replace the contents of an existing, non-empty --out folder")
+    raw_weights: bool = setting(False, RAW_WEIGHTS_HELP)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -300,7 +301,7 @@ def export(args: ExportArgs) -> None:
     checkpoint, out = Path(args.checkpoint), Path(args.out)
     check_out(out, checkpoint, args.overwrite)
     ckpt = load_checkpoint(checkpoint)
-    model, tokenizer = model_from_checkpoint(ckpt, "cpu")
+    model, tokenizer = model_from_checkpoint(ckpt, "cpu", raw_weights=args.raw_weights)
     arch = architecture_for(model.config)  # refuses, naming the setting, before anything is written
     if args.format == "gguf":
         gguf_vocabulary(tokenizer)  # refuses a tokenizer llama.cpp cannot run, before anything is written

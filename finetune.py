@@ -29,7 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from gpt import GPT
-from gptlab.checkpoint import model_from_checkpoint, save_checkpoint
+from gptlab.checkpoint import RAW_WEIGHTS_HELP, model_from_checkpoint, save_checkpoint
 from gptlab.cli import FRACTION, NON_NEGATIVE, POSITIVE, SEED, Rule, check_fields, parse_dataclass, setting
 from gptlab.convert import load_checkpoint_or_folder
 from gptlab.errors import UsageError, run_cli
@@ -67,6 +67,7 @@ class FinetuneConfig:
                                "example)", output=True)
     overwrite: bool = setting(False, "replace an existing --out or --predictions file (an earlier run's)")
     seed: int = setting(1337, "seeds the head's initialisation, dropout and the shuffling", rule=SEED)
+    raw_weights: bool = setting(False, RAW_WEIGHTS_HELP)
     device: str = setting("auto", "auto, cpu, cuda, cuda:1, mps")
     dtype: str = setting("auto", DTYPE_HELP, choices=DTYPE_CHOICES)
 
@@ -387,7 +388,7 @@ def fine_tune(c: FinetuneConfig) -> dict[str, Any]:
     rt = local_runtime(c.device, c.dtype)  # before the checkpoint: a missing device is the device's fault
     ckpt = load_checkpoint_or_folder(c.checkpoint)  # on the CPU: only the model moves to the device
     ckpt.pop("optimizer", None)  # a pretrained run's AdamW moments: not needed here
-    gpt, tokenizer = model_from_checkpoint(ckpt, rt.device, c.checkpoint)
+    gpt, tokenizer = model_from_checkpoint(ckpt, rt.device, c.checkpoint, c.raw_weights)
     fmt = InputFormat.for_model(gpt, tokenizer)
     train_examples, task = read_examples(c.train, c.task)
     val_examples, _ = read_examples(c.val, task)

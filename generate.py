@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from gpt import GPT
-from gptlab.checkpoint import model_from_checkpoint
+from gptlab.checkpoint import RAW_WEIGHTS_HELP, model_from_checkpoint
 from gptlab.cli import POSITIVE, SEED, Rule, check_fields, parse_dataclass, setting
 from gptlab.convert import load_checkpoint_or_folder
 from gptlab.errors import UsageError, run_cli
@@ -49,6 +49,7 @@ class GenerateArgs:
     tokenizer: str | None = setting(None, "a tokenizer.json to use instead of the checkpoint's (must be the same)")
     no_cache: bool = setting(False, "recompute the whole context each step (slow)")
     stats: bool = setting(False, "print tokens generated and tokens/s on stderr")
+    raw_weights: bool = setting(False, RAW_WEIGHTS_HELP)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -214,7 +215,8 @@ def read_prompt(args: GenerateArgs) -> str | None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     rt = local_runtime(args.device, args.dtype)  # before the checkpoint: a missing device is the device's fault
-    model, tokenizer = model_from_checkpoint(load_checkpoint_or_folder(args.checkpoint), rt.device, args.checkpoint)
+    model, tokenizer = model_from_checkpoint(load_checkpoint_or_folder(args.checkpoint), rt.device, args.checkpoint,
+                                            args.raw_weights)
     if args.tokenizer:
         tokenizer = check_tokenizer(args.tokenizer, tokenizer)
     prompt = read_prompt(args)

@@ -39,12 +39,13 @@ from gptlab.convert import checkpoint_from_hf_folder
 from gptlab.data import TokenSplit, batch_rng, build_token_cache, cache_key
 from gptlab.errors import UsageError, run_cli
 from gptlab.fileio import RunLock, check_output, check_output_dir
+from gptlab.health import Health, plot_health
 from gptlab.memory import MemoryPlan, gib, plan_run
 from gptlab.metrics import Metrics, plot_losses
 from gptlab.objectives import Objective, objective_for
 from gptlab.runtime import Runtime, peak_flops, seconds_since_start, setup_runtime, teardown, to_device
 from gptlab.tokenizer import MASK, Tokenizer, corpus_files, train_tokenizer
-from gptlab.training import learning_rate, make_optimizer, set_learning_rate, train_step
+from gptlab.training import learning_rate, make_optimizer, set_learning_rate, step_batches, train_step
 
 DEFAULT_VOCAB_SIZE = 8000
 EVAL_TRAIN_STREAM, EVAL_VAL_STREAM = 1, 2  # random streams of evaluation batches, apart from training's (0)
@@ -74,6 +75,7 @@ class Run:
     metrics_path: Path
     started: float  # time.perf_counter() when the command started
     plan: MemoryPlan  # the micro-batch each forward/backward pass takes, and the estimated peak memory
+    health: Health  # bad-step guard, spike reaction, telemetry, EMA (gptlab/health.py)
     seconds_before: float = 0.0  # wall time of the runs this one resumes
     iteration: int = 0  # optimiser steps done
     best_val_loss: float = math.inf
@@ -216,8 +218,9 @@ def build_run(c: TrainConfig, ckpt: dict[str, Any] | None, rt: Runtime, started:
     resumed_at = ckpt["iteration"] if ckpt else None
     metrics = Metrics(metrics_path(c), c.to_dict(), resumed_at, c.wandb_project, c.wandb_run_name) \
         if rt.is_main else None
+    health = Health(model, optimizer, c, rt, ckpt.get("health") if ckpt else None, ckpt.get("ema") if ckpt else None)
     run = Run(c, rt, tokenizer, objective, splits, model, step_model, optimizer, scaler, metrics, metrics_path(c),
-              started, plan)
+              started, plan, health)
     if ckpt is not None:
         run.iteration, run.best_val_loss = ckpt["iteration"], ckpt["best_val_loss"]
         run.seconds_before = ckpt.get("seconds", 0.0)
@@ -258,10 +261,13 @@ def train_loop(run: Run) -> None:
     meter = Throughput()
     run.next_budget_check = run.iteration + UNTIMED_STEPS + TIMED_STEPS
     while run.iteration < run.c.max_iters:
-        lr = learning_rate(run.iteration, run.c)
+        lr = learning_rate(run.iteration, run.c) * run.health.lr_factor(run.iteration)
         set_learning_rate(run.optimizer, lr, run.c)
+        if run.health.measures(run.iteration + 1):
+            x, _ = step_batches(run.splits["train"], run.iteration, run.c, run.rt, run.objective)
+            run.health.probe(to_device(x[:run.plan.micro_batch], run.rt.device))
         loss = train_step(run.step_model, run.optimizer, run.scaler, run.splits["train"], run.iteration, run.c,
-                          run.rt, run.objective, run.plan.micro_batch)
+                          run.rt, run.objective, run.plan.micro_batch, run.health)
         run.iteration += 1
         step, c = run.iteration, run.c
         meter.tokens += run.tokens_per_step
@@ -276,6 +282,7 @@ def train_loop(run: Run) -> None:
         saving = step % c.checkpoint_interval == 0 or step == c.max_iters or stopping
         if step % c.log_interval == 0 or evaluating or saving:
             log_step(run, loss, lr, meter, bar)
+        log_health(run)
         bar.update(1)
         if evaluating:
             since = time.perf_counter()
@@ -336,14 +343,15 @@ class Throughput:
 
 
 def log_step(run: Run, loss: torch.Tensor, lr: float, meter: Throughput, bar: tqdm) -> None:
-    """The loss (averaged over ranks: the only host-device sync, once per log), lr, tokens/s and MFU."""
+    """The loss (averaged over ranks: the host-device syncs are here, once per log), lr, tokens/s, MFU and the
+    health counts; then the reaction to bad steps since the last log (--on_spike). A non-finite loss is logged
+    as it is: its update was skipped."""
     loss_value = mean_over_ranks(loss, run.rt)
-    if not math.isfinite(loss_value):
-        raise UsageError(f"loss became {loss_value} at step {run.iteration}; stopping (the last checkpoint in "
-                         f"{run.c.checkpoint} is untouched). Try a lower --lr or --grad_clip.")
     tok_s = meter.rate()
     meter.restart()
-    logged = {"loss": loss_value, "lr": lr, "tokens_per_s": tok_s}
+    logged = {"loss": loss_value, "lr": lr, "tokens_per_s": tok_s, **run.health.counters()}
+    if run.scaler.is_enabled():
+        logged["loss_scale"] = run.scaler.get_scale()
     peak = peak_flops(run.rt.device, run.rt.dtype)
     if peak:  # model FLOPs utilisation: achieved FLOP/s over the peak of all the ranks' GPUs
         logged["mfu"] = run.model.flops_per_token() * tok_s / (peak * run.rt.world_size)
@@ -351,6 +359,17 @@ def log_step(run: Run, loss: torch.Tensor, lr: float, meter: Throughput, bar: tq
                     **({"mfu": f"{logged['mfu']:.1%}"} if peak else {}))
     if run.metrics:
         run.metrics.log(run.iteration, {**logged, "time_s": run.seconds})
+    for event in run.health.check(run.iteration):
+        bar.write(f"step {run.iteration}: {event}")
+        if run.metrics:
+            run.metrics.log(run.iteration, event)
+
+
+def log_health(run: Run) -> None:
+    """The per-layer telemetry of a health step, into the metrics."""
+    row = run.health.take_row()
+    if row and run.metrics:
+        run.metrics.log(run.iteration, row)
 
 
 def evaluate_and_log(run: Run, bar: tqdm) -> None:
@@ -359,10 +378,14 @@ def evaluate_and_log(run: Run, bar: tqdm) -> None:
     if not (run.rt.is_main or run.rt.fsdp):
         return
     run.final = evaluate(run.model, run.splits, run.c, run.rt, run.objective, run.plan.micro_batch)
+    if run.health.ema is not None:  # the average, beside the raw weights
+        ema = evaluate(run.health.ema.model, run.splits, run.c, run.rt, run.objective, run.plan.micro_batch)
+        run.final.update({f"ema_{name}": value for name, value in ema.items()})
     run.best_val_loss = min(run.best_val_loss, run.final["val_loss"])
     if run.rt.is_main:
+        ema = f", EMA val loss {run.final['ema_val_loss']:.4f}" if "ema_val_loss" in run.final else ""
         bar.write(f"step {run.iteration}: train loss {run.final['train_loss']:.4f}, val loss "
-                  f"{run.final['val_loss']:.4f}, {run.objective.describe(run.final)}")
+                  f"{run.final['val_loss']:.4f}, {run.objective.describe(run.final)}{ema}")
         run.metrics.log(run.iteration, {**run.final, "time_s": run.seconds})
 
 
@@ -423,7 +446,8 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
             "optimizer": get_optimizer_state_dict(run.model, run.optimizer, options=FULL_STATE),
             "scaler": run.scaler.state_dict(), "iteration": run.iteration, "best_val_loss": run.best_val_loss,
             "rng": gather_rng_states(run.rt), "seconds": run.seconds,
-            "tokenizer": run.tokenizer.to_json()}
+            "tokenizer": run.tokenizer.to_json(), "health": run.health.state_dict(),
+            **({"ema": run.health.ema.model.state_dict()} if run.health.ema else {})}
 
 
 def save(run: Run) -> None:
@@ -536,6 +560,9 @@ def finish(run: Run) -> None:
     png = plot_path(c)
     if plot_losses(run.metrics_path, png):
         print(f"loss curve: {png}")
+    health_png = png.with_name(f"{Path(c.checkpoint).stem}.health.png")
+    if plot_health(run.metrics_path, health_png):
+        print(f"health heat maps: {health_png}")
     print(f"checkpoint: {c.checkpoint}")
     if rt.device.type == "cuda":  # the memory model beside what the allocator saw (evaluations included)
         print(f"memory: peak {gib(torch.cuda.max_memory_allocated(rt.device))} allocated, estimated "

@@ -11,6 +11,9 @@ What a checkpoint holds (all tensors or plain Python values, so `torch.load(weig
     best_val_loss   the lowest validation loss seen so far
     rng             torch CPU (and CUDA) RNG states, for dropout
     tokenizer       the tokenizer's JSON text, so a checkpoint alone is enough to generate
+    health          the spike detector's window and the bad-step counts (gptlab/health.py), for exact resume
+    ema             optional (--ema_decay): the moving average of the weights, a state dict like `model`; what
+                    model_from_checkpoint builds unless asked for the raw weights
 """
 
 import dataclasses
@@ -32,6 +35,8 @@ REQUIRED_KEYS = ("version", "model_config", "model", "tokenizer")
 NOT_OURS = "is not a GPT-experiments checkpoint"
 DAMAGED = "is not a readable checkpoint"
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
+RAW_WEIGHTS_HELP = ("use the checkpoint's raw weights even when it holds their moving average (trained with "
+                    "--ema_decay), which is used by default")
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
@@ -123,16 +128,18 @@ def _check_size(config: GPTConfig, weights: dict[str, Any], source: str) -> None
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], device: str | torch.device = "cpu",
-                          source: str = "the checkpoint") -> tuple[GPT, Tokenizer]:
-    """Rebuild the model (in eval mode, on `device`) and its tokenizer from a loaded checkpoint. Only the model
-    moves to the device; load the checkpoint on the CPU (the default of load_checkpoint)."""
+                          source: str = "the checkpoint", raw_weights: bool = False) -> tuple[GPT, Tokenizer]:
+    """Rebuild the model (in eval mode, on `device`) and its tokenizer from a loaded checkpoint: with the moving
+    average of the weights when it holds one, unless raw_weights. Only the model moves to the device; load the
+    checkpoint on the CPU (the default of load_checkpoint)."""
     config = model_config_from(ckpt, source)
-    if not isinstance(ckpt["model"], dict):
+    weights = ckpt["model"] if raw_weights or "ema" not in ckpt else ckpt["ema"]
+    if not isinstance(weights, dict):
         raise UsageError(f"{source}: its model entry is not a state dict")
-    _check_size(config, ckpt["model"], source)
+    _check_size(config, weights, source)
     model = GPT(config)
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(weights)
     except (RuntimeError, TypeError, KeyError) as e:
         detail = " ".join(str(e).split())  # torch lists every mismatch on its own line
         raise UsageError(f"{source}: its weights do not fit its model_config ({detail[:300]})") from None

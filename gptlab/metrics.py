@@ -2,7 +2,9 @@
 
 One JSON object per line: training lines {"step", "loss", "lr", "tokens_per_s", ["mfu"], "time_s"} and
 evaluation lines {"step", "train_loss", "val_loss", "val_bpb" or "val_accuracy", "time_s"}; time_s is wall
-seconds since the run's command started (summed over resumed runs).
+seconds since the run's command started (summed over resumed runs). Training lines also carry the health
+counts, health lines the per-layer telemetry, and event lines what was done about a bad step: their keys are
+listed in docs/health.md (written by gptlab/health.py).
 """
 
 import json

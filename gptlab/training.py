@@ -7,11 +7,13 @@ from collections.abc import Iterator
 
 import torch
 from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from config import TrainConfig
 from gpt import GPT
 from gptlab.data import TokenSplit, batch_rng
+from gptlab.health import Health
 from gptlab.muon import Muon, muon_groups, require_whole_matrices
 from gptlab.objectives import Objective
 from gptlab.runtime import Runtime, to_device
@@ -83,10 +85,10 @@ def step_batches(split: TokenSplit, it: int, c: TrainConfig, rt: Runtime,
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                split: TokenSplit, it: int, c: TrainConfig, rt: Runtime, objective: Objective,
-               micro_batch: int | None = None) -> torch.Tensor:
+               micro_batch: int | None = None, health: Health | None = None) -> torch.Tensor:
     """One optimiser step over the step's sequences in micro-batches of `micro_batch` (default batch_size; a
     memory plan may choose another divisor of batch_size x grad_accum_steps); returns the mean micro-batch loss
-    (a tensor)."""
+    (a tensor). With `health`, a bad step's update is skipped and the step is measured (see gptlab/health.py)."""
     x_all, y_all = step_batches(split, it, c, rt, objective)
     size = micro_batch or c.batch_size
     micro_batches = list(zip(x_all.split(size), y_all.split(size), strict=True))
@@ -98,13 +100,27 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler:
                 loss = objective.loss(model, to_device(x, rt.device), to_device(y, rt.device))[1]
             scaler.scale(loss / len(micro_batches)).backward()
         total += loss.detach()
-    if c.grad_clip > 0:
+    loss = total / len(micro_batches)
+    grad_norm = None
+    if c.grad_clip > 0 or health is not None:  # both need the true (unscaled) gradients
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
-    scaler.step(optimizer)
+        grad_norm = gradient_norm(model, c.grad_clip)
+    if health is None or health.before_update(it, loss, grad_norm, optimizer, scaler):
+        scaler.step(optimizer)
     scaler.update()
+    if health is not None:
+        health.after_update(it, optimizer)
     optimizer.zero_grad(set_to_none=True)
-    return total / len(micro_batches)
+    return loss
+
+
+def gradient_norm(model: torch.nn.Module, grad_clip: float) -> torch.Tensor:
+    """The global gradient norm before clipping (a device tensor), clipping to grad_clip if it is > 0."""
+    if grad_clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
 def gradient_sync(model: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager:
