@@ -231,8 +231,9 @@ def metrics_path(c: TrainConfig) -> Path:
     return Path(c.out_dir) / f"{Path(c.checkpoint).stem}.metrics.jsonl"
 
 
-def plot_path(c: TrainConfig) -> Path:
-    return Path(c.out_dir) / f"{Path(c.checkpoint).stem}.loss.png"
+def plot_path(c: TrainConfig, picture: str = "loss") -> Path:
+    """The loss curve (picture="loss") or the health heat maps (picture="health")."""
+    return Path(c.out_dir) / f"{Path(c.checkpoint).stem}.{picture}.png"
 
 
 def describe(run: Run) -> None:
@@ -560,7 +561,7 @@ def finish(run: Run) -> None:
     png = plot_path(c)
     if plot_losses(run.metrics_path, png):
         print(f"loss curve: {png}")
-    health_png = png.with_name(f"{Path(c.checkpoint).stem}.health.png")
+    health_png = plot_path(c, "health")
     if plot_health(run.metrics_path, health_png):
         print(f"health heat maps: {health_png}")
     print(f"checkpoint: {c.checkpoint}")
@@ -639,7 +640,8 @@ def check_fresh_run(c: TrainConfig) -> None:
     if Path(c.checkpoint).exists() and not c.overwrite:
         raise UsageError(f"{c.checkpoint} already exists: continue it with --resume, choose another --checkpoint, "
                          f"or replace it with --overwrite")
-    for path, what in ((metrics_path(c), "metrics"), (plot_path(c), "loss plot")):
+    for path, what in ((metrics_path(c), "metrics"), (plot_path(c), "loss plot"),
+                       (plot_path(c, "health"), "health picture")):
         if path.exists() and not c.overwrite:
             raise UsageError(f"{path} already exists (an earlier run's {what}): choose another --checkpoint or "
                              f"--out_dir, or replace it with --overwrite")
