@@ -91,14 +91,14 @@ def test_a_non_finite_step_leaves_weights_and_optimizer_untouched(optimizer, spl
     c = TrainConfig(optimizer=optimizer, batch_size=4, grad_clip=1.0).replace(block_size=32)
     model, opt, health = tiny_setup(c)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    train_step(model, opt, scaler, split, 0, c, CPU, NextToken(), health)  # the moments exist from here on
+    train_step(model, opt, scaler, split, 0, c, CPU, NextToken(), health=health)  # the moments exist from here on
     before = state_of(model, opt)
     poison_training_loss(monkeypatch, {0}, math.inf)
-    train_step(model, opt, scaler, split, 1, c, CPU, NextToken(), health)
+    train_step(model, opt, scaler, split, 1, c, CPU, NextToken(), health=health)
     assert all(torch.equal(a, b) for a, b in zip(before, state_of(model, opt), strict=True))
     counts = health.counters()
     assert counts["skipped_steps"] == 1 and counts["nonfinite_steps"] == 1
-    train_step(model, opt, scaler, split, 2, c, CPU, NextToken(), health)  # and the next step trains again
+    train_step(model, opt, scaler, split, 2, c, CPU, NextToken(), health=health)  # and the next step trains again
     assert not torch.equal(before[0], next(model.parameters()))
 
 
