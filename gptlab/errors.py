@@ -47,11 +47,14 @@ def os_error_message(e: OSError) -> str:
 OTHER_RANKS_WAIT_S = 3.0
 
 
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))  # torchrun sets RANK; a single process is rank 0
+
+
 def _exit(message: str, status: int) -> None:
-    rank = int(os.environ.get("RANK", "0"))
-    if rank:
+    if _rank():
         time.sleep(OTHER_RANKS_WAIT_S)
-        message = f"[rank {rank}] {message}"
+        message = f"[rank {_rank()}] {message}"
     _say(message)
     sys.exit(status)
 
@@ -68,5 +71,7 @@ def run_cli(main: Callable[[], None]) -> None:
         _exit(f"error: {e}", 2)
     except OSError as e:
         _exit(f"error: {os_error_message(e)}", 2)
-    except KeyboardInterrupt:
-        _exit("interrupted", 130)
+    except KeyboardInterrupt:  # every process got the Ctrl-C: rank 0 says so, none waits
+        if not _rank():
+            _say("interrupted")
+        sys.exit(130)

@@ -36,3 +36,15 @@ def test_under_torchrun_other_ranks_wait_for_rank_0_to_say_it(monkeypatch, capsy
     assert exit_status(capsys) == (-15, "")
     monkeypatch.setattr(errors.time, "sleep", lambda seconds: None)  # rank 0 did not fail: nobody stops rank 3
     assert exit_status(capsys) == (2, "[rank 3] error: --batch_size must be a positive integer, got 0\n")
+
+
+def test_ctrl_c_under_torchrun_is_said_by_rank_0_and_no_rank_waits(monkeypatch, capsys):
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(errors.time, "sleep", lambda seconds: pytest.fail("a Ctrl-C must not wait"))
+    for rank, said in (("0", "interrupted\n"), ("1", "")):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as e:
+            run_cli(interrupted)
+        assert (e.value.code, capsys.readouterr().err) == (130, said)
