@@ -58,8 +58,8 @@ HF_CLASS = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3": "Qw
 
 def as_flag(name: str, value: Any) -> str:
     """A setting as the flag that sets it: --qk_norm, --no-bias, --mlp gelu, --logit_softcap 30."""
-    if name == "causal":  # no flag: the training objective sets it
-        return "a causal decoder" if value else "causal=False (a masked-language-model encoder)"
+    if name == "causal" and not value:  # no flag: the training objective sets it
+        return "causal=False (a masked-language-model encoder)"
     if isinstance(value, bool):
         return f"--{name}" if value else f"--no-{name}"
     return f"--{name} {value:g}" if isinstance(value, float) else f"--{name} {value}"
