@@ -35,10 +35,10 @@ LAYERNORM_EPS = 1e-5  # nn.LayerNorm's default, which our LayerNorms use; GPT-2'
 # ----------------------------------------------------------------------------- which architecture fits
 
 # Settings every target carries as a number or that change nothing a target computes: the sizes, dropout (off at
-# inference), the attention path (the same math), init (training only), and rope_base (rope_theta; unused
-# without RoPE).
+# inference), the attention path (the same math), init and activation checkpointing (training only), and
+# rope_base (rope_theta; unused without RoPE).
 FREE = frozenset({"vocab_size", "block_size", "embedding_dim", "num_of_layers", "num_of_heads", "dropout",
-                  "attention", "init", "rope_base"})
+                  "attention", "init", "activation_checkpointing", "rope_base"})
 
 # Every other GPTConfig setting, per target: the values that target computes exactly. A setting a target does
 # not list is refused for it, so a new model switch is never exported as a model that computes something else
