@@ -57,7 +57,7 @@ class TrainConfig:
     mask_prob: float = setting(0.15, "mlm only: fraction of tokens chosen for prediction (of those, 80% become "
                                "<mask>, 10% a random token, 10% stay)", rule=OPEN_FRACTION, group="model",
                                requires=("objective", "mlm"))
-    init_from: str | None = setting(None, "start from the weights of a local Hugging Face GPT-2 or Llama folder "
+    init_from: str | None = setting(None, "start from the weights of a local Hugging Face GPT-2, Llama or Qwen3 folder "
                                     "(save_pretrained), taking its model settings and tokenizer", group="model")
     # optimisation
     batch_size: int = setting(16, "sequences per micro-batch (per process)", rule=POSITIVE, group="optimisation")

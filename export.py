@@ -6,10 +6,12 @@
 hf:   config.json, model.safetensors (float32), generation_config.json, tokenizer.json with its
       tokenizer_config.json and special_tokens_map.json, and a README.md model card, so that
       AutoModelForCausalLM / AutoTokenizer / pipeline("text-generation", model=DIR) load it offline.
-gguf: DIR/model.gguf (float32 tensors; llama.cpp's llama-quantize makes smaller ones) and the model card.
+gguf: DIR/model.gguf (float32 tensors; llama.cpp's llama-quantize makes smaller ones), an Ollama Modelfile
+      (ollama create NAME -f DIR/Modelfile) and the model card.
 
 A GPT-2-shaped model becomes GPT2LMHeadModel (GGUF: gpt2), a RoPE + RMSNorm + SwiGLU + bias-free one
-LlamaForCausalLM (GGUF: llama); any other model is refused, naming the setting neither has (see convert.py).
+LlamaForCausalLM (GGUF: llama), and the same with QK-norm Qwen3ForCausalLM (GGUF: qwen3); any other model is
+refused, naming per target the settings it cannot express (see convert.py).
 Everything is written into a temporary folder beside --out and renamed at the end: a failure leaves nothing.
 """
 
@@ -25,7 +27,7 @@ import torch
 from gpt import GPT, swiglu_hidden_size
 from gptlab.checkpoint import RAW_WEIGHTS_HELP, load_checkpoint, model_from_checkpoint
 from gptlab.cli import check_fields, parse_dataclass, setting
-from gptlab.convert import RMS_EPS, architecture_for, hf_config, to_hf_state_dict
+from gptlab.convert import HF_CLASS, RMS_EPS, architecture_for, hf_config, to_hf_state_dict
 from gptlab.errors import UsageError, run_cli
 from gptlab.metrics import read_metrics
 from gptlab.tokenizer import BERT_TOKENS, CLS, EOT, MASK, PAD, SEP, UNK, Tokenizer
@@ -107,7 +109,7 @@ def gguf_tensors(model: GPT) -> dict[str, torch.Tensor]:
     if arch == "gpt2":
         out |= {"position_embd.weight": sd["wpe.weight"], "output_norm.bias": sd["ln_f.bias"],
                 "output.weight": sd["lm_head.weight"]}  # written although tied: older llama.cpp requires it
-    elif not c.tie_embeddings:  # a llama without "output" reuses token_embd
+    elif not c.tie_embeddings:  # a llama or qwen3 without "output" reuses token_embd
         out["output.weight"] = sd["lm_head.weight"]
     for i in range(c.num_of_layers):
         ours, blk = f"blocks.{i}.", f"blk.{i}."
@@ -118,9 +120,14 @@ def gguf_tensors(model: GPT) -> dict[str, torch.Tensor]:
                 out[f"{blk}{b}.weight"], out[f"{blk}{b}.bias"] = sd[f"{ours}{a}.weight"], sd[f"{ours}{a}.bias"]
             continue
         q, k, v = sd[f"{ours}attn.qkv.weight"].chunk(3, dim=0)
+        if arch == "llama":
+            q, k = _permute_for_llama_cpp(q, c.num_of_heads), _permute_for_llama_cpp(k, c.num_of_heads)
+        else:  # llama.cpp's qwen3 rotates (i, i + D/2) pairs (NEOX rope), as we do: no permutation
+            out[f"{blk}attn_q_norm.weight"] = sd[f"{ours}attn.q_norm.weight"]
+            out[f"{blk}attn_k_norm.weight"] = sd[f"{ours}attn.k_norm.weight"]
         out |= {f"{blk}attn_norm.weight": sd[f"{ours}ln_1.weight"],
-                f"{blk}attn_q.weight": _permute_for_llama_cpp(q, c.num_of_heads),
-                f"{blk}attn_k.weight": _permute_for_llama_cpp(k, c.num_of_heads),
+                f"{blk}attn_q.weight": q,
+                f"{blk}attn_k.weight": k,
                 f"{blk}attn_v.weight": v,
                 f"{blk}attn_output.weight": sd[f"{ours}attn.proj.weight"],
                 f"{blk}ffn_norm.weight": sd[f"{ours}ln_2.weight"],
@@ -152,7 +159,7 @@ def gguf_vocabulary(tokenizer: Tokenizer) -> tuple[list[str], list[int], list[st
 
 
 def write_gguf(model: GPT, tokenizer: Tokenizer, path: Path) -> None:
-    """A GGUF file (float32 tensors) that llama.cpp runs as architecture gpt2 or llama."""
+    """A GGUF file (float32 tensors) that llama.cpp runs as architecture gpt2, llama or qwen3."""
     try:
         import gguf
     except ImportError:
@@ -176,6 +183,8 @@ def write_gguf(model: GPT, tokenizer: Tokenizer, path: Path) -> None:
         w.add_layer_norm_rms_eps(RMS_EPS)
         w.add_rope_freq_base(c.rope_base)
         w.add_rope_dimension_count(c.embedding_dim // c.num_of_heads)
+        w.add_key_length(c.embedding_dim // c.num_of_heads)
+        w.add_value_length(c.embedding_dim // c.num_of_heads)
         w.add_vocab_size(c.vocab_size)
     w.add_tokenizer_model("gpt2")  # byte-level BPE
     w.add_tokenizer_pre("gpt-2")  # GPT-2's pre-tokenizer regex, the one our ByteLevel pre-tokenizer uses
@@ -191,6 +200,20 @@ def write_gguf(model: GPT, tokenizer: Tokenizer, path: Path) -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+# ----------------------------------------------------------------------------- Ollama
+
+def ollama_modelfile(gguf_name: str, block_size: int) -> str:
+    """An Ollama Modelfile for the GGUF beside it: a base model, so plain completion (the prompt as it is, no
+    chat template), stopping at the end-of-text token, with generate.py's default temperature and top_k and
+    the context the model was trained on."""
+    return "\n".join([f"FROM ./{gguf_name}",  # Ollama reads a relative path from the Modelfile's folder
+                      'TEMPLATE "{{ .Prompt }}"',
+                      f'PARAMETER stop "{EOT}"',
+                      "PARAMETER temperature 0.8",
+                      "PARAMETER top_k 200",
+                      f"PARAMETER num_ctx {block_size}"]) + "\n"
 
 
 # ----------------------------------------------------------------------------- the model card
@@ -228,19 +251,19 @@ def corpus_lines(config: dict[str, Any]) -> list[str]:
 def model_card(model: GPT, tokenizer: Tokenizer, ckpt: dict[str, Any], checkpoint: Path, fmt: str) -> str:
     c = model.config
     arch = architecture_for(c)
-    hf_class = "GPT2LMHeadModel" if arch == "gpt2" else "LlamaForCausalLM"
     lines = ["---", "library_name: transformers" if fmt == "hf" else "library_name: gguf",
              "pipeline_tag: text-generation", "tags: [gpt-experiments]", "---", "",
              f"# {checkpoint.stem}", "",
              f"A {model.num_parameters(non_embedding=False):,}-parameter language model trained with "
              f"GPT-experiments, exported from `{checkpoint.name}` as "
-             + (f"`{hf_class}` (transformers)." if fmt == "hf" else f"GGUF architecture `{arch}` (llama.cpp)."), ""]
+             + (f"`{HF_CLASS[arch]}` (transformers)." if fmt == "hf"
+                else f"GGUF architecture `{arch}` (llama.cpp)."), ""]
     if "head" in ckpt:
         lines += [f"The checkpoint is a fine-tuned {ckpt.get('task', '')} classifier over {len(ckpt['labels'])} "
                   "labels; this export holds its language model only (the classification head is left out).", ""]
-    if arch == "llama":
-        lines += [f"Trained with a sliding attention window of {c.block_size} tokens; Llama attends to everything, "
-                  f"so both agree up to {c.block_size} tokens (max_position_embeddings).", ""]
+    if arch != "gpt2":
+        lines += [f"Trained with a sliding attention window of {c.block_size} tokens; {HF_CLASS[arch]} attends to "
+                  f"everything, so both agree up to {c.block_size} tokens (max_position_embeddings).", ""]
     lines += ["## Evaluation", ""]
     evaluation = final_evaluation(ckpt, checkpoint)
     if "iteration" in ckpt:
@@ -314,6 +337,8 @@ def export(args: ExportArgs) -> None:
             write_hf(model, tokenizer, folder)
         else:
             write_gguf(model, tokenizer, folder / "model.gguf")
+            (folder / "Modelfile").write_text(ollama_modelfile("model.gguf", model.config.block_size),
+                                              encoding="utf-8")
         (folder / "README.md").write_text(model_card(model, tokenizer, ckpt, checkpoint, args.format),
                                           encoding="utf-8")
 
@@ -321,9 +346,9 @@ def export(args: ExportArgs) -> None:
         write_folder(out, fill)
     except OSError as e:
         raise UsageError(f"cannot write {out}: {e.strerror or e}") from None
-    what = "GPT2LMHeadModel" if arch == "gpt2" else "LlamaForCausalLM"
-    print(f"wrote {out}: " + (f"{what} for transformers" if args.format == "hf"
-                              else f"{out / 'model.gguf'} (llama.cpp architecture {arch})"))
+    print(f"wrote {out}: " + (f"{HF_CLASS[arch]} for transformers" if args.format == "hf"
+                              else f"{out / 'model.gguf'} (llama.cpp architecture {arch}) and "
+                                   f"{out / 'Modelfile'} (ollama create NAME -f {out / 'Modelfile'})"))
 
 
 def main(argv: list[str] | None = None) -> None:

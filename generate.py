@@ -43,7 +43,10 @@ class GenerateArgs:
     top_p: float | None = setting(None, "nucleus sampling: the smallest set of tokens with probability >= p",
                                   rule=Rule("in (0, 1]", lambda v: 0 < v <= 1))
     num_samples: int = setting(1, "independent samples per prompt, generated as one batch", rule=POSITIVE)
-    seed: int = setting(1337, "same seed, checkpoint and flags: same text", rule=SEED)
+    # A fixed default, as nanoGPT's sample.py: a command run twice prints the same text (and a reported sample can
+    # be reproduced from the command alone); another sample is one flag away.
+    seed: int = setting(1337, "same seed, checkpoint and flags: same text (the default too; pass another seed for "
+                        "another sample)", rule=SEED)
     device: str = setting("auto", "auto, cpu, cuda, cuda:1, mps")
     dtype: str = setting("auto", DTYPE_HELP, choices=DTYPE_CHOICES)
     tokenizer: str | None = setting(None, "a tokenizer.json to use instead of the checkpoint's (must be the same)")

@@ -238,6 +238,8 @@ def plot_path(c: TrainConfig, picture: str = "loss") -> Path:
 
 def describe(run: Run) -> None:
     c, rt = run.c, run.rt
+    if c.resume:
+        print(f"resumed from step {run.iteration} of {c.checkpoint}")
     print(f"model: {run.model.num_parameters() / 1e6:.2f}M parameters (non-embedding), vocab "
           f"{run.tokenizer.vocab_size}, device {rt.device}, autocast {str(rt.dtype).removeprefix('torch.')}, "
           f"{rt.world_size} process(es)")
@@ -407,6 +409,11 @@ def plan_time_budget(run: Run, meter: Throughput, bar: tqdm) -> None:
     while n > run.iteration and cost(n) > left:
         n -= max(1, (n - run.iteration) // 50)
     n = agree_on(max(n, run.iteration), run.rt)
+    if cost(run.iteration) > left:  # even stopping now, the final evaluation ends past the budget: say so
+        bar.write(f"time budget {c.time_budget:g}s cannot be met: {run.seconds:.1f}s are spent (tokenizer, data, "
+                  f"{run.iteration} steps) and the final evaluation takes {eval_seconds:.1f}s, so the run stops at "
+                  f"step {n}; --time_budget {run.seconds + eval_seconds + 100 * step_seconds:.0f} would train "
+                  f"100 steps more ({step_seconds * 1e3:.1f} ms per step)")
     run.budget_checks += 1
     last = run.budget_checks == BUDGET_CHECKS or n - run.iteration < 4 * TIMED_STEPS
     run.c = c.replace(max_iters=n, time_budget=None if last else c.time_budget)
@@ -576,15 +583,16 @@ def finish(run: Run) -> None:
 
 
 def sample(model: GPT, tokenizer: Tokenizer, max_new_tokens: int, rt: Runtime) -> str:
-    """A short continuation of an end-of-text token, i.e. text from scratch."""
+    """Text from scratch, from the start of a line: a continuation of a newline (after end-of-text, which a
+    one-file corpus shows once, the model starts mid-word)."""
     model.eval()
     device = next(model.parameters()).device  # under FSDP, a CPU copy
-    start = torch.tensor([[tokenizer.eot_id]], device=device)
+    start = torch.tensor([tokenizer.encode("\n") or [tokenizer.eot_id]], device=device)
     generator = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad(), rt.autocast():
         out = model.generate(start, max_new_tokens, temperature=0.8, top_k=200, eos_id=tokenizer.eot_id,
                              generator=generator)
-    return tokenizer.decode(out[0, 1:].tolist())
+    return tokenizer.decode(out[0, start.size(1):].tolist())
 
 
 # ----------------------------------------------------------------------------- the job

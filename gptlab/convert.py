@@ -1,20 +1,22 @@
 """Our GPT's weights <-> Hugging Face transformers' layouts, both ways, and local transformers folders in.
 
-Two transformers classes compute exactly what some of our configs compute:
+Three transformers classes compute exactly what some of our configs compute:
     GPT2LMHeadModel   learned positions, LayerNorm, GELU (tanh), pre-LN, biases, tied head
     LlamaForCausalLM  RoPE (rotate_half pairs: feature i with i + D/2, as ours), RMSNorm, SwiGLU, no biases,
                       pre-LN, tied or untied head
-A config either fits one of them exactly or is refused with one line naming the first setting that does not
-fit: nothing is ever converted approximately.
+    Qwen3ForCausalLM  Llama's shape with QK-norm (an RMSNorm on each head's queries and keys, before RoPE)
+A config either fits one of them exactly or is refused with one line naming, per target, the settings it
+cannot express (TARGETS lists what each computes, FREE what all carry): nothing is converted approximately.
 
-Our RoPE model attends to the last block_size tokens only (a sliding window); Llama attends to everything.
+Our RoPE model attends to the last block_size tokens only (a sliding window); Llama and Qwen3 attend to
+everything.
 Both agree on every sequence up to block_size tokens, which is why config.json's max_position_embeddings
 is block_size.
 """
 
 import json
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -32,53 +34,67 @@ LAYERNORM_EPS = 1e-5  # nn.LayerNorm's default, which our LayerNorms use; GPT-2'
 
 # ----------------------------------------------------------------------------- which architecture fits
 
-def _common_incompatibility(c: GPTConfig) -> str | None:
-    """Settings neither GPT-2 nor Llama has (both are pre-LN causal decoders with plain logits)."""
-    if c.norm_position != "pre":
-        return f"--norm_position {c.norm_position}"
-    if not c.causal:
-        return "causal=False (a masked-language-model encoder)"
-    if c.qk_norm:
-        return "--qk_norm"
-    if c.logit_softcap > 0:
-        return f"--logit_softcap {c.logit_softcap:g}"
-    return None
+# Settings every target carries as a number or that change nothing a target computes: the sizes, dropout (off at
+# inference), the attention path (the same math), init and activation checkpointing (training only), and
+# rope_base (rope_theta; unused without RoPE).
+FREE = frozenset({"vocab_size", "block_size", "embedding_dim", "num_of_layers", "num_of_heads", "dropout",
+                  "attention", "init", "activation_checkpointing", "rope_base"})
 
-
-# The settings each target architecture fixes, besides those neither has (see _common_incompatibility).
-REQUIRED = {
-    "gpt2": {"position": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True, "tie_embeddings": True},
-    "llama": {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False},
+# Every other GPTConfig setting, per target: the values that target computes exactly. A setting a target does
+# not list is refused for it, so a new model switch is never exported as a model that computes something else
+# (tests/test_export.py checks that each setting is free or listed for every target).
+_DECODER = {"norm_position": ("pre",), "causal": (True,), "logit_softcap": (0.0,)}
+_ROPE_SWIGLU = {**_DECODER, "position": ("rope",), "norm": ("rmsnorm",), "mlp": ("swiglu",), "bias": (False,),
+                "tie_embeddings": (True, False)}
+TARGETS: dict[str, dict[str, tuple[Any, ...]]] = {
+    "gpt2": {**_DECODER, "position": ("learned",), "norm": ("layernorm",), "mlp": ("gelu",), "bias": (True,),
+             "tie_embeddings": (True,), "qk_norm": (False,)},
+    "llama": {**_ROPE_SWIGLU, "qk_norm": (False,)},
+    "qwen3": {**_ROPE_SWIGLU, "qk_norm": (True,)},  # Qwen3 = Llama + an RMSNorm on each head's queries and keys
 }
+DISPLAY = {"gpt2": "GPT-2", "llama": "Llama", "qwen3": "Qwen3"}
+HF_CLASS = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 
-def incompatibility(target: str, c: GPTConfig) -> str | None:
-    """The first setting (as its flag) that the target architecture cannot represent exactly; None when it can."""
-    for name, wanted in REQUIRED[target].items():
-        value = getattr(c, name)
-        if value != wanted:
-            return (f"--{name}" if value else f"--no-{name}") if isinstance(value, bool) else f"--{name} {value}"
-    return _common_incompatibility(c)
+def as_flag(name: str, value: Any) -> str:
+    """A setting as the flag that sets it: --qk_norm, --no-bias, --mlp gelu, --logit_softcap 30."""
+    if name == "causal" and not value:  # no flag: the training objective sets it
+        return "causal=False (a masked-language-model encoder)"
+    if isinstance(value, bool):
+        return f"--{name}" if value else f"--no-{name}"
+    return f"--{name} {value:g}" if isinstance(value, float) else f"--{name} {value}"
 
 
-DISPLAY = {"gpt2": "GPT-2", "llama": "Llama"}
+def mismatches(target: str, c: GPTConfig) -> list[str]:
+    """The settings of c (as flags) that the target cannot compute exactly; empty when it can."""
+    allowed = TARGETS[target]
+    return [as_flag(f.name, getattr(c, f.name)) for f in fields(c)
+            if f.name not in FREE and getattr(c, f.name) not in allowed.get(f.name, ())]
+
+
+def settings_that_export(target: str) -> str:
+    """The flags a model needs to export to the target (those that differ from GPTConfig's defaults)."""
+    defaults = GPTConfig()
+    flags = [as_flag(name, values[0]) for name, values in TARGETS[target].items()
+             if getattr(defaults, name) not in values]
+    return " ".join(flags) or "the defaults"
 
 
 def architecture_for(c: GPTConfig) -> str:
-    """"gpt2" or "llama": the architecture that computes exactly what this config computes. Otherwise a
-    UsageError naming the first setting that the nearer one (by position scheme) lacks."""
-    target = "llama" if c.position == "rope" else "gpt2"
-    problem = incompatibility(target, c)
-    if problem is not None:
-        raise UsageError(f"{problem}: neither GPT-2 nor Llama computes this model exactly (nearest: "
-                         f"{DISPLAY[target]}); nothing exported")
-    return target
+    """"gpt2", "llama" or "qwen3": the architecture that computes exactly what this config computes. Otherwise
+    a UsageError naming, per target, the settings it cannot express and the settings it would export."""
+    for target in TARGETS:
+        if not mismatches(target, c):
+            return target
+    reasons = [f"{DISPLAY[t]} cannot express {', '.join(mismatches(t, c))} (it exports {settings_that_export(t)})"
+               for t in TARGETS]
+    raise UsageError("no export target computes this model exactly, nothing exported: " + "; ".join(reasons))
 
 
 def _require(target: str, c: GPTConfig) -> None:
-    problem = incompatibility(target, c)
-    if problem is not None:
-        raise UsageError(f"{problem}: a {DISPLAY[target]} model cannot represent this setting exactly")
+    problem = mismatches(target, c)
+    if problem:
+        raise UsageError(f"{', '.join(problem)}: a {DISPLAY[target]} model cannot represent this exactly")
 
 
 # ----------------------------------------------------------------------------- GPT-2
@@ -145,10 +161,10 @@ def to_hf_gpt2_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     return out
 
 
-# ----------------------------------------------------------------------------- Llama
+# ----------------------------------------------------------------------------- Llama and Qwen3
 
-# Our names -> LlamaForCausalLM names, for the weights that map one to one. Our fused qkv is split into
-# q_proj, k_proj, v_proj (rows 0..E-1, E..2E-1, 2E..3E-1: the order MultiHeadAttention splits them in).
+# Our names -> LlamaForCausalLM / Qwen3ForCausalLM names, for the weights that map one to one. Our fused qkv is
+# split into q_proj, k_proj, v_proj (rows 0..E-1, E..2E-1, 2E..3E-1: the order MultiHeadAttention splits them in).
 _LLAMA_NAMES = {
     "wte.weight": "model.embed_tokens.weight",
     "ln_f.weight": "model.norm.weight",
@@ -159,14 +175,24 @@ _LLAMA_NAMES = {
     "blocks.{}.mlp.up.weight": "model.layers.{}.mlp.up_proj.weight",
     "blocks.{}.mlp.proj.weight": "model.layers.{}.mlp.down_proj.weight",
 }
+# Qwen3's per-head RMSNorm gains, applied to queries and keys before RoPE, as ours are.
+_QWEN3_NAMES = {**_LLAMA_NAMES,
+                "blocks.{}.attn.q_norm.weight": "model.layers.{}.self_attn.q_norm.weight",
+                "blocks.{}.attn.k_norm.weight": "model.layers.{}.self_attn.k_norm.weight"}
 _QKV = ("q_proj", "k_proj", "v_proj")
 
 
+def _rope_target(c: GPTConfig) -> tuple[str, dict[str, str]]:
+    """("llama" | "qwen3", its one-to-one names) for a RoPE + RMSNorm + SwiGLU config: QK-norm decides."""
+    return ("qwen3", _QWEN3_NAMES) if c.qk_norm else ("llama", _LLAMA_NAMES)
+
+
 def llama_to_ours(state_dict: dict[str, torch.Tensor], c: GPTConfig) -> dict[str, torch.Tensor]:
-    """A LlamaForCausalLM state dict (same number of key/value heads as query heads) under our names.
-    RoPE needs no permutation: transformers' Llama pairs feature i with i + D/2 (rotate_half), as we do."""
-    _require("llama", c)
-    ours = {name: _take(state_dict, hf) for name, hf in _name_pairs(_LLAMA_NAMES, c.num_of_layers)}
+    """A LlamaForCausalLM or Qwen3ForCausalLM state dict (as many key/value heads as query heads) under our
+    names. RoPE needs no permutation: transformers pairs feature i with i + D/2 (rotate_half), as we do."""
+    target, names = _rope_target(c)
+    _require(target, c)
+    ours = {name: _take(state_dict, hf) for name, hf in _name_pairs(names, c.num_of_layers)}
     for i in range(c.num_of_layers):
         parts = [_take(state_dict, f"model.layers.{i}.self_attn.{p}.weight") for p in _QKV]
         ours[f"blocks.{i}.attn.qkv.weight"] = torch.cat(parts, dim=0)
@@ -175,11 +201,13 @@ def llama_to_ours(state_dict: dict[str, torch.Tensor], c: GPTConfig) -> dict[str
 
 
 def to_hf_llama_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    """Our weights under LlamaForCausalLM's names (lm_head.weight only for an untied head)."""
+    """Our weights under LlamaForCausalLM's or (QK-norm) Qwen3ForCausalLM's names (lm_head.weight only for an
+    untied head)."""
     c = model.config
-    _require("llama", c)
+    target, names = _rope_target(c)
+    _require(target, c)
     sd = model.state_dict()
-    out = {hf: sd[name].contiguous() for name, hf in _name_pairs(_LLAMA_NAMES, c.num_of_layers)}
+    out = {hf: sd[name].contiguous() for name, hf in _name_pairs(names, c.num_of_layers)}
     for i in range(c.num_of_layers):
         for part, w in zip(_QKV, sd[f"blocks.{i}.attn.qkv.weight"].chunk(3, dim=0), strict=True):
             out[f"model.layers.{i}.self_attn.{part}.weight"] = w.contiguous()
@@ -191,7 +219,7 @@ def to_hf_llama_state_dict(model: GPT) -> dict[str, torch.Tensor]:
 def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     """Our weights in the layout of the transformers class that computes this model exactly, each tensor
     once (a tied head is left to transformers to tie, as its save_pretrained does)."""
-    if architecture_for(model.config) == "llama":
+    if architecture_for(model.config) != "gpt2":
         return to_hf_llama_state_dict(model)
     sd = to_hf_gpt2_state_dict(model)
     del sd["lm_head.weight"]
@@ -209,22 +237,23 @@ def _take(state_dict: dict[str, torch.Tensor], name: str) -> torch.Tensor:
 def hf_config(c: GPTConfig, eot_id: int) -> dict[str, Any]:
     """config.json for the transformers class that computes this model exactly."""
     arch = architecture_for(c)
-    common = {"vocab_size": c.vocab_size, "bos_token_id": eot_id, "eos_token_id": eot_id,
-              "tie_word_embeddings": c.tie_embeddings, "torch_dtype": "float32", "use_cache": True}
+    common = {"architectures": [HF_CLASS[arch]], "model_type": arch, "vocab_size": c.vocab_size,
+              "bos_token_id": eot_id, "eos_token_id": eot_id, "tie_word_embeddings": c.tie_embeddings,
+              "torch_dtype": "float32", "use_cache": True}
     if arch == "gpt2":
-        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", **common,
-                "n_positions": c.block_size, "n_embd": c.embedding_dim, "n_layer": c.num_of_layers,
+        return {**common, "n_positions": c.block_size, "n_embd": c.embedding_dim, "n_layer": c.num_of_layers,
                 "n_head": c.num_of_heads, "n_inner": 4 * c.embedding_dim, "activation_function": "gelu_new",
                 "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
                 "layer_norm_epsilon": LAYERNORM_EPS, "initializer_range": 0.02, "scale_attn_weights": True}
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **common,
-            "hidden_size": c.embedding_dim, "intermediate_size": swiglu_hidden_size(c.embedding_dim),
+    # Llama and Qwen3 share these; Qwen3's q_norm and k_norm also use rms_norm_eps, as ours use RMSNorm's eps
+    rope = {**common, "hidden_size": c.embedding_dim, "intermediate_size": swiglu_hidden_size(c.embedding_dim),
             "num_hidden_layers": c.num_of_layers, "num_attention_heads": c.num_of_heads,
             "num_key_value_heads": c.num_of_heads, "head_dim": c.embedding_dim // c.num_of_heads,
             "hidden_act": "silu", "max_position_embeddings": c.block_size, "rms_norm_eps": RMS_EPS,
             # transformers 5 reads rope_parameters, 4.x reads rope_theta
             "rope_theta": c.rope_base, "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_base},
-            "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0, "initializer_range": 0.02}
+            "attention_bias": False, "attention_dropout": 0.0, "initializer_range": 0.02}
+    return {**rope, "mlp_bias": False} if arch == "llama" else {**rope, "use_sliding_window": False}
 
 
 def _check_equal(hf: dict[str, Any], key: str, want: Any, why: str) -> None:
@@ -233,45 +262,55 @@ def _check_equal(hf: dict[str, Any], key: str, want: Any, why: str) -> None:
         raise UsageError(f"config.json has {key}={got!r}, but {why} needs {want!r}")
 
 
+def _gpt2_config_from_hf(hf: dict[str, Any]) -> GPTConfig:
+    e = hf["n_embd"]
+    if hf.get("n_inner") not in (None, 4 * e):
+        raise UsageError(f"config.json has n_inner={hf['n_inner']}, but our GELU MLP is 4 x n_embd = {4 * e} wide")
+    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise UsageError(f"config.json has activation_function={hf['activation_function']!r}, but our GPT-2 "
+                         f"MLP is GELU in its tanh approximation (gelu_new)")
+    _check_equal(hf, "layer_norm_epsilon", LAYERNORM_EPS, "our LayerNorm")
+    _check_equal(hf, "scale_attn_by_inverse_layer_idx", False, "our attention")
+    _check_equal(hf, "scale_attn_weights", True, "our attention")
+    return GPTConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], embedding_dim=e,
+                     num_of_layers=hf["n_layer"], num_of_heads=hf["n_head"], dropout=hf.get("resid_pdrop", 0.1))
+
+
+def _rope_config_from_hf(hf: dict[str, Any], qk_norm: bool) -> GPTConfig:
+    """A Llama (qk_norm False) or Qwen3 (True) config.json as our RoPE + RMSNorm + SwiGLU config."""
+    e, heads = hf["hidden_size"], hf["num_attention_heads"]
+    _check_equal(hf, "num_key_value_heads", heads, "our attention (no grouped-query attention)")
+    _check_equal(hf, "head_dim", e // heads, "our attention (head size hidden_size / heads)")
+    _check_equal(hf, "intermediate_size", swiglu_hidden_size(e), "our SwiGLU (hidden size from "
+                 "gpt.swiglu_hidden_size)")
+    _check_equal(hf, "hidden_act", "silu", "our SwiGLU")
+    _check_equal(hf, "rms_norm_eps", RMS_EPS, "our RMSNorm")
+    _check_equal(hf, "attention_bias", False, "our bias-free shape")
+    _check_equal(hf, "mlp_bias", False, "our bias-free shape")
+    _check_equal(hf, "use_sliding_window", False, "our attention (the whole context up to block_size)")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise UsageError(f"config.json asks for rope scaling {rope.get('rope_type', rope.get('type'))!r}; "
+                         f"our RoPE has none")
+    base = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    return GPTConfig(vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"], embedding_dim=e,
+                     num_of_layers=hf["num_hidden_layers"], num_of_heads=heads,
+                     dropout=hf.get("attention_dropout", 0.0), bias=False, position="rope", rope_base=float(base),
+                     norm="rmsnorm", mlp="swiglu", qk_norm=qk_norm, tie_embeddings=hf.get("tie_word_embeddings",
+                                                                                            False))
+
+
 def gpt_config_from_hf(hf: dict[str, Any]) -> tuple[str, GPTConfig]:
-    """("gpt2" | "llama", our GPTConfig) from a transformers config.json dict; anything we cannot compute
-    exactly (another architecture, grouped-query attention, another MLP width, rope scaling, ...) is refused."""
+    """("gpt2" | "llama" | "qwen3", our GPTConfig) from a transformers config.json dict; anything we cannot
+    compute exactly (another architecture, grouped-query attention, another MLP width, rope scaling, ...) is
+    refused."""
     model_type = hf.get("model_type")
     if model_type == "gpt2":
-        e = hf["n_embd"]
-        if hf.get("n_inner") not in (None, 4 * e):
-            raise UsageError(f"config.json has n_inner={hf['n_inner']}, but our GELU MLP is 4 x n_embd = {4 * e} wide")
-        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise UsageError(f"config.json has activation_function={hf['activation_function']!r}, but our GPT-2 "
-                             f"MLP is GELU in its tanh approximation (gelu_new)")
-        _check_equal(hf, "layer_norm_epsilon", LAYERNORM_EPS, "our LayerNorm")
-        _check_equal(hf, "scale_attn_by_inverse_layer_idx", False, "our attention")
-        _check_equal(hf, "scale_attn_weights", True, "our attention")
-        return "gpt2", GPTConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], embedding_dim=e,
-                                 num_of_layers=hf["n_layer"], num_of_heads=hf["n_head"],
-                                 dropout=hf.get("resid_pdrop", 0.1))
-    if model_type == "llama":
-        e, heads = hf["hidden_size"], hf["num_attention_heads"]
-        _check_equal(hf, "num_key_value_heads", heads, "our attention (no grouped-query attention)")
-        _check_equal(hf, "head_dim", e // heads, "our attention (head size hidden_size / heads)")
-        _check_equal(hf, "intermediate_size", swiglu_hidden_size(e), "our SwiGLU (hidden size from "
-                     "gpt.swiglu_hidden_size)")
-        _check_equal(hf, "hidden_act", "silu", "our SwiGLU")
-        _check_equal(hf, "rms_norm_eps", RMS_EPS, "our RMSNorm")
-        _check_equal(hf, "attention_bias", False, "our bias-free Llama shape")
-        _check_equal(hf, "mlp_bias", False, "our bias-free Llama shape")
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise UsageError(f"config.json asks for rope scaling {rope.get('rope_type', rope.get('type'))!r}; "
-                             f"our RoPE has none")
-        base = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-        return "llama", GPTConfig(vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"],
-                                  embedding_dim=e, num_of_layers=hf["num_hidden_layers"], num_of_heads=heads,
-                                  dropout=hf.get("attention_dropout", 0.0), bias=False, position="rope",
-                                  rope_base=float(base), norm="rmsnorm", mlp="swiglu",
-                                  tie_embeddings=hf.get("tie_word_embeddings", False))
-    raise UsageError(f"config.json describes a {model_type!r} model; only gpt2 (GPT2LMHeadModel) and llama "
-                     f"(LlamaForCausalLM) folders can be loaded")
+        return "gpt2", _gpt2_config_from_hf(hf)
+    if model_type in ("llama", "qwen3"):
+        return model_type, _rope_config_from_hf(hf, qk_norm=model_type == "qwen3")
+    raise UsageError(f"config.json describes a {model_type!r} model; only gpt2 (GPT2LMHeadModel), llama "
+                     f"(LlamaForCausalLM) and qwen3 (Qwen3ForCausalLM) folders can be loaded")
 
 
 # ----------------------------------------------------------------------------- a local transformers folder
@@ -279,7 +318,7 @@ def gpt_config_from_hf(hf: dict[str, Any]) -> tuple[str, GPTConfig]:
 def load_hf_folder(path: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor], Tokenizer]:
     """Our config, our state dict (float32) and our tokenizer from a folder written by transformers'
     save_pretrained (config.json, model.safetensors or pytorch_model.bin, tokenizer.json) holding a
-    GPT2LMHeadModel or a LlamaForCausalLM. Nothing is ever downloaded."""
+    GPT2LMHeadModel, LlamaForCausalLM or Qwen3ForCausalLM. Nothing is ever downloaded."""
     folder = Path(path)
     if not folder.is_dir():
         raise UsageError(f"{path} is not a local folder; nothing is downloaded: save the model with "
@@ -406,5 +445,5 @@ def _eos_token(folder: Path) -> str | None:
 
 
 def load_checkpoint_or_folder(path: str | Path) -> dict[str, Any]:
-    """A checkpoint file written here, or a local transformers folder (GPT-2 or Llama shape) read as one."""
+    """A checkpoint file written here, or a local transformers folder (GPT-2, Llama or Qwen3) read as one."""
     return checkpoint_from_hf_folder(path) if Path(path).is_dir() else load_checkpoint(path)

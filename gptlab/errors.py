@@ -3,11 +3,13 @@
 A UsageError means "the person running the command can fix this": a missing file,
 a bad flag value, a checkpoint that does not match. It is printed as one line on
 stderr and the process exits with status 2. Any other exception is a bug and keeps
-its traceback.
+its traceback. Under torchrun every process meets the same mistake; rank 0 says it once.
 """
 
 import argparse
+import os
 import sys
+import time
 from collections.abc import Callable
 
 
@@ -39,6 +41,24 @@ def os_error_message(e: OSError) -> str:
     return f"cannot access {e.filename}: {reason}" if e.filename else f"file system error: {reason}"
 
 
+# Under torchrun, how long a rank other than 0 waits before saying its mistake: rank 0 meets the same one and
+# exits first, and torchrun then stops the others, so 8 GPUs print one line, not 8. torchrun checks its
+# processes every 0.1 s; a mistake rank 0 does not share (a file missing on one node) is still said, late.
+OTHER_RANKS_WAIT_S = 3.0
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))  # torchrun sets RANK; a single process is rank 0
+
+
+def _exit(message: str, status: int) -> None:
+    if _rank():
+        time.sleep(OTHER_RANKS_WAIT_S)
+        message = f"[rank {_rank()}] {message}"
+    _say(message)
+    sys.exit(status)
+
+
 def run_cli(main: Callable[[], None]) -> None:
     """Run a CLI entry point: UsageError -> 'error: ...' on stderr and exit 2; Ctrl-C -> exit 130.
 
@@ -48,11 +68,10 @@ def run_cli(main: Callable[[], None]) -> None:
     try:
         main()
     except UsageError as e:
-        _say(f"error: {e}")
-        sys.exit(2)
+        _exit(f"error: {e}", 2)
     except OSError as e:
-        _say(f"error: {os_error_message(e)}")
-        sys.exit(2)
-    except KeyboardInterrupt:
-        _say("interrupted")
+        _exit(f"error: {os_error_message(e)}", 2)
+    except KeyboardInterrupt:  # every process got the Ctrl-C: rank 0 says so, none waits
+        if not _rank():
+            _say("interrupted")
         sys.exit(130)

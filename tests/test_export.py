@@ -5,7 +5,7 @@ target computes exactly is refused with one error line and nothing written. Rand
 import json
 import os
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import pytest
@@ -15,7 +15,7 @@ import export
 from attention import apply_rope, rope_cos_sin
 from gpt import GPT, GPTConfig, swiglu_hidden_size
 from gptlab.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from gptlab.convert import checkpoint_from_hf_folder, load_hf_folder, read_hf_tokenizer
+from gptlab.convert import FREE, TARGETS, architecture_for, checkpoint_from_hf_folder, load_hf_folder, read_hf_tokenizer
 from gptlab.errors import UsageError
 from gptlab.tokenizer import EOT, Tokenizer, train_tokenizer
 
@@ -24,6 +24,8 @@ gguf = pytest.importorskip("gguf")
 SHAKESPEARE = Path(__file__).resolve().parent.parent / "data" / "shakespeare.txt"
 TRICKY_TEXT = "Hello, world!\tTabs\tand\nnew lines\n\n  spaces 🙂🚀 emoji, 日本語の文字 CJK, café" + EOT + "next"
 LLAMA = dict(position="rope", norm="rmsnorm", mlp="swiglu", bias=False)
+QWEN3 = {**LLAMA, "qk_norm": True, "tie_embeddings": False}  # the speedrun's shape (configs/cpu_speedrun.yaml)
+ARCH_SETTINGS = {"gpt2": {}, "llama": LLAMA, "qwen3": QWEN3}
 
 
 @pytest.fixture(scope="module")
@@ -84,10 +86,10 @@ def assert_same_as_transformers(model: GPT, folder: Path) -> None:
 
 # ---------------------------------------------------------------------- export to transformers
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "llama-untied"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "llama-untied", "qwen3"])
 def test_exported_folder_gives_our_logits_generation_and_token_ids(tmp_path, tokenizer, corpus, arch, capsys,
                                                                    transformers):
-    kw = {"gpt2": {}, "llama": LLAMA, "llama-untied": {**LLAMA, "tie_embeddings": False, "rope_base": 500.0}}[arch]
+    kw = {**ARCH_SETTINGS, "llama-untied": {**LLAMA, "tie_embeddings": False, "rope_base": 500.0}}[arch]
     model = random_model(tokenizer.vocab_size, **kw)
     out = tmp_path / "hf"
     ckpt = write_checkpoint(tmp_path, model, tokenizer, corpus)
@@ -95,7 +97,7 @@ def test_exported_folder_gives_our_logits_generation_and_token_ids(tmp_path, tok
                '{"step": 10, "train_loss": 4.0, "val_loss": 4.375, "val_bpb": 2.0625, "time_s": 3.0}']
     ckpt.with_name("model_checkpoint.metrics.jsonl").write_text("\n".join(metrics) + "\n")
     assert run_export(["--checkpoint", str(ckpt), "--out", str(out)]) == 0
-    expected = "GPT2LMHeadModel" if arch == "gpt2" else "LlamaForCausalLM"
+    expected = {"gpt2": "GPT2LMHeadModel", "qwen3": "Qwen3ForCausalLM"}.get(arch, "LlamaForCausalLM")
     assert expected in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "generation_config.json",
                                                       "model.safetensors", "special_tokens_map.json",
@@ -167,18 +169,23 @@ def test_a_transformers_gpt2_folder_loads_trains_here_and_exports_back(tmp_path,
     assert_same_as_transformers(model, tmp_path / "back")
 
 
-def test_a_transformers_llama_folder_gives_the_same_logits_here(tmp_path, tokenizer, transformers):
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_a_transformers_llama_or_qwen3_folder_gives_the_same_logits_here(tmp_path, tokenizer, arch, transformers):
     torch.manual_seed(4)
-    config = transformers.LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=2,
-                                      intermediate_size=swiglu_hidden_size(32), max_position_embeddings=64,
-                                      rms_norm_eps=1e-5, rope_theta=1000.0, tie_word_embeddings=False)
-    hf = transformers.LlamaForCausalLM(config).eval()
-    save_hf_folder(hf, tokenizer, tmp_path / "llama")
-    model, _ = model_from_checkpoint(checkpoint_from_hf_folder(tmp_path / "llama"), "cpu")
+    config_class, model_class = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                                 "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}[arch]
+    config = config_class(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                          num_key_value_heads=2, head_dim=16, intermediate_size=swiglu_hidden_size(32),
+                          max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=1000.0, tie_word_embeddings=False)
+    hf = model_class(config).eval()
+    with torch.no_grad():  # norm gains away from 1, so a QK-norm gain left out shows
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    save_hf_folder(hf, tokenizer, tmp_path / arch)
+    model, _ = model_from_checkpoint(checkpoint_from_hf_folder(tmp_path / arch), "cpu")
     c = model.config
-    assert (c.position, c.norm, c.mlp, c.bias, c.rope_base, c.tie_embeddings) == \
-        ("rope", "rmsnorm", "swiglu", False, 1000.0, False)
+    assert (c.position, c.norm, c.mlp, c.bias, c.rope_base, c.tie_embeddings, c.qk_norm) == \
+        ("rope", "rmsnorm", "swiglu", False, 1000.0, False, arch == "qwen3")
     idx = torch.randint(0, tokenizer.vocab_size, (2, 64), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(idx)[0], hf(idx).logits, atol=1e-4, rtol=1e-4)
@@ -198,7 +205,7 @@ def test_a_hub_name_is_refused_without_downloading(tmp_path):
     with pytest.raises(UsageError, match="is not a local folder; nothing is downloaded"):
         load_hf_folder("openai-community/gpt2")
     (tmp_path / "config.json").write_text('{"model_type": "bert"}')
-    with pytest.raises(UsageError, match="only gpt2 .* and llama"):
+    with pytest.raises(UsageError, match="only gpt2 .*, llama .* and qwen3"):
         load_hf_folder(tmp_path)
 
 
@@ -220,9 +227,9 @@ def read_gguf(path: Path) -> tuple[dict[str, torch.Tensor], list[str], list[str]
             list(reader.fields["tokenizer.ggml.merges"].contents()))
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen3"])
 def test_gguf_reads_back_with_every_tensor_and_the_vocabulary(tmp_path, tokenizer, corpus, arch):
-    model = random_model(tokenizer.vocab_size, **({} if arch == "gpt2" else LLAMA))
+    model = random_model(tokenizer.vocab_size, **ARCH_SETTINGS[arch])
     out = tmp_path / "gguf"
     assert run_export(["--checkpoint", str(write_checkpoint(tmp_path, model, tokenizer, corpus)), "--out", str(out),
                        "--format", "gguf"]) == 0
@@ -244,6 +251,12 @@ def test_gguf_reads_back_with_every_tensor_and_the_vocabulary(tmp_path, tokenize
         return
     assert sum(t.numel() for t in tensors.values()) == model.num_parameters(False)
     assert torch.equal(tensors["blk.1.ffn_gate.weight"], sd["blocks.1.mlp.gate.weight"])
+    if arch == "qwen3":  # llama.cpp's qwen3 rotates (i, i + D/2) pairs as we do: q and k rows as they are
+        assert torch.equal(tensors["blk.1.attn_q_norm.weight"], sd["blocks.1.attn.q_norm.weight"])
+        assert torch.equal(tensors["blk.1.attn_k_norm.weight"], sd["blocks.1.attn.k_norm.weight"])
+        assert torch.equal(tensors["blk.1.attn_k.weight"], sd["blocks.1.attn.qkv.weight"].chunk(3)[1])
+        assert torch.equal(tensors["output.weight"], sd["lm_head.weight"])
+        return
     # q and k: llama.cpp's adjacent-pair rotation of the exported rows gives our attention scores
     x = torch.randn(10, 32)
     q, k, _ = sd["blocks.0.attn.qkv.weight"].chunk(3)
@@ -257,6 +270,57 @@ def test_gguf_reads_back_with_every_tensor_and_the_vocabulary(tmp_path, tokenize
         torch.testing.assert_close(cpp_q @ cpp_k.T, ours_q @ ours_k.T, atol=1e-4, rtol=1e-4)
 
 
+def test_the_gguf_export_writes_an_ollama_modelfile_for_the_model(tmp_path, tokenizer, corpus, capsys):
+    import generate
+
+    model = random_model(tokenizer.vocab_size, **{**QWEN3, "block_size": 48})
+    out = tmp_path / "gguf"
+    assert run_export(["--checkpoint", str(write_checkpoint(tmp_path, model, tokenizer, corpus)), "--out", str(out),
+                       "--format", "gguf"]) == 0
+    assert "ollama create NAME -f" in capsys.readouterr().out
+    lines = (out / "Modelfile").read_text(encoding="utf-8").splitlines()
+    assert lines[0] == "FROM ./model.gguf" and (out / "model.gguf").is_file()
+    assert 'TEMPLATE "{{ .Prompt }}"' in lines  # a base model: the prompt as it is, no chat template
+    parameters = dict(line.split(" ", 2)[1:] for line in lines if line.startswith("PARAMETER "))
+    assert parameters["stop"] == f'"{EOT}"' and tokenizer.hf.token_to_id(EOT) == tokenizer.eot_id
+    assert int(parameters["num_ctx"]) == 48 == model.config.block_size
+    defaults = generate.GenerateArgs()
+    assert float(parameters["temperature"]) == defaults.temperature and int(parameters["top_k"]) == 200
+
+
+def test_the_speedrun_shape_comes_back_from_its_export_for_generate_evaluate_and_init_from(tmp_path, tokenizer,
+                                                                                          corpus, capsys):
+    """The README's quick-start model (Qwen3 layout): the exported folder is a --checkpoint for generate.py and
+    evaluate.py with the same text and numbers as the checkpoint, and --init_from starts a run from its weights."""
+    import evaluate
+    import generate
+    import playground
+    from config import parse_config
+
+    model = random_model(tokenizer.vocab_size, **QWEN3)
+    ckpt = write_checkpoint(tmp_path, model, tokenizer, corpus)
+    folder = tmp_path / "qwen3"
+    assert run_export(["--checkpoint", str(ckpt), "--out", str(folder)]) == 0
+    capsys.readouterr()
+    text = tmp_path / "text.txt"
+    text.write_text(corpus.read_text(encoding="utf-8")[:3000], encoding="utf-8")
+    outputs = []
+    for source in (ckpt, folder):
+        generate.main(["--checkpoint", str(source), "--prompt", "ROMEO.", "--max_new_tokens", "20", "--device", "cpu",
+                       "--temperature", "0"])
+        evaluate.main([str(text), "--checkpoint", str(source), "--device", "cpu"])
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and "bits/byte" in outputs[0]
+    c, flags = parse_config([str(corpus), "--init_from", str(folder), "--checkpoint", str(tmp_path / "ft.tar"),
+                             "--out_dir", str(tmp_path / "runs"), "--batch_size", "2", "--eval_iters", "1",
+                             "--warmup_iters", "1", "--sample_tokens", "0", "--device", "cpu", "--max_iters", "1",
+                             "--eval_interval", "1", "--lr", "0", "--optimizer", "adamw"])
+    playground.train(c, flags)
+    saved = load_checkpoint(tmp_path / "ft.tar")
+    assert saved["model_config"]["qk_norm"] and not saved["model_config"]["tie_embeddings"]
+    assert all(torch.equal(saved["model"][name], w) for name, w in model.state_dict().items())
+
+
 # ---------------------------------------------------------------------- refusals
 
 @pytest.mark.parametrize(("settings", "named"), [
@@ -268,8 +332,8 @@ def test_gguf_reads_back_with_every_tensor_and_the_vocabulary(tmp_path, tokenize
     (dict(position="none"), "--position none"),
     (dict(tie_embeddings=False), "--no-tie_embeddings"),
     ({**LLAMA, "bias": True}, "--bias"),
-    ({**LLAMA, "qk_norm": True}, "--qk_norm"),
     ({**LLAMA, "mlp": "gelu"}, "--mlp gelu"),
+    ({**QWEN3, "logit_softcap": 30.0}, "--logit_softcap 30"),
 ])
 @pytest.mark.parametrize("fmt", ["hf", "gguf"])
 def test_models_no_target_computes_exactly_are_refused_and_nothing_is_written(tmp_path, tokenizer, corpus, capsys,
@@ -279,7 +343,29 @@ def test_models_no_target_computes_exactly_are_refused_and_nothing_is_written(tm
     assert run_export(["--checkpoint", str(ckpt), "--out", str(tmp_path / "out"), "--format", fmt]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and named in err[0]
+    for target in ("GPT-2", "Llama", "Qwen3"):  # each says what it lacks and what it would export
+        assert f"{target} cannot express" in err[0]
+    assert "Qwen3 cannot express" in err[0] and "(it exports --position rope --norm rmsnorm --mlp swiglu " \
+        "--no-bias --qk_norm)" in err[0]
     assert sorted(tmp_path.iterdir()) == before
+
+
+def test_every_model_setting_is_free_or_decided_for_every_target():
+    """A setting added to GPTConfig must be declared free (computes the same everywhere) or get a row per target;
+    until then a model using it is refused, never exported as a model that computes something else."""
+    names = {f.name for f in fields(GPTConfig)}
+    for target, allowed in TARGETS.items():
+        assert names <= set(allowed) | FREE, (target, names - set(allowed) - FREE)
+        assert set(allowed) <= names and not set(allowed) & FREE, target
+
+    @dataclass
+    class WithANewSwitch(GPTConfig):
+        new_switch: bool = False
+
+    with pytest.raises(UsageError, match="GPT-2 cannot express --no-new_switch.*Qwen3 cannot express "
+                                         ".*--no-new_switch"):
+        architecture_for(WithANewSwitch())
+    assert architecture_for(GPTConfig(**QWEN3)) == "qwen3"
 
 
 def test_gguf_refuses_the_character_bpe_tokenizer(tmp_path, corpus, capsys):
@@ -305,10 +391,10 @@ def test_a_non_empty_out_folder_needs_overwrite_and_never_the_checkpoint(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model_checkpoint.tar", "out"]  # no temporary left
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen3"])
 def test_llama_cpp_runs_the_gguf_with_our_tokens_and_logits(tmp_path, tokenizer, corpus, arch):
     llama_cpp = pytest.importorskip("llama_cpp")  # llama-cpp-python; see docs/export.md for the recorded run
-    model = random_model(tokenizer.vocab_size, **({} if arch == "gpt2" else LLAMA))
+    model = random_model(tokenizer.vocab_size, **ARCH_SETTINGS[arch])
     out = tmp_path / "gguf"
     assert run_export(["--checkpoint", str(write_checkpoint(tmp_path, model, tokenizer, corpus)), "--out", str(out),
                        "--format", "gguf"]) == 0
@@ -322,7 +408,7 @@ def test_llama_cpp_runs_the_gguf_with_our_tokens_and_logits(tmp_path, tokenizer,
     theirs = torch.from_numpy(llm.scores[:len(ids)].copy())
     with torch.no_grad():
         ours = model(torch.tensor([ids]))[0][0]
-    # measured: max |difference| 4e-3 (gpt2: llama.cpp's GELU reads a float16 table), 4e-4 (llama)
+    # measured: max |difference| 4e-3 (gpt2: llama.cpp's GELU reads a float16 table), 4e-4 (llama), 1.4e-5 (qwen3)
     torch.testing.assert_close(theirs, ours, atol=1e-2 if arch == "gpt2" else 1e-3, rtol=0)
 
 

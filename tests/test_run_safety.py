@@ -176,6 +176,14 @@ def test_time_budget_fixes_max_iters_to_fit_and_lands_near_the_budget(tmp_path, 
     assert rows[-1]["time_s"] == pytest.approx(seconds, abs=3.0)
 
 
+def test_a_time_budget_that_cannot_be_met_says_so_and_what_would_fit(tmp_path, corpus, tokenizer, capsys):
+    train(args(tmp_path, corpus, tokenizer, "--time_budget", "0.01", "--eval_interval", "50"))
+    said = [line for line in capsys.readouterr().out.splitlines() if "cannot be met" in line]
+    first_plan = playground.UNTIMED_STEPS + playground.TIMED_STEPS
+    assert len(said) == 1 and f"stops at step {first_plan}; --time_budget " in said[0], said
+    assert load_checkpoint(tmp_path / "ckpt.tar")["iteration"] == first_plan
+
+
 def test_a_model_that_cannot_fit_is_refused_before_allocation(tmp_path, corpus, tokenizer):
     with pytest.raises(UsageError, match="needs about .* GiB, but cpu has"):
         train(args(tmp_path, corpus, tokenizer, "--max_iters", "1", "--num_of_layers", "100000",
@@ -183,13 +191,15 @@ def test_a_model_that_cannot_fit_is_refused_before_allocation(tmp_path, corpus, 
     assert not (tmp_path / "ckpt.tar").exists()
 
 
-def test_muon_run_resumes_bit_exactly(tmp_path, corpus, tokenizer):
+def test_muon_run_resumes_bit_exactly(tmp_path, corpus, tokenizer, capsys):
     common = ["--optimizer", "muon", "--eval_interval", "6", "--lr_schedule", "constant"]
     full = tmp_path / "full"
     train(args(full, corpus, tokenizer, *common, "--max_iters", "6"))
     part = tmp_path / "part"
     train(args(part, corpus, tokenizer, *common, "--max_iters", "3", "--checkpoint_interval", "3"))
+    capsys.readouterr()
     train(["--resume", "--checkpoint", str(part / "ckpt.tar"), "--max_iters", "6"])
+    assert f"resumed from step 3 of {part / 'ckpt.tar'}" in capsys.readouterr().out.splitlines()
     a, b = load_checkpoint(full / "ckpt.tar")["model"], load_checkpoint(part / "ckpt.tar")["model"]
     assert all(torch.equal(a[name], b[name]) for name in a)
 
