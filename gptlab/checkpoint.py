@@ -11,6 +11,8 @@ What a checkpoint holds (all tensors or plain Python values, so `torch.load(weig
     best_val_loss   the lowest validation loss seen so far
     rng             torch CPU (and CUDA) RNG states, for dropout
     tokenizer       the tokenizer's JSON text, so a checkpoint alone is enough to generate
+    tokenizer_learned_from  the files the tokenizer learned from and how many of their bytes (the training
+                    split: tokenizer.learned_from), or None when unknown (a --tokenizer file, an older checkpoint)
 """
 
 import dataclasses
