@@ -27,6 +27,7 @@ from gptlab.cli import (
     read_yaml,
     setting,
 )
+from gptlab.data import DEFAULT_VAL_FRACTION
 from gptlab.errors import CliParser, UsageError
 from gptlab.memory import parse_size
 from gptlab.runtime import DTYPE_CHOICES, DTYPE_HELP
@@ -47,7 +48,8 @@ class TrainConfig:
                                   choices=("bbpe", "bpe"), group="data", requires=("tokenizer", None))
     vocab_size: int | None = setting(None, "vocabulary size of the trained tokenizer (default 8000); with "
                                      "--tokenizer it must match the tokenizer's size", rule=POSITIVE, group="data")
-    val_fraction: float = setting(0.1, "fraction of the corpus (its last bytes) held out for validation",
+    val_fraction: float = setting(DEFAULT_VAL_FRACTION, "fraction of the corpus (its last bytes) held out for "
+                                  "validation, from the model and from the tokenizer trained here",
                                   rule=OPEN_FRACTION, group="data")
     out_dir: str = setting("runs", "folder for the token cache, a trained tokenizer, metrics.jsonl and the "
                            "loss-curve PNG", group="data")

@@ -9,9 +9,15 @@ tokens see little context: slightly pessimistic next to a sliding window, and fa
     loss           mean cross-entropy per predicted token, in nats
     perplexity     exp(loss)
     bits per byte  total cross-entropy in bits / UTF-8 bytes of the text: independent of the tokenizer
+
+A file the checkpoint's tokenizer learned from (in whole or in part) gets a warning on stderr: its scores are
+not held out. This is known only for a tokenizer that playground.py trained for itself, and only for a file
+with the same contents as one of its corpus files; a tokenizer passed with --tokenizer is the user's choice,
+trained on what they chose.
 """
 
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +33,7 @@ from gptlab.convert import load_checkpoint_or_folder
 from gptlab.data import CHUNK_BYTES, token_dtype
 from gptlab.errors import UsageError, run_cli
 from gptlab.runtime import DTYPE_CHOICES, DTYPE_HELP, local_runtime
-from gptlab.tokenizer import Tokenizer, corpus_files, iter_corpus
+from gptlab.tokenizer import Tokenizer, corpus_files, file_hash, iter_corpus
 
 
 def encode_file(path: Path, tokenizer: Tokenizer) -> tuple[np.ndarray, int]:
@@ -92,12 +98,16 @@ def main(argv: list[str] | None = None) -> None:
                            positional="files")
     rt = local_runtime(args.device, args.dtype)  # before the checkpoint: a missing device is the device's fault
     files = corpus_files(list(args.files))
-    model, tokenizer = model_from_checkpoint(load_checkpoint_or_folder(args.checkpoint), rt.device, args.checkpoint,
-                                            args.raw_weights)
+    ckpt = load_checkpoint_or_folder(args.checkpoint)
+    model, tokenizer = model_from_checkpoint(ckpt, rt.device, args.checkpoint, args.raw_weights)
     if not model.config.causal:
         raise UsageError(f"{args.checkpoint} is an encoder (masked LM): it has no next-token loss to evaluate; "
                          f"its masked-token loss and accuracy are reported during training")
+    learned = {f["blake2b"]: f for f in ckpt.get("tokenizer_learned_from") or [] if f["learned_bytes"]}
     for path in files:
+        if learned and (seen := learned.get(file_hash(path))) is not None:
+            print(f"warning: the tokenizer learned from {seen['learned_bytes']:,} of the {seen['bytes']:,} bytes of "
+                  f"{path}: its scores are not those of held-out text", file=sys.stderr)
         with rt.autocast():
             r = evaluate_tokens(model, *encode_file(path, tokenizer), args.batch_size, progress=True)
         print(f"{path}: loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.2f}, "

@@ -36,7 +36,7 @@ from config import TrainConfig, check_dependent_flags, fixed_on_resume, parse_co
 from gpt import GPT, GPTConfig
 from gptlab.checkpoint import load_checkpoint, save_checkpoint
 from gptlab.convert import checkpoint_from_hf_folder
-from gptlab.data import TokenSplit, batch_rng, build_token_cache, cache_key
+from gptlab.data import TokenSplit, batch_rng, build_token_cache, cache_key, val_start
 from gptlab.errors import UsageError, run_cli
 from gptlab.fileio import RunLock, check_output, check_output_dir
 from gptlab.health import Health, plot_health
@@ -44,7 +44,7 @@ from gptlab.memory import MemoryPlan, gib, plan_run
 from gptlab.metrics import Metrics, plot_losses
 from gptlab.objectives import Objective, objective_for
 from gptlab.runtime import Runtime, peak_flops, seconds_since_start, setup_runtime, teardown, to_device
-from gptlab.tokenizer import MASK, Tokenizer, corpus_files, train_tokenizer
+from gptlab.tokenizer import MASK, LearnedFrom, Tokenizer, corpus_files, learned_from, train_tokenizer
 from gptlab.training import learning_rate, make_optimizer, set_learning_rate, step_batches, train_step
 
 DEFAULT_VOCAB_SIZE = 8000
@@ -76,6 +76,7 @@ class Run:
     started: float  # time.perf_counter() when the command started
     plan: MemoryPlan  # the micro-batch each forward/backward pass takes, and the estimated peak memory
     health: Health  # bad-step guard, spike reaction, telemetry, EMA (gptlab/health.py)
+    tokenizer_learned_from: LearnedFrom | None = None  # see gptlab.tokenizer.learned_from; None: unknown
     seconds_before: float = 0.0  # wall time of the runs this one resumes
     iteration: int = 0  # optimiser steps done
     best_val_loss: float = math.inf
@@ -96,26 +97,32 @@ class Run:
 
 # ----------------------------------------------------------------------------- build the run
 
-def resolve_tokenizer(c: TrainConfig, files: list[Path], rt: Runtime) -> Tokenizer:
-    """The --tokenizer file, or one trained on the corpus (once; kept in out_dir, keyed by corpus and size)."""
+def resolve_tokenizer(c: TrainConfig, files: list[Path], rt: Runtime) -> tuple[Tokenizer, LearnedFrom | None]:
+    """The --tokenizer file (the user's choice, trained on whatever they chose: what it learned from is unknown),
+    or one trained on the corpus's training split alone (once; kept in out_dir, keyed by corpus, split and size),
+    so the validation text stays unseen by everything that learns; with what it learned from (learned_from)."""
     if c.tokenizer is not None:
         tokenizer = Tokenizer.from_file(c.tokenizer)
         if c.vocab_size is not None and c.vocab_size != tokenizer.vocab_size:
             raise UsageError(f"--vocab_size {c.vocab_size} does not match {c.tokenizer}, which has "
                              f"{tokenizer.vocab_size} tokens (leave --vocab_size out to use the tokenizer's)")
-        return tokenizer
+        return tokenizer, None
     vocab_size = c.vocab_size or DEFAULT_VOCAB_SIZE
-    corpus_hash = cache_key(files, None, 0.0)[:12]
-    path = Path(c.out_dir) / f"tokenizer-{c.tokenizer_kind}{vocab_size}-{corpus_hash}.json"
+    # "val<fraction>" in the name: tokenizers saved before the split was held out (named without it) learned
+    # from the validation text too, and are never picked up.
+    key = cache_key(files, None, c.val_fraction)[:12]
+    path = Path(c.out_dir) / f"tokenizer-{c.tokenizer_kind}{vocab_size}-val{c.val_fraction:g}-{key}.json"
+    end = val_start(files, c.val_fraction)
     if rt.prepares_data and not path.exists():
-        print(f"training a {c.tokenizer_kind} tokenizer ({vocab_size} tokens) on the corpus -> {path}")
+        print(f"training a {c.tokenizer_kind} tokenizer ({vocab_size} tokens) on the corpus's training split -> "
+              f"{path}")
         path.parent.mkdir(parents=True, exist_ok=True)
         # With <mask> <pad> <cls> <sep> (4 of the vocab_size ids), so that the same tokenizer serves masked-LM
         # pretraining and fine-tuning (finetune.py) of the model trained here.
         train_tokenizer(files, c.tokenizer_kind, vocab_size, show_progress=True,
-                        bert_tokens=True).save(path)
+                        bert_tokens=True, end=end).save(path)
     wait_for(path, "the tokenizer")
-    return Tokenizer.from_file(path)
+    return Tokenizer.from_file(path), learned_from(files, end)
 
 
 def wait_for(path: Path, what: str) -> None:
@@ -198,7 +205,10 @@ def build_run(c: TrainConfig, ckpt: dict[str, Any] | None, rt: Runtime, started:
                          "overflows in each rank's shard alone; use --dtype bfloat16")
     files = corpus_files(list(c.corpus))
     source = ckpt or init
-    tokenizer = Tokenizer.from_json(source["tokenizer"]) if source else resolve_tokenizer(c, files, rt)
+    if source:  # a checkpoint from before the record, or a Hugging Face folder: unknown (None)
+        tokenizer, learned = Tokenizer.from_json(source["tokenizer"]), source.get("tokenizer_learned_from")
+    else:
+        tokenizer, learned = resolve_tokenizer(c, files, rt)
     objective = objective_for(c.objective, tokenizer, c.mask_prob)
     splits = load_data(c, tokenizer, files, rt)
     config = replace(c.model, vocab_size=tokenizer.vocab_size, causal=objective.causal)
@@ -220,7 +230,7 @@ def build_run(c: TrainConfig, ckpt: dict[str, Any] | None, rt: Runtime, started:
         if rt.is_main else None
     health = Health(model, optimizer, c, rt, ckpt.get("health") if ckpt else None, ckpt.get("ema") if ckpt else None)
     run = Run(c, rt, tokenizer, objective, splits, model, step_model, optimizer, scaler, metrics, metrics_path(c),
-              started, plan, health)
+              started, plan, health, tokenizer_learned_from=learned)
     if ckpt is not None:
         run.iteration, run.best_val_loss = ckpt["iteration"], ckpt["best_val_loss"]
         run.seconds_before = ckpt.get("seconds", 0.0)
@@ -454,8 +464,8 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
             "optimizer": get_optimizer_state_dict(run.model, run.optimizer, options=FULL_STATE),
             "scaler": run.scaler.state_dict(), "iteration": run.iteration, "best_val_loss": run.best_val_loss,
             "rng": gather_rng_states(run.rt), "seconds": run.seconds,
-            "tokenizer": run.tokenizer.to_json(), "health": run.health.state_dict(),
-            **({"ema": run.health.ema.model.state_dict()} if run.health.ema else {})}
+            "tokenizer": run.tokenizer.to_json(), "tokenizer_learned_from": run.tokenizer_learned_from,
+            "health": run.health.state_dict(), **({"ema": run.health.ema.model.state_dict()} if run.health.ema else {})}
 
 
 def save(run: Run) -> None:

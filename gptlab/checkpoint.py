@@ -14,6 +14,8 @@ What a checkpoint holds (all tensors or plain Python values, so `torch.load(weig
     health          the spike detector's window and the bad-step counts (gptlab/health.py), for exact resume
     ema             optional (--ema_decay): the moving average of the weights, a state dict like `model`; what
                     model_from_checkpoint builds unless asked for the raw weights
+    tokenizer_learned_from  the files the tokenizer learned from and how many of their bytes (the training
+                    split: tokenizer.learned_from), or None when unknown (a --tokenizer file, an older checkpoint)
 """
 
 import dataclasses

@@ -28,6 +28,7 @@ from gptlab.tokenizer import Tokenizer
 
 CACHE_FORMAT = 1  # bump when the layout of the cache files changes
 CHUNK_BYTES = 1 << 20  # text per piece handed to the tokenizer (a batch of pieces keeps every core busy)
+DEFAULT_VAL_FRACTION = 0.1  # the last 10% of the bytes, as nanoGPT splits Tiny Shakespeare
 
 
 @dataclass(frozen=True)
@@ -57,19 +58,42 @@ def cache_key(files: list[Path], tokenizer: Tokenizer | None, val_fraction: floa
     return h.hexdigest()
 
 
+def val_threshold(files: list[Path], val_fraction: float) -> int:
+    """(1 - val_fraction) of the corpus's bytes (the files read one after another): a line that begins before
+    this offset is training text, one that begins at or after it is validation text."""
+    return int(sum(p.stat().st_size for p in files) * (1 - val_fraction))
+
+
+def val_start(files: list[Path], val_fraction: float) -> int:
+    """The byte offset (the files read one after another) where the validation text starts: the first line
+    that begins at or after val_threshold (each file begins a line), or the end of the corpus. Everything
+    before it is the training text: what the token cache's train split holds and a tokenizer may learn from."""
+    threshold, offset = val_threshold(files, val_fraction), 0
+    for path in files:
+        size = path.stat().st_size
+        if offset <= threshold < offset + size:
+            with open(path, "rb") as f:
+                if threshold > offset:  # inside the file: the training text ends with the line holding byte
+                    f.seek(threshold - offset - 1)  # threshold - 1 (read in pieces: a line may be huge)
+                    while (piece := f.readline(CHUNK_BYTES)) and not piece.endswith(b"\n"):
+                        pass
+                return offset + f.tell()
+        offset += size
+    return offset
+
+
 def _split_lines(files: list[Path], val_fraction: float) -> Iterator[tuple[str, bytes | None]]:
     """Yield (split, line) for every line of the corpus; (split, None) marks the end of a document (file).
 
-    The validation split starts at the first line that begins past (1 - val_fraction) of all bytes.
+    The validation split starts at the first line that begins at or after val_threshold (at val_start).
     """
-    total = sum(p.stat().st_size for p in files)
-    val_start = int(total * (1 - val_fraction))
+    threshold = val_threshold(files, val_fraction)
     seen = 0
     for path in files:
         for line in _pieces(path):
-            yield ("train" if seen < val_start else "val"), line
+            yield ("train" if seen < threshold else "val"), line
             seen += len(line)
-        yield ("train" if seen <= val_start else "val"), None
+        yield ("train" if seen <= threshold else "val"), None
 
 
 def _pieces(path: Path) -> Iterator[bytes]:

@@ -26,6 +26,7 @@ and, when trained with bert_tokens (for masked-language-model pretraining and fi
        <sep>          separates the two texts of a pair
 """
 
+import hashlib
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,6 +50,7 @@ READ_CHARS = 1 << 12
 # Far above any useful vocabulary (GPT-4's has about 100k tokens); the trainer allocates for the size asked up
 # front, so an absurd size must be refused before training, not end in an out-of-memory abort.
 MAX_VOCAB_SIZE = 1_000_000
+LearnedFrom = list[dict[str, str | int]]  # see learned_from
 
 
 class Tokenizer:
@@ -136,16 +138,48 @@ def corpus_files(paths: list[str | Path]) -> list[Path]:
     return files
 
 
-def iter_corpus(files: list[Path]) -> Iterator[str]:
+def learned_from(files: list[Path], end: int | None) -> LearnedFrom:
+    """What a tokenizer trained on these files up to byte `end` learned from, file by file: its name, size,
+    content hash and how many of its first bytes were read. tokenizer.json has no room for it (the tokenizers
+    library refuses a key it does not know), so checkpoints keep it beside the tokenizer, and evaluate.py can
+    warn when it scores a file the tokenizer learned from."""
+    record, offset = [], 0
+    for path in files:
+        size = path.stat().st_size
+        learned = size if end is None else max(0, min(size, end - offset))
+        record.append({"file": str(path), "bytes": size, "learned_bytes": learned, "blake2b": file_hash(path)})
+        offset += size
+    return record
+
+
+def file_hash(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+
+
+def iter_corpus(files: list[Path], end: int | None = None) -> Iterator[str]:
     """The corpus as a stream of text pieces of a few kB, each ending at a line end so no word is cut.
 
-    A file that is not UTF-8, or holds NUL characters (binary data can decode as UTF-8: a token cache
-    of small ids does), is an error; so is a corpus with no text but whitespace.
+    end: stop at this byte offset of the files read one after another (a line start: data.val_start gives the
+    training text's end), so that the text after it is never read. A file that is not UTF-8, or holds NUL
+    characters (binary data can decode as UTF-8: a token cache of small ids does), is an error; so is a corpus
+    with no text but whitespace.
     """
     empty, chars = True, 0
+    for piece in _pieces(files, end):
+        empty, chars = empty and piece.isspace(), chars + len(piece)
+        yield piece
+    if empty:
+        held = f"holds only whitespace ({chars:,} characters)" if chars else "holds nothing"
+        before = "" if end is None else " before its validation text (the last --val_fraction of it)"
+        raise UsageError(f"the corpus is empty: {', '.join(map(str, files))} {held}{before}")
+
+
+def _pieces(files: list[Path], end: int | None) -> Iterator[str]:
+    left = end  # bytes still to read, when there is an end
     for path in files:
         with open(path, encoding="utf-8", newline="") as f:  # newline="": keep "\r\n" as it is in the file
-            while True:
+            while left is None or left > 0:
                 try:
                     piece = f.read(READ_CHARS)
                     piece += f.readline(READ_CHARS)  # finish the line, but never read a huge line whole
@@ -153,14 +187,13 @@ def iter_corpus(files: list[Path]) -> Iterator[str]:
                     raise UsageError(f"{path} is not UTF-8 text (a binary file?)") from None
                 if not piece:
                     break
+                if left is not None:
+                    data = piece.encode("utf-8")  # the file's own bytes: newline="" translates nothing
+                    piece = data[:left].decode("utf-8")  # end is a line start, so never inside a character
+                    left -= len(data)
                 if "\x00" in piece:
                     raise UsageError(f"{path} holds NUL characters: a binary file, not text")
-                empty, chars = empty and piece.isspace(), chars + len(piece)
                 yield piece
-    if empty:
-        names = ", ".join(map(str, files))
-        raise UsageError(f"the corpus is empty: {names} " + (f"holds only whitespace ({chars:,} characters)" if chars
-                                                             else "holds nothing"))
 
 
 def _new_tokenizer(kind: str) -> HFTokenizer:
@@ -204,8 +237,12 @@ def check_vocab_size(vocab_size: int) -> None:
 
 
 def train_tokenizer(files: list[Path], kind: str, vocab_size: int, show_progress: bool = True,
-                    bert_tokens: bool = False) -> Tokenizer:
-    """Learn BPE merges from the corpus, streamed; the same corpus always gives the same tokenizer."""
+                    bert_tokens: bool = False, end: int | None = None) -> Tokenizer:
+    """Learn BPE merges from the corpus, streamed; the same corpus always gives the same tokenizer.
+
+    end: learn from the text before this byte offset only (data.val_start: the training split), so the merges
+    owe nothing to the validation text.
+    """
     if kind not in KINDS:
         raise UsageError(f"unknown tokenizer kind {kind!r}: choose bpe or bbpe")
     specials = special_tokens(kind, bert_tokens)
@@ -218,9 +255,10 @@ def train_tokenizer(files: list[Path], kind: str, vocab_size: int, show_progress
     # file, a line every 30 s); the trainer's own bar (terminals only) then shows the merges. The pieces are
     # ~4 kB of characters: their number, for that bar's total, is about the corpus's bytes / READ_CHARS.
     total = sum(p.stat().st_size for p in files)
-    with byte_progress(total, "reading corpus", show_progress) as bar:
-        tok.train_from_iterator(_counted(iter_corpus(files), bar), _trainer(
-            kind, vocab_size, specials, show_progress and sys.stderr.isatty()), length=total // READ_CHARS + 1)
+    reading = total if end is None else min(end, total)
+    with byte_progress(reading, "reading corpus", show_progress) as bar:
+        tok.train_from_iterator(_counted(iter_corpus(files, end), bar), _trainer(
+            kind, vocab_size, specials, show_progress and sys.stderr.isatty()), length=reading // READ_CHARS + 1)
     return Tokenizer(tok)
 
 

@@ -1,17 +1,24 @@
 """Train a tokenizer on a corpus and save it as tokenizer.json.
 
     python preprocessing/train_tokenizer.py CORPUS [CORPUS ...] {bpe,bbpe} [--vocab_size N] [--out PATH]
-                                            [--bert_tokens]
+                                            [--bert_tokens] [--val_fraction F]
 
 CORPUS: .txt files and/or folders of .txt files. See gptlab/tokenizer.py for the two kinds and the
 special-token ids.
+
+The tokenizer learns from the corpus's training split only: by default the last 10% of its bytes (moved to a
+line start) are held out, the very split `playground.py` validates on with its default --val_fraction 0.1. So
+`train_tokenizer.py CORPUS bbpe` then `playground.py CORPUS --tokenizer tokenizer.json` reports val bits/byte
+on text that neither the tokenizer nor the model has seen. Give the same --val_fraction to both; give
+--val_fraction 0 to learn from every byte (a tokenizer corpus that is not the model's validation text).
 """
 
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from gptlab.cli import check_fields, parse_dataclass, setting
+from gptlab.cli import FRACTION, check_fields, parse_dataclass, setting
+from gptlab.data import DEFAULT_VAL_FRACTION, val_start
 from gptlab.errors import UsageError, run_cli
 from gptlab.fileio import check_output
 from gptlab.tokenizer import (
@@ -34,6 +41,9 @@ class TokenizerArgs:
     overwrite: bool = setting(False, "replace an existing --out file")
     bert_tokens: bool = setting(False, "also add <mask> <pad> <cls> <sep>, needed for masked-LM pretraining "
                                 "(--objective mlm) and fine-tuning")
+    val_fraction: float = setting(DEFAULT_VAL_FRACTION, "fraction of the corpus (its last bytes, from a line start) "
+                                  "not learned from: the validation split of playground.py with the same "
+                                  "--val_fraction; 0 learns from all of it", rule=FRACTION)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -57,10 +67,10 @@ def parse_args(argv: list[str] | None = None) -> TokenizerArgs:
                            argv, positional="corpus")
 
 
-def tokens_per_byte(tokenizer: Tokenizer, files: list[Path]) -> float:
-    """How compact the tokenizer is on its corpus (streamed; fewer tokens per byte = longer tokens)."""
+def tokens_per_byte(tokenizer: Tokenizer, files: list[Path], end: int | None = None) -> float:
+    """How compact the tokenizer is on its training text (streamed; fewer tokens per byte = longer tokens)."""
     tokens = n_bytes = 0
-    for piece in iter_corpus(files):
+    for piece in iter_corpus(files, end):
         tokens += len(tokenizer.encode(piece))
         n_bytes += len(piece.encode("utf-8"))
     return tokens / n_bytes
@@ -70,13 +80,17 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     files = corpus_files(list(args.files))
     check_output(args.out, "--out", inputs=[("corpus", f) for f in files], overwrite=args.overwrite)
+    end = val_start(files, args.val_fraction)
     start = time.perf_counter()
     tokenizer = train_tokenizer(files, args.kind, args.vocab_size, show_progress=True,
-                                bert_tokens=args.bert_tokens)
+                                bert_tokens=args.bert_tokens, end=end)
     seconds = time.perf_counter() - start
     tokenizer.save(args.out)
+    total = sum(f.stat().st_size for f in files)
     print(f"{args.kind} tokenizer: {tokenizer.vocab_size} tokens (asked {args.vocab_size}), trained in "
-          f"{seconds:.1f}s, {tokens_per_byte(tokenizer, files):.3f} tokens/byte on the corpus -> {args.out}")
+          f"{seconds:.1f}s on {end:,} of the corpus's {total:,} bytes (the last {total - end:,} held out: "
+          f"--val_fraction {args.val_fraction:g}), {tokens_per_byte(tokenizer, files, end):.3f} tokens/byte on "
+          f"them -> {args.out}")
 
 
 if __name__ == "__main__":
