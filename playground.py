@@ -13,77 +13,75 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
-    set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from config import TrainConfig, check_dependent_flags, fixed_on_resume, parse_config
+from config import TrainConfig, check_dependent_flags, parse_config
 from gpt import GPT, GPTConfig
-from gptlab.checkpoint import load_checkpoint, save_checkpoint
-from gptlab.convert import checkpoint_from_hf_folder
-from gptlab.data import TokenSplit, batch_rng, build_token_cache, cache_key, val_start
+from gptlab.checkpoint import save_checkpoint
+from gptlab.data import TokenSplit, batch_rng
 from gptlab.errors import UsageError, run_cli
-from gptlab.fileio import RunLock, check_output, check_output_dir
+from gptlab.evaluation import batch_loss, evaluate
+from gptlab.fileio import RunLock
 from gptlab.health import Health, plot_health
 from gptlab.memory import MemoryPlan, gib, plan_run
 from gptlab.metrics import Metrics, plot_losses
 from gptlab.objectives import Objective, objective_for
-from gptlab.runtime import Runtime, peak_flops, seconds_since_start, setup_runtime, teardown, to_device
-from gptlab.tokenizer import MASK, LearnedFrom, Tokenizer, corpus_files, learned_from, train_tokenizer
-from gptlab.training import learning_rate, make_optimizer, set_learning_rate, step_batches, train_step
-
-DEFAULT_VOCAB_SIZE = 8000
-EVAL_TRAIN_STREAM, EVAL_VAL_STREAM = 1, 2  # random streams of evaluation batches, apart from training's (0)
-# --time_budget: the first steps (allocations, caches warming up) are slower than the rest, so the step time is
-# measured over TIMED_STEPS steps after UNTIMED_STEPS; max_iters is fixed then, and checked again BUDGET_CHECKS - 1
-# times, at quarters of the steps left (a machine's speed drifts by 10-20% over minutes).
-UNTIMED_STEPS, TIMED_STEPS, BUDGET_CHECKS = 3, 20, 4
-# Checkpointed state dicts: whole (unsharded) tensors under a plain GPT's names, copied to the CPU; under
-# FSDP or DDP only rank 0 receives them (the others get empty dicts), so no rank holds the full model twice.
-FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+from gptlab.pacing import Throughput, TimeBudget
+from gptlab.preparation import load_data, resolve_tokenizer
+from gptlab.runtime import (
+    Runtime,
+    agree_on,
+    gather_rng_states,
+    mean_over_ranks,
+    peak_flops,
+    restore_rng_states,
+    seconds_since_start,
+    setup_runtime,
+    teardown,
+)
+from gptlab.sharding import FULL_STATE, sharded_model, unsharded_copy
+from gptlab.starting import check_fresh_run, check_outputs, init_config, metrics_path, plot_path, resume_config
+from gptlab.stopping import StopRequest, exit_on_sigterm
+from gptlab.tokenizer import MASK, LearnedFrom, Tokenizer, corpus_files
+from gptlab.training import Stepper, learning_rate, make_optimizer, set_learning_rate, train_step
 
 
 @dataclass
 class Run:
     """Everything a training run holds: made by build_run, advanced by train_loop."""
 
-    c: TrainConfig
+    c: TrainConfig  # the settings as given (on --resume, as saved); the run's own step count is max_iters below
     rt: Runtime
     tokenizer: Tokenizer
     objective: Objective
     splits: dict[str, TokenSplit]
     model: GPT  # the plain model (under FSDP, each rank's shard of it): what is evaluated and saved
-    step_model: torch.nn.Module  # what a training step runs: the model, compiled and/or DDP-wrapped
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
+    stepper: Stepper  # what a training step runs (the model compiled and/or DDP-wrapped), its optimizer and scaler
     metrics: Metrics | None  # rank 0 only
     metrics_path: Path
     started: float  # time.perf_counter() when the command started
     plan: MemoryPlan  # the micro-batch each forward/backward pass takes, and the estimated peak memory
     health: Health  # bad-step guard, spike reaction, telemetry, EMA (gptlab/health.py)
+    max_iters: int  # the step to train to: --max_iters, or what --time_budget plans
+    stop: StopRequest  # set by Ctrl-C or SIGTERM: save at the end of the current step, then stop
+    meter: Throughput = field(default_factory=Throughput)
+    budget: TimeBudget | None = None  # --time_budget, until its last plan
     tokenizer_learned_from: LearnedFrom | None = None  # see gptlab.tokenizer.learned_from; None: unknown
     seconds_before: float = 0.0  # wall time of the runs this one resumes
     iteration: int = 0  # optimiser steps done
     best_val_loss: float = math.inf
-    stop_requested: bool = False  # set by Ctrl-C or SIGTERM: save at the end of the current step, then stop
-    stop_signal: int = signal.SIGINT  # the signal that asked, which sets the exit status (128 + its number)
-    budget_checks: int = 0  # --time_budget: how many times max_iters has been (re)planned
-    next_budget_check: int = 0  # the step at which it is planned next
     final: dict[str, float] = field(default_factory=dict)  # the latest evaluation
 
     @property
@@ -94,87 +92,18 @@ class Run:
     def tokens_per_step(self) -> int:
         return self.c.batch_size * self.c.model.block_size * self.c.grad_accum_steps * self.rt.world_size
 
+    def due(self, interval: int) -> bool:
+        """Whether the step just done is one to log / evaluate / save at: every `interval` steps, and the last."""
+        return self.iteration % interval == 0 or self.iteration == self.max_iters
+
+    def saved_config(self) -> TrainConfig:
+        """The config a checkpoint holds: with the planned max_iters, and the budget only until its last plan
+        (a resumed run then is an ordinary one of that length)."""
+        planning = self.budget is not None and not self.budget.done
+        return self.c.replace(max_iters=self.max_iters, time_budget=self.c.time_budget if planning else None)
+
 
 # ----------------------------------------------------------------------------- build the run
-
-def resolve_tokenizer(c: TrainConfig, files: list[Path], rt: Runtime) -> tuple[Tokenizer, LearnedFrom | None]:
-    """The --tokenizer file (the user's choice, trained on whatever they chose: what it learned from is unknown),
-    or one trained on the corpus's training split alone (once; kept in out_dir, keyed by corpus, split and size),
-    so the validation text stays unseen by everything that learns; with what it learned from (learned_from)."""
-    if c.tokenizer is not None:
-        tokenizer = Tokenizer.from_file(c.tokenizer)
-        if c.vocab_size is not None and c.vocab_size != tokenizer.vocab_size:
-            raise UsageError(f"--vocab_size {c.vocab_size} does not match {c.tokenizer}, which has "
-                             f"{tokenizer.vocab_size} tokens (leave --vocab_size out to use the tokenizer's)")
-        return tokenizer, None
-    vocab_size = c.vocab_size or DEFAULT_VOCAB_SIZE
-    # "val<fraction>" in the name: tokenizers saved before the split was held out (named without it) learned
-    # from the validation text too, and are never picked up.
-    key = cache_key(files, None, c.val_fraction)[:12]
-    path = Path(c.out_dir) / f"tokenizer-{c.tokenizer_kind}{vocab_size}-val{c.val_fraction:g}-{key}.json"
-    end = val_start(files, c.val_fraction)
-    if rt.prepares_data and not path.exists():
-        print(f"training a {c.tokenizer_kind} tokenizer ({vocab_size} tokens) on the corpus's training split -> "
-              f"{path}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # With <mask> <pad> <cls> <sep> (4 of the vocab_size ids), so that the same tokenizer serves masked-LM
-        # pretraining and fine-tuning (finetune.py) of the model trained here.
-        train_tokenizer(files, c.tokenizer_kind, vocab_size, show_progress=True,
-                        bert_tokens=True, end=end).save(path)
-    wait_for(path, "the tokenizer")
-    return Tokenizer.from_file(path), learned_from(files, end)
-
-
-def wait_for(path: Path, what: str) -> None:
-    """Wait until `path` exists: the other processes wait for the files that each machine's first process prepares.
-    Polling, not a collective, since the tokenizer and token cache of a large corpus can take longer than NCCL's
-    collective timeout; if the preparing process fails, torchrun stops the job."""
-    shown = False
-    while not path.exists():
-        if not shown:
-            print(f"waiting for {what} ({path}) from this machine's first process")
-            shown = True
-        time.sleep(0.5)
-
-
-def load_data(c: TrainConfig, tokenizer: Tokenizer, files: list[Path], rt: Runtime) -> dict[str, TokenSplit]:
-    """Token files for the train and val splits (built by rank 0 once, then reused)."""
-    wait = None if rt.prepares_data else partial(wait_for, what="the token cache")
-    splits = build_token_cache(files, tokenizer, Path(c.out_dir) / "token_cache", c.val_fraction, wait)
-    for name, split in splits.items():
-        if split.num_tokens < c.model.block_size + 1:
-            raise UsageError(f"the {name} split has {split.num_tokens} tokens, fewer than block_size + 1 = "
-                             f"{c.model.block_size + 1}: use a longer corpus, a smaller --block_size or another "
-                             f"--val_fraction")
-    return splits
-
-
-def shard(model: GPT, rt: Runtime) -> None:
-    """FSDP2, in place: each block, then the root (embeddings, final norm and the head tied to the token
-    embedding), becomes a unit whose parameters are split across the ranks and gathered whole only while
-    that unit computes. The parameters become DTensors, so make the optimizer afterwards. In bfloat16, the
-    gathered parameters are bfloat16 (half the traffic) and gradients are reduced in float32."""
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if rt.dtype == torch.bfloat16 else MixedPrecisionPolicy()
-    for block in model.blocks:
-        fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
-
-
-def sharded_model(config: GPTConfig, rt: Runtime, weights: dict[str, torch.Tensor] | None) -> GPT:
-    """FSDP: the model is built without memory (meta device), sharded, then given storage on the device, so no
-    GPU ever holds it whole; rank 0 makes the full initial weights (or the checkpoint's) in CPU memory and each
-    rank receives its shard of them."""
-    if rt.is_main and weights is None:
-        weights = GPT(config).state_dict()  # the initial weights a single process would start from
-    with torch.device("meta"):
-        model = GPT(config)
-    shard(model, rt)
-    model.to_empty(device=rt.device)
-    set_model_state_dict(model, weights if rt.is_main else {},
-                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    return model
-
 
 def build_model(c: TrainConfig, config: GPTConfig, rt: Runtime, weights: dict[str, torch.Tensor] | None,
                 rng_states: dict[str, list[torch.Tensor]] | None) -> GPT:
@@ -229,21 +158,28 @@ def build_run(c: TrainConfig, ckpt: dict[str, Any] | None, rt: Runtime, started:
     metrics = Metrics(metrics_path(c), c.to_dict(), resumed_at, c.wandb_project, c.wandb_run_name) \
         if rt.is_main else None
     health = Health(model, optimizer, c, rt, ckpt.get("health") if ckpt else None, ckpt.get("ema") if ckpt else None)
-    run = Run(c, rt, tokenizer, objective, splits, model, step_model, optimizer, scaler, metrics, metrics_path(c),
-              started, plan, health, tokenizer_learned_from=learned)
+    stepper = Stepper(step_model, optimizer, scaler, splits["train"], c, rt, objective, plan.micro_batch, health)
+    run = Run(c, rt, tokenizer, objective, splits, model, stepper, metrics, metrics_path(c), started, plan, health,
+              c.max_iters, StopRequest(rt), tokenizer_learned_from=learned)
     if ckpt is not None:
         run.iteration, run.best_val_loss = ckpt["iteration"], ckpt["best_val_loss"]
         run.seconds_before = ckpt.get("seconds", 0.0)
+    if c.time_budget is not None:
+        run.budget = time_budget(run)
     return run
 
 
-def metrics_path(c: TrainConfig) -> Path:
-    return Path(c.out_dir) / f"{Path(c.checkpoint).stem}.metrics.jsonl"
+def time_budget(run: Run) -> TimeBudget:
+    """--time_budget's planner, asked by the loop after each step; it times the steps from here on."""
+    def log(row: dict[str, float | None]) -> None:
+        if run.metrics:
+            run.metrics.log(run.iteration, row)
 
-
-def plot_path(c: TrainConfig, picture: str = "loss") -> Path:
-    """The loss curve (picture="loss") or the health heat maps (picture="health")."""
-    return Path(c.out_dir) / f"{Path(c.checkpoint).stem}.{picture}.png"
+    budget = TimeBudget(run.c.time_budget, run.c.eval_interval, run.meter, lambda: run.seconds,
+                        lambda: 2 * run.c.eval_iters * time_eval_batch(run), lambda n: agree_on(n, run.rt),
+                        tqdm.write if run.rt.is_main else lambda _: None, log)
+    budget.start(run.iteration)
+    return budget
 
 
 def describe(run: Run) -> None:
@@ -265,106 +201,47 @@ def describe(run: Run) -> None:
 # ----------------------------------------------------------------------------- the loop
 
 def train_loop(run: Run) -> None:
-    """Steps until max_iters (or a Ctrl-C): the learning rate, one optimiser step, then logging, evaluation
-    and checkpoints at their intervals. Under --time_budget, max_iters is fixed after the first steps."""
-    c = run.c
+    """Steps until max_iters, or a Ctrl-C / SIGTERM: the learning rate, one optimiser step, then logging,
+    evaluation and a checkpoint at their intervals. Under --time_budget, the budget moves max_iters as it plans."""
     # disable=None: a bar on terminals only; logs and pipes get the evaluation lines
-    bar = tqdm(total=c.max_iters, initial=run.iteration, desc="training", disable=None if run.rt.is_main else True,
+    bar = tqdm(total=run.max_iters, initial=run.iteration, desc="training", disable=None if run.rt.is_main else True,
                dynamic_ncols=True)
-    meter = Throughput()
-    run.next_budget_check = run.iteration + UNTIMED_STEPS + TIMED_STEPS
-    while run.iteration < run.c.max_iters:
-        lr = learning_rate(run.iteration, run.c) * run.health.lr_factor(run.iteration)
-        set_learning_rate(run.optimizer, lr, run.c)
-        if run.health.measures(run.iteration + 1):
-            x, _ = step_batches(run.splits["train"], run.iteration, run.c, run.rt, run.objective)
-            run.health.probe(to_device(x[:run.plan.micro_batch], run.rt.device))
-        loss = train_step(run.step_model, run.optimizer, run.scaler, run.splits["train"], run.iteration, run.c,
-                          run.rt, run.objective, run.plan.micro_batch, run.health)
+    while run.iteration < run.max_iters:
+        lr = learning_rate(run.iteration, run.max_iters, run.c) * run.health.lr_factor(run.iteration)
+        set_learning_rate(run.stepper.optimizer, lr, run.c)
+        loss = train_step(run.stepper, run.iteration)
         run.iteration += 1
-        step, c = run.iteration, run.c
-        meter.tokens += run.tokens_per_step
-        if c.time_budget is not None and step == run.next_budget_check - TIMED_STEPS and not run.budget_checks:
-            meter.start_timing(step)
-        if c.time_budget is not None and step == run.next_budget_check:
-            plan_time_budget(run, meter, bar)
-            c = run.c
-        # Read the stop flag once: a signal arriving later in this step must not stop it unsaved.
-        stopping = stop_agreed(run)
-        evaluating = step % c.eval_interval == 0 or step == c.max_iters
-        saving = step % c.checkpoint_interval == 0 or step == c.max_iters or stopping
-        if step % c.log_interval == 0 or evaluating or saving:
-            log_step(run, loss, lr, meter, bar)
+        run.meter.tokens += run.tokens_per_step
+        if run.budget is not None:
+            run.max_iters = bar.total = run.budget.check(run.iteration, run.max_iters)
+        stopping = run.stop.agreed(run.due(run.c.log_interval))  # read once: a later signal waits for the next step
+        evaluating, saving = run.due(run.c.eval_interval), run.due(run.c.checkpoint_interval) or stopping
+        if run.due(run.c.log_interval) or evaluating or saving:
+            log_step(run, loss, lr, bar)
         log_health(run)
         bar.update(1)
         if evaluating:
-            since = time.perf_counter()
-            evaluate_and_log(run, bar)
-            meter.exclude(since)  # evaluation time is not training throughput
+            with run.meter.paused():  # evaluations and checkpoint writes are not training throughput
+                evaluate_and_log(run, bar)
         if saving:
-            since = time.perf_counter()
-            save(run)
-            meter.exclude(since)
+            with run.meter.paused():
+                save(run)
         if stopping:
             bar.close()
-            if run.rt.is_main:
-                print(f"stopped at step {step}; checkpoint {c.checkpoint} saved (continue with --resume)",
-                      file=sys.stderr)
-            if run.stop_signal == signal.SIGINT:
-                raise KeyboardInterrupt  # exit status 130, as for any Ctrl-C
-            raise SystemExit(128 + run.stop_signal)  # 143 for SIGTERM: what schedulers expect
+            run.stop.exit(run.iteration, run.c.checkpoint)
     bar.close()
 
 
-def stop_agreed(run: Run) -> bool:
-    """Whether this step is the last one (a Ctrl-C or SIGTERM arrived). Under torchrun the signal reaches the
-    ranks at different moments, so they agree at each log step (where the loss is synced anyway): all stop if
-    one was asked."""
-    if not run.rt.distributed:
-        return run.stop_requested
-    if run.iteration % run.c.log_interval and run.iteration != run.c.max_iters:
-        return False
-    flag = torch.tensor([int(run.stop_requested)], device=run.rt.device if run.rt.device.type == "cuda" else "cpu")
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
-
-
-class Throughput:
-    """Tokens per second of training steps alone: restarted after evaluations and checkpoint writes."""
-
-    def __init__(self) -> None:
-        self.tokens, self.since = 0, time.perf_counter()
-        self.timing_from, self.timing_step, self.excluded = self.since, 0, 0.0  # for --time_budget
-
-    def start_timing(self, step: int) -> None:
-        self.timing_from, self.timing_step, self.excluded = time.perf_counter(), step, 0.0
-
-    def step_seconds(self, step: int) -> float:
-        """Mean seconds per training step since start_timing, evaluations and checkpoint writes left out."""
-        return (time.perf_counter() - self.timing_from - self.excluded) / max(1, step - self.timing_step)
-
-    def exclude(self, since: float) -> None:
-        """Leave the time from `since` to now out of the rates (an evaluation, a checkpoint write)."""
-        self.excluded += time.perf_counter() - since
-        self.restart()
-
-    def restart(self) -> None:
-        self.tokens, self.since = 0, time.perf_counter()
-
-    def rate(self) -> float:
-        return self.tokens / max(time.perf_counter() - self.since, 1e-9)
-
-
-def log_step(run: Run, loss: torch.Tensor, lr: float, meter: Throughput, bar: tqdm) -> None:
+def log_step(run: Run, loss: torch.Tensor, lr: float, bar: tqdm) -> None:
     """The loss (averaged over ranks: the host-device syncs are here, once per log), lr, tokens/s, MFU and the
     health counts; then the reaction to bad steps since the last log (--on_spike). A non-finite loss is logged
     as it is: its update was skipped."""
     loss_value = mean_over_ranks(loss, run.rt)
-    tok_s = meter.rate()
-    meter.restart()
+    tok_s = run.meter.rate()
+    run.meter.restart()
     logged = {"loss": loss_value, "lr": lr, "tokens_per_s": tok_s, **run.health.counters()}
-    if run.scaler.is_enabled():
-        logged["loss_scale"] = run.scaler.get_scale()
+    if run.stepper.scaler.is_enabled():
+        logged["loss_scale"] = run.stepper.scaler.get_scale()
     peak = peak_flops(run.rt.device, run.rt.dtype)
     if peak:  # model FLOPs utilisation: achieved FLOP/s over the peak of all the ranks' GPUs
         logged["mfu"] = run.model.flops_per_token() * tok_s / (peak * run.rt.world_size)
@@ -402,39 +279,6 @@ def evaluate_and_log(run: Run, bar: tqdm) -> None:
         run.metrics.log(run.iteration, {**run.final, "time_s": run.seconds})
 
 
-def plan_time_budget(run: Run, meter: Throughput, bar: tqdm) -> None:
-    """--time_budget: from the mean time of the steps so far and of one evaluation batch, the largest max_iters
-    whose steps and evaluations end within the budget. Checked BUDGET_CHECKS times; after the last, the run is an
-    ordinary one of that length (the config saved in checkpoints holds it), so resume stays exact."""
-    c = run.c
-    step_seconds = meter.step_seconds(run.iteration)
-    eval_seconds = 2 * c.eval_iters * time_eval_batch(run)
-    left = c.time_budget - run.seconds  # the budget counts from the command's start, resumed runs included
-
-    def cost(n: int) -> float:  # seconds from now until step n and its final evaluation are done
-        evaluations = n // c.eval_interval - run.iteration // c.eval_interval + (n % c.eval_interval != 0)
-        return (n - run.iteration) * step_seconds + evaluations * eval_seconds
-
-    n = run.iteration + max(0, int(left / step_seconds))
-    while n > run.iteration and cost(n) > left:
-        n -= max(1, (n - run.iteration) // 50)
-    n = agree_on(max(n, run.iteration), run.rt)
-    if cost(run.iteration) > left:  # even stopping now, the final evaluation ends past the budget: say so
-        bar.write(f"time budget {c.time_budget:g}s cannot be met: {run.seconds:.1f}s are spent (tokenizer, data, "
-                  f"{run.iteration} steps) and the final evaluation takes {eval_seconds:.1f}s, so the run stops at "
-                  f"step {n}; --time_budget {run.seconds + eval_seconds + 100 * step_seconds:.0f} would train "
-                  f"100 steps more ({step_seconds * 1e3:.1f} ms per step)")
-    run.budget_checks += 1
-    last = run.budget_checks == BUDGET_CHECKS or n - run.iteration < 4 * TIMED_STEPS
-    run.c = c.replace(max_iters=n, time_budget=None if last else c.time_budget)
-    run.next_budget_check = run.iteration + (n - run.iteration) // 4
-    bar.total = n
-    bar.write(f"time budget {c.time_budget:g}s: {step_seconds * 1e3:.1f} ms/step, {eval_seconds:.2f}s per "
-              f"evaluation, {left:.1f}s left -> max_iters {n}")
-    if run.metrics:
-        run.metrics.log(run.iteration, {"planned_max_iters": n, "time_budget": c.time_budget})
-
-
 @torch.no_grad()
 def time_eval_batch(run: Run) -> float:
     """Seconds of one evaluation forward pass (on a throwaway batch, so no random stream moves)."""
@@ -447,22 +291,13 @@ def time_eval_batch(run: Run) -> float:
     return seconds
 
 
-def agree_on(value: int, rt: Runtime) -> int:
-    """Rank 0's value, on every rank."""
-    if not rt.distributed:
-        return value
-    t = torch.tensor([value], device=rt.device if rt.device.type == "cuda" else "cpu")
-    dist.broadcast(t, src=0)
-    return int(t.item())
-
-
 def checkpoint_state(run: Run) -> dict[str, Any]:
     """The checkpoint's contents. Every rank must call it: it gathers their RNG states and, under FSDP, their
     shards of the model and optimizer state."""
-    return {"config": run.c.to_dict(), "model_config": asdict(run.model.config),
+    return {"config": run.saved_config().to_dict(), "model_config": asdict(run.model.config),
             "model": get_model_state_dict(run.model, options=FULL_STATE),
-            "optimizer": get_optimizer_state_dict(run.model, run.optimizer, options=FULL_STATE),
-            "scaler": run.scaler.state_dict(), "iteration": run.iteration, "best_val_loss": run.best_val_loss,
+            "optimizer": get_optimizer_state_dict(run.model, run.stepper.optimizer, options=FULL_STATE),
+            "scaler": run.stepper.scaler.state_dict(), "iteration": run.iteration, "best_val_loss": run.best_val_loss,
             "rng": gather_rng_states(run.rt), "seconds": run.seconds,
             "tokenizer": run.tokenizer.to_json(), "tokenizer_learned_from": run.tokenizer_learned_from,
             "health": run.health.state_dict(), **({"ema": run.health.ema.model.state_dict()} if run.health.ema else {})}
@@ -474,98 +309,7 @@ def save(run: Run) -> None:
         save_checkpoint(state, run.c.checkpoint)
 
 
-# ----------------------------------------------------------------------------- evaluation
-
-@torch.no_grad()
-def batch_loss(model: GPT, x: torch.Tensor, y: torch.Tensor, micro_batch: int, rt: Runtime,
-               objective: Objective) -> tuple[float, int, int]:
-    """A batch's mean loss over its scored targets (those not -1), how many of them the model ranks first, and
-    their count, computed in the memory plan's micro-batches: where those are smaller than the batch, the whole
-    batch's logits may not fit."""
-    loss_sum, correct, scored_count = 0.0, 0, 0
-    for xm, ym in zip(x.split(micro_batch), y.split(micro_batch), strict=True):
-        xm, ym = to_device(xm, rt.device), to_device(ym, rt.device)
-        with rt.autocast():
-            logits, loss = objective.loss(model, xm, ym)
-        scored = ym != -1
-        n = int(scored.sum())
-        loss_sum += loss.item() * n if n else 0.0  # a micro-batch with nothing scored has a NaN mean
-        correct += int((logits.argmax(-1)[scored] == ym[scored]).sum())
-        scored_count += n
-    return loss_sum / max(scored_count, 1), correct, scored_count
-
-
-@torch.no_grad()
-def estimate_loss(model: GPT, split: TokenSplit, stream: int, c: TrainConfig, rt: Runtime, objective: Objective,
-                  micro_batch: int) -> tuple[float, float]:
-    """Mean loss over `eval_iters` batches, and the fraction of predicted tokens the model ranks first;
-    the same batches (and masks) at every evaluation, so curves are comparable."""
-    model.eval()
-    losses, correct, predicted = [], 0, 0
-    for i in range(c.eval_iters):
-        x, y = objective.batch(split, c.batch_size, c.model.block_size, batch_rng(c.seed, stream, i))
-        loss, batch_correct, scored = batch_loss(model, x, y, micro_batch, rt, objective)
-        losses.append(loss)
-        correct += batch_correct
-        predicted += scored
-    model.train()
-    return sum(losses) / len(losses), correct / max(predicted, 1)
-
-
-def evaluate(model: GPT, splits: dict[str, TokenSplit], c: TrainConfig, rt: Runtime, objective: Objective,
-             micro_batch: int) -> dict[str, float]:
-    """Train and val loss, and what the objective reports (val bits per byte, or masked-token accuracy)."""
-    train_loss, _ = estimate_loss(model, splits["train"], EVAL_TRAIN_STREAM, c, rt, objective, micro_batch)
-    val_loss, val_accuracy = estimate_loss(model, splits["val"], EVAL_VAL_STREAM, c, rt, objective, micro_batch)
-    return objective.report(train_loss, val_loss, val_accuracy, splits["val"])
-
-
-def mean_over_ranks(loss: torch.Tensor, rt: Runtime) -> float:
-    if rt.distributed:
-        loss = loss.clone()
-        dist.all_reduce(loss)
-        loss /= rt.world_size
-    return loss.item()
-
-
-def gather_rng_states(rt: Runtime) -> dict[str, list[torch.Tensor]]:
-    """Every rank's RNG states (dropout masks: the CPU generator, and the GPU's on CUDA), so a resumed run draws
-    the same masks."""
-    states = {"torch": torch.get_rng_state()}
-    if rt.device.type == "cuda":
-        states["cuda"] = torch.cuda.get_rng_state(rt.device)
-    if not rt.distributed:
-        return {name: [state] for name, state in states.items()}
-    gathered: dict[str, list[torch.Tensor]] = {}
-    for name, state in states.items():
-        gathered[name] = [torch.empty_like(state) for _ in range(rt.world_size)]
-        if rt.device.type == "cpu":
-            dist.all_gather(gathered[name], state)
-        else:
-            dist.all_gather_object(gathered[name], state)
-    return gathered
-
-
-def restore_rng_states(saved: dict[str, list[torch.Tensor]], rt: Runtime) -> None:
-    """This rank's RNG states from a checkpoint (one written by fewer ranks gives its states round-robin)."""
-    torch.set_rng_state(saved["torch"][rt.rank % len(saved["torch"])])
-    if rt.device.type == "cuda" and "cuda" in saved:
-        torch.cuda.set_rng_state(saved["cuda"][rt.rank % len(saved["cuda"])], rt.device)
-
-
 # ----------------------------------------------------------------------------- finish
-
-def unsharded_copy(model: GPT, rt: Runtime) -> GPT | None:
-    """Rank 0's plain copy of an FSDP model in CPU memory (None on the other ranks), for work rank 0 does alone:
-    a sharded forward pass would wait for the others, and a whole copy might not fit its GPU. Every rank must
-    call it, since it all-gathers."""
-    full = get_model_state_dict(model, options=FULL_STATE)
-    if not rt.is_main:
-        return None
-    copy = GPT(model.config)
-    copy.load_state_dict(full)
-    return copy
-
 
 def finish(run: Run) -> None:
     """The loss-curve PNG and, for a model that writes text, a sample."""
@@ -607,64 +351,6 @@ def sample(model: GPT, tokenizer: Tokenizer, max_new_tokens: int, rt: Runtime) -
 
 # ----------------------------------------------------------------------------- the job
 
-def resume_config(c: TrainConfig, set_by_flags: set[str]) -> tuple[TrainConfig, dict[str, Any]]:
-    """On --resume, the run continues with the checkpoint's config; flags typed now override it, except those
-    that would change the model or its tokenizer."""
-    ckpt = load_checkpoint(c.checkpoint)
-    if "optimizer" not in ckpt or "config" not in ckpt:
-        raise UsageError(f"{c.checkpoint} holds no training state to resume (was it exported?)")
-    saved = TrainConfig.from_dict(ckpt["config"]).to_dict()  # older checkpoints lack newer settings
-    typed = {name: c.to_dict()[name] for name in set_by_flags}
-    for name in set_by_flags & set(fixed_on_resume()):
-        if typed[name] != saved[name]:
-            raise UsageError(f"--{name} {typed[name]} differs from the checkpoint's {saved[name]}: "
-                             f"a checkpoint resumes only with the model and optimizer it was trained with")
-    if "tokenizer" in set_by_flags and Tokenizer.from_file(c.tokenizer).to_json() != ckpt["tokenizer"]:
-        raise UsageError(f"--tokenizer {c.tokenizer} is not the tokenizer {c.checkpoint} was trained with")
-    if "time_budget" in set_by_flags and saved["time_budget"] is None:
-        raise UsageError(f"--time_budget: {c.checkpoint} has no time budget left to continue (a budgeted run fixes "
-                         f"its max_iters, saved in the checkpoint, once timed): give --max_iters to train on, or "
-                         f"start a fresh run with --time_budget")
-    if "init_from" in set_by_flags:
-        raise UsageError("--init_from starts a fresh run from a folder's weights; --resume continues a checkpoint: "
-                         "give one of them")
-    merged = TrainConfig.from_dict({**saved, **typed, "resume": True})
-    if merged.max_iters <= ckpt["iteration"]:
-        raise UsageError(f"{c.checkpoint} is already at step {ckpt['iteration']}: give a --max_iters above it to "
-                         f"train on")
-    return merged, ckpt
-
-
-def init_config(c: TrainConfig, set_by_flags: set[str]) -> tuple[TrainConfig, dict[str, Any]]:
-    """--init_from DIR: the run starts from a local Hugging Face folder's weights, taking its model settings and
-    tokenizer; a flag typed now that contradicts them is an error."""
-    start = checkpoint_from_hf_folder(c.init_from)
-    theirs = start["model_config"]
-    model_settings = {name: theirs[name] for name in fixed_on_resume() if name in theirs}
-    for name in set_by_flags & set(model_settings):
-        if c.to_dict()[name] != model_settings[name]:
-            raise UsageError(f"--{name} {c.to_dict()[name]} contradicts {c.init_from}, whose model has "
-                             f"{name} {model_settings[name]}")
-    if c.tokenizer is not None and Tokenizer.from_file(c.tokenizer).to_json() != start["tokenizer"]:
-        raise UsageError(f"--tokenizer {c.tokenizer} is not the tokenizer of {c.init_from}: leave it out")
-    return c.replace(**model_settings), start
-
-
-def check_fresh_run(c: TrainConfig) -> None:
-    """A fresh run never silently replaces an earlier run's checkpoint, nor its metrics or loss plot (which
-    outlive a checkpoint that was moved, or never written by a run killed before its first save)."""
-    if Path(c.checkpoint).is_dir():  # --overwrite would not help: say so first
-        raise UsageError(f"--checkpoint {c.checkpoint} is a folder; give a file name inside it")
-    if Path(c.checkpoint).exists() and not c.overwrite:
-        raise UsageError(f"{c.checkpoint} already exists: continue it with --resume, choose another --checkpoint, "
-                         f"or replace it with --overwrite")
-    for path, what in ((metrics_path(c), "metrics"), (plot_path(c), "loss plot"),
-                       (plot_path(c, "health"), "health picture")):
-        if path.exists() and not c.overwrite:
-            raise UsageError(f"{path} already exists (an earlier run's {what}): choose another --checkpoint or "
-                             f"--out_dir, or replace it with --overwrite")
-
-
 def train(c: TrainConfig, set_by_flags: set[str] = frozenset(), started: float | None = None) -> dict[str, float]:
     """Run the whole training job; returns the final evaluation. started: time.perf_counter() when the command
     started (default: now), the start of a --time_budget."""
@@ -692,50 +378,10 @@ def run_job(c: TrainConfig, ckpt: dict[str, Any] | None, init: dict[str, Any] | 
         run = build_run(c, ckpt, rt, started, init)
         if rt.is_main:
             describe(run)
-        with stop_on_signals(run):
+        with run.stop.on_signals():
             train_loop(run)
         finish(run)
         return run.final
-
-
-def check_outputs(c: TrainConfig) -> None:
-    """Before any work: every file the run writes can be written, and none of them is one of its inputs."""
-    inputs = [("corpus", path) for path in c.corpus] + [("--tokenizer", c.tokenizer)]
-    check_output_dir(c.out_dir, "--out_dir")
-    check_output(c.checkpoint, "--checkpoint", inputs)
-    check_output(metrics_path(c), "--checkpoint's metrics file", inputs, [("--checkpoint", c.checkpoint)])
-
-
-@contextlib.contextmanager
-def stop_on_signals(run: Run) -> Iterator[None]:
-    """Ctrl-C (SIGINT) or SIGTERM (timeout, docker, Kubernetes, SLURM) asks the loop to save a checkpoint at the
-    end of the current step and stop. In a single process a second signal stops at once; under torchrun it is
-    ignored, since torchrun forwards each signal it gets itself (and kills the ranks 30 s after the first)."""
-
-    def handle(signum: int, frame: Any) -> None:
-        if run.stop_requested:
-            if run.rt.distributed:
-                return
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            raise SystemExit(128 + signum)
-        run.stop_requested, run.stop_signal = True, signum
-        if run.rt.is_main:
-            again = "" if run.rt.distributed else " (again to stop at once)"
-            print(f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step{again}",
-                  file=sys.stderr)
-
-    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def exit_on_sigterm(signum: int, frame: Any) -> None:
-    """SIGTERM before or after the training loop: unwind like Ctrl-C (the run lock is released), exit 143."""
-    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -266,3 +266,46 @@ def seconds_since_start() -> float:
     except (OSError, ValueError, IndexError):
         return 0.0
     return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+
+
+def agree_on(value: int, rt: Runtime) -> int:
+    """Rank 0's value, on every rank."""
+    if not rt.distributed:
+        return value
+    t = torch.tensor([value], device=rt.device if rt.device.type == "cuda" else "cpu")
+    dist.broadcast(t, src=0)
+    return int(t.item())
+
+
+def mean_over_ranks(loss: torch.Tensor, rt: Runtime) -> float:
+    """The mean of a scalar tensor over the ranks, on the host (a sync: call it where one is wanted)."""
+    if rt.distributed:
+        loss = loss.clone()
+        dist.all_reduce(loss)
+        loss /= rt.world_size
+    return loss.item()
+
+
+def gather_rng_states(rt: Runtime) -> dict[str, list[torch.Tensor]]:
+    """Every rank's RNG states (dropout masks: the CPU generator, and the GPU's on CUDA), so a resumed run draws
+    the same masks."""
+    states = {"torch": torch.get_rng_state()}
+    if rt.device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(rt.device)
+    if not rt.distributed:
+        return {name: [state] for name, state in states.items()}
+    gathered: dict[str, list[torch.Tensor]] = {}
+    for name, state in states.items():
+        gathered[name] = [torch.empty_like(state) for _ in range(rt.world_size)]
+        if rt.device.type == "cpu":
+            dist.all_gather(gathered[name], state)
+        else:
+            dist.all_gather_object(gathered[name], state)
+    return gathered
+
+
+def restore_rng_states(saved: dict[str, list[torch.Tensor]], rt: Runtime) -> None:
+    """This rank's RNG states from a checkpoint (one written by fewer ranks gives its states round-robin)."""
+    torch.set_rng_state(saved["torch"][rt.rank % len(saved["torch"])])
+    if rt.device.type == "cuda" and "cuda" in saved:
+        torch.cuda.set_rng_state(saved["cuda"][rt.rank % len(saved["cuda"])], rt.device)

@@ -16,7 +16,7 @@ from gpt import GPT, GPTConfig
 from gptlab.data import TokenSplit, token_dtype
 from gptlab.objectives import NextToken
 from gptlab.runtime import Runtime
-from gptlab.training import make_optimizer, train_step
+from gptlab.training import Stepper, make_optimizer, train_step
 
 
 def sync(device: torch.device) -> None:
@@ -74,8 +74,8 @@ class Trainer:
         return self.config.batch_size * self.config.model.block_size
 
     def step(self) -> torch.Tensor:
-        loss = train_step(self.step_model, self.optimizer, self.scaler, self.split, self.iteration, self.config,
-                          self.rt, NextToken())
+        loss = train_step(Stepper(self.step_model, self.optimizer, self.scaler, self.split, self.config, self.rt,
+                                  NextToken()), self.iteration)
         self.iteration += 1
         return loss
 

@@ -4,6 +4,7 @@ the optimizer, and one optimiser step over gradient-accumulation micro-batches (
 import contextlib
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch.distributed.fsdp import FSDPModule
@@ -21,8 +22,8 @@ from gptlab.runtime import Runtime, to_device
 TRAIN_STREAM = 0  # the random stream of training batches (evaluation draws from its own streams)
 
 
-def learning_rate(it: int, c: TrainConfig) -> float:
-    """The learning rate for optimiser step `it` (0-based): linear warmup, then the chosen schedule.
+def learning_rate(it: int, max_iters: int, c: TrainConfig) -> float:
+    """The learning rate for optimiser step `it` (0-based) of `max_iters`: linear warmup, then the chosen schedule.
 
     With p the fraction of the post-warmup steps done (0 -> 1):
         cosine        min + (lr - min) * (1 + cos(pi p)) / 2
@@ -33,7 +34,7 @@ def learning_rate(it: int, c: TrainConfig) -> float:
     """
     if it < c.warmup_iters:
         return c.lr * (it + 1) / c.warmup_iters
-    p = min(1.0, (it - c.warmup_iters) / max(1, c.max_iters - c.warmup_iters))
+    p = min(1.0, (it - c.warmup_iters) / max(1, max_iters - c.warmup_iters))
     lr, low = c.lr, c.final_lr
     if c.lr_schedule == "cosine":
         return low + (lr - low) * (1 + math.cos(math.pi * p)) / 2
@@ -42,8 +43,8 @@ def learning_rate(it: int, c: TrainConfig) -> float:
     if c.lr_schedule == "constant":
         return lr
     if c.lr_schedule == "wsd":
-        decay_start = c.max_iters * (1 - c.decay_fraction)
-        q = min(1.0, max(0.0, (it - decay_start) / max(1.0, c.max_iters - decay_start)))
+        decay_start = max_iters * (1 - c.decay_fraction)
+        q = min(1.0, max(0.0, (it - decay_start) / max(1.0, max_iters - decay_start)))
         return lr - (lr - low) * q
     if c.lr_schedule == "inverse_sqrt":
         return max(low, lr * math.sqrt(max(1, c.warmup_iters) / (it + 1)))
@@ -83,34 +84,51 @@ def step_batches(split: TokenSplit, it: int, c: TrainConfig, rt: Runtime,
     return torch.cat(xs), torch.cat(ys)
 
 
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-               split: TokenSplit, it: int, c: TrainConfig, rt: Runtime, objective: Objective,
-               micro_batch: int | None = None, health: Health | None = None) -> torch.Tensor:
-    """One optimiser step over the step's sequences in micro-batches of `micro_batch` (default batch_size; a
-    memory plan may choose another divisor of batch_size x grad_accum_steps); returns the mean micro-batch loss
-    (a tensor). With `health`, a bad step's update is skipped and the step is measured (see gptlab/health.py)."""
-    x_all, y_all = step_batches(split, it, c, rt, objective)
-    size = micro_batch or c.batch_size
+@dataclass
+class Stepper:
+    """What one optimiser step needs: the model it runs (compiled and/or DDP-wrapped), its optimizer and loss
+    scaler, where its batches come from, the micro-batch of the memory plan, and the health guard."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    split: TokenSplit
+    c: TrainConfig
+    rt: Runtime
+    objective: Objective
+    micro_batch: int | None = None  # default batch_size; a memory plan may choose another divisor of the step
+    health: Health | None = None
+
+
+def train_step(s: Stepper, it: int) -> torch.Tensor:
+    """Optimiser step `it` over the step's sequences, in micro-batches; returns the mean micro-batch loss (a
+    tensor). With a health guard, a bad step's update is skipped and a health step is measured
+    (gptlab/health.py)."""
+    c, rt = s.c, s.rt
+    x_all, y_all = step_batches(s.split, it, c, rt, s.objective)
+    size = s.micro_batch or c.batch_size
+    if s.health is not None and s.health.measures(it + 1):
+        s.health.probe(to_device(x_all[:size], rt.device))
     micro_batches = list(zip(x_all.split(size), y_all.split(size), strict=True))
     total = torch.zeros((), device=rt.device)
     for micro, (x, y) in enumerate(micro_batches):
-        with gradient_sync(model, micro == len(micro_batches) - 1):
+        with gradient_sync(s.model, micro == len(micro_batches) - 1):
             with rt.autocast():
                 # [1]: the loss alone; holding the logits (B x T x vocab) through the backward pass costs memory
-                loss = objective.loss(model, to_device(x, rt.device), to_device(y, rt.device))[1]
-            scaler.scale(loss / len(micro_batches)).backward()
+                loss = s.objective.loss(s.model, to_device(x, rt.device), to_device(y, rt.device))[1]
+            s.scaler.scale(loss / len(micro_batches)).backward()
         total += loss.detach()
     loss = total / len(micro_batches)
     grad_norm = None
-    if c.grad_clip > 0 or health is not None:  # both need the true (unscaled) gradients
-        scaler.unscale_(optimizer)
-        grad_norm = gradient_norm(model, c.grad_clip)
-    if health is None or health.before_update(it, loss, grad_norm, optimizer, scaler):
-        scaler.step(optimizer)
-    scaler.update()
-    if health is not None:
-        health.after_update(it, optimizer)
-    optimizer.zero_grad(set_to_none=True)
+    if c.grad_clip > 0 or s.health is not None:  # both need the true (unscaled) gradients
+        s.scaler.unscale_(s.optimizer)
+        grad_norm = gradient_norm(s.model, c.grad_clip)
+    if s.health is None or s.health.before_update(it, loss, grad_norm, s.optimizer, s.scaler):
+        s.scaler.step(s.optimizer)
+    s.scaler.update()
+    if s.health is not None:
+        s.health.after_update(it, s.optimizer)
+    s.optimizer.zero_grad(set_to_none=True)
     return loss
 
 

@@ -22,7 +22,7 @@ from gptlab.health import Health
 from gptlab.objectives import NextToken
 from gptlab.runtime import Runtime
 from gptlab.tokenizer import Tokenizer, corpus_files, train_tokenizer
-from gptlab.training import make_optimizer, train_step
+from gptlab.training import Stepper, make_optimizer, train_step
 
 TINY = ["--embedding_dim", "32", "--num_of_layers", "2", "--num_of_heads", "2", "--block_size", "32",
         "--batch_size", "8", "--eval_iters", "4", "--log_interval", "5", "--warmup_iters", "5", "--lr", "3e-3",
@@ -91,14 +91,15 @@ def test_a_non_finite_step_leaves_weights_and_optimizer_untouched(optimizer, spl
     c = TrainConfig(optimizer=optimizer, batch_size=4, grad_clip=1.0).replace(block_size=32)
     model, opt, health = tiny_setup(c)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    train_step(model, opt, scaler, split, 0, c, CPU, NextToken(), health=health)  # the moments exist from here on
+    stepper = Stepper(model, opt, scaler, split, c, CPU, NextToken(), health=health)
+    train_step(stepper, 0)  # the moments exist from here on
     before = state_of(model, opt)
     poison_training_loss(monkeypatch, {0}, math.inf)
-    train_step(model, opt, scaler, split, 1, c, CPU, NextToken(), health=health)
+    train_step(stepper, 1)
     assert all(torch.equal(a, b) for a, b in zip(before, state_of(model, opt), strict=True))
     counts = health.counters()
     assert counts["skipped_steps"] == 1 and counts["nonfinite_steps"] == 1
-    train_step(model, opt, scaler, split, 2, c, CPU, NextToken(), health=health)  # and the next step trains again
+    train_step(stepper, 2)  # and the next step trains again
     assert not torch.equal(before[0], next(model.parameters()))
 
 
@@ -146,7 +147,7 @@ def test_layer_telemetry_equals_norms_computed_by_hand(tied, split):
 def spike_lr_at(monkeypatch, step: int) -> None:
     """One step at 1000x the learning rate: the loss spikes on the next step and stays up."""
     real = playground.learning_rate
-    monkeypatch.setattr(playground, "learning_rate", lambda it, c: real(it, c) * (1000 if it == step else 1))
+    monkeypatch.setattr(playground, "learning_rate", lambda it, m, c: real(it, m, c) * (1000 if it == step else 1))
 
 
 def test_rollback_undoes_an_injected_spike_that_ruins_an_unprotected_run(tmp_path, corpus, tokenizer_path,
@@ -211,7 +212,7 @@ import playground
 from gptlab import health
 health.SPIKE_WINDOW = 20
 real = playground.learning_rate
-playground.learning_rate = lambda it, c: real(it, c) * (1000 if it == 40 else 1)
+playground.learning_rate = lambda it, m, c: real(it, m, c) * (1000 if it == 40 else 1)
 playground.run_cli(playground.main)
 '''
 

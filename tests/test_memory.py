@@ -28,7 +28,7 @@ from gptlab.errors import UsageError
 from gptlab.objectives import NextToken
 from gptlab.runtime import Runtime
 from gptlab.tokenizer import corpus_files, train_tokenizer
-from gptlab.training import make_optimizer, train_step
+from gptlab.training import Stepper, make_optimizer, train_step
 
 BF16 = torch.bfloat16
 
@@ -94,10 +94,10 @@ def measured_peak(point: dict) -> int:
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     with tempfile.TemporaryDirectory() as folder:
         split = random_split(Path(folder), config.vocab_size)
-        train_step(model, optimizer, scaler, split, 0, c, rt, NextToken())
+        train_step(Stepper(model, optimizer, scaler, split, c, rt, NextToken()), 0)
         state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
         with PeakTensorMemory(list(model.parameters()) + state) as tracker:
-            train_step(model, optimizer, scaler, split, 1, c, rt, NextToken())
+            train_step(Stepper(model, optimizer, scaler, split, c, rt, NextToken()), 1)
     return tracker.peak
 
 

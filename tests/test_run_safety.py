@@ -17,6 +17,7 @@ from conftest import corpus_slice
 
 import playground
 from config import parse_config
+from gptlab import pacing
 from gptlab.checkpoint import load_checkpoint
 from gptlab.errors import UsageError
 from gptlab.fileio import RunLock
@@ -151,7 +152,7 @@ def test_ctrl_c_arriving_late_in_a_step_stops_after_the_next_saved_step(tmp_path
     def ctrl_c_while_logging(run, *rest):
         log_step(run, *rest)
         if run.iteration == 2:
-            run.stop_requested = True  # what the SIGINT handler does
+            run.stop.requested = True  # what the SIGINT handler does
 
     monkeypatch.setattr(playground, "log_step", ctrl_c_while_logging)
     with pytest.raises(KeyboardInterrupt):
@@ -168,8 +169,8 @@ def test_time_budget_fixes_max_iters_to_fit_and_lands_near_the_budget(tmp_path, 
     rows = [json.loads(r) for r in (tmp_path / "runs" / "ckpt.metrics.jsonl").read_text().splitlines()]
     plans = [r["planned_max_iters"] for r in rows if "planned_max_iters" in r]
     saved = load_checkpoint(tmp_path / "ckpt.tar")
-    assert len(plans) == playground.BUDGET_CHECKS  # planned once, then checked again as the run went on
-    assert saved["iteration"] == plans[-1] > playground.UNTIMED_STEPS + playground.TIMED_STEPS
+    assert len(plans) == pacing.BUDGET_CHECKS  # planned once, then checked again as the run went on
+    assert saved["iteration"] == plans[-1] > pacing.UNTIMED_STEPS + pacing.TIMED_STEPS
     assert saved["config"]["max_iters"] == plans[-1] and saved["config"]["time_budget"] is None
     # Lands within the budget up to the cost of one evaluation and the final save (a loaded CI machine adds noise).
     assert budget * 0.5 < seconds < budget * 1.5, seconds
@@ -179,7 +180,7 @@ def test_time_budget_fixes_max_iters_to_fit_and_lands_near_the_budget(tmp_path, 
 def test_a_time_budget_that_cannot_be_met_says_so_and_what_would_fit(tmp_path, corpus, tokenizer, capsys):
     train(args(tmp_path, corpus, tokenizer, "--time_budget", "0.01", "--eval_interval", "50"))
     said = [line for line in capsys.readouterr().out.splitlines() if "cannot be met" in line]
-    first_plan = playground.UNTIMED_STEPS + playground.TIMED_STEPS
+    first_plan = pacing.UNTIMED_STEPS + pacing.TIMED_STEPS
     assert len(said) == 1 and f"stops at step {first_plan}; --time_budget " in said[0], said
     assert load_checkpoint(tmp_path / "ckpt.tar")["iteration"] == first_plan
 

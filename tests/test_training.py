@@ -17,7 +17,7 @@ import playground
 from config import parse_config
 from gptlab import checkpoint as checkpoint_module
 from gptlab.checkpoint import load_checkpoint
-from gptlab.data import build_token_cache
+from gptlab.data import TokenSplit, build_token_cache
 from gptlab.tokenizer import BERT_TOKENS, EOT, Tokenizer, corpus_files, train_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -82,7 +82,7 @@ def _val_split(tmp_path: Path):
     meta_files = list((tmp_path / "runs" / "token_cache").glob("*/meta.json"))
     assert len(meta_files) == 1
     meta = json.loads(meta_files[0].read_text())
-    return playground.TokenSplit(meta_files[0].parent / "val.bin", meta["dtype"], meta["val"]["num_tokens"],
+    return TokenSplit(meta_files[0].parent / "val.bin", meta["dtype"], meta["val"]["num_tokens"],
                                  meta["val"]["num_bytes"])
 
 
@@ -116,8 +116,8 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(tmp_path, corpus, tokeni
 def test_token_cache_is_reused_and_rebuilt_when_the_corpus_changes(tmp_path, corpus, tokenizer_path, monkeypatch):
     args = run_args(tmp_path, corpus, tokenizer_path, "--max_iters", "1", "--eval_interval", "1", "--overwrite")
     builds = []
-    real_write = playground.build_token_cache.__globals__["_write_token_files"]
-    monkeypatch.setitem(playground.build_token_cache.__globals__, "_write_token_files",
+    real_write = build_token_cache.__globals__["_write_token_files"]
+    monkeypatch.setitem(build_token_cache.__globals__, "_write_token_files",
                         lambda *a: (builds.append(a[0]), real_write(*a)))
     train(args)
     train(args)

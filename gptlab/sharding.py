@@ -1,0 +1,52 @@
+"""FSDP2 for the training loop: shard a GPT across the ranks, build one sharded from the start, and give rank 0
+a whole copy back. Under DDP or a single process none of this runs."""
+
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from gpt import GPT, GPTConfig
+from gptlab.runtime import Runtime
+
+# Checkpointed state dicts: whole (unsharded) tensors under a plain GPT's names, copied to the CPU; under
+# FSDP or DDP only rank 0 receives them (the others get empty dicts), so no rank holds the full model twice.
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def shard(model: GPT, rt: Runtime) -> None:
+    """FSDP2, in place: each block, then the root (embeddings, final norm and the head tied to the token
+    embedding), becomes a unit whose parameters are split across the ranks and gathered whole only while
+    that unit computes. The parameters become DTensors, so make the optimizer afterwards. In bfloat16, the
+    gathered parameters are bfloat16 (half the traffic) and gradients are reduced in float32."""
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if rt.dtype == torch.bfloat16 else MixedPrecisionPolicy()
+    for block in model.blocks:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+
+
+def sharded_model(config: GPTConfig, rt: Runtime, weights: dict[str, torch.Tensor] | None) -> GPT:
+    """FSDP: the model is built without memory (meta device), sharded, then given storage on the device, so no
+    GPU ever holds it whole; rank 0 makes the full initial weights (or the checkpoint's) in CPU memory and each
+    rank receives its shard of them."""
+    if rt.is_main and weights is None:
+        weights = GPT(config).state_dict()  # the initial weights a single process would start from
+    with torch.device("meta"):
+        model = GPT(config)
+    shard(model, rt)
+    model.to_empty(device=rt.device)
+    set_model_state_dict(model, weights if rt.is_main else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return model
+
+
+def unsharded_copy(model: GPT, rt: Runtime) -> GPT | None:
+    """Rank 0's plain copy of an FSDP model in CPU memory (None on the other ranks), for work rank 0 does alone:
+    a sharded forward pass would wait for the others, and a whole copy might not fit its GPU. Every rank must
+    call it, since it all-gathers."""
+    full = get_model_state_dict(model, options=FULL_STATE)
+    if not rt.is_main:
+        return None
+    copy = GPT(model.config)
+    copy.load_state_dict(full)
+    return copy

@@ -1,0 +1,87 @@
+"""How a training run starts: fresh (never over an earlier run's files), resumed from its checkpoint, or from a
+local Hugging Face folder's weights; and where its files go."""
+
+from pathlib import Path
+from typing import Any
+
+from config import TrainConfig, fixed_on_resume
+from gptlab.checkpoint import load_checkpoint
+from gptlab.convert import checkpoint_from_hf_folder
+from gptlab.errors import UsageError
+from gptlab.fileio import check_output, check_output_dir
+from gptlab.tokenizer import Tokenizer
+
+
+def metrics_path(c: TrainConfig) -> Path:
+    return Path(c.out_dir) / f"{Path(c.checkpoint).stem}.metrics.jsonl"
+
+
+def plot_path(c: TrainConfig, picture: str = "loss") -> Path:
+    """The loss curve (picture="loss") or the health heat maps (picture="health")."""
+    return Path(c.out_dir) / f"{Path(c.checkpoint).stem}.{picture}.png"
+
+
+def resume_config(c: TrainConfig, set_by_flags: set[str]) -> tuple[TrainConfig, dict[str, Any]]:
+    """On --resume, the run continues with the checkpoint's config; flags typed now override it, except those
+    that would change the model or its tokenizer."""
+    ckpt = load_checkpoint(c.checkpoint)
+    if "optimizer" not in ckpt or "config" not in ckpt:
+        raise UsageError(f"{c.checkpoint} holds no training state to resume (was it exported?)")
+    saved = TrainConfig.from_dict(ckpt["config"]).to_dict()  # older checkpoints lack newer settings
+    typed = {name: c.to_dict()[name] for name in set_by_flags}
+    for name in set_by_flags & set(fixed_on_resume()):
+        if typed[name] != saved[name]:
+            raise UsageError(f"--{name} {typed[name]} differs from the checkpoint's {saved[name]}: "
+                             f"a checkpoint resumes only with the model and optimizer it was trained with")
+    if "tokenizer" in set_by_flags and Tokenizer.from_file(c.tokenizer).to_json() != ckpt["tokenizer"]:
+        raise UsageError(f"--tokenizer {c.tokenizer} is not the tokenizer {c.checkpoint} was trained with")
+    if "time_budget" in set_by_flags and saved["time_budget"] is None:
+        raise UsageError(f"--time_budget: {c.checkpoint} has no time budget left to continue (a budgeted run fixes "
+                         f"its max_iters, saved in the checkpoint, once timed): give --max_iters to train on, or "
+                         f"start a fresh run with --time_budget")
+    if "init_from" in set_by_flags:
+        raise UsageError("--init_from starts a fresh run from a folder's weights; --resume continues a checkpoint: "
+                         "give one of them")
+    merged = TrainConfig.from_dict({**saved, **typed, "resume": True})
+    if merged.max_iters <= ckpt["iteration"]:
+        raise UsageError(f"{c.checkpoint} is already at step {ckpt['iteration']}: give a --max_iters above it to "
+                         f"train on")
+    return merged, ckpt
+
+
+def init_config(c: TrainConfig, set_by_flags: set[str]) -> tuple[TrainConfig, dict[str, Any]]:
+    """--init_from DIR: the run starts from a local Hugging Face folder's weights, taking its model settings and
+    tokenizer; a flag typed now that contradicts them is an error."""
+    start = checkpoint_from_hf_folder(c.init_from)
+    theirs = start["model_config"]
+    model_settings = {name: theirs[name] for name in fixed_on_resume() if name in theirs}
+    for name in set_by_flags & set(model_settings):
+        if c.to_dict()[name] != model_settings[name]:
+            raise UsageError(f"--{name} {c.to_dict()[name]} contradicts {c.init_from}, whose model has "
+                             f"{name} {model_settings[name]}")
+    if c.tokenizer is not None and Tokenizer.from_file(c.tokenizer).to_json() != start["tokenizer"]:
+        raise UsageError(f"--tokenizer {c.tokenizer} is not the tokenizer of {c.init_from}: leave it out")
+    return c.replace(**model_settings), start
+
+
+def check_fresh_run(c: TrainConfig) -> None:
+    """A fresh run never silently replaces an earlier run's checkpoint, nor its metrics or loss plot (which
+    outlive a checkpoint that was moved, or never written by a run killed before its first save)."""
+    if Path(c.checkpoint).is_dir():  # --overwrite would not help: say so first
+        raise UsageError(f"--checkpoint {c.checkpoint} is a folder; give a file name inside it")
+    if Path(c.checkpoint).exists() and not c.overwrite:
+        raise UsageError(f"{c.checkpoint} already exists: continue it with --resume, choose another --checkpoint, "
+                         f"or replace it with --overwrite")
+    for path, what in ((metrics_path(c), "metrics"), (plot_path(c), "loss plot"),
+                       (plot_path(c, "health"), "health picture")):
+        if path.exists() and not c.overwrite:
+            raise UsageError(f"{path} already exists (an earlier run's {what}): choose another --checkpoint or "
+                             f"--out_dir, or replace it with --overwrite")
+
+
+def check_outputs(c: TrainConfig) -> None:
+    """Before any work: every file the run writes can be written, and none of them is one of its inputs."""
+    inputs = [("corpus", path) for path in c.corpus] + [("--tokenizer", c.tokenizer)]
+    check_output_dir(c.out_dir, "--out_dir")
+    check_output(c.checkpoint, "--checkpoint", inputs)
+    check_output(metrics_path(c), "--checkpoint's metrics file", inputs, [("--checkpoint", c.checkpoint)])
