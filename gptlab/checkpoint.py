@@ -5,9 +5,12 @@ What a checkpoint holds (all tensors or plain Python values, so `torch.load(weig
     config          the TrainConfig as a dict (schedule, data settings: what --resume continues with)
     model_config    the GPTConfig as a dict (all that is needed to rebuild the model)
     model           the model's full state dict (never a torch.compile, DDP or FSDP wrapper's, nor a shard)
-    optimizer       the full AdamW state dict keyed by parameter name (torch.distributed.checkpoint's
-                    format, so single-process, DDP and FSDP runs save alike and resume each other's)
+    optimizer       the full optimizer state dict (AdamW's moments, or Muon's momentum buffers and AdamW's moments
+                    for the other parameters) keyed by parameter name (torch.distributed.checkpoint's format, so
+                    single-process, DDP and FSDP runs save alike and resume each other's)
+    scaler          the float16 loss scaler's state (scale, growth tracker); inert in bfloat16 and float32
     iteration       optimiser steps done; the learning rate and the data order follow from it
+    seconds         wall seconds the run has trained so far (resumed runs summed), for --time_budget
     best_val_loss   the lowest validation loss seen so far
     rng             torch CPU (and CUDA) RNG states, for dropout
     tokenizer       the tokenizer's JSON text, so a checkpoint alone is enough to generate

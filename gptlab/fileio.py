@@ -1,4 +1,4 @@
-"""Writing files safely: every file the project writes goes through here.
+"""Writing files safely: atomic writes, output-path checks before any work, and the run lock.
 
     atomic_write(path, write, what)   a temporary file beside `path`, fsync'ed, then renamed over it: a crash,
                                       a full disk or a kill at any moment leaves the old file or the new one
