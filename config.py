@@ -31,10 +31,10 @@ from gptlab.data import DEFAULT_VAL_FRACTION
 from gptlab.errors import CliParser, UsageError
 from gptlab.memory import parse_size
 from gptlab.runtime import DTYPE_CHOICES, DTYPE_HELP
+from gptlab.tokenizer import MAX_VOCAB_SIZE
 
 BUNDLED_CORPUS = str(Path(__file__).resolve().parent / "data" / "shakespeare.txt")
 LR_SCHEDULES = ("cosine", "linear", "constant", "wsd", "inverse_sqrt")
-MAX_VOCAB_SIZE = 1_000_000  # far above any tokenizer trained here; beyond it the trainer runs out of memory
 
 
 @dataclass(frozen=True)

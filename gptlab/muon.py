@@ -23,9 +23,6 @@ from torch.distributed.tensor import DTensor
 
 from gptlab.errors import UsageError
 
-MUON_KEYS = ("lr", "momentum", "nesterov", "ns_steps", "weight_decay")
-ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay")
-
 
 def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
     """Approximately orthogonalise a matrix: with g = U S V^T, return about U V^T, in g's dtype.
@@ -65,9 +62,7 @@ class Muon(torch.optim.Optimizer):
     """Muon on the param groups with use_muon=True (2-D matrices), AdamW on those with use_muon=False.
 
     A group's missing settings come from the constructor: lr, momentum, nesterov, ns_steps, weight_decay for
-    Muon groups; adamw_lr, betas, eps, adamw_weight_decay for AdamW groups. Every group also gets
-    `initial_lr` (its lr at construction), so a schedule can set group["lr"] = group["initial_lr"] * factor
-    and keep the Muon and AdamW learning rates in proportion.
+    Muon groups; adamw_lr, betas, eps, adamw_weight_decay for AdamW groups.
     """
 
     def __init__(self, param_groups: list[dict], lr: float = 0.02, momentum: float = 0.95,
@@ -84,12 +79,11 @@ class Muon(torch.optim.Optimizer):
         if "use_muon" not in param_group:
             raise ValueError("every Muon param group needs use_muon=True (Muon) or False (AdamW)")
         defaults = self.muon_defaults if param_group["use_muon"] else self.adamw_defaults
-        allowed = {"params", "use_muon", "initial_lr", *defaults}
+        allowed = {"params", "use_muon", *defaults}
         if unknown := set(param_group) - allowed:
             raise ValueError(f"unknown settings for a {'Muon' if param_group['use_muon'] else 'AdamW'} "
                              f"group: {sorted(unknown)}")
         group = {**defaults, **param_group}
-        group.setdefault("initial_lr", group["lr"])
         if group["use_muon"]:
             params = list(group["params"])
             require_whole_matrices(params)
