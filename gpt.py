@@ -150,8 +150,9 @@ class Block(nn.Module):
         self.ln_2 = make_norm(c, c.embedding_dim)
         self.mlp = SwiGLU(c) if c.mlp == "swiglu" else MLP(c)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, padding_mask: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None, cache: KVCache | None = None,
                 positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The arguments as MultiHeadAttention.forward takes them, in its order."""
         if self.pre_norm:  # GPT-2: x + f(LN(x)), the residual path stays an identity
             x = x + self.attn(self.ln_1(x), padding_mask, cache, positions)
             return x + self.mlp(self.ln_2(x))
@@ -190,8 +191,8 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def hidden_states(self, idx: torch.Tensor, caches: list[KVCache] | None = None, start_pos: int = 0,
-                      padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(self, idx: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                      caches: list[KVCache] | None = None, start_pos: int = 0) -> torch.Tensor:
         """(B, T) token ids at positions start_pos .. start_pos + T - 1 -> (B, T, E) final hidden states.
         padding_mask (B, T), True for real tokens: no position attends to the others (padding).
 
@@ -212,9 +213,9 @@ class GPT(nn.Module):
             cache = caches[i] if caches is not None else None
             if self.config.activation_checkpointing and torch.is_grad_enabled() and cache is None:
                 # non-reentrant: works with autocast, FSDP and compile; replays the block's dropout masks
-                x = checkpoint(block, x, None, padding_mask, pos, use_reentrant=False)
+                x = checkpoint(block, x, padding_mask, None, pos, use_reentrant=False)
             else:
-                x = block(x, cache, padding_mask, pos)
+                x = block(x, padding_mask, cache, pos)
         return self.ln_f(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -302,9 +303,10 @@ class GPT(nn.Module):
                 hidden = self.hidden_states(tokens[:, first:length], start_pos=first - origin)
             elif cache_origin != origin:  # prefill: run the whole window once, filling fresh caches
                 caches, cache_origin = self.new_caches(batch, idx.device, self.compute_dtype(idx.device)), origin
-                hidden = self.hidden_states(tokens[:, start:length], caches, start_pos=start - origin)
+                hidden = self.hidden_states(tokens[:, start:length], caches=caches, start_pos=start - origin)
             else:  # one new token at its position, attending to the cache
-                hidden = self.hidden_states(tokens[:, length - 1:length], caches, start_pos=length - 1 - origin)
+                hidden = self.hidden_states(tokens[:, length - 1:length], caches=caches,
+                                            start_pos=length - 1 - origin)
             logits = self.logits(hidden[:, -1])  # only the last position predicts the next token
             next_id = sample_next(logits, temperature, top_k, top_p, generator)
             if finished is not None:

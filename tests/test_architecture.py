@@ -89,7 +89,7 @@ def test_cached_pieces_equal_the_whole_sequence_in_both_cores(name):
         for model in (scratch, sdpa):
             caches, pieces, start = model.new_caches(2, idx.device, torch.float32), [], 0
             for size in (5, 1, 4, 1):
-                pieces.append(model.hidden_states(idx[:, start:start + size], caches, start_pos=start))
+                pieces.append(model.hidden_states(idx[:, start:start + size], caches=caches, start_pos=start))
                 start += size
             torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
 
@@ -126,7 +126,7 @@ def test_rotary_cache_slides_through_a_long_text_like_sliding_window_attention(n
     with torch.no_grad():
         full = model.hidden_states(idx)
         caches = model.new_caches(2, idx.device, torch.float32)
-        steps = [model.hidden_states(idx[:, i:i + 1], caches, start_pos=i) for i in range(40)]
+        steps = [model.hidden_states(idx[:, i:i + 1], caches=caches, start_pos=i) for i in range(40)]
     assert caches[0].length == 16
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
 
