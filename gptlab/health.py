@@ -28,7 +28,7 @@ from attention import MultiHeadAttention, apply_rope, attention_mask, rope_cos_s
 from config import TrainConfig
 from gpt import GPT
 from gptlab.errors import UsageError
-from gptlab.metrics import read_metrics
+from gptlab.metrics import pyplot, read_metrics
 from gptlab.runtime import Runtime
 
 SPIKE_WINDOW = 50  # accepted losses the spike threshold is computed from
@@ -369,14 +369,10 @@ def attention_logit_max(attn: MultiHeadAttention, x: torch.Tensor, padding_mask:
 def plot_health(metrics_path: Path, png_path: Path) -> bool:
     """Layers x steps heat maps of the gradient norm and the update ratio (log colour scales), rollbacks marked
     by red dashed lines, from the JSONL file; False when the run logged no telemetry or matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.colors import LogNorm
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
+    from matplotlib.colors import LogNorm
     every = read_metrics(metrics_path)
     rows = [r for r in every if "grad_norm/embed" in r]
     if not rows:

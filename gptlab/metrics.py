@@ -92,14 +92,22 @@ def _netrc_has_wandb() -> bool:
     return netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
-def plot_losses(metrics_path: Path, png_path: Path) -> bool:
-    """Train and val loss against step, from the JSONL file; skipped when matplotlib is not installed."""
+def pyplot() -> Any:
+    """matplotlib.pyplot drawing to files (no window), or None when matplotlib is not installed (it is optional)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot_losses(metrics_path: Path, png_path: Path) -> bool:
+    """Train and val loss against step, from the JSONL file; skipped when matplotlib is not installed."""
+    plt = pyplot()
+    if plt is None:
         return False
     rows = read_metrics(metrics_path)
     evals = [r for r in rows if "val_loss" in r]

@@ -14,7 +14,7 @@ from gptlab import stats
 from gptlab.checkpoint import load_checkpoint, model_from_checkpoint
 from gptlab.errors import UsageError
 from gptlab.fileio import atomic_write_text
-from gptlab.metrics import read_metrics
+from gptlab.metrics import pyplot, read_metrics
 from gptlab.tokenizer import Tokenizer, corpus_files
 
 BASE_SEED = 1337
@@ -343,12 +343,8 @@ def mean_band(curves: list[tuple[list[float], list[float]]]) -> tuple[list[float
 def plot_curves(plan: Plan, results: list[RunResult], path: Path) -> bool:
     """Val bits/byte against step and against wall seconds: the mean over seeds and a min-max band per
     variant. Skipped (False) when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     timed = False

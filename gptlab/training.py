@@ -81,6 +81,8 @@ def step_batches(split: TokenSplit, it: int, c: TrainConfig, rt: Runtime,
         x, y = objective.batch(split, c.batch_size, c.model.block_size, batch_rng(c.seed, TRAIN_STREAM, slot))
         xs.append(x)
         ys.append(y)
+    if len(xs) == 1:  # the usual case: no copy
+        return xs[0], ys[0]
     return torch.cat(xs), torch.cat(ys)
 
 

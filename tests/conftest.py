@@ -31,3 +31,19 @@ def corpus_slice(folder: Path, chars: int, name: str = "corpus.txt") -> Path:
     path = folder / name
     path.write_text(text[: text.rindex("\n") + 1], encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first 60 kB of the bundled corpus (cut at a line end); a test module may define its own."""
+    return corpus_slice(tmp_path_factory.mktemp("corpus"), 60_000)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A byte-level BPE of 320 tokens trained on `corpus`, saved as tokenizer.json."""
+    from gptlab.tokenizer import corpus_files, train_tokenizer
+
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    train_tokenizer(corpus_files([corpus]), "bbpe", 320, show_progress=False).save(path)
+    return path

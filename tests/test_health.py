@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import corpus_slice
 
 import playground
 from config import TrainConfig, parse_config
@@ -21,25 +20,13 @@ from gptlab.data import TokenSplit, batch_rng, build_token_cache
 from gptlab.health import Health
 from gptlab.objectives import NextToken
 from gptlab.runtime import Runtime
-from gptlab.tokenizer import Tokenizer, corpus_files, train_tokenizer
+from gptlab.tokenizer import Tokenizer, corpus_files
 from gptlab.training import Stepper, make_optimizer, train_step
 
 TINY = ["--embedding_dim", "32", "--num_of_layers", "2", "--num_of_heads", "2", "--block_size", "32",
         "--batch_size", "8", "--eval_iters", "4", "--log_interval", "5", "--warmup_iters", "5", "--lr", "3e-3",
         "--sample_tokens", "0", "--dropout", "0"]
 CPU = Runtime(torch.device("cpu"), torch.float32)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    return corpus_slice(tmp_path_factory.mktemp("corpus"), 60_000)
-
-
-@pytest.fixture(scope="module")
-def tokenizer_path(corpus, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    train_tokenizer(corpus_files([corpus]), "bbpe", 320, show_progress=False).save(path)
-    return path
 
 
 @pytest.fixture(scope="module")

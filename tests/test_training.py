@@ -11,32 +11,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import corpus_slice
 
 import playground
 from config import parse_config
 from gptlab import checkpoint as checkpoint_module
 from gptlab.checkpoint import load_checkpoint
 from gptlab.data import TokenSplit, build_token_cache
-from gptlab.tokenizer import BERT_TOKENS, EOT, Tokenizer, corpus_files, train_tokenizer
+from gptlab.tokenizer import BERT_TOKENS, EOT, Tokenizer, corpus_files
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--embedding_dim", "32", "--num_of_layers", "2", "--num_of_heads", "2", "--block_size", "32",
         "--batch_size", "8", "--eval_iters", "2", "--log_interval", "5", "--warmup_iters", "5", "--lr", "3e-3",
         "--sample_tokens", "0"]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """The first 60 kB of the bundled corpus (cut at a line end)."""
-    return corpus_slice(tmp_path_factory.mktemp("corpus"), 60_000)
-
-
-@pytest.fixture(scope="module")
-def tokenizer_path(corpus, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    train_tokenizer(corpus_files([corpus]), "bbpe", 320, show_progress=False).save(path)
-    return path
 
 
 def run_args(tmp_path: Path, corpus: Path, tokenizer: Path, *extra: str) -> list[str]:
