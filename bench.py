@@ -71,8 +71,8 @@ class AttentionBench:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        for text in self.sizes:
-            model_size(text)
+        for block, layers, width, _ in self.models():  # checks each size, and that its heads divide its width
+            GPTConfig(block_size=block, embedding_dim=width, num_of_layers=layers, num_of_heads=attention_heads(width))
 
     def models(self) -> list[tuple[int, int, int, int]]:
         return [model_size(text) for text in self.sizes]
@@ -203,18 +203,23 @@ def model_size(text: str) -> tuple[int, int, int, int]:
     return block, layers, width, batch
 
 
+def attention_heads(width: int) -> int:
+    """The heads of a model `bench.py attention` times: one per 64 features, at least 2."""
+    return max(2, width // 64)
+
+
 def bench_attention(args: AttentionBench) -> None:
     """Forward + backward of a whole GPT with each attention core, at a few sizes."""
     device = pick_device(args.device)
     for block, layers, width, batch in args.models():
         check_fits_device(GPTConfig(vocab_size=args.vocab_size, block_size=block, embedding_dim=width,
-                                    num_of_layers=layers, num_of_heads=max(2, width // 64)), batch, device)
+                                    num_of_layers=layers, num_of_heads=attention_heads(width)), batch, device)
     print(f"device {device}, float32, heads = max(2, width / 64), vocab {args.vocab_size}, dropout 0, "
           f"{args.warmup} warm-up + {args.iters} timed steps")
     print("| block | layers | width | heads | batch | scratch tokens/s | sdpa tokens/s | sdpa speed-up |")
     print("|---|---|---|---|---|---|---|---|")
     for block, layers, width, batch in args.models():
-        heads = max(2, width // 64)
+        heads = attention_heads(width)
         rates = []
         for core in ("scratch", "sdpa"):
             torch.manual_seed(0)

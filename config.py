@@ -20,6 +20,7 @@ from gptlab.cli import (
     POSITIVE,
     Rule,
     add_flags,
+    build,
     check_fields,
     check_requirements,
     coerce,
@@ -172,14 +173,15 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, flat: dict[Any, Any]) -> "TrainConfig":
-        """From a flat mapping (YAML, flags, a checkpoint's config); unknown keys are errors."""
+        """From a flat mapping (YAML, flags, a checkpoint's config); unknown keys and bad values are UsageErrors."""
         model_fields = {f.name: f for f in flag_fields(GPTConfig)}
         train_fields = {f.name: f for f in flag_fields(TrainConfig)}
         unknown = [str(k) for k in flat if k not in model_fields and k not in train_fields]
         if unknown:
             raise UsageError(f"unknown config key(s): {', '.join(sorted(unknown))}")
-        model = GPTConfig(**{k: coerce(model_fields[k], v) for k, v in flat.items() if k in model_fields})
-        return cls(model=model, **{k: coerce(train_fields[k], v) for k, v in flat.items() if k in train_fields})
+        model = build(GPTConfig, {k: coerce(model_fields[k], v) for k, v in flat.items() if k in model_fields})
+        return build(cls, {"model": model, **{k: coerce(train_fields[k], v) for k, v in flat.items()
+                                              if k in train_fields}})
 
     def replace(self, **flat: Any) -> "TrainConfig":
         """A copy with some flat settings changed (model ones included)."""

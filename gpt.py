@@ -14,6 +14,9 @@ GPTConfig's architecture switches swap in later ideas one at a time; their defau
     qk_norm         RMS-normalised queries and keys per head
     tie_embeddings  the head reuses the token embedding, or has its own matrix
     logit_softcap   logits squashed smoothly into (-c, c)
+
+Settings are declared with gptlab.cli's `setting()` (the one declaration helper, from which the flags are made);
+a bad value raises a plain ValueError, which the command-line layer turns into one `error:` line.
 """
 
 import math
@@ -27,7 +30,6 @@ from torch.utils.checkpoint import checkpoint
 
 from attention import CORES, KVCache, MultiHeadAttention, RMSNorm
 from gptlab.cli import FRACTION, NON_NEGATIVE, POSITIVE, Rule, check_fields, setting
-from gptlab.errors import UsageError
 
 
 @dataclass
@@ -77,13 +79,13 @@ class GPTConfig:
     def __post_init__(self) -> None:
         check_fields(self)
         if self.embedding_dim % self.num_of_heads:
-            raise UsageError(f"--embedding_dim {self.embedding_dim} is not divisible by --num_of_heads "
+            raise ValueError(f"--embedding_dim {self.embedding_dim} is not divisible by --num_of_heads "
                              f"{self.num_of_heads}")
         if self.position == "none" and not self.causal:
-            raise UsageError("position none (NoPE) needs causal=True: without positions or a causal mask, "
+            raise ValueError("position none (NoPE) needs causal=True: without positions or a causal mask, "
                              "a bidirectional model cannot tell the order of its tokens")
         if self.position == "rope" and (self.embedding_dim // self.num_of_heads) % 2:
-            raise UsageError(f"position rope rotates feature pairs: the head size embedding_dim / num_of_heads = "
+            raise ValueError(f"position rope rotates feature pairs: the head size embedding_dim / num_of_heads = "
                              f"{self.embedding_dim // self.num_of_heads} must be even")
 
 
@@ -283,7 +285,7 @@ class GPT(nn.Module):
         eos_id), not a copy of the growing text.
         """
         if not self.config.causal:
-            raise UsageError("an encoder (causal=False) fills masks; it does not generate left to right")
+            raise ValueError("an encoder (causal=False) fills masks; it does not generate left to right")
         rotary = self.config.position == "rope"
         block, keep = self.config.block_size, self.config.block_size // 2
         reach = self.config.num_of_layers * (block - 1) + 1  # rotary: the tokens the last one's state depends on

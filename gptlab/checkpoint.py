@@ -115,8 +115,6 @@ def model_config_from(ckpt: dict[str, Any], source: str = "the checkpoint") -> G
                          f"this code?)")
     try:
         return GPTConfig(**d)
-    except UsageError as e:
-        raise UsageError(f"{source}: bad model_config: {e}") from None
     except (TypeError, ValueError) as e:
         raise UsageError(f"{source}: bad model_config: {e}") from None
 

@@ -8,7 +8,6 @@ import torch
 
 from gpt import GPT, GPTConfig, sample_next
 from gptlab.convert import from_hf_gpt2, to_hf_gpt2_state_dict
-from gptlab.errors import UsageError
 
 
 def tiny(**kw) -> GPT:
@@ -205,8 +204,8 @@ def test_parameter_count_and_flops():
     (dict(dropout=1.0), "dropout must be in"),
     (dict(dropout=float("nan")), "dropout must be a finite number"),
 ])
-def test_invalid_config_is_a_usage_error(kw, message):
-    with pytest.raises(UsageError, match=message):
+def test_invalid_config_is_a_value_error(kw, message):
+    with pytest.raises(ValueError, match=message):
         GPTConfig(**{"vocab_size": 10, **kw})
 
 
@@ -240,5 +239,5 @@ def test_encoder_ignores_padding_tokens():
 
 
 def test_an_encoder_does_not_generate():
-    with pytest.raises(UsageError, match="does not generate"):
+    with pytest.raises(ValueError, match="does not generate"):
         tiny(causal=False).generate(torch.zeros(1, 1, dtype=torch.long), 3)
