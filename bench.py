@@ -33,7 +33,17 @@ from gptlab.cli import NON_NEGATIVE, POSITIVE, check_fields, parse_dataclass, se
 from gptlab.errors import UsageError, run_cli
 from gptlab.memory import Step, default_budget, estimate, gib, parse_size, plan
 from gptlab.metrics import read_metrics
-from gptlab.runtime import DTYPE_CHOICES, DTYPE_HELP, DTYPES, Runtime, check_fits, peak_flops, pick_device, pick_dtype
+from gptlab.runtime import (
+    DTYPE_CHOICES,
+    DTYPE_HELP,
+    DTYPES,
+    Runtime,
+    check_fits,
+    device_setting,
+    peak_flops,
+    pick_device,
+    pick_dtype,
+)
 from gptlab.speed import seconds_per_call, trainer
 from gptlab.tokenizer import corpus_files, train_tokenizer
 
@@ -53,7 +63,7 @@ class TrainBench:
     warmup: int = setting(10, "untimed steps first", rule=NON_NEGATIVE)
     iters: int = setting(100, "timed steps", rule=POSITIVE)
     profile: bool = setting(False, "also print where the time of the timed steps goes")
-    device: str = setting("auto", "auto, cpu, cuda, cuda:1, mps")
+    device: str = device_setting()
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -67,7 +77,7 @@ class AttentionBench:
     vocab_size: int = setting(2048, "vocabulary size (random tokens)", rule=POSITIVE)
     warmup: int = setting(3, "untimed steps first", rule=NON_NEGATIVE)
     iters: int = setting(10, "timed steps", rule=POSITIVE)
-    device: str = setting("auto", "auto, cpu, cuda, cuda:1, mps")
+    device: str = device_setting()
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -87,7 +97,7 @@ class GenerateBench:
     num_of_heads: int = setting(4, "attention heads (must divide embedding_dim)", rule=POSITIVE)
     vocab_size: int = setting(2048, "vocabulary size", rule=POSITIVE)
     repeats: int = setting(2, "timed runs (after one warm-up)", rule=POSITIVE)
-    device: str = setting("auto", "auto, cpu, cuda, cuda:1, mps")
+    device: str = device_setting()
 
     def __post_init__(self) -> None:
         check_fields(self)
