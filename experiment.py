@@ -279,7 +279,7 @@ def train_run(run: Run, state: str, plan: Plan, options: dict[str, bool],
     if state == "new":  # no checkpoint: what a run killed before its first save left is replaced
         command.append("--overwrite")
     start = time.perf_counter()
-    with open(run.log, "a", encoding="utf-8") as log:
+    with open(run.log, "a", encoding="utf-8") as log:  # a log, appended to as the run goes: never atomic
         log.write(f"$ {shlex.join(command)}\n")
         log.flush()
         child = children.start(command, log)

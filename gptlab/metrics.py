@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from gptlab.errors import UsageError
-from gptlab.fileio import atomic_write_text
+from gptlab.fileio import atomic_write, atomic_write_text
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -46,7 +46,7 @@ class Metrics:
             kept = [row for row in read_metrics(path) if row.get("step", 0) <= resumed_at]
         atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in kept), "metrics file")
         try:
-            self.file = open(path, "a", encoding="utf-8")
+            self.file = open(path, "a", encoding="utf-8")  # appended line by line; read_metrics skips a torn last one
         except OSError as e:
             raise UsageError(f"cannot write metrics file {path}: {e.strerror}") from None
         self.wandb_run = start_wandb(wandb_project, wandb_run_name, config, path.parent) if wandb_project else None
@@ -104,6 +104,13 @@ def pyplot() -> Any:
     return plt
 
 
+def save_figure(plt: Any, fig: Any, path: Path, what: str) -> None:
+    """Write a pyplot figure as a PNG (atomically: an earlier picture stays whole until the new one is) and
+    free it."""
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100), what)
+    plt.close(fig)
+
+
 def plot_losses(metrics_path: Path, png_path: Path) -> bool:
     """Train and val loss against step, from the JSONL file; skipped when matplotlib is not installed."""
     plt = pyplot()
@@ -120,6 +127,5 @@ def plot_losses(metrics_path: Path, png_path: Path) -> bool:
     ax.set_ylabel("loss (nats/token)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
+    save_figure(plt, fig, png_path, "loss plot")
     return True
