@@ -223,11 +223,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
-    """Parse the command line into a TrainConfig; also return the names of the fields set by flags."""
+def parse_settings(argv: list[str] | None = None) -> tuple[TrainConfig, set[str], set[str]]:
+    """Parse the command line into a TrainConfig; also return the names of the settings typed as flags and of
+    those the --config file holds (a resume applies or refuses both alike)."""
     args = vars(build_parser().parse_args(sys.argv[1:] if argv is None else argv))
     values = load_yaml(args.pop("config")) if "config" in args else {}
+    in_yaml = {str(k) for k in values}
     if args.get("corpus") == []:  # the positional is optional: no corpus typed means "not set"
         del args["corpus"]
     values.update(args)
-    return TrainConfig.from_dict(values), set(args)
+    return TrainConfig.from_dict(values), set(args), in_yaml
+
+
+def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
+    """Parse the command line into a TrainConfig; also return the names of the fields set by flags."""
+    c, set_by_flags, _ = parse_settings(argv)
+    return c, set_by_flags

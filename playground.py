@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from config import TrainConfig, check_dependent_flags, parse_config
+from config import TrainConfig, check_dependent_flags, parse_settings
 from gpt import GPT, GPTConfig
 from gptlab.checkpoint import save_checkpoint
 from gptlab.data import TokenSplit, batch_rng
@@ -351,13 +351,15 @@ def sample(model: GPT, tokenizer: Tokenizer, max_new_tokens: int, rt: Runtime) -
 
 # ----------------------------------------------------------------------------- the job
 
-def train(c: TrainConfig, set_by_flags: set[str] = frozenset(), started: float | None = None) -> dict[str, float]:
-    """Run the whole training job; returns the final evaluation. started: time.perf_counter() when the command
-    started (default: now), the start of a --time_budget."""
+def train(c: TrainConfig, set_by_flags: set[str] = frozenset(), started: float | None = None,
+          in_yaml: set[str] = frozenset()) -> dict[str, float]:
+    """Run the whole training job; returns the final evaluation. set_by_flags, in_yaml: the settings typed as
+    flags and those the --config file holds. started: time.perf_counter() when the command started (default:
+    now), the start of a --time_budget."""
     started = time.perf_counter() if started is None else started
     ckpt = init = None
     if c.resume:
-        c, ckpt = resume_config(c, set_by_flags)
+        c, ckpt = resume_config(c, set_by_flags, in_yaml)
     else:
         check_fresh_run(c)
         if c.init_from is not None:
@@ -387,8 +389,8 @@ def run_job(c: TrainConfig, ckpt: dict[str, Any] | None, init: dict[str, Any] | 
 def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, exit_on_sigterm)
     started = time.perf_counter() - seconds_since_start()
-    c, set_by_flags = parse_config(argv)
-    train(c, set_by_flags, started)
+    c, set_by_flags, in_yaml = parse_settings(argv)
+    train(c, set_by_flags, started, in_yaml)
 
 
 if __name__ == "__main__":
