@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gpt import GPT, GPTConfig, sample_next
-from gptlab.convert import from_hf_gpt2, to_hf_gpt2_state_dict
+from gptlab.convert import gpt2_to_ours, to_hf_gpt2_state_dict
 
 
 def tiny(**kw) -> GPT:
@@ -108,7 +108,9 @@ def our_config_for_hf() -> GPTConfig:
 
 def test_hf_gpt2_weights_give_the_same_logits_in_our_model():
     hf = hf_gpt2()
-    ours = from_hf_gpt2(hf.state_dict(), our_config_for_hf()).eval()
+    ours = GPT(our_config_for_hf())
+    ours.load_state_dict(gpt2_to_ours(hf.state_dict(), our_config_for_hf()))
+    ours.eval()
     idx = torch.randint(0, 50, (2, 32))
     with torch.no_grad():
         torch.testing.assert_close(ours(idx)[0], hf(idx).logits, atol=1e-4, rtol=1e-4)
