@@ -13,7 +13,8 @@ dropout 0, a 65-token character-level vocabulary).
 
 Training is timed through training.train_step, the very function the training loop runs, on random
 tokens; tokens/s counts the tokens of every optimiser step, and MFU divides the model FLOPs per second
-(gpt.flops_per_token) by the device's peak (--peak_tflops, or known GPUs' bf16 dense peak).
+(gpt.flops_per_token) by the device's dense peak at the precision in use (--peak_tflops, or for known GPUs
+gptlab/runtime.py's GPU_PEAK_FLOPS: bf16 or fp16, and TF32 for float32); elsewhere MFU is n/a.
 """
 
 import contextlib

@@ -53,7 +53,7 @@ class TrainConfig:
                                   "validation, from the model and from the tokenizer trained here",
                                   rule=OPEN_FRACTION, group="data")
     out_dir: str = setting("runs", "folder for the token cache, a trained tokenizer, metrics.jsonl and the "
-                           "loss-curve PNG", group="data")
+                           "loss-curve and health PNGs", group="data")
     # what the model learns
     objective: str = setting("clm", "clm: next-token prediction with a causal decoder (GPT); mlm: masked-token "
                              "prediction with a bidirectional encoder (BERT)", choices=("clm", "mlm"), group="model")
@@ -68,8 +68,9 @@ class TrainConfig:
                                     group="optimisation")
     max_iters: int = setting(5000, "optimiser steps in the whole run", rule=POSITIVE, group="optimisation")
     time_budget: float | None = setting(None, "train for this many seconds of wall time (from the command's start, "
-                                        "tokenizer and evaluations included): max_iters is then chosen after "
-                                        "timing the first steps", rule=POSITIVE, group="optimisation")
+                                        "tokenizer and evaluations included): max_iters is planned after timing "
+                                        "the first steps, and planned again up to 3 times as the run goes on",
+                                        rule=POSITIVE, group="optimisation")
     lr: float = setting(6e-4, "peak learning rate", rule=NON_NEGATIVE, group="optimisation")
     min_lr: float | None = setting(None, "final learning rate (default lr / 10)", rule=NON_NEGATIVE,
                                    group="optimisation")

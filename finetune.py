@@ -401,7 +401,7 @@ def fine_tune(c: FinetuneConfig) -> dict[str, Any]:
 
     torch.manual_seed(c.seed)
     model = Classifier(gpt, len(labels), c.classifier_dropout).to(rt.device)
-    fused = rt.device.type in ("cpu", "cuda")  # one kernel for all parameters, as in playground.py
+    fused = rt.device.type in ("cpu", "cuda")  # one kernel for all parameters, as in training.make_optimizer
     optimizer = torch.optim.AdamW(model.optimizer_groups(c.weight_decay), lr=c.lr, fused=fused)
     generator = torch.Generator().manual_seed(c.seed)
     steps_per_epoch = math.ceil(len(train_x) / c.batch_size)

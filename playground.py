@@ -3,7 +3,7 @@
 The job in three parts, each a function below:
     build_run   corpus + tokenizer -> token cache; model, optimizer, objective; state restored on --resume
     train_loop  for each step: learning rate -> train_step -> log -> evaluate -> checkpoint
-    finish      loss-curve PNG and a text sample
+    finish      loss-curve and health PNGs, and a text sample
 with metrics (JSONL, optional wandb) and, when started by torchrun, DistributedDataParallel (a full replica per
 process) or FSDP2 (--fsdp: each process holds a shard of the parameters, gradients and optimizer state).
 """
@@ -312,7 +312,7 @@ def save(run: Run) -> None:
 # ----------------------------------------------------------------------------- finish
 
 def finish(run: Run) -> None:
-    """The loss-curve PNG and, for a model that writes text, a sample."""
+    """The loss-curve and health PNGs and, for a model that writes text, a sample."""
     c, rt = run.c, run.rt
     writes_text = c.sample_tokens > 0 and run.objective.writes_text
     sampler = unsharded_copy(run.model, rt) if rt.fsdp and writes_text else run.model

@@ -19,6 +19,9 @@ What a checkpoint holds (all tensors or plain Python values, so `torch.load(weig
                     model_from_checkpoint builds unless asked for the raw weights
     tokenizer_learned_from  the files the tokenizer learned from and how many of their bytes (the training
                     split: tokenizer.learned_from), or None when unknown (a --tokenizer file, an older checkpoint)
+
+A fine-tuned checkpoint (finetune.py) holds version, model_config, model and tokenizer, and instead of the
+training state: head (the classifier's), labels, task, input_format, finetune_config, epoch and val_accuracy.
 """
 
 import dataclasses

@@ -1,10 +1,13 @@
 """Where a run's numbers go: a JSONL file (always), Weights & Biases (when asked), and a loss-curve PNG.
 
-One JSON object per line: training lines {"step", "loss", "lr", "tokens_per_s", ["mfu"], "time_s"} and
-evaluation lines {"step", "train_loss", "val_loss", "val_bpb" or "val_accuracy", "time_s"}; time_s is wall
-seconds since the run's command started (summed over resumed runs). Training lines also carry the health
-counts, health lines the per-layer telemetry, and event lines what was done about a bad step: their keys are
-listed in docs/health.md (written by gptlab/health.py).
+One JSON object per line, each with its "step"; five kinds of lines, written by playground.py:
+    training     "loss", "lr", "tokens_per_s", the health counts, ["loss_scale"], ["mfu"], "time_s"
+    evaluation   "train_loss", "val_loss", "val_bpb" or "val_accuracy", [the same for the EMA, "ema_..."], "time_s"
+    health       the per-layer telemetry, every --health_interval steps
+    event        what was done about a bad step
+    plan         "planned_max_iters", "time_budget": each plan of --time_budget (gptlab/pacing.py)
+time_s is wall seconds since the run's command started (summed over resumed runs). The health counts', health
+lines' and event lines' keys are listed in docs/health.md (written by gptlab/health.py).
 """
 
 import json
