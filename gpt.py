@@ -15,8 +15,7 @@ GPTConfig's architecture switches swap in later ideas one at a time; their defau
     tie_embeddings  the head reuses the token embedding, or has its own matrix
     logit_softcap   logits squashed smoothly into (-c, c)
 
-Settings are declared with gptlab.cli's `setting()` (the one declaration helper, from which the flags are made);
-a bad value raises a plain ValueError, which the command-line layer turns into one `error:` line.
+Settings are declared with gptlab.cli's `setting()`; a bad one raises a plain ValueError, which CLIs print as `error:`.
 """
 
 import math
@@ -35,7 +34,7 @@ from gptlab.cli import FRACTION, NON_NEGATIVE, POSITIVE, Rule, check_fields, set
 @dataclass
 class GPTConfig:
     """Every setting of the model, declared once: each is also a playground.py flag and YAML key of the same
-    name (see cli.py), except vocab_size (the tokenizer's) and causal (the training objective's). The defaults
+    name (see gptlab/cli.py), except vocab_size (the tokenizer's) and causal (the training objective's). The defaults
     are GPT-2; the switches from `position` on swap in later ideas one at a time."""
 
     vocab_size: int = setting(8000, "tokens in the vocabulary", rule=POSITIVE, flag=False)
