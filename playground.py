@@ -78,6 +78,7 @@ class Run:
     stop: StopRequest  # set by Ctrl-C or SIGTERM: save at the end of the current step, then stop
     meter: Throughput = field(default_factory=Throughput)
     budget: TimeBudget | None = None  # --time_budget, until its last plan
+    planned_budget: float | None = None  # the --time_budget max_iters is planned from, kept after the last plan
     tokenizer_learned_from: LearnedFrom | None = None  # see gptlab.tokenizer.learned_from; None: unknown
     seconds_before: float = 0.0  # wall time of the runs this one resumes
     iteration: int = 0  # optimiser steps done
@@ -164,7 +165,9 @@ def build_run(c: TrainConfig, ckpt: dict[str, Any] | None, rt: Runtime, started:
     if ckpt is not None:
         run.iteration, run.best_val_loss = ckpt["iteration"], ckpt["best_val_loss"]
         run.seconds_before = ckpt.get("seconds", 0.0)
+        run.planned_budget = ckpt.get("planned_budget")
     if c.time_budget is not None:
+        run.planned_budget = c.time_budget
         run.budget = time_budget(run)
     return run
 
@@ -298,7 +301,7 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
             "model": get_model_state_dict(run.model, options=FULL_STATE),
             "optimizer": get_optimizer_state_dict(run.model, run.stepper.optimizer, options=FULL_STATE),
             "scaler": run.stepper.scaler.state_dict(), "iteration": run.iteration, "best_val_loss": run.best_val_loss,
-            "rng": gather_rng_states(run.rt), "seconds": run.seconds,
+            "rng": gather_rng_states(run.rt), "seconds": run.seconds, "planned_budget": run.planned_budget,
             "tokenizer": run.tokenizer.to_json(), "tokenizer_learned_from": run.tokenizer_learned_from,
             "health": run.health.state_dict(), **({"ema": run.health.ema.model.state_dict()} if run.health.ema else {})}
 

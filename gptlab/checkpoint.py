@@ -11,6 +11,7 @@ What a checkpoint holds (all tensors or plain Python values, so `torch.load(weig
     scaler          the float16 loss scaler's state (scale, growth tracker); inert in bfloat16 and float32
     iteration       optimiser steps done; the learning rate and the data order follow from it
     seconds         wall seconds the run has trained so far (resumed runs summed), for --time_budget
+    planned_budget  the --time_budget its max_iters was planned from, or None: a resume may name it again
     best_val_loss   the lowest validation loss seen so far
     rng             torch CPU (and CUDA) RNG states, for dropout
     tokenizer       the tokenizer's JSON text, so a checkpoint alone is enough to generate

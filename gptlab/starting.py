@@ -44,9 +44,13 @@ def resume_config(c: TrainConfig, set_by_flags: set[str],
             Tokenizer.from_file(c.tokenizer).to_json() != ckpt["tokenizer"]:
         raise UsageError(f"{named('tokenizer')} {c.tokenizer} is not the tokenizer {c.checkpoint} was trained with")
     if c.time_budget is not None and "time_budget" in given and saved["time_budget"] is None:
-        raise UsageError(f"{named('time_budget')}: {c.checkpoint} has no time budget left to continue (a budgeted "
-                         f"run fixes its max_iters, saved in the checkpoint, once timed): give --max_iters to train "
-                         f"on, or start a fresh run with --time_budget")
+        planned = ckpt.get("planned_budget")
+        if c.time_budget != planned:
+            was = f"; it was planned from --time_budget {planned:g}" if planned is not None else ""
+            raise UsageError(f"{named('time_budget')}: {c.checkpoint} has no time budget left to continue (a "
+                             f"budgeted run fixes its max_iters, saved in the checkpoint, once timed{was}): give "
+                             f"--max_iters to train on, or start a fresh run with --time_budget")
+        del now["time_budget"]  # the budget its max_iters was planned from: the run goes on as planned
     if c.init_from is not None and "init_from" in given:
         raise UsageError(f"{named('init_from')} starts a fresh run from a folder's weights; --resume continues a "
                          f"checkpoint: give one of them")

@@ -204,6 +204,19 @@ def test_a_time_budget_that_cannot_be_met_says_so_and_what_would_fit(tmp_path, c
     assert load_checkpoint(tmp_path / "ckpt.tar")["iteration"] == first_plan
 
 
+def test_resume_takes_the_budget_it_was_planned_from_and_refuses_another(tmp_path, corpus, tokenizer):
+    train(args(tmp_path, corpus, tokenizer, "--time_budget", "0.01", "--eval_interval", "50"))  # planned at once
+    ckpt = tmp_path / "ckpt.tar"
+    settings = tmp_path / "settings.yaml"
+    settings.write_text("time_budget: 0.02\n")
+    with pytest.raises(UsageError, match=r"--time_budget \(from --config\): .* planned from --time_budget 0.01\)"):
+        train(["--config", str(settings), "--resume", "--checkpoint", str(ckpt), "--max_iters", "30"])
+    settings.write_text("time_budget: 0.01\n")  # the budget the run started with: it goes on as planned
+    train(["--config", str(settings), "--resume", "--checkpoint", str(ckpt), "--max_iters", "30"])
+    saved = load_checkpoint(ckpt)
+    assert (saved["iteration"], saved["config"]["time_budget"], saved["planned_budget"]) == (30, None, 0.01)
+
+
 def test_a_model_that_cannot_fit_is_refused_before_allocation(tmp_path, corpus, tokenizer):
     with pytest.raises(UsageError, match="needs about .* GiB, but cpu has"):
         train(args(tmp_path, corpus, tokenizer, "--max_iters", "1", "--num_of_layers", "100000",
