@@ -13,7 +13,8 @@ dropout 0, a 65-token character-level vocabulary).
 
 Training is timed through training.train_step, the very function the training loop runs, on random
 tokens; tokens/s counts the tokens of every optimiser step, and MFU divides the model FLOPs per second
-(gpt.flops_per_token) by the device's peak (--peak_tflops, or known GPUs' bf16 dense peak).
+(gpt.flops_per_token) by the device's dense peak at the precision in use (--peak_tflops, or for known GPUs
+gptlab/runtime.py's GPU_PEAK_FLOPS: bf16 or fp16, and TF32 for float32); elsewhere MFU is n/a.
 """
 
 import contextlib
@@ -33,7 +34,17 @@ from gptlab.cli import NON_NEGATIVE, POSITIVE, check_fields, parse_dataclass, se
 from gptlab.errors import UsageError, run_cli
 from gptlab.memory import Step, default_budget, estimate, gib, parse_size, plan
 from gptlab.metrics import read_metrics
-from gptlab.runtime import DTYPE_CHOICES, DTYPE_HELP, DTYPES, Runtime, check_fits, peak_flops, pick_device, pick_dtype
+from gptlab.runtime import (
+    DTYPE_CHOICES,
+    DTYPE_HELP,
+    DTYPES,
+    Runtime,
+    check_fits,
+    device_setting,
+    peak_flops,
+    pick_device,
+    pick_dtype,
+)
 from gptlab.speed import seconds_per_call, trainer
 from gptlab.tokenizer import corpus_files, train_tokenizer
 
@@ -53,7 +64,7 @@ class TrainBench:
     warmup: int = setting(10, "untimed steps first", rule=NON_NEGATIVE)
     iters: int = setting(100, "timed steps", rule=POSITIVE)
     profile: bool = setting(False, "also print where the time of the timed steps goes")
-    device: str = setting("auto", "auto, cpu, cuda, cuda:1, mps")
+    device: str = device_setting()
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -67,12 +78,12 @@ class AttentionBench:
     vocab_size: int = setting(2048, "vocabulary size (random tokens)", rule=POSITIVE)
     warmup: int = setting(3, "untimed steps first", rule=NON_NEGATIVE)
     iters: int = setting(10, "timed steps", rule=POSITIVE)
-    device: str = setting("auto", "auto, cpu, cuda, cuda:1, mps")
+    device: str = device_setting()
 
     def __post_init__(self) -> None:
         check_fields(self)
-        for text in self.sizes:
-            model_size(text)
+        for block, layers, width, _ in self.models():  # checks each size, and that its heads divide its width
+            GPTConfig(block_size=block, embedding_dim=width, num_of_layers=layers, num_of_heads=attention_heads(width))
 
     def models(self) -> list[tuple[int, int, int, int]]:
         return [model_size(text) for text in self.sizes]
@@ -87,7 +98,7 @@ class GenerateBench:
     num_of_heads: int = setting(4, "attention heads (must divide embedding_dim)", rule=POSITIVE)
     vocab_size: int = setting(2048, "vocabulary size", rule=POSITIVE)
     repeats: int = setting(2, "timed runs (after one warm-up)", rule=POSITIVE)
-    device: str = setting("auto", "auto, cpu, cuda, cuda:1, mps")
+    device: str = device_setting()
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -203,18 +214,23 @@ def model_size(text: str) -> tuple[int, int, int, int]:
     return block, layers, width, batch
 
 
+def attention_heads(width: int) -> int:
+    """The heads of a model `bench.py attention` times: one per 64 features, at least 2."""
+    return max(2, width // 64)
+
+
 def bench_attention(args: AttentionBench) -> None:
     """Forward + backward of a whole GPT with each attention core, at a few sizes."""
     device = pick_device(args.device)
     for block, layers, width, batch in args.models():
         check_fits_device(GPTConfig(vocab_size=args.vocab_size, block_size=block, embedding_dim=width,
-                                    num_of_layers=layers, num_of_heads=max(2, width // 64)), batch, device)
+                                    num_of_layers=layers, num_of_heads=attention_heads(width)), batch, device)
     print(f"device {device}, float32, heads = max(2, width / 64), vocab {args.vocab_size}, dropout 0, "
           f"{args.warmup} warm-up + {args.iters} timed steps")
     print("| block | layers | width | heads | batch | scratch tokens/s | sdpa tokens/s | sdpa speed-up |")
     print("|---|---|---|---|---|---|---|---|")
     for block, layers, width, batch in args.models():
-        heads = max(2, width // 64)
+        heads = attention_heads(width)
         rates = []
         for core in ("scratch", "sdpa"):
             torch.manual_seed(0)

@@ -20,6 +20,7 @@ from gptlab.cli import (
     POSITIVE,
     Rule,
     add_flags,
+    build,
     check_fields,
     check_requirements,
     coerce,
@@ -30,7 +31,7 @@ from gptlab.cli import (
 from gptlab.data import DEFAULT_VAL_FRACTION
 from gptlab.errors import CliParser, UsageError
 from gptlab.memory import parse_size
-from gptlab.runtime import DTYPE_CHOICES, DTYPE_HELP
+from gptlab.runtime import DTYPE_CHOICES, DTYPE_HELP, device_setting
 from gptlab.tokenizer import MAX_VOCAB_SIZE
 
 BUNDLED_CORPUS = str(Path(__file__).resolve().parent / "data" / "shakespeare.txt")
@@ -52,7 +53,7 @@ class TrainConfig:
                                   "validation, from the model and from the tokenizer trained here",
                                   rule=OPEN_FRACTION, group="data")
     out_dir: str = setting("runs", "folder for the token cache, a trained tokenizer, metrics.jsonl and the "
-                           "loss-curve PNG", group="data")
+                           "loss-curve and health PNGs", group="data")
     # what the model learns
     objective: str = setting("clm", "clm: next-token prediction with a causal decoder (GPT); mlm: masked-token "
                              "prediction with a bidirectional encoder (BERT)", choices=("clm", "mlm"), group="model")
@@ -67,8 +68,9 @@ class TrainConfig:
                                     group="optimisation")
     max_iters: int = setting(5000, "optimiser steps in the whole run", rule=POSITIVE, group="optimisation")
     time_budget: float | None = setting(None, "train for this many seconds of wall time (from the command's start, "
-                                        "tokenizer and evaluations included): max_iters is then chosen after "
-                                        "timing the first steps", rule=POSITIVE, group="optimisation")
+                                        "tokenizer and evaluations included): max_iters is planned after timing "
+                                        "the first steps, and planned again up to 3 times as the run goes on",
+                                        rule=POSITIVE, group="optimisation")
     lr: float = setting(6e-4, "peak learning rate", rule=NON_NEGATIVE, group="optimisation")
     min_lr: float | None = setting(None, "final learning rate (default lr / 10)", rule=NON_NEGATIVE,
                                    group="optimisation")
@@ -129,7 +131,7 @@ class TrainConfig:
                                "generate/evaluate/finetune/export use it; 0 = off", rule=FRACTION, group="health")
     # system
     seed: int = setting(1337, "random seed (model init, batches, dropout)", rule=NON_NEGATIVE, group="system")
-    device: str = setting("auto", "auto picks cuda, then mps, then cpu", group="system")
+    device: str = device_setting(group="system")
     dtype: str = setting("auto", DTYPE_HELP, choices=DTYPE_CHOICES, group="system")
     compile: bool = setting(False, "torch.compile the model (first steps are slow while it compiles)",
                             group="system")
@@ -172,14 +174,15 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, flat: dict[Any, Any]) -> "TrainConfig":
-        """From a flat mapping (YAML, flags, a checkpoint's config); unknown keys are errors."""
+        """From a flat mapping (YAML, flags, a checkpoint's config); unknown keys and bad values are UsageErrors."""
         model_fields = {f.name: f for f in flag_fields(GPTConfig)}
         train_fields = {f.name: f for f in flag_fields(TrainConfig)}
         unknown = [str(k) for k in flat if k not in model_fields and k not in train_fields]
         if unknown:
             raise UsageError(f"unknown config key(s): {', '.join(sorted(unknown))}")
-        model = GPTConfig(**{k: coerce(model_fields[k], v) for k, v in flat.items() if k in model_fields})
-        return cls(model=model, **{k: coerce(train_fields[k], v) for k, v in flat.items() if k in train_fields})
+        model = build(GPTConfig, {k: coerce(model_fields[k], v) for k, v in flat.items() if k in model_fields})
+        return build(cls, {"model": model, **{k: coerce(train_fields[k], v) for k, v in flat.items()
+                                              if k in train_fields}})
 
     def replace(self, **flat: Any) -> "TrainConfig":
         """A copy with some flat settings changed (model ones included)."""
@@ -221,11 +224,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
-    """Parse the command line into a TrainConfig; also return the names of the fields set by flags."""
+def parse_settings(argv: list[str] | None = None) -> tuple[TrainConfig, set[str], set[str]]:
+    """Parse the command line into a TrainConfig; also return the names of the settings typed as flags and of
+    those the --config file holds (a resume applies or refuses both alike)."""
     args = vars(build_parser().parse_args(sys.argv[1:] if argv is None else argv))
     values = load_yaml(args.pop("config")) if "config" in args else {}
+    in_yaml = {str(k) for k in values}
     if args.get("corpus") == []:  # the positional is optional: no corpus typed means "not set"
         del args["corpus"]
     values.update(args)
-    return TrainConfig.from_dict(values), set(args)
+    return TrainConfig.from_dict(values), set(args), in_yaml
+
+
+def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
+    """Parse the command line into a TrainConfig; also return the names of the fields set by flags."""
+    c, set_by_flags, _ = parse_settings(argv)
+    return c, set_by_flags

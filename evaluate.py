@@ -32,7 +32,7 @@ from gptlab.cli import POSITIVE, check_fields, parse_dataclass, setting
 from gptlab.convert import load_checkpoint_or_folder
 from gptlab.data import CHUNK_BYTES, token_dtype
 from gptlab.errors import UsageError, run_cli
-from gptlab.runtime import DTYPE_CHOICES, DTYPE_HELP, local_runtime
+from gptlab.runtime import DTYPE_CHOICES, DTYPE_HELP, device_setting, local_runtime
 from gptlab.tokenizer import Tokenizer, corpus_files, file_hash, iter_corpus
 
 
@@ -83,7 +83,7 @@ class EvaluateArgs:
     files: tuple[str, ...] = setting((), "text files or folders of .txt files")
     checkpoint: str = setting("model_checkpoint.tar", "checkpoint file, or a local Hugging Face model folder")
     batch_size: int = setting(8, "windows per forward pass", rule=POSITIVE)
-    device: str = setting("auto", "auto, cpu, cuda, cuda:1, mps")
+    device: str = device_setting()
     dtype: str = setting("auto", DTYPE_HELP, choices=DTYPE_CHOICES)
     raw_weights: bool = setting(False, RAW_WEIGHTS_HELP)
 

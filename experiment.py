@@ -188,7 +188,7 @@ def run_command(run: Run, plan: Plan, options: dict[str, bool], resume: bool) ->
         args += ["--sample_tokens", "0"]
     if run.variant.max_iters is not None:
         args += ["--max_iters", str(run.variant.max_iters)]
-    if "time_budget" in plan.budget and not resume:  # a checkpoint holds its budget, or the plan made of it
+    if "time_budget" in plan.budget:  # on resume, the budget the checkpoint holds or was planned from
         args += ["--time_budget", report.show(plan.budget["time_budget"])]
     if resume:  # playground refuses to overwrite a checkpoint: an existing one is always continued
         args.append("--resume")
@@ -279,7 +279,7 @@ def train_run(run: Run, state: str, plan: Plan, options: dict[str, bool],
     if state == "new":  # no checkpoint: what a run killed before its first save left is replaced
         command.append("--overwrite")
     start = time.perf_counter()
-    with open(run.log, "a", encoding="utf-8") as log:
+    with open(run.log, "a", encoding="utf-8") as log:  # a log, appended to as the run goes: never atomic
         log.write(f"$ {shlex.join(command)}\n")
         log.flush()
         child = children.start(command, log)

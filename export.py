@@ -16,8 +16,6 @@ Everything is written into a temporary folder beside --out and renamed at the en
 """
 
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from gptlab.checkpoint import RAW_WEIGHTS_HELP, load_checkpoint, model_from_chec
 from gptlab.cli import check_fields, parse_dataclass, setting
 from gptlab.convert import HF_CLASS, RMS_EPS, architecture_for, hf_config, to_hf_state_dict
 from gptlab.errors import UsageError, run_cli
+from gptlab.fileio import atomic_write_folder
 from gptlab.metrics import read_metrics
 from gptlab.tokenizer import BERT_TOKENS, CLS, EOT, MASK, PAD, SEP, UNK, Tokenizer
 
@@ -299,27 +298,6 @@ def check_out(out: Path, checkpoint: Path, overwrite: bool) -> None:
             raise UsageError(f"--out {out} holds the checkpoint: --overwrite would delete it")
 
 
-def write_folder(out: Path, fill: Any) -> None:
-    """Run fill(folder) on a temporary folder beside `out`, then put it in out's place: on any failure,
-    nothing is left behind (and an old --out is kept)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    old = out.with_name(f".{out.name}.old{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        fill(tmp)
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not out.exists():
-            old.rename(out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def export(args: ExportArgs) -> None:
     checkpoint, out = Path(args.checkpoint), Path(args.out)
     check_out(out, checkpoint, args.overwrite)
@@ -332,7 +310,7 @@ def export(args: ExportArgs) -> None:
         print(f"{checkpoint} is a fine-tuned {ckpt.get('task', '')} classifier: exporting its language model "
               f"only (the classification head over {len(ckpt['labels'])} labels has no {arch} counterpart)")
 
-    def fill(folder: Path) -> None:
+    def fill(folder: Path) -> None:  # a new folder, put in out's place only once whole (atomic_write_folder)
         if args.format == "hf":
             write_hf(model, tokenizer, folder)
         else:
@@ -343,7 +321,7 @@ def export(args: ExportArgs) -> None:
                                           encoding="utf-8")
 
     try:
-        write_folder(out, fill)
+        atomic_write_folder(out, fill)
     except OSError as e:
         raise UsageError(f"cannot write {out}: {e.strerror or e}") from None
     print(f"wrote {out}: " + (f"{HF_CLASS[arch]} for transformers" if args.format == "hf"

@@ -34,7 +34,7 @@ from gptlab.cli import FRACTION, NON_NEGATIVE, POSITIVE, SEED, Rule, check_field
 from gptlab.convert import load_checkpoint_or_folder
 from gptlab.errors import UsageError, run_cli
 from gptlab.fileio import atomic_write_text, check_output
-from gptlab.runtime import DTYPE_CHOICES, DTYPE_HELP, Runtime, local_runtime
+from gptlab.runtime import DTYPE_CHOICES, DTYPE_HELP, Runtime, device_setting, local_runtime
 from gptlab.tokenizer import CLS, PAD, SEP, Tokenizer
 
 TASKS = ("single", "pair")
@@ -68,7 +68,7 @@ class FinetuneConfig:
     overwrite: bool = setting(False, "replace an existing --out or --predictions file (an earlier run's)")
     seed: int = setting(1337, "seeds the head's initialisation, dropout and the shuffling", rule=SEED)
     raw_weights: bool = setting(False, RAW_WEIGHTS_HELP)
-    device: str = setting("auto", "auto, cpu, cuda, cuda:1, mps")
+    device: str = device_setting()
     dtype: str = setting("auto", DTYPE_HELP, choices=DTYPE_CHOICES)
 
     def __post_init__(self) -> None:
@@ -401,7 +401,7 @@ def fine_tune(c: FinetuneConfig) -> dict[str, Any]:
 
     torch.manual_seed(c.seed)
     model = Classifier(gpt, len(labels), c.classifier_dropout).to(rt.device)
-    fused = rt.device.type in ("cpu", "cuda")  # one kernel for all parameters, as in playground.py
+    fused = rt.device.type in ("cpu", "cuda")  # one kernel for all parameters, as in training.make_optimizer
     optimizer = torch.optim.AdamW(model.optimizer_groups(c.weight_decay), lr=c.lr, fused=fused)
     generator = torch.Generator().manual_seed(c.seed)
     steps_per_epoch = math.ceil(len(train_x) / c.batch_size)

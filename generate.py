@@ -27,7 +27,7 @@ from gptlab.checkpoint import RAW_WEIGHTS_HELP, model_from_checkpoint
 from gptlab.cli import POSITIVE, SEED, Rule, check_fields, parse_dataclass, setting
 from gptlab.convert import load_checkpoint_or_folder
 from gptlab.errors import UsageError, run_cli
-from gptlab.runtime import DTYPE_CHOICES, DTYPE_HELP, local_runtime
+from gptlab.runtime import DTYPE_CHOICES, DTYPE_HELP, device_setting, local_runtime
 from gptlab.tokenizer import MASK, Tokenizer
 
 
@@ -47,7 +47,7 @@ class GenerateArgs:
     # be reproduced from the command alone); another sample is one flag away.
     seed: int = setting(1337, "same seed, checkpoint and flags: same text (the default too; pass another seed for "
                         "another sample)", rule=SEED)
-    device: str = setting("auto", "auto, cpu, cuda, cuda:1, mps")
+    device: str = device_setting()
     dtype: str = setting("auto", DTYPE_HELP, choices=DTYPE_CHOICES)
     tokenizer: str | None = setting(None, "a tokenizer.json to use instead of the checkpoint's (must be the same)")
     no_cache: bool = setting(False, "recompute the whole context each step (slow)")

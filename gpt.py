@@ -14,6 +14,8 @@ GPTConfig's architecture switches swap in later ideas one at a time; their defau
     qk_norm         RMS-normalised queries and keys per head
     tie_embeddings  the head reuses the token embedding, or has its own matrix
     logit_softcap   logits squashed smoothly into (-c, c)
+
+Settings are declared with gptlab.cli's `setting()`; a bad one raises a plain ValueError, which CLIs print as `error:`.
 """
 
 import math
@@ -27,13 +29,12 @@ from torch.utils.checkpoint import checkpoint
 
 from attention import CORES, KVCache, MultiHeadAttention, RMSNorm
 from gptlab.cli import FRACTION, NON_NEGATIVE, POSITIVE, Rule, check_fields, setting
-from gptlab.errors import UsageError
 
 
 @dataclass
 class GPTConfig:
     """Every setting of the model, declared once: each is also a playground.py flag and YAML key of the same
-    name (see cli.py), except vocab_size (the tokenizer's) and causal (the training objective's). The defaults
+    name (see gptlab/cli.py), except vocab_size (the tokenizer's) and causal (the training objective's). The defaults
     are GPT-2; the switches from `position` on swap in later ideas one at a time."""
 
     vocab_size: int = setting(8000, "tokens in the vocabulary", rule=POSITIVE, flag=False)
@@ -77,13 +78,13 @@ class GPTConfig:
     def __post_init__(self) -> None:
         check_fields(self)
         if self.embedding_dim % self.num_of_heads:
-            raise UsageError(f"--embedding_dim {self.embedding_dim} is not divisible by --num_of_heads "
+            raise ValueError(f"--embedding_dim {self.embedding_dim} is not divisible by --num_of_heads "
                              f"{self.num_of_heads}")
         if self.position == "none" and not self.causal:
-            raise UsageError("position none (NoPE) needs causal=True: without positions or a causal mask, "
+            raise ValueError("position none (NoPE) needs causal=True: without positions or a causal mask, "
                              "a bidirectional model cannot tell the order of its tokens")
         if self.position == "rope" and (self.embedding_dim // self.num_of_heads) % 2:
-            raise UsageError(f"position rope rotates feature pairs: the head size embedding_dim / num_of_heads = "
+            raise ValueError(f"position rope rotates feature pairs: the head size embedding_dim / num_of_heads = "
                              f"{self.embedding_dim // self.num_of_heads} must be even")
 
 
@@ -283,7 +284,7 @@ class GPT(nn.Module):
         eos_id), not a copy of the growing text.
         """
         if not self.config.causal:
-            raise UsageError("an encoder (causal=False) fills masks; it does not generate left to right")
+            raise ValueError("an encoder (causal=False) fills masks; it does not generate left to right")
         rotary = self.config.position == "rope"
         block, keep = self.config.block_size, self.config.block_size // 2
         reach = self.config.num_of_layers * (block - 1) + 1  # rotary: the tokens the last one's state depends on

@@ -445,7 +445,8 @@ def table_header(plan: Plan) -> str:
 
 
 def append(path: Path, text: str) -> None:
-    """Append and flush to disk: what is written survives a kill of this process or of the machine's job."""
+    """Append and flush to disk: what is written survives a kill of this process or of the machine's job (an
+    append-only table, so not fileio.atomic_write, which would rewrite it whole)."""
     with open(path, "a", encoding="utf-8") as f:
         f.write(text + "\n")
         f.flush()

@@ -3,7 +3,7 @@
 The job in three parts, each a function below:
     build_run   corpus + tokenizer -> token cache; model, optimizer, objective; state restored on --resume
     train_loop  for each step: learning rate -> train_step -> log -> evaluate -> checkpoint
-    finish      loss-curve PNG and a text sample
+    finish      loss-curve and health PNGs, and a text sample
 with metrics (JSONL, optional wandb) and, when started by torchrun, DistributedDataParallel (a full replica per
 process) or FSDP2 (--fsdp: each process holds a shard of the parameters, gradients and optimizer state).
 """
@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from config import TrainConfig, check_dependent_flags, parse_config
+from config import TrainConfig, check_dependent_flags, parse_settings
 from gpt import GPT, GPTConfig
 from gptlab.checkpoint import save_checkpoint
 from gptlab.data import TokenSplit, batch_rng
@@ -78,6 +78,7 @@ class Run:
     stop: StopRequest  # set by Ctrl-C or SIGTERM: save at the end of the current step, then stop
     meter: Throughput = field(default_factory=Throughput)
     budget: TimeBudget | None = None  # --time_budget, until its last plan
+    planned_budget: float | None = None  # the --time_budget max_iters is planned from, kept after the last plan
     tokenizer_learned_from: LearnedFrom | None = None  # see gptlab.tokenizer.learned_from; None: unknown
     seconds_before: float = 0.0  # wall time of the runs this one resumes
     iteration: int = 0  # optimiser steps done
@@ -164,7 +165,9 @@ def build_run(c: TrainConfig, ckpt: dict[str, Any] | None, rt: Runtime, started:
     if ckpt is not None:
         run.iteration, run.best_val_loss = ckpt["iteration"], ckpt["best_val_loss"]
         run.seconds_before = ckpt.get("seconds", 0.0)
+        run.planned_budget = ckpt.get("planned_budget")
     if c.time_budget is not None:
+        run.planned_budget = c.time_budget
         run.budget = time_budget(run)
     return run
 
@@ -298,7 +301,7 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
             "model": get_model_state_dict(run.model, options=FULL_STATE),
             "optimizer": get_optimizer_state_dict(run.model, run.stepper.optimizer, options=FULL_STATE),
             "scaler": run.stepper.scaler.state_dict(), "iteration": run.iteration, "best_val_loss": run.best_val_loss,
-            "rng": gather_rng_states(run.rt), "seconds": run.seconds,
+            "rng": gather_rng_states(run.rt), "seconds": run.seconds, "planned_budget": run.planned_budget,
             "tokenizer": run.tokenizer.to_json(), "tokenizer_learned_from": run.tokenizer_learned_from,
             "health": run.health.state_dict(), **({"ema": run.health.ema.model.state_dict()} if run.health.ema else {})}
 
@@ -312,7 +315,7 @@ def save(run: Run) -> None:
 # ----------------------------------------------------------------------------- finish
 
 def finish(run: Run) -> None:
-    """The loss-curve PNG and, for a model that writes text, a sample."""
+    """The loss-curve and health PNGs and, for a model that writes text, a sample."""
     c, rt = run.c, run.rt
     writes_text = c.sample_tokens > 0 and run.objective.writes_text
     sampler = unsharded_copy(run.model, rt) if rt.fsdp and writes_text else run.model
@@ -351,13 +354,15 @@ def sample(model: GPT, tokenizer: Tokenizer, max_new_tokens: int, rt: Runtime) -
 
 # ----------------------------------------------------------------------------- the job
 
-def train(c: TrainConfig, set_by_flags: set[str] = frozenset(), started: float | None = None) -> dict[str, float]:
-    """Run the whole training job; returns the final evaluation. started: time.perf_counter() when the command
-    started (default: now), the start of a --time_budget."""
+def train(c: TrainConfig, set_by_flags: set[str] = frozenset(), started: float | None = None,
+          in_yaml: set[str] = frozenset()) -> dict[str, float]:
+    """Run the whole training job; returns the final evaluation. set_by_flags, in_yaml: the settings typed as
+    flags and those the --config file holds. started: time.perf_counter() when the command started (default:
+    now), the start of a --time_budget."""
     started = time.perf_counter() if started is None else started
     ckpt = init = None
     if c.resume:
-        c, ckpt = resume_config(c, set_by_flags)
+        c, ckpt = resume_config(c, set_by_flags, in_yaml)
     else:
         check_fresh_run(c)
         if c.init_from is not None:
@@ -387,8 +392,8 @@ def run_job(c: TrainConfig, ckpt: dict[str, Any] | None, init: dict[str, Any] | 
 def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, exit_on_sigterm)
     started = time.perf_counter() - seconds_since_start()
-    c, set_by_flags = parse_config(argv)
-    train(c, set_by_flags, started)
+    c, set_by_flags, in_yaml = parse_settings(argv)
+    train(c, set_by_flags, started, in_yaml)
 
 
 if __name__ == "__main__":

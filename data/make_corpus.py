@@ -27,7 +27,7 @@ def main(sdist: str) -> None:
                 sys.exit(f"{member.name} still holds Project Gutenberg boilerplate: clean it first")
             texts.append(raw.replace("\r\n", "\n").strip("\n") + "\n")
     out = Path(__file__).resolve().parent / "shakespeare.txt"
-    out.write_text("\n\n".join(texts), encoding="utf-8")
+    out.write_text("\n\n".join(texts), encoding="utf-8")  # a maintainer's script, run without gptlab: rerun it
     print(f"wrote {out} ({out.stat().st_size:,} bytes, {len(PLAYS)} plays)")
 
 

@@ -62,7 +62,7 @@ def main() -> None:
     for split, split_rows in rows.items():
         rng.shuffle(split_rows)
         path = Path(args.out_dir) / f"{split}.csv"
-        with open(path, "w", encoding="utf-8", newline="") as f:
+        with open(path, "w", encoding="utf-8", newline="") as f:  # a maintainer's script, run without gptlab
             writer = csv.writer(f)
             writer.writerow(["text", "label"])
             writer.writerows(split_rows)

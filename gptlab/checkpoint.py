@@ -11,6 +11,7 @@ What a checkpoint holds (all tensors or plain Python values, so `torch.load(weig
     scaler          the float16 loss scaler's state (scale, growth tracker); inert in bfloat16 and float32
     iteration       optimiser steps done; the learning rate and the data order follow from it
     seconds         wall seconds the run has trained so far (resumed runs summed), for --time_budget
+    planned_budget  the --time_budget its max_iters was planned from, or None: a resume may name it again
     best_val_loss   the lowest validation loss seen so far
     rng             torch CPU (and CUDA) RNG states, for dropout
     tokenizer       the tokenizer's JSON text, so a checkpoint alone is enough to generate
@@ -19,6 +20,9 @@ What a checkpoint holds (all tensors or plain Python values, so `torch.load(weig
                     model_from_checkpoint builds unless asked for the raw weights
     tokenizer_learned_from  the files the tokenizer learned from and how many of their bytes (the training
                     split: tokenizer.learned_from), or None when unknown (a --tokenizer file, an older checkpoint)
+
+A fine-tuned checkpoint (finetune.py) holds version, model_config, model and tokenizer, and instead of the
+training state: head (the classifier's), labels, task, input_format, finetune_config, epoch and val_accuracy.
 """
 
 import dataclasses
@@ -115,8 +119,6 @@ def model_config_from(ckpt: dict[str, Any], source: str = "the checkpoint") -> G
                          f"this code?)")
     try:
         return GPTConfig(**d)
-    except UsageError as e:
-        raise UsageError(f"{source}: bad model_config: {e}") from None
     except (TypeError, ValueError) as e:
         raise UsageError(f"{source}: bad model_config: {e}") from None
 

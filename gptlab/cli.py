@@ -4,6 +4,9 @@ Each field is declared once with `setting(default, help, ...)`; from that one de
 (`--name`), its type (from the type hint), its --help text, its allowed choices, the check of its value
 (`check_fields`, called from the dataclass's __post_init__) and the YAML/checkpoint key of the same name.
 
+`check_fields` raises a plain ValueError, so a dataclass that uses it (gpt.GPTConfig) knows nothing of the
+command line; `parse_dataclass` and `build` turn that ValueError into the UsageError a CLI prints as one line.
+
     @dataclass(frozen=True)
     class Args:
         steps: int = setting(10, "how many steps", rule=POSITIVE)
@@ -21,7 +24,7 @@ import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -42,6 +45,8 @@ FRACTION = Rule("in [0, 1)", lambda v: 0 <= v < 1)  # dropout, betas
 OPEN_FRACTION = Rule("in (0, 1)", lambda v: 0 < v < 1)
 MAX_INT = 2 ** 63 - 1  # what torch and numpy take as a seed or a count
 SEED = Rule(f"in [0, {MAX_INT}]", lambda v: 0 <= v <= MAX_INT)
+
+T = TypeVar("T")
 
 
 def setting(default: Any, help: str, *, rule: Rule | None = None, choices: tuple[str, ...] | None = None,
@@ -89,7 +94,8 @@ def scalar_type(f: dataclasses.Field) -> type:
 
 
 def check_fields(obj: Any) -> None:
-    """Every field's value against its type's sanity (finite floats, ints in range), its choices and its rule."""
+    """Every field's value against its type's sanity (finite floats, ints in range), its choices and its rule;
+    a value that fails is a ValueError naming the setting."""
     for f in declared_fields(type(obj)):
         value = getattr(obj, f.name)
         if value is None:  # not set: the program picks (see the field's help)
@@ -97,20 +103,29 @@ def check_fields(obj: Any) -> None:
         kind = scalar_type(f)
         number_for_float = kind is float and isinstance(value, int) and not isinstance(value, bool)
         if not isinstance(value, tuple) and type(value) is not kind and not number_for_float:
-            raise UsageError(f"--{f.name} must be of type {kind.__name__}, got {value!r}")
+            raise ValueError(f"--{f.name} must be of type {kind.__name__}, got {value!r}")
         if isinstance(value, bool | str | tuple):
             if f.metadata["choices"] and value not in f.metadata["choices"]:
-                raise UsageError(f"--{f.name} must be one of {', '.join(f.metadata['choices'])}, got {value!r}")
+                raise ValueError(f"--{f.name} must be one of {', '.join(f.metadata['choices'])}, got {value!r}")
             continue
         if isinstance(value, float) and not math.isfinite(value):
-            raise UsageError(f"--{f.name} must be a finite number, got {value}")
+            raise ValueError(f"--{f.name} must be a finite number, got {value}")
         if isinstance(value, int) and not -MAX_INT <= value <= MAX_INT:
-            raise UsageError(f"--{f.name} is out of range: {value}")
+            raise ValueError(f"--{f.name} is out of range: {value}")
         rule = f.metadata["rule"]
         if rule is not None and not rule.test(value):
             says = rule.says.replace("a number", "an integer").replace("positive number", "positive integer") \
                 if isinstance(value, int) else rule.says
-            raise UsageError(f"--{f.name} must be {says}, got {value}")
+            raise ValueError(f"--{f.name} must be {says}, got {value}")
+
+
+def build(cls: type[T], values: dict[str, Any]) -> T:
+    """`cls(**values)` for values a person typed or wrote: a value the class refuses (check_fields and the
+    class's own checks raise ValueError) becomes a UsageError, which the CLI prints as one line."""
+    try:
+        return cls(**values)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def coerce(f: dataclasses.Field, value: Any) -> Any:
@@ -206,4 +221,4 @@ def parse_dataclass(cls: type, description: str, argv: list[str] | None = None,
     if positional is not None and values.get(positional) == []:
         del values[positional]
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    return cls(**{name: coerce(fields[name], v) if isinstance(v, list) else v for name, v in values.items()})
+    return build(cls, {name: coerce(fields[name], v) if isinstance(v, list) else v for name, v in values.items()})

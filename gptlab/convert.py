@@ -140,13 +140,6 @@ def gpt2_to_ours(state_dict: dict[str, torch.Tensor], c: GPTConfig) -> dict[str,
     return ours
 
 
-def from_hf_gpt2(state_dict: dict[str, torch.Tensor], config: GPTConfig) -> GPT:
-    """A GPT holding the weights of a transformers GPT2LMHeadModel state dict."""
-    model = GPT(config)
-    model.load_state_dict(gpt2_to_ours(state_dict, config))
-    return model
-
-
 def to_hf_gpt2_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     """Our weights under transformers' GPT2LMHeadModel names and layouts (load with strict=False: the
     attention-mask buffers some transformers versions keep are not weights). lm_head.weight is the token

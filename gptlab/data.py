@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from gptlab.errors import UsageError
-from gptlab.fileio import atomic_write_text, remove_stale_temps
+from gptlab.fileio import atomic_files, atomic_write_text
 from gptlab.progress import byte_progress
 from gptlab.tokenizer import Tokenizer
 
@@ -169,28 +169,14 @@ def _read_cache(folder: Path) -> dict[str, TokenSplit] | None:
 
 
 def _write_token_files(files: list[Path], tokenizer: Tokenizer, folder: Path, val_fraction: float) -> None:
-    """Stream the corpus through the tokenizer into temporary files named by this process's id, rename them,
-    and write meta.json last (atomically), so a half-built cache is never taken for a whole one."""
+    """Stream the corpus through the tokenizer into train.bin and val.bin (fileio.atomic_files: temporary files
+    named by this process's id, renamed when whole), then write meta.json last (atomically), so a half-built
+    cache is never taken for a whole one."""
     folder.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tokenizer.vocab_size)
     counts = {s: {"num_tokens": 0, "num_bytes": 0} for s in ("train", "val")}
-    tmps = {s: folder / f"{s}.bin.tmp{os.getpid()}" for s in ("train", "val")}
-    for split in tmps:
-        remove_stale_temps(folder / f"{split}.bin")
-    try:
-        with open(tmps["train"], "wb") as train_out, open(tmps["val"], "wb") as val_out:
-            _tokenize_into({"train": train_out, "val": val_out}, counts, files, tokenizer, val_fraction, dtype)
-            for f in (train_out, val_out):
-                f.flush()
-                os.fsync(f.fileno())
-        for split, tmp in tmps.items():
-            os.replace(tmp, folder / f"{split}.bin")
-    finally:
-        for tmp in tmps.values():
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:
-                pass  # never hide the error that brought us here
+    with atomic_files([folder / "train.bin", folder / "val.bin"], "the token cache") as (train_out, val_out):
+        _tokenize_into({"train": train_out, "val": val_out}, counts, files, tokenizer, val_fraction, dtype)
     atomic_write_text(folder / "meta.json", json.dumps({"dtype": dtype, **counts}), "token cache index")
 
 

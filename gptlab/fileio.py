@@ -2,19 +2,25 @@
 
     atomic_write(path, write, what)   a temporary file beside `path`, fsync'ed, then renamed over it: a crash,
                                       a full disk or a kill at any moment leaves the old file or the new one
+    atomic_files(paths, what)         the same for several files written side by side (the token cache's two)
+    atomic_write_folder(out, fill)    the same for a whole folder (an export)
     check_output(path, flag, ...)     before any work: can this output be written, and is it none of the inputs?
     check_output_dir(path, flag)      the same for an output folder (created when missing)
     RunLock(path)                     one run at a time on a checkpoint (an OS lock: a killed run never leaves it stuck)
 
-Failures a user can act on (disk full, read-only file system, no permission, a folder in the way) become one
-UsageError naming the file and the reason.
+Every file the project writes for the user goes through the first three, except append-only logs (the metrics
+JSONL, a run's log, gpu_check's table), which are appended line by line and read torn-line-safe, and scratch
+files in temporary folders (benchmarks). Failures a user can act on (disk full, read-only file system, no
+permission, a folder in the way) become one UsageError naming the file and the reason.
 """
 
+import contextlib
 import errno
 import fcntl
 import os
 import re
-from collections.abc import Callable, Iterable
+import shutil
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -68,36 +74,77 @@ def _reason(e: BaseException) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], what: str) -> None:
-    """Call write(f) on a temporary file beside `path`, flush it to disk, then rename it over `path`.
+@contextlib.contextmanager
+def atomic_files(paths: Sequence[str | Path], what: str) -> Iterator[list[BinaryIO]]:
+    """Open a temporary file beside each of `paths` for the block to write; when it ends without an error,
+    flush them to disk and rename each over its path. Each path then holds its old file or its new one, never a
+    torn one (the set is not renamed as one: a reader that needs all of them checks a file written last, as the
+    token cache's meta.json). Temporary files are named by the process id, so two processes writing the same
+    paths at once do not meet, and ones left by killed processes are removed.
 
-    On any failure `path` is untouched and the temporary file removed; a failing removal (a read-only file
-    system) never hides the original error. Write failures become one UsageError: "cannot write <what> <path>:
-    <reason>". `what` names the file for the user: "checkpoint", "tokenizer", "predictions".
+    On any failure the temporary files are removed; a failing removal (a read-only file system) never hides the
+    original error. Write failures become one UsageError: "cannot write <what> <path>: <reason>" (for several
+    paths, "in <their folder>"). `what` names the file for the user: "checkpoint", "tokenizer", "predictions".
     """
-    path = Path(path)
-    remove_stale_temps(path)
-    tmp = _tmp_name(path, os.getpid())
+    paths = [Path(p) for p in paths]
+    for path in paths:
+        remove_stale_temps(path)
+    tmps = [_tmp_name(path, os.getpid()) for path in paths]
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with contextlib.ExitStack() as stack:
+            files = [stack.enter_context(open(tmp, "wb")) for tmp in tmps]
+            yield files
+            for f in files:
+                f.flush()
+                os.fsync(f.fileno())
+        for tmp, path in zip(tmps, paths, strict=True):
+            os.replace(tmp, path)
     except BaseException as e:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass  # e.g. EROFS: the temp was never created; the error that matters is `e`
+        for tmp in tmps:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass  # e.g. EROFS: the temp was never created; the error that matters is `e`
         if isinstance(e, OSError) or _torch_write_failure(e):
-            if isinstance(e, IsADirectoryError) or path.is_dir():
-                raise UsageError(f"cannot write {what} {path}: it is a folder") from None
-            raise UsageError(f"cannot write {what} {path}: {_reason(e)}") from None
+            where = str(paths[0]) if len(paths) == 1 else f"in {paths[0].parent}"
+            if isinstance(e, IsADirectoryError) or any(path.is_dir() for path in paths):
+                raise UsageError(f"cannot write {what} {where}: it is a folder") from None
+            raise UsageError(f"cannot write {what} {where}: {_reason(e)}") from None
         raise
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], what: str) -> None:
+    """Call write(f) on a temporary file beside `path`, flush it to disk, then rename it over `path`: a crash,
+    a full disk or a kill at any moment leaves the old file or the new one (see atomic_files)."""
+    with atomic_files([path], what) as (f,):
+        write(f)
 
 
 def atomic_write_text(path: str | Path, text: str, what: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode("utf-8")), what)
+
+
+def atomic_write_folder(out: str | Path, fill: Callable[[Path], None]) -> None:
+    """Run fill(folder) on a new temporary folder beside `out`, then put it in out's place: on any failure,
+    nothing is left behind and an old `out` is kept. The files inside are written plainly: the folder is what
+    appears whole. OSErrors pass through for the caller to name."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    old = out.with_name(f".{out.name}.old{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        fill(tmp)
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out.exists():
+            old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -28,7 +28,7 @@ from attention import MultiHeadAttention, apply_rope, attention_mask, rope_cos_s
 from config import TrainConfig
 from gpt import GPT
 from gptlab.errors import UsageError
-from gptlab.metrics import pyplot, read_metrics
+from gptlab.metrics import pyplot, read_metrics, save_figure
 from gptlab.runtime import Runtime
 
 SPIKE_WINDOW = 50  # accepted losses the spike threshold is computed from
@@ -396,8 +396,7 @@ def plot_health(metrics_path: Path, png_path: Path) -> bool:
         fig.colorbar(image, ax=ax, pad=0.01)
     axes[-1].set_xlabel("step")
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
+    save_figure(plt, fig, png_path, "health picture")
     return True
 
 

@@ -1,10 +1,13 @@
 """Where a run's numbers go: a JSONL file (always), Weights & Biases (when asked), and a loss-curve PNG.
 
-One JSON object per line: training lines {"step", "loss", "lr", "tokens_per_s", ["mfu"], "time_s"} and
-evaluation lines {"step", "train_loss", "val_loss", "val_bpb" or "val_accuracy", "time_s"}; time_s is wall
-seconds since the run's command started (summed over resumed runs). Training lines also carry the health
-counts, health lines the per-layer telemetry, and event lines what was done about a bad step: their keys are
-listed in docs/health.md (written by gptlab/health.py).
+One JSON object per line, each with its "step"; five kinds of lines, written by playground.py:
+    training     "loss", "lr", "tokens_per_s", the health counts, ["loss_scale"], ["mfu"], "time_s"
+    evaluation   "train_loss", "val_loss", "val_bpb" or "val_accuracy", [the same for the EMA, "ema_..."], "time_s"
+    health       the per-layer telemetry, every --health_interval steps
+    event        what was done about a bad step
+    plan         "planned_max_iters", "time_budget": each plan of --time_budget (gptlab/pacing.py)
+time_s is wall seconds since the run's command started (summed over resumed runs). The health counts', health
+lines' and event lines' keys are listed in docs/health.md (written by gptlab/health.py).
 """
 
 import json
@@ -13,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gptlab.errors import UsageError
-from gptlab.fileio import atomic_write_text
+from gptlab.fileio import atomic_write, atomic_write_text
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -46,7 +49,7 @@ class Metrics:
             kept = [row for row in read_metrics(path) if row.get("step", 0) <= resumed_at]
         atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in kept), "metrics file")
         try:
-            self.file = open(path, "a", encoding="utf-8")
+            self.file = open(path, "a", encoding="utf-8")  # appended line by line; read_metrics skips a torn last one
         except OSError as e:
             raise UsageError(f"cannot write metrics file {path}: {e.strerror}") from None
         self.wandb_run = start_wandb(wandb_project, wandb_run_name, config, path.parent) if wandb_project else None
@@ -104,6 +107,13 @@ def pyplot() -> Any:
     return plt
 
 
+def save_figure(plt: Any, fig: Any, path: Path, what: str) -> None:
+    """Write a pyplot figure as a PNG (atomically: an earlier picture stays whole until the new one is) and
+    free it."""
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100), what)
+    plt.close(fig)
+
+
 def plot_losses(metrics_path: Path, png_path: Path) -> bool:
     """Train and val loss against step, from the JSONL file; skipped when matplotlib is not installed."""
     plt = pyplot()
@@ -120,6 +130,5 @@ def plot_losses(metrics_path: Path, png_path: Path) -> bool:
     ax.set_ylabel("loss (nats/token)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
+    save_figure(plt, fig, png_path, "loss plot")
     return True

@@ -3,7 +3,8 @@
     NextToken  a causal decoder (GPT) predicts every window's next tokens; reported: val bits per byte
     MaskedLM   a bidirectional encoder (BERT) recovers hidden tokens; reported: masked-token accuracy
 
-A new objective is one new class with these four members, and one line in `objective_for`.
+A new objective is a class with the same members (name, causal, writes_text; batch, loss, report, describe), a
+place in the `Objective` union, a branch in `objective_for`, and its name among --objective's choices (config.py).
 """
 
 import math

@@ -3,6 +3,7 @@ numbers, the summary over seeds (mean, 95% interval, paired difference to the ba
 results.csv and curves.png. experiment.py checks the spec against playground.py and trains; nothing here trains."""
 
 import csv
+import io
 import itertools
 import json
 import math
@@ -14,7 +15,7 @@ from gptlab import stats
 from gptlab.checkpoint import load_checkpoint, model_from_checkpoint
 from gptlab.errors import UsageError
 from gptlab.fileio import atomic_write_text
-from gptlab.metrics import pyplot, read_metrics
+from gptlab.metrics import pyplot, read_metrics, save_figure
 from gptlab.tokenizer import Tokenizer, corpus_files
 
 BASE_SEED = 1337
@@ -321,11 +322,12 @@ def report_markdown(plan: Plan, rows: list[dict[str, Any]], missing: list[str], 
 
 
 def write_csv(results: list[RunResult], path: Path) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(CSV_COLUMNS)
-        for r in results:
-            writer.writerow([getattr(r, column) for column in CSV_COLUMNS])
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(CSV_COLUMNS)
+    for r in results:
+        writer.writerow([getattr(r, column) for column in CSV_COLUMNS])
+    atomic_write_text(path, text.getvalue(), "results")
 
 
 def mean_band(curves: list[tuple[list[float], list[float]]]) -> tuple[list[float], list[float], list[float],
@@ -371,8 +373,7 @@ def plot_curves(plan: Plan, results: list[RunResult], path: Path) -> bool:
             ax.legend(fontsize="small")
     fig.suptitle(f"{plan.name}: mean over seeds, band from min to max")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(plt, fig, path, "curves")
     return True
 
 

@@ -10,15 +10,23 @@ import os
 import time
 import traceback
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from gptlab.cli import setting
 from gptlab.errors import UsageError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_CHOICES = ("auto", *DTYPES)  # the --dtype flag of every CLI that runs a model
 DTYPE_HELP = "autocast precision; auto: bfloat16 on GPUs with native support, float16 on older GPUs, else float32"
+DEVICE_HELP = "auto picks cuda, then mps, then cpu; or name one: cpu, cuda (this process's GPU), cuda:N, mps"
+
+
+def device_setting(group: str = "options") -> Any:
+    """The --device setting of every command that runs a model, declared once; pick_device reads its value."""
+    return setting("auto", DEVICE_HELP, group=group)
 
 
 @dataclass(frozen=True)
@@ -67,7 +75,7 @@ def pick_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UsageError(f"unknown --device {name!r} (try auto, cpu, cuda, cuda:1, mps)") from None
+        raise UsageError(f"unknown --device {name!r}: {DEVICE_HELP}") from None
     if device.type == "cuda":
         return cuda_device(device.index, name)
     if device.type == "mps" and not torch.backends.mps.is_available():

@@ -21,28 +21,40 @@ def plot_path(c: TrainConfig, picture: str = "loss") -> Path:
     return Path(c.out_dir) / f"{Path(c.checkpoint).stem}.{picture}.png"
 
 
-def resume_config(c: TrainConfig, set_by_flags: set[str]) -> tuple[TrainConfig, dict[str, Any]]:
-    """On --resume, the run continues with the checkpoint's config; flags typed now override it, except those
-    that would change the model or its tokenizer."""
+def resume_config(c: TrainConfig, set_by_flags: set[str],
+                  in_yaml: set[str] = frozenset()) -> tuple[TrainConfig, dict[str, Any]]:
+    """On --resume, the run continues with the checkpoint's config. The settings given now, typed as flags or
+    held by the --config file alike, override it, except those that would change the model, its tokenizer or
+    its optimizer: those are refused, naming the setting, before any work."""
     ckpt = load_checkpoint(c.checkpoint)
     if "optimizer" not in ckpt or "config" not in ckpt:
         raise UsageError(f"{c.checkpoint} holds no training state to resume (was it exported?)")
     saved = TrainConfig.from_dict(ckpt["config"]).to_dict()  # older checkpoints lack newer settings
-    typed = {name: c.to_dict()[name] for name in set_by_flags}
-    for name in set_by_flags & set(fixed_on_resume()):
-        if typed[name] != saved[name]:
-            raise UsageError(f"--{name} {typed[name]} differs from the checkpoint's {saved[name]}: "
+    given = set(set_by_flags) | set(in_yaml)
+    now = {name: c.to_dict()[name] for name in given}
+
+    def named(name: str) -> str:
+        return f"--{name}" if name in set_by_flags else f"--{name} (from --config)"
+
+    for name in sorted(given & set(fixed_on_resume())):
+        if now[name] != saved[name]:
+            raise UsageError(f"{named(name)} {now[name]} differs from the checkpoint's {saved[name]}: "
                              f"a checkpoint resumes only with the model and optimizer it was trained with")
-    if "tokenizer" in set_by_flags and Tokenizer.from_file(c.tokenizer).to_json() != ckpt["tokenizer"]:
-        raise UsageError(f"--tokenizer {c.tokenizer} is not the tokenizer {c.checkpoint} was trained with")
-    if "time_budget" in set_by_flags and saved["time_budget"] is None:
-        raise UsageError(f"--time_budget: {c.checkpoint} has no time budget left to continue (a budgeted run fixes "
-                         f"its max_iters, saved in the checkpoint, once timed): give --max_iters to train on, or "
-                         f"start a fresh run with --time_budget")
-    if "init_from" in set_by_flags:
-        raise UsageError("--init_from starts a fresh run from a folder's weights; --resume continues a checkpoint: "
-                         "give one of them")
-    merged = TrainConfig.from_dict({**saved, **typed, "resume": True})
+    if c.tokenizer is not None and "tokenizer" in given and \
+            Tokenizer.from_file(c.tokenizer).to_json() != ckpt["tokenizer"]:
+        raise UsageError(f"{named('tokenizer')} {c.tokenizer} is not the tokenizer {c.checkpoint} was trained with")
+    if c.time_budget is not None and "time_budget" in given and saved["time_budget"] is None:
+        planned = ckpt.get("planned_budget")
+        if c.time_budget != planned:
+            was = f"; it was planned from --time_budget {planned:g}" if planned is not None else ""
+            raise UsageError(f"{named('time_budget')}: {c.checkpoint} has no time budget left to continue (a "
+                             f"budgeted run fixes its max_iters, saved in the checkpoint, once timed{was}): give "
+                             f"--max_iters to train on, or start a fresh run with --time_budget")
+        del now["time_budget"]  # the budget its max_iters was planned from: the run goes on as planned
+    if c.init_from is not None and "init_from" in given:
+        raise UsageError(f"{named('init_from')} starts a fresh run from a folder's weights; --resume continues a "
+                         f"checkpoint: give one of them")
+    merged = TrainConfig.from_dict({**saved, **now, "resume": True})
     if merged.max_iters <= ckpt["iteration"]:
         raise UsageError(f"{c.checkpoint} is already at step {ckpt['iteration']}: give a --max_iters above it to "
                          f"train on")

@@ -31,7 +31,7 @@ MAX_MB = 100_000  # 100 GB of scratch corpus: beyond that the disk, not the toke
 def make_corpus(folder: Path, mb: int) -> Path:
     text = (REPO / "data" / "shakespeare.txt").read_bytes()
     path = folder / f"corpus_{mb}mb.txt"
-    with open(path, "wb") as f:
+    with open(path, "wb") as f:  # scratch input in a temporary folder: nothing to keep whole
         written = 0
         while written < mb * 1_000_000:
             f.write(text)

@@ -14,7 +14,6 @@ import attention
 import gpt
 from attention import KVCache, MultiHeadAttention, RMSNorm, apply_rope, attention_mask, rope_cos_sin
 from gpt import GPT, MLP, GPTConfig, SwiGLU, swiglu_hidden_size
-from gptlab.errors import UsageError
 
 SWITCHES = {  # one switch at a time, then all of them together
     "rope": dict(position="rope"),
@@ -422,8 +421,8 @@ def test_all_switches_together_learn():
     (dict(rope_base=1.0), "rope_base must be greater than 1"),
     (dict(logit_softcap=-1.0), "logit_softcap must be a number >= 0"),
 ])
-def test_invalid_switches_are_usage_errors(kw, message):
-    with pytest.raises(UsageError, match=message):
+def test_invalid_switches_are_value_errors(kw, message):
+    with pytest.raises(ValueError, match=message):
         GPTConfig(vocab_size=50, **kw)
 
 

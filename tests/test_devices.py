@@ -5,6 +5,7 @@ The stand-in holds to torch 2.13's contracts: `torch.cuda.set_device` takes what
 ValueError) and an index below the device count (else CUDA's "invalid device ordinal"). A valid call ends the
 command there (`DeviceChosen`), so each test runs exactly the CLI's path up to its choice of GPU."""
 
+import dataclasses
 import socket
 import warnings
 
@@ -14,6 +15,7 @@ import torch.distributed as dist
 from conftest import corpus_slice
 
 import bench
+import config
 import evaluate
 import finetune
 import generate
@@ -165,3 +167,11 @@ def test_tf32_is_set_through_the_per_backend_api_without_a_warning():
         assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
     finally:
         matmul.fp32_precision, conv.fp32_precision = before
+
+
+def test_the_device_setting_is_declared_once():
+    """Every command that runs a model takes --device from runtime.device_setting: one default, one help."""
+    for cls in (config.TrainConfig, bench.TrainBench, bench.AttentionBench, bench.GenerateBench,
+                evaluate.EvaluateArgs, finetune.FinetuneConfig, generate.GenerateArgs):
+        device = next(f for f in dataclasses.fields(cls) if f.name == "device")
+        assert (device.default, device.metadata["help"]) == ("auto", runtime.DEVICE_HELP), cls.__name__

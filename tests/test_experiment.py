@@ -236,8 +236,9 @@ def test_time_budget_command_passes_the_budget_and_no_step_count():
     assert command[:3] == [sys.executable, str(experiment.PLAYGROUND), "c.txt"]
     assert command[3:] == ["--no-bias", "--seed", "1", "--out_dir", str(run.folder), "--checkpoint",
                            str(run.folder / "ckpt.tar"), "--sample_tokens", "0", "--time_budget", "120"]
-    # Resumed, the checkpoint holds the budget (or the max_iters planned from it): playground refuses a new one.
-    assert experiment.run_command(run, plan, {"bias": True}, resume=True)[-3:] == ["--sample_tokens", "0",
+    # Resumed, the same budget: the one the checkpoint holds, or its max_iters was planned from (a different one,
+    # say from a --config file, would be refused).
+    assert experiment.run_command(run, plan, {"bias": True}, resume=True)[-3:] == ["--time_budget", "120",
                                                                                   "--resume"]
 
 

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from gpt import GPT, GPTConfig, sample_next
-from gptlab.convert import from_hf_gpt2, to_hf_gpt2_state_dict
-from gptlab.errors import UsageError
+from gptlab.convert import gpt2_to_ours, to_hf_gpt2_state_dict
 
 
 def tiny(**kw) -> GPT:
@@ -109,7 +108,9 @@ def our_config_for_hf() -> GPTConfig:
 
 def test_hf_gpt2_weights_give_the_same_logits_in_our_model():
     hf = hf_gpt2()
-    ours = from_hf_gpt2(hf.state_dict(), our_config_for_hf()).eval()
+    ours = GPT(our_config_for_hf())
+    ours.load_state_dict(gpt2_to_ours(hf.state_dict(), our_config_for_hf()))
+    ours.eval()
     idx = torch.randint(0, 50, (2, 32))
     with torch.no_grad():
         torch.testing.assert_close(ours(idx)[0], hf(idx).logits, atol=1e-4, rtol=1e-4)
@@ -205,8 +206,8 @@ def test_parameter_count_and_flops():
     (dict(dropout=1.0), "dropout must be in"),
     (dict(dropout=float("nan")), "dropout must be a finite number"),
 ])
-def test_invalid_config_is_a_usage_error(kw, message):
-    with pytest.raises(UsageError, match=message):
+def test_invalid_config_is_a_value_error(kw, message):
+    with pytest.raises(ValueError, match=message):
         GPTConfig(**{"vocab_size": 10, **kw})
 
 
@@ -240,5 +241,5 @@ def test_encoder_ignores_padding_tokens():
 
 
 def test_an_encoder_does_not_generate():
-    with pytest.raises(UsageError, match="does not generate"):
+    with pytest.raises(ValueError, match="does not generate"):
         tiny(causal=False).generate(torch.zeros(1, 1, dtype=torch.long), 3)

@@ -42,7 +42,7 @@ from gpt import GPT, GPTConfig
 from gptlab import checkpoint, cli, data, errors, speed
 from gptlab.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from gptlab.errors import UsageError
-from gptlab.fileio import RunLock, atomic_write_text, check_output, check_output_dir
+from gptlab.fileio import RunLock, atomic_files, atomic_write_text, check_output, check_output_dir
 from gptlab.tokenizer import Tokenizer, train_tokenizer
 from preprocessing import train_tokenizer as train_tokenizer_cli
 
@@ -641,6 +641,21 @@ def test_atomic_text_files_are_replaced_whole(tmp_path):
     atomic_write_text(path, "old", "index")
     atomic_write_text(path, "new", "index")
     assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["meta.json"]
+
+
+def test_atomic_files_are_renamed_only_when_the_block_ends_well(tmp_path):
+    paths = [tmp_path / "train.bin", tmp_path / "val.bin"]
+    for path in paths:
+        path.write_bytes(b"old")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_files(paths, "the token cache") as files:
+            files[0].write(b"new")
+            raise KeyboardInterrupt  # a Ctrl-C halfway: both old files stay, no temporary file is left
+    assert [p.read_bytes() for p in paths] == [b"old", b"old"] and len(list(tmp_path.iterdir())) == 2
+    with atomic_files(paths, "the token cache") as files:
+        for f in files:
+            f.write(b"new")
+    assert [p.read_bytes() for p in paths] == [b"new", b"new"] and len(list(tmp_path.iterdir())) == 2
 
 
 # ---------------------------------------------------------------------------------------------- data files

@@ -16,10 +16,10 @@ import torch
 from conftest import corpus_slice
 
 import playground
-from config import parse_config
+from config import parse_settings
 from gptlab import pacing
 from gptlab.checkpoint import load_checkpoint
-from gptlab.errors import UsageError
+from gptlab.errors import UsageError, run_cli
 from gptlab.fileio import RunLock
 from gptlab.tokenizer import corpus_files, iter_corpus, train_tokenizer
 
@@ -47,8 +47,8 @@ def args(tmp_path: Path, corpus: Path, tokenizer: Path, *extra: str) -> list[str
 
 
 def train(argv: list[str]) -> dict[str, float]:
-    c, set_by_flags = parse_config(argv)
-    return playground.train(c, set_by_flags)
+    c, set_by_flags, in_yaml = parse_settings(argv)
+    return playground.train(c, set_by_flags, in_yaml=in_yaml)
 
 
 def metric_steps(tmp_path: Path) -> list[int]:
@@ -97,6 +97,25 @@ def test_resume_refuses_what_would_do_nothing_or_change_the_tokenizer(tmp_path, 
         train(["--resume", "--checkpoint", ckpt, "--max_iters", "100000", "--time_budget", "6"])
     with pytest.raises(UsageError, match="--init_from starts a fresh run"):
         train(["--resume", "--checkpoint", ckpt, "--max_iters", "5", "--init_from", str(tmp_path)])
+
+
+def test_resume_applies_or_refuses_a_config_file_as_it_does_flags(tmp_path, corpus, tokenizer, capsys):
+    """`--config x.yaml --resume`: the file's settings are applied where a resume may change them, and refused,
+    naming the setting, where they would change the model; never silently dropped."""
+    train(args(tmp_path, corpus, tokenizer, "--max_iters", "2", "--eval_interval", "2"))
+    ckpt = tmp_path / "ckpt.tar"
+    before = ckpt.read_bytes()
+    wider = tmp_path / "wider.yaml"
+    wider.write_text("embedding_dim: 64\nmax_iters: 3\n")
+    with pytest.raises(SystemExit) as e:
+        run_cli(lambda: playground.main(["--config", str(wider), "--resume", "--checkpoint", str(ckpt)]))
+    assert e.value.code == 2 and ckpt.read_bytes() == before
+    assert capsys.readouterr().err == ("error: --embedding_dim (from --config) 64 differs from the checkpoint's 32: a "
+                                       "checkpoint resumes only with the model and optimizer it was trained with\n")
+    longer = tmp_path / "longer.yaml"
+    longer.write_text("embedding_dim: 32\nmax_iters: 3\neval_interval: 3\n")  # the same model, trained longer
+    train(["--config", str(longer), "--resume", "--checkpoint", str(ckpt)])
+    assert load_checkpoint(ckpt)["iteration"] == 3
 
 
 def test_a_second_run_on_a_checkpoint_in_use_is_refused(tmp_path, corpus, tokenizer):
@@ -183,6 +202,19 @@ def test_a_time_budget_that_cannot_be_met_says_so_and_what_would_fit(tmp_path, c
     first_plan = pacing.UNTIMED_STEPS + pacing.TIMED_STEPS
     assert len(said) == 1 and f"stops at step {first_plan}; --time_budget " in said[0], said
     assert load_checkpoint(tmp_path / "ckpt.tar")["iteration"] == first_plan
+
+
+def test_resume_takes_the_budget_it_was_planned_from_and_refuses_another(tmp_path, corpus, tokenizer):
+    train(args(tmp_path, corpus, tokenizer, "--time_budget", "0.01", "--eval_interval", "50"))  # planned at once
+    ckpt = tmp_path / "ckpt.tar"
+    settings = tmp_path / "settings.yaml"
+    settings.write_text("time_budget: 0.02\n")
+    with pytest.raises(UsageError, match=r"--time_budget \(from --config\): .* planned from --time_budget 0.01\)"):
+        train(["--config", str(settings), "--resume", "--checkpoint", str(ckpt), "--max_iters", "30"])
+    settings.write_text("time_budget: 0.01\n")  # the budget the run started with: it goes on as planned
+    train(["--config", str(settings), "--resume", "--checkpoint", str(ckpt), "--max_iters", "30"])
+    saved = load_checkpoint(ckpt)
+    assert (saved["iteration"], saved["config"]["time_budget"], saved["planned_budget"]) == (30, None, 0.01)
 
 
 def test_a_model_that_cannot_fit_is_refused_before_allocation(tmp_path, corpus, tokenizer):
