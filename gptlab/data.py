@@ -21,13 +21,13 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
+from gptlab.corpus import CHUNK_BYTES, Line, read_corpus, regular_file
 from gptlab.errors import UsageError
 from gptlab.fileio import atomic_files, atomic_write_text
 from gptlab.progress import byte_progress
 from gptlab.tokenizer import Tokenizer
 
 CACHE_FORMAT = 1  # bump when the layout of the cache files changes
-CHUNK_BYTES = 1 << 20  # text per piece handed to the tokenizer (a batch of pieces keeps every core busy)
 DEFAULT_VAL_FRACTION = 0.1  # the last 10% of the bytes, as nanoGPT splits Tiny Shakespeare
 
 
@@ -82,51 +82,22 @@ def val_start(files: list[Path], val_fraction: float) -> int:
     return offset
 
 
-def _split_lines(files: list[Path], val_fraction: float) -> Iterator[tuple[str, bytes | None]]:
-    """Yield (split, line) for every line of the corpus; (split, None) marks the end of a document (file).
+def _split_lines(files: list[Path], val_fraction: float) -> Iterator[tuple[str, Line | None]]:
+    """Yield (split, line) for every line of the corpus (corpus.read_corpus: its checks, a line longer than
+    CHUNK_BYTES in pieces); (split, None) marks the end of a document (file).
 
-    The validation split starts at the first line that begins at or after val_threshold (at val_start).
+    A line is validation text when it begins at or after val_threshold: the text from val_start on, which the
+    tokenizer does not learn from. (The pieces of a longer line are placed one by one, and a document's end by
+    where it falls, as the token files have always been built.)
     """
     threshold = val_threshold(files, val_fraction)
     seen = 0
-    for path in files:
-        for line in _pieces(path):
+    for line in read_corpus(files, val_start(files, val_fraction), past_end=True):
+        if line is None:
+            yield ("train" if seen <= threshold else "val"), None
+        else:
             yield ("train" if seen < threshold else "val"), line
-            seen += len(line)
-        yield ("train" if seen <= threshold else "val"), None
-
-
-def _pieces(path: Path) -> Iterator[bytes]:
-    """The file's lines, a line longer than CHUNK_BYTES in pieces of at most that size cut between characters,
-    so memory stays bounded whatever the file holds; NUL bytes (a binary or sparse file) are refused."""
-    carry = b""
-    with open(path, "rb") as f:
-        while piece := carry + f.readline(CHUNK_BYTES - len(carry)):
-            carry = b""
-            if not piece.endswith(b"\n"):  # part of a long line (or the file's end): keep characters whole
-                cut = _whole_characters(piece)
-                piece, carry = piece[:cut], piece[cut:]
-            if b"\0" in piece:
-                raise UsageError(f"{path} holds NUL bytes: a binary file, not text")
-            yield piece
-
-
-def _whole_characters(piece: bytes) -> int:
-    """The length of `piece` without a UTF-8 character its end cuts (its rest comes with the next piece)."""
-    for back in range(1, min(4, len(piece)) + 1):
-        byte = piece[-back]
-        if byte & 0xC0 != 0x80:  # the first byte of a character: how many bytes it announces
-            size = 1 if byte < 0xC0 else 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
-            return len(piece) - back if size > back and back < len(piece) else len(piece)
-    return len(piece)
-
-
-def _decode(chunk: bytes, files: list[Path]) -> str:
-    try:
-        return chunk.decode("utf-8")
-    except UnicodeDecodeError:
-        names = ", ".join(str(p) for p in files)
-        raise UsageError(f"corpus is not UTF-8 text (binary file?): {names}") from None
+            seen += line.size
 
 
 def build_token_cache(files: list[Path], tokenizer: Tokenizer, cache_dir: Path, val_fraction: float,
@@ -139,6 +110,8 @@ def build_token_cache(files: list[Path], tokenizer: Tokenizer, cache_dir: Path, 
     wait: for a process that leaves the building to another one: called with the path of meta.json (written
     last), it returns once that file exists.
     """
+    for path in files:  # before hashing them: reading a FIFO would block
+        regular_file(path)
     folder = cache_dir / cache_key(files, tokenizer, val_fraction)
     if wait is not None:
         wait(folder / "meta.json")
@@ -186,7 +159,7 @@ def _tokenize_into(outs: dict[str, BinaryIO], counts: dict[str, dict[str, int]],
     validation text or a document starts). One batch of pieces at a time is encoded with encode_batch, which
     spreads the pieces over every core; each piece is encoded as it would be alone, so the token files are the
     same whatever the number of cores, and memory holds one batch."""
-    pending: dict[str, list[bytes]] = {"train": [], "val": []}
+    pending: dict[str, list[str]] = {"train": [], "val": []}
     batch: list[tuple[str, str, bool]] = []  # (split, text, ends a document) waiting to be encoded
     batch_size = os.cpu_count() or 1
 
@@ -200,14 +173,12 @@ def _tokenize_into(outs: dict[str, BinaryIO], counts: dict[str, dict[str, int]],
         batch.clear()
 
     def flush(split: str, end_of_document: bool) -> None:
-        batch.append((split, _decode(b"".join(pending[split]), files), end_of_document))
+        batch.append((split, "".join(pending[split]), end_of_document))
         pending[split].clear()
         if len(batch) >= batch_size:
             encode_batch()
 
     total = sum(p.stat().st_size for p in files)
-    if total == 0:
-        raise UsageError("the corpus is empty")
     buffered, current = 0, "train"
     with byte_progress(total, "tokenizing") as bar:  # a bar on a terminal, a line every 30 s in a log
         for split, line in _split_lines(files, val_fraction):
@@ -217,10 +188,10 @@ def _tokenize_into(outs: dict[str, BinaryIO], counts: dict[str, dict[str, int]],
             if line is None:
                 flush(split, end_of_document=True)
                 continue
-            pending[split].append(line)
-            counts[split]["num_bytes"] += len(line)
-            buffered += len(line)
-            bar.update(len(line))
+            pending[split].append(line.text)
+            counts[split]["num_bytes"] += line.size
+            buffered += line.size
+            bar.update(line.size)
         encode_batch()
 
 

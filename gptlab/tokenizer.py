@@ -27,14 +27,17 @@ and, when trained with bert_tokens (for masked-language-model pretraining and fi
 """
 
 import hashlib
+import re
 import sys
 from collections.abc import Iterator
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
+from gptlab.corpus import read_corpus, regular_file
 from gptlab.errors import UsageError
 from gptlab.fileio import atomic_write_text
 from gptlab.progress import byte_progress
@@ -47,6 +50,8 @@ KINDS = ("bpe", "bbpe")
 # The corpus is streamed in pieces of a few kB, never read into one string. Small pieces matter: the trainer
 # reads hundreds of pieces ahead, so memory grows with the piece size (1 MB pieces: +300 MB on a 20 MB corpus).
 READ_CHARS = 1 << 12
+# Where the trainer's pieces may end a line (as a text file's readline does: "\r\n", a lone "\r", "\n").
+LINE_END = re.compile(r"\r\n|\r|\n")
 # Far above any useful vocabulary (GPT-4's has about 100k tokens); the trainer allocates for the size asked up
 # front, so an absurd size must be refused before training, not end in an out-of-memory abort.
 MAX_VOCAB_SIZE = 1_000_000
@@ -129,12 +134,8 @@ def corpus_files(paths: list[str | Path]) -> list[Path]:
             if not found:
                 raise UsageError(f"no .txt files in folder {p}")
             files.extend(found)
-        elif p.is_file():
-            files.append(p)
-        elif p.exists():  # a FIFO or a device would be read forever, or as nothing
-            raise UsageError(f"corpus {p} is not a regular file: give a text file or a folder of .txt files")
         else:
-            raise UsageError(f"corpus not found: {p}")
+            files.append(regular_file(p))
     return files
 
 
@@ -158,42 +159,26 @@ def file_hash(path: Path) -> str:
 
 
 def iter_corpus(files: list[Path], end: int | None = None) -> Iterator[str]:
-    """The corpus as a stream of text pieces of a few kB, each ending at a line end so no word is cut.
-
-    end: stop at this byte offset of the files read one after another (a line start: data.val_start gives the
-    training text's end), so that the text after it is never read. A file that is not UTF-8, or holds NUL
-    characters (binary data can decode as UTF-8: a token cache of small ids does), is an error; so is a corpus
-    with no text but whitespace.
-    """
-    empty, chars = True, 0
-    for piece in _pieces(files, end):
-        empty, chars = empty and piece.isspace(), chars + len(piece)
-        yield piece
-    if empty:
-        held = f"holds only whitespace ({chars:,} characters)" if chars else "holds nothing"
-        before = "" if end is None else " before its validation text (the last --val_fraction of it)"
-        raise UsageError(f"the corpus is empty: {', '.join(map(str, files))} {held}{before}")
-
-
-def _pieces(files: list[Path], end: int | None) -> Iterator[str]:
-    left = end  # bytes still to read, when there is an end
-    for path in files:
-        with open(path, encoding="utf-8", newline="") as f:  # newline="": keep "\r\n" as it is in the file
-            while left is None or left > 0:
-                try:
-                    piece = f.read(READ_CHARS)
-                    piece += f.readline(READ_CHARS)  # finish the line, but never read a huge line whole
-                except UnicodeDecodeError:
-                    raise UsageError(f"{path} is not UTF-8 text (a binary file?)") from None
-                if not piece:
-                    break
-                if left is not None:
-                    data = piece.encode("utf-8")  # the file's own bytes: newline="" translates nothing
-                    piece = data[:left].decode("utf-8")  # end is a line start, so never inside a character
-                    left -= len(data)
-                if "\x00" in piece:
-                    raise UsageError(f"{path} holds NUL characters: a binary file, not text")
-                yield piece
+    """The corpus's text (corpus.read_corpus: its checks; up to `end`, the training text's end, when given) in
+    the pieces the trainer learns from: READ_CHARS characters, then up to the end of that line but at most
+    READ_CHARS more, a piece never spanning two files. The trainer counts words piece by piece, so these cuts
+    are part of what it learns: they are the ones it has always been given."""
+    parts: list[str] = []  # text read, not yet yielded: joined once it holds a piece, so short lines copy little
+    chars = 0
+    for line in chain(read_corpus(files, end), [None]):  # None: the end of a file, or of what is read
+        if line is not None:
+            parts.append(line.text)
+            chars += len(line.text)
+            if chars < 2 * READ_CHARS:  # too little to know where the next piece ends, before a file's end
+                continue
+        text, start = "".join(parts), 0
+        while len(text) - start >= 2 * READ_CHARS or (line is None and start < len(text)):
+            stop = min(start + 2 * READ_CHARS, len(text))
+            newline = LINE_END.search(text, start + READ_CHARS, stop)
+            stop = newline.end() if newline else stop
+            yield text[start:stop]
+            start = stop
+        parts, chars = [text[start:]], len(text) - start
 
 
 def _new_tokenizer(kind: str) -> HFTokenizer:

@@ -1,5 +1,6 @@
-"""The corpus as the token cache reads it: bounded pieces whatever the lines look like, binary data and things
-that are not files refused up front, and progress a log file can show."""
+"""The corpus as the tokenizer's training and the token cache read it (gptlab.corpus, one reader for both):
+bounded pieces whatever the lines look like, the same refusals in the same words, and progress a log file can
+show."""
 
 import os
 from pathlib import Path
@@ -7,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gptlab import corpus as corpus_module
 from gptlab import data
 from gptlab.errors import UsageError
 from gptlab.tokenizer import Tokenizer, corpus_files, train_tokenizer
@@ -31,15 +33,52 @@ def test_a_sparse_file_is_refused_at_its_first_piece(tmp_path, tokenizer):
 
 
 def test_a_line_longer_than_a_piece_streams_in_pieces_cut_between_characters(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.setattr(corpus_module, "CHUNK_BYTES", 1000)
     monkeypatch.setattr(data, "CHUNK_BYTES", 1000)
     text = "Romeo é日本🙂 and Juliet, " * 2000  # 62 kB without a line break; multi-byte characters
     corpus = tmp_path / "one_line.txt"
     corpus.write_text(text + "\nthe end\n", encoding="utf-8")
     pieces = [piece for _, piece in data._split_lines([corpus], 0.1) if piece is not None]
-    assert max(map(len, pieces)) <= 1000 and b"".join(pieces) == corpus.read_bytes()
+    assert max(piece.size for piece in pieces) <= 1000
+    assert "".join(piece.text for piece in pieces).encode() == corpus.read_bytes()
     splits = data.build_token_cache([corpus], tokenizer, tmp_path / "cache", 0.1)
     ids = np.concatenate([np.fromfile(splits[s].path, dtype=splits[s].dtype) for s in ("train", "val")])
     assert tokenizer.decode([int(i) for i in ids if i != tokenizer.eot_id]) == corpus.read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("nul", "bad.txt holds NUL bytes: a binary file, not text"),
+    ("latin-1", "bad.txt is not UTF-8 text (a binary file?)"),
+    ("whitespace", "bad.txt holds only whitespace (188 characters) before its validation text"),
+    ("nothing", "bad.txt holds nothing before its validation text"),
+    ("folder", "is not a regular file"),
+    ("fifo", "is not a regular file"),
+])
+def test_the_tokenizer_and_the_token_cache_refuse_the_same_corpora_in_the_same_words(tmp_path, tokenizer, case,
+                                                                                     expected):
+    path = tmp_path / "bad.txt"
+    if case == "folder":
+        path.mkdir()
+    elif case == "fifo":
+        if not hasattr(os, "mkfifo"):
+            pytest.skip("POSIX FIFOs")
+        os.mkfifo(path)  # reading it would wait forever for a writer
+    else:
+        path.write_bytes({"nul": bytes([5, 0, 17, 0]) * 100 + b"\n" * 20,  # valid UTF-8: a uint16 token cache
+                          "latin-1": "Roméo et Juliette\n".encode("latin-1") * 20,
+                          "whitespace": b" \n" * 100 + b"the end\n",  # only whitespace before val_start
+                          "nothing": b"",
+                          }[case])
+    # the training split's end, as playground.py and train_tokenizer.py give it (it reads only regular files)
+    end = data.val_start([path], 0.1) if path.is_file() else None
+    errors = []
+    for call in (lambda: train_tokenizer([path], "bbpe", 300, show_progress=False, end=end),
+                 lambda: data.build_token_cache([path], tokenizer, tmp_path / "cache", 0.1)):
+        with pytest.raises(UsageError) as refused:
+            call()
+        errors.append(str(refused.value))
+    assert errors[0] == errors[1] and expected in errors[0] and "\n" not in errors[0], errors
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").rglob("*.bin"))
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX FIFOs")

@@ -180,7 +180,7 @@ def test_cli_default_output_is_tokenizer_json_in_the_current_folder(tmp_path, co
                                   "unwritable"])
 def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, corpus, case):
     (tmp_path / "empty.txt").write_text(" \n\n")
-    (tmp_path / "binary.txt").write_bytes(bytes(range(256)) * 10)
+    (tmp_path / "binary.txt").write_bytes(bytes(range(128, 256)) * 20)  # not UTF-8 (and no NUL: see "nul")
     (tmp_path / "ids.txt").write_bytes(bytes([5, 0, 17, 0, 99, 1]) * 100)  # a uint16 token cache: valid UTF-8
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.md").write_text("not a .txt file")
@@ -189,7 +189,7 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, corpus, case):
         "no txt": (["notes", "bbpe"], "no .txt files in folder notes"),
         "empty": (["empty.txt", "bbpe"], "the corpus is empty"),
         "binary": (["binary.txt", "bbpe"], "binary.txt is not UTF-8 text"),
-        "nul": (["ids.txt", "bpe"], "ids.txt holds NUL characters"),
+        "nul": (["ids.txt", "bpe"], "ids.txt holds NUL bytes"),
         "kind": ([str(corpus), "wordpiece"], "invalid choice: 'wordpiece'"),
         "small bbpe": ([str(corpus), "bbpe", "--vocab_size", "200"], "at least 257"),
         "zero": ([str(corpus), "bpe", "--vocab_size", "0"], "at least 3"),
