@@ -64,6 +64,9 @@ class TrainBench:
     warmup: int = setting(10, "untimed steps first", rule=NON_NEGATIVE)
     iters: int = setting(100, "timed steps", rule=POSITIVE)
     profile: bool = setting(False, "also print where the time of the timed steps goes")
+    health_interval: int | None = setting(None, "time the training loop's health guard too: 0 = the guard "
+                                          "alone, N = with per-layer telemetry every N steps (default: the bare "
+                                          "step)", rule=NON_NEGATIVE)
     device: str = device_setting()
 
     def __post_init__(self) -> None:
@@ -186,7 +189,7 @@ def bench_train(args: TrainBench) -> None:
                              num_of_layers=args.num_of_layers, num_of_heads=args.num_of_heads, dropout=0.0,
                              attention=args.attention)
     check_fits_device(model_config, args.batch_size, device, rt.dtype)
-    run = trainer(model_config, args.batch_size, rt, args.compile)
+    run = trainer(model_config, args.batch_size, rt, args.compile, args.health_interval)
     activities = [torch.profiler.ProfilerActivity.CPU] + (
         [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with (torch.profiler.profile(activities=activities) if args.profile else contextlib.nullcontext()) as prof:
@@ -196,9 +199,11 @@ def bench_train(args: TrainBench) -> None:
     mfu = f"{flops_per_token * tokens / seconds / peak * 100:.1f}%" if peak else "n/a"
     print(f"config: {vars(args)}\nparameters: {run.model.num_parameters() / 1e6:.2f}M, "
           f"{flops_per_token * tokens / 1e9:.2f} GFLOP per step")
-    print("| device | dtype | attention | compile | ms/step | tokens/s | MFU |\n|---|---|---|---|---|---|---|")
+    health = {None: "off", 0: "guard"}.get(args.health_interval, f"guard + telemetry / {args.health_interval}")
+    print("| device | dtype | attention | compile | health | ms/step | tokens/s | MFU |\n"
+          "|---|---|---|---|---|---|---|---|")
     print(f"| {device} | {str(rt.dtype).removeprefix('torch.')} | {model_config.attention} | {args.compile} | "
-          f"{seconds * 1e3:.1f} | {tokens / seconds:,.0f} | {mfu} |")
+          f"{health} | {seconds * 1e3:.1f} | {tokens / seconds:,.0f} | {mfu} |")
     if args.profile:  # warm-up steps included; the profiler itself slows the steps a little
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 

@@ -90,6 +90,10 @@ class TrainConfig:
     muon_lr: float = setting(0.02, "muon only: peak learning rate of the Muon matrices (follows the same "
                              "schedule as --lr)", rule=NON_NEGATIVE, group="optimisation",
                              requires=("optimizer", "muon"))
+    embedding_lr: float | None = setting(None, "peak learning rate of the token embedding table (AdamW; follows the "
+                                         "same schedule as --lr; default: --lr). A looked-up row gets a gradient "
+                                         "only when its token occurs, so it can take a far larger step",
+                                         rule=NON_NEGATIVE, group="optimisation")
     muon_momentum: float = setting(0.95, "muon only: momentum of the Muon matrices", rule=FRACTION,
                                    group="optimisation", requires=("optimizer", "muon"))
     grad_clip: float = setting(1.0, "clip the global gradient norm to this (0 = off)", rule=NON_NEGATIVE,

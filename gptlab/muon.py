@@ -79,7 +79,7 @@ class Muon(torch.optim.Optimizer):
         if "use_muon" not in param_group:
             raise ValueError("every Muon param group needs use_muon=True (Muon) or False (AdamW)")
         defaults = self.muon_defaults if param_group["use_muon"] else self.adamw_defaults
-        allowed = {"params", "use_muon", *defaults}
+        allowed = {"params", "use_muon", "embedding", *defaults}  # embedding: --embedding_lr's group
         if unknown := set(param_group) - allowed:
             raise ValueError(f"unknown settings for a {'Muon' if param_group['use_muon'] else 'AdamW'} "
                              f"group: {sorted(unknown)}")

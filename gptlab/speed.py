@@ -14,6 +14,7 @@ import torch
 from config import TrainConfig
 from gpt import GPT, GPTConfig
 from gptlab.data import TokenSplit, token_dtype
+from gptlab.health import Health
 from gptlab.objectives import NextToken
 from gptlab.runtime import Runtime
 from gptlab.training import Stepper, make_optimizer, train_step
@@ -67,6 +68,7 @@ class Trainer:
     rt: Runtime
     split: TokenSplit
     folder: tempfile.TemporaryDirectory  # holds split's file; removed with the Trainer
+    health: Health | None = None  # the step guard and telemetry, as the training loop runs them
     iteration: int = 0
 
     @property
@@ -75,17 +77,22 @@ class Trainer:
 
     def step(self) -> torch.Tensor:
         loss = train_step(Stepper(self.step_model, self.optimizer, self.scaler, self.split, self.config, self.rt,
-                                  NextToken()), self.iteration)
+                                  NextToken(), health=self.health), self.iteration)
         self.iteration += 1
         return loss
 
 
-def trainer(model_config: GPTConfig, batch_size: int, rt: Runtime, compile: bool = False) -> Trainer:
-    """A fresh model (seed 0) on rt.device with AdamW, a loss scaler for float16, and random tokens."""
-    c = TrainConfig(model=model_config, batch_size=batch_size, compile=compile, warmup_iters=0)
+def trainer(model_config: GPTConfig, batch_size: int, rt: Runtime, compile: bool = False,
+            health_interval: int | None = None) -> Trainer:
+    """A fresh model (seed 0) on rt.device with AdamW, a loss scaler for float16, and random tokens; with a
+    health_interval, the health guard of every step and telemetry every health_interval steps (0: none)."""
+    c = TrainConfig(model=model_config, batch_size=batch_size, compile=compile, warmup_iters=0,
+                    health_interval=health_interval or 0)
     torch.manual_seed(0)
     model = GPT(model_config).to(rt.device)
+    optimizer = make_optimizer(model, c, rt.device)
     folder = tempfile.TemporaryDirectory()
-    return Trainer(model, torch.compile(model) if compile else model, make_optimizer(model, c, rt.device),
+    return Trainer(model, torch.compile(model) if compile else model, optimizer,
                    torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16), c, rt,
-                   random_tokens(Path(folder.name), model_config.vocab_size, model_config.block_size), folder)
+                   random_tokens(Path(folder.name), model_config.vocab_size, model_config.block_size), folder,
+                   Health(model, optimizer, c, rt) if health_interval is not None else None)

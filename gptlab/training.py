@@ -52,22 +52,44 @@ def learning_rate(it: int, max_iters: int, c: TrainConfig) -> float:
 
 
 def make_optimizer(model: GPT, c: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW, or Muon for the block matrices with AdamW for the rest (one optimizer object either way)."""
+    """AdamW, or Muon for the block matrices with AdamW for the rest (one optimizer object either way); with
+    --embedding_lr the token embedding gets a param group of its own."""
     if c.optimizer == "muon":
         require_whole_matrices(model.parameters())
-        return Muon(muon_groups(model.named_parameters(), c.weight_decay, c.lr, c.muon_lr, c.muon_momentum,
-                                (c.beta1, c.beta2)))
+        groups = muon_groups(model.named_parameters(), c.weight_decay, c.lr, c.muon_lr, c.muon_momentum,
+                             (c.beta1, c.beta2))
+        return Muon(embedding_group(groups, model, c.embedding_lr))
     # fused AdamW updates all parameters in one kernel; it exists for CPU and CUDA tensors (DTensors too).
     fused = device.type in ("cpu", "cuda")
-    return torch.optim.AdamW(model.optimizer_groups(c.weight_decay), lr=c.lr, betas=(c.beta1, c.beta2),
-                             fused=fused)
+    return torch.optim.AdamW(embedding_group(model.optimizer_groups(c.weight_decay), model, c.embedding_lr),
+                             lr=c.lr, betas=(c.beta1, c.beta2), fused=fused)
+
+
+def embedding_group(groups: list[dict], model: GPT, embedding_lr: float | None) -> list[dict]:
+    """The groups with the token embedding moved into one of its own (same settings, lr embedding_lr, marked
+    "embedding"); unchanged when embedding_lr is None, so a run without the flag keeps its optimizer state."""
+    if embedding_lr is None:
+        return groups
+    table = model.wte.weight
+    home = next(g for g in groups if any(p is table for p in g["params"]))
+    home["params"] = [p for p in home["params"] if p is not table]
+    own = {**home, "params": [table], "lr": embedding_lr, "embedding": True}
+    return [g for g in groups if g["params"]] + [own]
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float, c: TrainConfig) -> None:
-    """This step's learning rate; Muon's matrices follow the same schedule scaled to their own peak, --muon_lr."""
-    muon_scale = c.muon_lr / c.lr if c.lr > 0 else 0.0
+    """This step's learning rate; Muon's matrices and the token embedding (with --embedding_lr) follow the same
+    schedule scaled to their own peaks, --muon_lr and --embedding_lr."""
+    def scale(peak: float) -> float:
+        return peak / c.lr if c.lr > 0 else 0.0
+
     for group in optimizer.param_groups:
-        group["lr"] = lr * muon_scale if group.get("use_muon") else lr
+        if group.get("use_muon"):
+            group["lr"] = lr * scale(c.muon_lr)
+        elif group.get("embedding"):
+            group["lr"] = lr * scale(c.embedding_lr)
+        else:
+            group["lr"] = lr
 
 
 def step_batches(split: TokenSplit, it: int, c: TrainConfig, rt: Runtime,

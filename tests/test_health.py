@@ -228,3 +228,21 @@ def test_two_ranks_roll_back_as_one_process_does(tmp_path, corpus, tokenizer_pat
             if key.startswith(("loss", "grad_norm", "update_ratio", "weight_norm", "spike_steps")):
                 assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
     assert_same_weights(tmp_path / "one" / "ckpt.tar", tmp_path / "two" / "ckpt.tar", tol=1e-4)
+
+
+def test_the_benchmark_times_the_guard_and_the_telemetry_it_is_asked_for():
+    """bench.py train --health_interval N steps through the training loop's guard (every step counted) and
+    records telemetry on every N-th step; without the flag the step has no guard at all."""
+    from gptlab.speed import trainer
+
+    config = GPTConfig(vocab_size=64, block_size=16, embedding_dim=32, num_of_layers=2, num_of_heads=2, dropout=0.0)
+    bare, guarded = trainer(config, 4, CPU), trainer(config, 4, CPU, health_interval=2)
+    rows = []
+    for _ in range(4):
+        bare.step()
+        guarded.step()
+        rows.append(guarded.health.take_row())
+    assert bare.health is None
+    assert int(guarded.health.counts[0]) == 4  # COUNTS[0]: steps judged
+    assert [bool(r) for r in rows] == [False, True, False, True]
+    assert {"grad_norm/block0", "update_ratio/head"} <= set(rows[1])

@@ -61,3 +61,39 @@ def test_inverse_sqrt_with_a_floor_at_min_lr():
 def test_min_lr_defaults_to_a_tenth_of_lr():
     c = TrainConfig(lr=1e-3, warmup_iters=0, max_iters=10)
     assert learning_rate(10, c.max_iters, c) == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_embedding_lr_scales_the_token_embeddings_step_and_nothing_else(optimizer):
+    """One step from the same weights and batch: with --embedding_lr 10 x lr the token embedding moves exactly
+    10 times as far (AdamW's step, weight decay included, is proportional to its lr) and every other parameter
+    moves as it does without the flag; the schedule's lr reaches the group scaled the same way."""
+    import torch
+
+    from gpt import GPT, GPTConfig
+    from gptlab.training import make_optimizer, set_learning_rate
+
+    def step(embedding_lr: float | None) -> tuple[dict[str, torch.Tensor], torch.optim.Optimizer]:
+        c = TrainConfig(model=GPTConfig(vocab_size=40, block_size=8, embedding_dim=16, num_of_layers=2,
+                                        num_of_heads=2, dropout=0.0, tie_embeddings=False),
+                        lr=1e-3, weight_decay=0.1, optimizer=optimizer, embedding_lr=embedding_lr)
+        torch.manual_seed(0)
+        model = GPT(c.model)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt = make_optimizer(model, c, torch.device("cpu"))
+        set_learning_rate(opt, 0.5e-3, c)  # half-way down some schedule: every group at half its peak
+        x = torch.randint(0, 40, (4, 8), generator=torch.Generator().manual_seed(1))
+        model(x, x)[1].backward()
+        opt.step()
+        return {n: p.detach() - before[n] for n, p in model.named_parameters()}, opt
+
+    plain, plain_opt = step(None)
+    scaled, opt = step(1e-2)
+    assert not any(g.get("embedding") for g in plain_opt.param_groups)  # no flag: the groups as they were
+    (own,) = [g for g in opt.param_groups if g.get("embedding")]
+    assert own["lr"] == pytest.approx(0.5e-2) and len(own["params"]) == 1 and own["weight_decay"] == 0.1
+    # atol: float32 rounds p (1 - lr wd) - p, the whole step of a row whose token is not in the batch
+    torch.testing.assert_close(scaled["wte.weight"], 10 * plain["wte.weight"], rtol=1e-4, atol=1e-7)
+    for name in plain:
+        if name != "wte.weight":
+            torch.testing.assert_close(scaled[name], plain[name], rtol=0, atol=0)
