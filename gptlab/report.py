@@ -224,7 +224,10 @@ class Run:
 
 
 def plan_runs(plan: Plan, folder: Path) -> list[Run]:
-    return [Run(v, seed, folder / v.name / f"seed{seed}") for v in plan.variants for seed in plan.seeds]
+    """The runs in the order they train: seed by seed, every variant of a seed one after another, so a machine
+    whose speed drifts over minutes slows the runs of a pair alike (under a time budget, pairs that ran at
+    different speeds would differ by the machine, not by the variant)."""
+    return [Run(v, seed, folder / v.name / f"seed{seed}") for seed in plan.seeds for v in plan.variants]
 
 
 def final_eval(rows: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -218,6 +218,16 @@ def test_grid_names_variants_by_their_settings_and_the_first_is_the_baseline():
     assert plan.folder == str(Path("runs/experiments/g"))
 
 
+def test_runs_train_seed_by_seed_so_each_pair_meets_the_same_machine():
+    """A time-budgeted pair compares variants only if both ran while the machine ran at one speed: the runs of a
+    seed are neighbours in the training order, not a variant's seeds."""
+    plan = experiment.make_plan({"grid": {"lr": [1e-3, 2e-3, 3e-3]}, "seeds": [5, 7],
+                                 "budget": {"max_iters": 10}}, "g", experiment.playground_options())
+    order = [(run.seed, run.variant.name) for run in report.plan_runs(plan, Path("out"))]
+    assert order == [(5, "lr=0.001"), (5, "lr=0.002"), (5, "lr=0.003"), (7, "lr=0.001"), (7, "lr=0.002"),
+                     (7, "lr=0.003")]
+
+
 def test_token_budget_gives_each_variant_the_steps_its_batch_needs():
     # cpu_quickstart.yaml: batch 16 x block 128 = 2048 tokens per step; 100000 tokens -> ceil(48.8) = 49 steps.
     spec = {"base": {"config": str(REPO / "configs" / "cpu_quickstart.yaml")}, "seeds": 1,
