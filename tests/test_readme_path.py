@@ -62,7 +62,7 @@ def test_every_readme_command_runs_as_written_in_readme_order(fresh_copy, monkey
     # what the quick start says it leaves
     for name in ("model_checkpoint.metrics.jsonl", "model_checkpoint.loss.png"):
         assert (fresh_copy / "runs" / name).exists()
-    assert list((fresh_copy / "runs").glob("tokenizer-bbpe2048-*.json"))
+    assert list((fresh_copy / "runs").glob("tokenizer-bbpe768-*.json"))
     resumed = next(out for command, out in ran if "--resume" in command)
     assert "resumed from step 2 of baseline.tar" in resumed
     assert (fresh_copy / "train.csv").exists() and (fresh_copy / "val.csv").exists()
