@@ -345,9 +345,22 @@ def mean_band(curves: list[tuple[list[float], list[float]]]) -> tuple[list[float
     return grid, list(values.mean(0)), list(values.min(0)), list(values.max(0))
 
 
+def draw_variant(ax: Any, curves: list[tuple[list[float], list[float]]], color: str, label: str) -> None:
+    """One variant's seeds on `ax`: their mean with a min-max band where the seeds' x ranges overlap, else each
+    seed's points (a run under a time budget evaluates once, at a step count its own speed chose)."""
+    x, mid, low, high = mean_band(curves)
+    if not x:
+        ax.scatter([a for xs, _ in curves for a in xs], [b for _, ys in curves for b in ys], color=color,
+                   label=label)
+        return
+    ax.plot(x, mid, color=color, marker="." if len(x) < 30 else None, label=label)
+    if len(curves) > 1:
+        ax.fill_between(x, low, high, color=color, alpha=0.2)
+
+
 def plot_curves(plan: Plan, results: list[RunResult], path: Path) -> bool:
-    """Val bits/byte against step and against wall seconds: the mean over seeds and a min-max band per
-    variant. Skipped (False) when matplotlib is not installed."""
+    """Val bits/byte against step and against wall seconds, per variant (draw_variant). Skipped (False) when
+    matplotlib is not installed."""
     plt = pyplot()
     if plt is None:
         return False
@@ -361,11 +374,7 @@ def plot_curves(plan: Plan, results: list[RunResult], path: Path) -> bool:
             if not curves:
                 continue
             timed |= column == 1
-            x, mid, low, high = mean_band(curves)
-            ax.plot(x, mid, color=f"C{i % 10}", marker="." if len(x) < 30 else None,
-                    label=f"{v.name} (n={len(curves)})")
-            if len(curves) > 1:
-                ax.fill_between(x, low, high, color=f"C{i % 10}", alpha=0.2)
+            draw_variant(ax, curves, f"C{i % 10}", f"{v.name} (n={len(curves)})")
     axes[0].set_xlabel("step")
     axes[1].set_xlabel("wall seconds since the run began")
     if not timed:
@@ -374,7 +383,7 @@ def plot_curves(plan: Plan, results: list[RunResult], path: Path) -> bool:
         ax.set_ylabel("val bits/byte")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="small")
-    fig.suptitle(f"{plan.name}: mean over seeds, band from min to max")
+    fig.suptitle(f"{plan.name}: mean over seeds with a min-max band (one point per seed where seeds share no step)")
     fig.tight_layout()
     save_figure(plt, fig, path, "curves")
     return True

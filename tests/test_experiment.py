@@ -267,6 +267,22 @@ def test_mean_band_uses_the_x_range_every_seed_covers():
     assert low == pytest.approx([1.5, 2, 2, 2]) and high == pytest.approx([2, 2, 2.5, 3])
 
 
+def test_seeds_that_share_no_step_are_drawn_as_points():
+    # Under a time budget each run evaluates once, at the step count its speed chose (here 759, 693, 792): no x
+    # is inside every seed's range, so there is no mean curve to draw, and the chart shows every seed's point.
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = [([759], [2.317]), ([693], [2.308]), ([792], [2.322])]
+    assert report.mean_band(curves)[0] == []
+    fig, ax = plt.subplots()
+    report.draw_variant(ax, curves, "C0", "record (n=3)")
+    assert [list(p) for p in ax.collections[0].get_offsets()] == [[759, 2.317], [693, 2.308], [792, 2.322]]
+    assert ax.get_legend_handles_labels()[1] == ["record (n=3)"]
+    plt.close(fig)
+
+
 def test_one_seed_shows_n_a_for_intervals_and_p():
     variants = [report.Variant(n, {}, {}, 10) for n in ("base", "other")]
     plan = report.Plan("p", "out/p", "base", [1], {"max_iters": 10}, variants)
