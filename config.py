@@ -96,6 +96,9 @@ class TrainConfig:
                                          rule=NON_NEGATIVE, group="optimisation")
     muon_momentum: float = setting(0.95, "muon only: momentum of the Muon matrices", rule=FRACTION,
                                    group="optimisation", requires=("optimizer", "muon"))
+    muon_weight_decay: float = setting(0.0, "muon only: decoupled weight decay of the Muon matrices (W *= 1 - "
+                                       "lr * wd each step, lr the Muon lr); --weight_decay is the AdamW part's",
+                                       rule=NON_NEGATIVE, group="optimisation", requires=("optimizer", "muon"))
     grad_clip: float = setting(1.0, "clip the global gradient norm to this (0 = off)", rule=NON_NEGATIVE,
                                group="optimisation")
     # evaluation, checkpoints and logging

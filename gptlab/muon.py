@@ -143,9 +143,10 @@ class Muon(torch.optim.Optimizer):
 
 
 def muon_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float, adam_lr: float,
-                muon_lr: float, muon_momentum: float, betas: tuple[float, float]) -> list[dict]:
-    """Param groups for Muon: the 2-D weight matrices inside the transformer blocks go to Muon (without weight
-    decay); the rest (token and position embeddings, an untied lm_head, LayerNorm gains, biases) to AdamW,
+                muon_lr: float, muon_momentum: float, betas: tuple[float, float],
+                muon_weight_decay: float = 0.0) -> list[dict]:
+    """Param groups for Muon: the 2-D weight matrices inside the transformer blocks go to Muon (with their own
+    weight decay, muon_weight_decay); the rest (token and position embeddings, an untied lm_head, LayerNorm gains, biases) to AdamW,
     with weight decay on the >= 2-D tensors only, as GPT.decay_parameter_names decides for plain AdamW.
 
     Embeddings stay with AdamW: a row of an embedding is looked up, not multiplied, so orthogonalising the
@@ -159,7 +160,8 @@ def muon_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], weight_d
             muon.append(p)
         else:
             (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": muon, "use_muon": True, "lr": muon_lr, "momentum": muon_momentum, "weight_decay": 0.0},
+    groups = [{"params": muon, "use_muon": True, "lr": muon_lr, "momentum": muon_momentum,
+               "weight_decay": muon_weight_decay},
               {"params": decay, "use_muon": False, "lr": adam_lr, "betas": betas, "weight_decay": weight_decay},
               {"params": no_decay, "use_muon": False, "lr": adam_lr, "betas": betas, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]

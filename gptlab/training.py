@@ -57,7 +57,7 @@ def make_optimizer(model: GPT, c: TrainConfig, device: torch.device) -> torch.op
     if c.optimizer == "muon":
         require_whole_matrices(model.parameters())
         groups = muon_groups(model.named_parameters(), c.weight_decay, c.lr, c.muon_lr, c.muon_momentum,
-                             (c.beta1, c.beta2))
+                             (c.beta1, c.beta2), c.muon_weight_decay)
         return Muon(embedding_group(groups, model, c.embedding_lr))
     # fused AdamW updates all parameters in one kernel; it exists for CPU and CUDA tensors (DTensors too).
     fused = device.type in ("cpu", "cuda")

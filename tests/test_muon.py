@@ -212,6 +212,37 @@ def test_muon_groups_send_exactly_the_block_matrices_to_muon():
     assert all(g["lr"] == 1e-3 and g["betas"] == (0.9, 0.95) for g in groups if not g["use_muon"])
 
 
+def test_muon_weight_decay_goes_to_the_muon_matrices_alone():
+    model = tiny_gpt()
+    groups = muon_groups(model.named_parameters(), weight_decay=0.1, adam_lr=1e-3, muon_lr=0.02,
+                         muon_momentum=0.9, betas=(0.9, 0.95), muon_weight_decay=0.3)
+    assert sorted((g["use_muon"], g["weight_decay"]) for g in groups) == [(False, 0.0), (False, 0.1), (True, 0.3)]
+
+
+def test_training_with_muon_weight_decay_shrinks_only_the_block_matrices():
+    """Two runs from the same weights on the same batches, one with --muon_weight_decay: the block matrices end
+    smaller, everything AdamW trains is untouched by the flag (its groups keep --weight_decay)."""
+    from config import TrainConfig
+    from gptlab.training import make_optimizer
+    norms = []
+    for muon_wd in (0.0, 5.0):
+        torch.manual_seed(0)
+        model = tiny_gpt()
+        c = TrainConfig(optimizer="muon", muon_weight_decay=muon_wd, lr=0.0)  # lr 0: AdamW does not move
+        opt = make_optimizer(model, c, torch.device("cpu"))
+        x = torch.randint(0, model.config.vocab_size, (2, 8))
+        for _ in range(3):
+            model(x, x)[1].backward()
+            opt.step()
+            opt.zero_grad()
+        norms.append({n: p.norm().item() for n, p in model.named_parameters()})
+    for name, plain in norms[0].items():
+        if "blocks." in name and name.endswith("weight") and model.get_parameter(name).dim() == 2:
+            assert norms[1][name] < plain * 0.99, name
+        else:
+            assert norms[1][name] == plain, name
+
+
 def test_muon_groups_keep_an_untied_head_with_adamw():
     model = tiny_gpt()
     model.lm_head.weight = torch.nn.Parameter(model.wte.weight.detach().clone())
