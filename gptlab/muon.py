@@ -146,8 +146,9 @@ def muon_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], weight_d
                 muon_lr: float, muon_momentum: float, betas: tuple[float, float],
                 muon_weight_decay: float = 0.0) -> list[dict]:
     """Param groups for Muon: the 2-D weight matrices inside the transformer blocks go to Muon (with their own
-    weight decay, muon_weight_decay); the rest (token and position embeddings, an untied lm_head, LayerNorm gains, biases) to AdamW,
-    with weight decay on the >= 2-D tensors only, as GPT.decay_parameter_names decides for plain AdamW.
+    weight decay, muon_weight_decay); the rest (token and position embeddings, an untied lm_head, LayerNorm
+    gains, biases) to AdamW, with weight decay on the >= 2-D tensors only, as GPT.decay_parameter_names decides
+    for plain AdamW.
 
     Embeddings stay with AdamW: a row of an embedding is looked up, not multiplied, so orthogonalising the
     whole table has no meaning for it; the same holds for the (tied) head, whose rows are per-token scores.
