@@ -1,5 +1,11 @@
-"""Tests marked `gpu` run only where CUDA is available (see the markers in pyproject.toml)."""
+"""Tests marked `gpu` run only where CUDA is available (see the markers in pyproject.toml).
 
+The suite is hermetic: every test runs in a temporary folder of its own (the process's working folder, which
+the commands it starts inherit), so the files a user's runs left in the repository (model_checkpoint.tar,
+runs/) cannot change a result, and a test that writes a default output path writes it there. The session fails
+if the repository's working tree gained or lost a file while it ran."""
+
+import os
 from pathlib import Path
 
 import pytest
@@ -15,6 +21,49 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+REPO = Path(__file__).resolve().parent.parent
+# What Python, pytest and pip may write in the working tree while the suite runs.
+NOT_OUTPUTS = {".git", "__pycache__", ".pytest_cache", ".ruff_cache", ".venv", ".venv-newest", ".whl"}
+TREE_BEFORE = pytest.StashKey[set[str]]()
+
+
+def working_tree() -> set[str]:
+    """Every path under the repository but the caches above and installed metadata."""
+    found = set()
+    for folder, subfolders, files in os.walk(REPO):
+        subfolders[:] = [d for d in subfolders if d not in NOT_OUTPUTS and not d.endswith(".egg-info")]
+        found.update(os.path.relpath(os.path.join(folder, name), REPO) for name in files + subfolders)
+    return found
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[TREE_BEFORE] = working_tree()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    before = session.config.stash.get(TREE_BEFORE, None)
+    if before is None:
+        return
+    after = working_tree()
+    changed = sorted((after - before) | (before - after))
+    if changed:
+        print(f"\nthe suite changed the repository's working tree (a test must write under its tmp_path): "
+              f"{', '.join(changed[:20])}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(autouse=True, scope="session")
+def away_from_the_repository(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Module fixtures (and the commands they start) run in a folder of the session's, not where pytest started."""
+    os.chdir(tmp_path_factory.mktemp("session_cwd"))
+
+
+@pytest.fixture(autouse=True)
+def own_working_folder(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test in an empty folder of its own: default output paths (model_checkpoint.tar, runs/) land there."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
 @pytest.fixture
 def transformers():
     """Hugging Face transformers, imported by the tests that use it and no test file at import: a GPU run
@@ -22,7 +71,7 @@ def transformers():
     return pytest.importorskip("transformers")
 
 
-BUNDLED_CORPUS = Path(__file__).resolve().parent.parent / "data" / "shakespeare.txt"
+BUNDLED_CORPUS = REPO / "data" / "shakespeare.txt"
 
 
 def corpus_slice(folder: Path, chars: int, name: str = "corpus.txt") -> Path:

@@ -38,7 +38,7 @@ def torchrun(nproc: int, *args: str, **popen) -> list[str]:
 
 def run(cmd: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -188,7 +188,7 @@ def test_a_crashed_rank_ends_the_job_instead_of_hanging(tmp_path, setup):
     corpus, tokenizer = setup
     metrics = tmp_path / "runs" / "ckpt.metrics.jsonl"
     cmd = torchrun(2, *args_for(tmp_path, corpus, tokenizer, "--batch_size", "4", "--max_iters", "100000"))
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         deadline = time.time() + 120
@@ -214,7 +214,7 @@ def test_a_signal_to_torchrun_saves_every_rank_at_one_step(tmp_path, setup, sig)
     metrics = tmp_path / "runs" / "ckpt.metrics.jsonl"
     cmd = torchrun(2, *args_for(tmp_path, corpus, tokenizer, "--batch_size", "4", "--max_iters", "100000",
                                 "--eval_interval", "100000", "--checkpoint_interval", "100000"))
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         deadline = time.time() + 120
@@ -265,7 +265,7 @@ def test_every_rank_exits_0_at_the_end_of_many_runs_on_busy_cpus(tmp_path, setup
                 folder = tmp_path / f"{mode}{len(results)}"
                 cmd = torchrun(2, *args_for(folder, corpus, tokenizer, *ENDING, *extra))
                 with open(folder / "stderr.txt", "w") as stderr:  # a file: a full pipe would stall a job
-                    jobs[mode] = folder, subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr,
+                    jobs[mode] = folder, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr,
                                                           env=env)
             try:
                 for mode, (folder, proc) in jobs.items():

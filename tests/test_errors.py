@@ -24,6 +24,7 @@ def exit_status(capsys) -> tuple[int, str]:
     return e.value.code, capsys.readouterr().err
 
 
+@pytest.mark.smoke
 def test_a_mistake_is_one_line_and_status_2(monkeypatch, capsys):
     monkeypatch.delenv("RANK", raising=False)
     assert exit_status(capsys) == (2, "error: --batch_size must be a positive integer, got 0\n")

@@ -388,9 +388,10 @@ def test_a_signal_to_the_runner_stops_its_run_cleanly(tmp_path, data, sig):
                     "signal.signal(signal.SIGTERM, stop)\nsignal.signal(signal.SIGINT, stop)\n"
                     "print('training', flush=True)\ntime.sleep(60)\n")
     spec = write_spec(tmp_path, data, variants={"a": {}})
-    runner = (f"import sys, experiment; from pathlib import Path; from gptlab.errors import run_cli; "
+    runner = (f"import sys; sys.path.insert(0, {str(REPO)!r}); import experiment; from pathlib import Path; "
+              f"from gptlab.errors import run_cli; "
               f"experiment.PLAYGROUND = Path({str(fake)!r}); run_cli(lambda: experiment.main([{str(spec)!r}]))")
-    proc = subprocess.Popen([sys.executable, "-c", runner], cwd=REPO, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", runner], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     log = tmp_path / "out" / "sweep" / "a" / "seed1337" / "run.log"
     deadline = time.time() + 60

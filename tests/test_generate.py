@@ -151,7 +151,7 @@ def test_evaluate_encodes_a_large_file_piece_by_piece_without_losing_text(loaded
 # ---------------------------------------------------------------------- the CLI
 
 def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "generate.py"), *args], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, str(REPO / "generate.py"), *args], capture_output=True,
                           text=True, timeout=120, input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL)
 
 
@@ -207,11 +207,11 @@ def test_evaluate_cli_reports_all_three_figures(ckpt_path, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("Who's there? Nay, answer me: stand, and unfold yourself.\n" * 20)
     r = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--checkpoint", str(ckpt_path), str(text)],
-                       cwd=REPO, capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "nats/token" in r.stdout and "perplexity" in r.stdout and "bits/byte" in r.stdout
     empty = tmp_path / "e.txt"
     empty.write_text("")
     r = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--checkpoint", str(ckpt_path), str(empty)],
-                       cwd=REPO, capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().startswith("error: ") and len(r.stderr.strip().splitlines()) == 1

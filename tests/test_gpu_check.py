@@ -29,7 +29,7 @@ def table_rows(text: str) -> list[list[str]]:
 def test_the_dry_run_writes_one_row_per_part_with_its_whole_log_and_reports_the_injected_failures(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    r = subprocess.run([sys.executable, str(REPO / "gpu_check.py"), "--dry_run", "--out", str(out)], cwd=REPO,
+    r = subprocess.run([sys.executable, str(REPO / "gpu_check.py"), "--dry_run", "--out", str(out)],
                        capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     names = [part.name for part in gpu_check.parts(gpu_check.dry_plan())]
@@ -97,7 +97,7 @@ def test_no_test_file_imports_transformers_at_the_top():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where there is no GPU")
 def test_gpu_check_without_a_gpu_is_a_one_line_error():
-    r = subprocess.run([sys.executable, str(REPO / "gpu_check.py")], cwd=REPO, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, str(REPO / "gpu_check.py")], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "error: torch sees no CUDA GPU here: run `python gpu_check.py --dry_run` for the CPU rehearsal"]

@@ -82,6 +82,7 @@ def test_fill_mask_uses_context_on_both_sides(pattern_run):
     assert [b.strip() for b in fill_mask_cli(checkpoint, f"golf golf golf golf {MASK}")] == ["golf"]  # left
 
 
+@pytest.mark.smoke
 def test_mlm_needs_a_tokenizer_with_a_mask_token(tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text(" ".join(WORDS * 200), encoding="utf-8")

@@ -3,6 +3,9 @@ each exit with status 0 and leave the files they promise. Only budget flags are 
 models, fewer tokens), so the whole path takes seconds; a command this test has no budget for, or no reason not
 to run, fails it, so a new README command is checked from the day it is added."""
 
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -69,3 +72,19 @@ def test_every_readme_command_runs_as_written_in_readme_order(fresh_copy, monkey
     assert (fresh_copy / "my-gguf" / "Modelfile").exists() and (fresh_copy / "my-model" / "config.json").exists()
     assert "Qwen3ForCausalLM" in next(out for command, out in outputs.items() if "--out my-model" in command)
     assert len(ran) >= 14
+
+
+@pytest.mark.slow
+def test_the_suite_passes_where_the_quick_start_ran(tmp_path, monkeypatch):
+    """A newcomer runs the README's two commands in order in one folder: the second (the suite) must not meet
+    what the first left there (model_checkpoint.tar, runs/). The quick start runs with a budget flag, then the
+    suite's smoke subset, whose tests use default output paths, runs in the same folder and passes."""
+    copy = tracked_copy(tmp_path / "clone")
+    isolate(monkeypatch, copy)
+    quick_start = without_pip(commands_in(REPO / "README.md")[0])
+    run_checked(quick_start, budget_for(quick_start, BUDGETS, "README"), copy, leaves=["model_checkpoint.tar"])
+    suite = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "smoke", "-p", "no:cacheprovider",
+                            "--basetemp", str(tmp_path / "inner")], cwd=copy, capture_output=True, text=True,
+                           stdin=subprocess.DEVNULL)
+    assert suite.returncode == 0, suite.stdout[-3000:]
+    assert re.search(r"\b[1-9]\d* passed", suite.stdout) and "failed" not in suite.stdout, suite.stdout[-3000:]

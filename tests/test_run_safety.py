@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -71,14 +72,19 @@ def test_a_fresh_run_never_replaces_a_checkpoint(tmp_path, corpus, tokenizer):
 
 
 def test_tokens_per_second_leaves_out_checkpoint_writes(tmp_path, corpus, tokenizer, monkeypatch):
+    # Each save moves the throughput meter's clock on by 1000 s (a real sleep would make the test as slow, and
+    # a loaded machine's slow steps could pass for it).
+    offset = [0.0]
+    monkeypatch.setattr(pacing, "time", SimpleNamespace(perf_counter=lambda: time.perf_counter() + offset[0]))
     real_save = playground.save_checkpoint
-    monkeypatch.setattr(playground, "save_checkpoint", lambda *a: (time.sleep(1.0), real_save(*a)))
+    monkeypatch.setattr(playground, "save_checkpoint", lambda *a: (offset.__setitem__(0, offset[0] + 1000),
+                                                                  real_save(*a)))
     train(args(tmp_path, corpus, tokenizer, "--max_iters", "8", "--checkpoint_interval", "2", "--eval_interval",
                "100"))
     rows = [json.loads(r) for r in (tmp_path / "runs" / "ckpt.metrics.jsonl").read_text().splitlines()]
-    rates = sorted(r["tokens_per_s"] for r in rows if "tokens_per_s" in r)
-    # A 1 s save counted in an interval of one 64-token step would show as about 64 tokens/s.
-    assert rates[0] > 0.1 * rates[len(rates) // 2], rates
+    rates = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
+    # A save counted in an interval of 64-token steps would show as under 1 token/s; a step taking 64 s would too.
+    assert len(rates) >= 4 and min(rates) > 1.0, rates
 
 
 def test_resume_refuses_what_would_do_nothing_or_change_the_tokenizer(tmp_path, corpus, tokenizer):
@@ -145,7 +151,7 @@ def test_ctrl_c_and_sigterm_save_the_step_they_stopped_at(tmp_path, corpus, toke
     cmd = [sys.executable, str(REPO / "playground.py"),
            *args(tmp_path, corpus, tokenizer, "--max_iters", "100000", "--checkpoint_interval", "100000",
                  "--eval_interval", "100000")]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     metrics = tmp_path / "runs" / "ckpt.metrics.jsonl"
     deadline = time.time() + 120
@@ -181,19 +187,31 @@ def test_ctrl_c_arriving_late_in_a_step_stops_after_the_next_saved_step(tmp_path
     assert "stopped at step 3" in capsys.readouterr().err
 
 def test_time_budget_fixes_max_iters_to_fit_and_lands_near_the_budget(tmp_path, corpus, tokenizer):
-    budget = 12.0
+    # The machine measured first: the budget leaves room for the steps before the first plan however loaded it is.
+    start = time.perf_counter()
+    first_plan = pacing.UNTIMED_STEPS + pacing.TIMED_STEPS
+    (tmp_path / "timing").mkdir()
+    train(args(tmp_path / "timing", corpus, tokenizer, "--max_iters", str(first_plan), "--eval_interval", "50"))
+    budget = max(12.0, 6 * (time.perf_counter() - start))
     start = time.perf_counter()
     train(args(tmp_path, corpus, tokenizer, "--time_budget", str(budget), "--eval_interval", "50"))
     seconds = time.perf_counter() - start
     rows = [json.loads(r) for r in (tmp_path / "runs" / "ckpt.metrics.jsonl").read_text().splitlines()]
-    plans = [r["planned_max_iters"] for r in rows if "planned_max_iters" in r]
+    plans = [(r["step"], r["planned_max_iters"]) for r in rows if "planned_max_iters" in r]
     saved = load_checkpoint(tmp_path / "ckpt.tar")
-    assert len(plans) == pacing.BUDGET_CHECKS  # planned once, then checked again as the run went on
-    assert saved["iteration"] == plans[-1] > pacing.UNTIMED_STEPS + pacing.TIMED_STEPS
-    assert saved["config"]["max_iters"] == plans[-1] and saved["config"]["time_budget"] is None
-    # Lands within the budget up to the cost of one evaluation and the final save (a loaded CI machine adds noise).
-    assert budget * 0.5 < seconds < budget * 1.5, seconds
-    assert rows[-1]["time_s"] == pytest.approx(seconds, abs=3.0)
+    # Planned first after the timed steps, then again at quarters of the steps left, until BUDGET_CHECKS plans or
+    # too few steps left to time again: how many depends on the machine's speed (load), the rule does not.
+    assert plans[0][0] == first_plan
+    for (step, planned), (next_step, _) in zip(plans, plans[1:], strict=False):
+        assert next_step == step + (planned - step) // 4 and planned - step >= 4 * pacing.TIMED_STEPS
+    last_step, last_plan = plans[-1]
+    assert len(plans) == pacing.BUDGET_CHECKS or last_plan - last_step < 4 * pacing.TIMED_STEPS
+    assert saved["iteration"] == last_plan > pacing.UNTIMED_STEPS + pacing.TIMED_STEPS
+    assert saved["config"]["max_iters"] == last_plan and saved["config"]["time_budget"] is None
+    # Lands near the budget: the plans fit it at the speed measured. A machine whose load grows after the last plan
+    # (3x slower for the steps left, at most a quarter of the run) overshoots by up to half of it, plus the save.
+    assert budget * 0.5 < seconds < budget * 2, seconds
+    assert 0 <= seconds - rows[-1]["time_s"] < budget * 0.5  # the last row is logged at the end, not the start
 
 
 def test_a_time_budget_that_cannot_be_met_says_so_and_what_would_fit(tmp_path, corpus, tokenizer, capsys):

@@ -186,7 +186,7 @@ def test_wandb_offline_needs_no_network(tmp_path, corpus, tokenizer_path, monkey
 
 # ----------------------------------------------------------------------------- mistakes on the command line
 
-def cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "playground.py"), *args], cwd=cwd, capture_output=True,
                           text=True, timeout=120)
 
