@@ -101,9 +101,10 @@ class Expired(BaseException):
     """Raised by the alarm in `invoke`: not an Exception, so no CLI's handler can swallow it."""
 
 
-def invoke(main: Callable[[list[str]], None], argv: list[str], seconds: int = 60) -> tuple[int, str]:
+def invoke(main: Callable[[list[str]], None], argv: list[str], seconds: int = 300) -> tuple[int, str]:
     """Run main(argv) as its script does (inside errors.run_cli), in this process; (exit status, stderr).
-    A traceback is written to the returned stderr as Python would print it."""
+    A traceback is written to the returned stderr as Python would print it. `seconds` only catches a hang: each
+    command takes seconds on an idle machine, and a loaded one may be many times slower."""
     out, err = io.StringIO(), io.StringIO()
 
     def expire(*_: object) -> None:
