@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import playground
-from config import TrainConfig, check_dependent_flags, parse_config
+from config import TrainConfig, parse_config
 from gpt import GPT, GPTConfig
 from gptlab import checkpoint as checkpoint_module
 from gptlab import health as health_module
@@ -320,11 +320,3 @@ def test_a_diverged_run_exits_3_not_2_which_means_a_mistake(capsys):
     with pytest.raises(SystemExit) as e:
         run_cli(diverging)
     assert e.value.code == DIVERGED_EXIT == 3 and capsys.readouterr().err == "stopped: the run diverged\n"
-
-
-def test_rollback_flags_without_rollback_are_refused():
-    for flags in (["--snapshot_interval", "20"], ["--rollback_lr_factor", "0.5"]):
-        c, given = parse_config(flags)
-        with pytest.raises(UsageError, match=f"{flags[0]} does nothing without --on_spike rollback"):
-            check_dependent_flags(c, given)
-        check_dependent_flags(*parse_config([*flags, "--on_spike", "rollback"]))
