@@ -313,6 +313,13 @@ def test_a_diverged_run_stops_saying_truthfully_which_checkpoint_is_left(tmp_pat
     assert load_checkpoint(tmp_path / "ckpt.tar")["iteration"] == 2  # steps 4.. had NaN losses: never saved
 
 
+def test_on_spike_stop_says_no_checkpoint_was_written_when_none_was(tmp_path, corpus, tokenizer_path, monkeypatch):
+    poison_training_loss(monkeypatch, {1})
+    with pytest.raises(Diverged, match=r"1 bad step\(s\) .* by step 5, and --on_spike stop; no checkpoint of this run "
+                                       r"was written$"):
+        train(tmp_path, corpus, tokenizer_path, "--max_iters", "10", "--on_spike", "stop")
+
+
 def test_a_diverged_run_exits_3_not_2_which_means_a_mistake(capsys):
     def diverging() -> None:
         raise Diverged("the run diverged")
