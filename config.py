@@ -129,10 +129,11 @@ class TrainConfig:
     spike_threshold: float = setting(6.0, "a loss above median + this x MAD (median absolute deviation) of the "
                                      "last 50 accepted losses is a spike", rule=POSITIVE, group="health")
     snapshot_interval: int = setting(100, "rollback only: steps between in-memory snapshots of the model and "
-                                     "optimizer", rule=POSITIVE, group="health")
+                                     "optimizer", rule=POSITIVE, group="health",
+                                     requires=("on_spike", "rollback"))
     rollback_lr_factor: float = setting(1.0, "rollback only: learning-rate multiplier for snapshot_interval steps "
                                         "after a rollback", rule=Rule("in (0, 1]", lambda v: 0 < v <= 1),
-                                        group="health")
+                                        group="health", requires=("on_spike", "rollback"))
     ema_decay: float = setting(0.0, "keep an exponential moving average of the weights with this decay (e.g. "
                                "0.999), evaluated beside the raw weights and saved in the checkpoint, where "
                                "generate/evaluate/finetune/export use it; 0 = off", rule=FRACTION, group="health")

@@ -25,7 +25,8 @@ The spec (YAML; unknown keys are errors; paths are relative to the current folde
 
 Every run is `python playground.py ...` in a subprocess, so it trains exactly what that command would; its
 output goes to the run folder's run.log. A rerun skips finished runs and resumes interrupted ones; it never
-deletes a checkpoint, and refuses one trained with other settings than its variant now has.
+deletes a checkpoint, and refuses one trained with other settings than its variant now has, or to another
+budget. A run that diverged (exit status 3) is reported as such and not trained again.
 """
 
 import argparse
@@ -48,7 +49,7 @@ from config import TrainConfig, build_parser, check_dependent_flags, fixed_on_re
 from gptlab import report
 from gptlab.checkpoint import load_checkpoint
 from gptlab.cli import read_yaml
-from gptlab.errors import CliParser, UsageError, run_cli
+from gptlab.errors import DIVERGED_EXIT, CliParser, UsageError, run_cli
 from gptlab.fileio import atomic_write_text
 from gptlab.metrics import read_metrics
 from gptlab.report import Plan, Run, Variant
@@ -90,6 +91,8 @@ def make_plan(spec: dict[str, Any], stem: str, options: dict[str, bool]) -> Plan
         raise UsageError(f"out_dir must be a folder path, got {out_dir!r}")
     base = report.mapping(spec.get("base"), "base")
     _check_keys(base, "base", options)
+    budget = report.parse_budget(spec.get("budget"))
+    report.check_size(spec, budget)  # before a grid's combinations or the seeds are listed
     overrides = report.variant_overrides(spec)
     for variant_name, changes in overrides.items():
         _check_keys(changes, f"variant '{variant_name}'", options)
@@ -97,7 +100,6 @@ def make_plan(spec: dict[str, Any], stem: str, options: dict[str, bool]) -> Plan
     if baseline not in overrides:
         raise UsageError(f"baseline '{baseline}' is not one of the variants: {', '.join(overrides)}")
     seeds = report.parse_seeds(spec.get("seeds"))
-    budget = report.parse_budget(spec.get("budget"))
     variants = [make_variant(v, changes, base, budget, options) for v, changes in overrides.items()]
     return Plan(name, str(Path(out_dir) / name), baseline, seeds, budget, variants)
 
@@ -202,13 +204,19 @@ NOT_COMPARED = ("resume", "overwrite", "max_iters", "time_budget", "out_dir", "c
 
 
 def run_state(run: Run, plan: Plan, options: dict[str, bool]) -> str:
-    """'new' (nothing saved), 'partial' (a checkpoint to resume), 'finished', or 'unevaluated' (trained to its
-    budget, but its metrics file lost the final evaluation: kept, never retrained, left out of the report).
+    """'new' (nothing saved), 'partial' (a checkpoint to resume), 'finished', 'unevaluated' (trained to its
+    budget, but its metrics file lost the final evaluation: kept, never retrained, left out of the report),
+    'diverged' (stopped by its health checks, exit status 3, with the command it would get now: not retrained),
+    or 'other plan' (a checkpoint trained to another budget: its learning-rate schedule spans that one).
     A checkpoint trained with other settings than its variant's now is refused, naming them."""
+    if diverged(run, plan, options):
+        return "diverged"
     if not run.checkpoint.exists():
         return "new"
     ckpt = load_checkpoint(run.checkpoint)
     check_settings(run, plan, options, ckpt.get("config") or {})
+    if trained_plan(ckpt, run, plan) is not None:
+        return "other plan"
     iteration = ckpt["iteration"]
     final = report.final_eval(read_metrics(run.metrics))
     evaluated = final is not None and final["step"] == iteration
@@ -216,12 +224,30 @@ def run_state(run: Run, plan: Plan, options: dict[str, bool]) -> str:
     if max_iters is None:  # time budget: playground decides when to stop; a clean exit says it has
         done = report.read_json(run.result).get("returncode") == 0
         return ("finished" if evaluated else "unevaluated") if done else "partial"
-    if iteration > max_iters:
-        raise UsageError(f"{run.checkpoint} has trained {iteration} steps, past this budget's {max_iters}: "
-                         f"delete {run.folder} or change the budget")
     if iteration < max_iters:
         return "partial"
     return "finished" if evaluated else "unevaluated"
+
+
+def diverged(run: Run, plan: Plan, options: dict[str, bool]) -> bool:
+    """Whether the run's latest training stopped as diverged, given the command it would be given now (after an
+    edit of its settings or budget it trains again)."""
+    result = report.read_json(run.result)
+    if result.get("returncode") != DIVERGED_EXIT:
+        return False
+    given = [arg for arg in result.get("command", [])[2:] if arg not in ("--resume", "--overwrite")]
+    return given == run_command(run, plan, options, resume=False)[2:]
+
+
+def trained_plan(ckpt: dict[str, Any], run: Run, plan: Plan) -> str | None:
+    """The budget a checkpoint was trained to when it is not this plan's (None when it is): a run resumes only
+    into its own plan, since its learning-rate schedule was laid out for that one."""
+    planned, steps = ckpt.get("planned_budget"), (ckpt.get("config") or {}).get("max_iters")
+    if run.variant.max_iters is None:
+        same = planned == plan.budget["time_budget"]
+    else:
+        same = planned is None and steps == run.variant.max_iters
+    return None if same else f"time_budget {report.show(planned)}" if planned is not None else f"max_iters {steps}"
 
 
 def check_settings(run: Run, plan: Plan, options: dict[str, bool], saved: dict[str, Any]) -> None:
@@ -307,7 +333,9 @@ def train_runs(todo: list[tuple[Run, str]], total: int, plan: Plan, options: dic
             for future in as_completed(futures):
                 run, returncode = futures[future], future.result()
                 bar.update(returncode is not None)
-                if returncode not in (0, None) and not children.stopped_by:
+                if returncode == DIVERGED_EXIT:  # a result, not a failure: the report lists it as diverged
+                    bar.write(f"run {run.label} diverged; the end of {run.log}:\n{_tail(run.log, 3)}")
+                elif returncode not in (0, None) and not children.stopped_by:
                     failed.append(run)
                     bar.write(f"run {run.label} failed (exit status {returncode}); the end of {run.log}:\n"
                               f"{_tail(run.log)}", file=sys.stderr)
@@ -322,6 +350,20 @@ def train_runs(todo: list[tuple[Run, str]], total: int, plan: Plan, options: dic
 
 
 # ----------------------------------------------------------------------------- results
+
+def check_plan(states: list[tuple[Run, str]], plan: Plan) -> None:
+    """Refuse, naming them, the runs trained to another budget: resumed to this one, they would be reported as
+    runs of a plan they did not follow."""
+    stale = [run for run, state in states if state == "other plan"]
+    if stale:
+        (kind, amount), = plan.budget.items()
+        named = ", ".join(f"{run.label} ({trained_plan(load_checkpoint(run.checkpoint), run, plan)})"
+                          for run in stale[:5]) + (f" and {len(stale) - 5} more" if len(stale) > 5 else "")
+        raise UsageError(f"{len(stale)} run(s) were trained to another budget than this spec's {kind} "
+                         f"{report.show(amount)}: {named}. A run resumes only into the plan it started with (its "
+                         f"learning-rate schedule spans it): delete their folders to train them again, or give the "
+                         f"experiment another name")
+
 
 def write_report(plan: Plan, folder: Path, options: dict[str, bool]) -> str:
     """report.md, results.csv and curves.png in `folder`, from its finished runs; returns the markdown."""
@@ -362,13 +404,16 @@ def main(argv: list[str] | None = None) -> None:
         return
     folder = Path(plan.folder)
     runs = report.plan_runs(plan, folder)
-    # Before any training: may refuse (a run past its budget, or trained with other settings).
+    # Before any training: may refuse (runs of another budget, or trained with other settings).
     states = [(run, run_state(run, plan, options)) for run in runs]
+    check_plan(states, plan)
     todo = [(run, state) for run, state in states if state in ("new", "partial")]
     save_plan(plan, folder)
+    count = {state: sum(s == state for _, s in states) for state in ("partial", "new", "diverged")}
+    diverged_runs = f" ({count['diverged']} diverged)" if count["diverged"] else ""
     print(f"{plan.name}: {len(plan.variants)} variant(s) x {len(plan.seeds)} seed(s); {len(runs) - len(todo)} "
-          f"finished, {sum(s == 'partial' for _, s in todo)} to resume, "
-          f"{sum(s == 'new' for _, s in todo)} to start; logs in {folder}/<variant>/seed<S>/run.log")
+          f"finished{diverged_runs}, {count['partial']} to resume, {count['new']} to start; logs in "
+          f"{folder}/<variant>/seed<S>/run.log")
     for run, state in states:
         if state == "unevaluated":
             print(f"note: {report.unevaluated_note(run)}")

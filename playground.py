@@ -31,10 +31,10 @@ from config import TrainConfig, check_dependent_flags, parse_settings
 from gpt import GPT, GPTConfig
 from gptlab.checkpoint import save_checkpoint
 from gptlab.data import TokenSplit, batch_rng
-from gptlab.errors import UsageError, run_cli
+from gptlab.errors import Diverged, UsageError, run_cli
 from gptlab.evaluation import batch_loss, evaluate
 from gptlab.fileio import RunLock
-from gptlab.health import Health, plot_health
+from gptlab.health import Health, describe_event, plot_health
 from gptlab.memory import MemoryPlan, gib, plan_run
 from gptlab.metrics import Metrics, plot_losses
 from gptlab.objectives import Objective, objective_for
@@ -84,6 +84,10 @@ class Run:
     iteration: int = 0  # optimiser steps done
     best_val_loss: float = math.inf
     final: dict[str, float] = field(default_factory=dict)  # the latest evaluation
+    evaluated_at: int = -1  # the step of `final`
+    last_loss: float = math.nan  # the latest logged training loss (averaged over ranks)
+    saved_at: int | None = None  # the step of the latest checkpoint this run wrote or resumed; None: none yet
+    budget_note: str | None = None  # how --time_budget and --max_iters were combined
 
     @property
     def seconds(self) -> float:
@@ -128,8 +132,9 @@ def build_model(c: TrainConfig, config: GPTConfig, rt: Runtime, weights: dict[st
 
 
 def build_run(c: TrainConfig, ckpt: dict[str, Any] | None, rt: Runtime, started: float,
-              init: dict[str, Any] | None = None) -> Run:
-    """ckpt: the checkpoint a --resume continues; init: the weights and tokenizer of --init_from."""
+              init: dict[str, Any] | None = None, cap: int | None = None) -> Run:
+    """ckpt: the checkpoint a --resume continues; init: the weights and tokenizer of --init_from; cap: the
+    --max_iters a --time_budget's plan may not pass."""
     if rt.fsdp and rt.dtype == torch.float16:
         raise UsageError("--fsdp with --dtype float16 is not supported: the loss scaler would look for "
                          "overflows in each rank's shard alone; use --dtype bfloat16")
@@ -164,15 +169,16 @@ def build_run(c: TrainConfig, ckpt: dict[str, Any] | None, rt: Runtime, started:
               c.max_iters, StopRequest(rt), tokenizer_learned_from=learned)
     if ckpt is not None:
         run.iteration, run.best_val_loss = ckpt["iteration"], ckpt["best_val_loss"]
+        run.saved_at = run.iteration
         run.seconds_before = ckpt.get("seconds", 0.0)
         run.planned_budget = ckpt.get("planned_budget")
     if c.time_budget is not None:
         run.planned_budget = c.time_budget
-        run.budget = time_budget(run)
+        run.budget = time_budget(run, cap)
     return run
 
 
-def time_budget(run: Run) -> TimeBudget:
+def time_budget(run: Run, cap: int | None) -> TimeBudget:
     """--time_budget's planner, asked by the loop after each step; it times the steps from here on."""
     def log(row: dict[str, float | None]) -> None:
         if run.metrics:
@@ -180,7 +186,7 @@ def time_budget(run: Run) -> TimeBudget:
 
     budget = TimeBudget(run.c.time_budget, run.c.eval_interval, run.meter, lambda: run.seconds,
                         lambda: 2 * run.c.eval_iters * time_eval_batch(run), lambda n: agree_on(n, run.rt),
-                        tqdm.write if run.rt.is_main else lambda _: None, log)
+                        tqdm.write if run.rt.is_main else lambda _: None, log, cap)
     budget.start(run.iteration)
     return budget
 
@@ -196,6 +202,8 @@ def describe(run: Run) -> None:
           f"effective batch {c.batch_size} x {c.grad_accum_steps} accum x {rt.world_size} ranks = "
           f"{run.tokens_per_step:,} tokens/step ({rt.mode})")
     print(run.plan.describe())
+    if run.budget_note:
+        print(run.budget_note)
     if c.fsdp and not rt.fsdp:
         print("--fsdp: one process has nothing to shard across, so the model stays whole (start with "
               "torchrun --nproc_per_node N to shard it)")
@@ -226,13 +234,18 @@ def train_loop(run: Run) -> None:
         if evaluating:
             with run.meter.paused():  # evaluations and checkpoint writes are not training throughput
                 evaluate_and_log(run, bar)
+        saved = False
         if saving:
             with run.meter.paused():
-                save(run)
+                saved = save(run)
         if stopping:
             bar.close()
-            run.stop.exit(run.iteration, run.c.checkpoint)
+            run.stop.exit(run.iteration, run.c.checkpoint if saved else None)
     bar.close()
+    if not sound(run):
+        skipped = run.health.counters()["skipped_steps"]
+        raise Diverged(f"the run diverged: its final loss at step {run.iteration} is {run.last_loss:.4g} ({skipped} "
+                       f"updates were skipped). Try a lower --lr")
 
 
 def log_step(run: Run, loss: torch.Tensor, lr: float, bar: tqdm) -> None:
@@ -250,10 +263,12 @@ def log_step(run: Run, loss: torch.Tensor, lr: float, bar: tqdm) -> None:
         logged["mfu"] = run.model.flops_per_token() * tok_s / (peak * run.rt.world_size)
     bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}",
                     **({"mfu": f"{logged['mfu']:.1%}"} if peak else {}))
+    run.last_loss = loss_value
     if run.metrics:
         run.metrics.log(run.iteration, {**logged, "time_s": run.seconds})
     for event in run.health.check(run.iteration):
-        bar.write(f"step {run.iteration}: {event}")
+        if run.rt.is_main:
+            bar.write(f"step {run.iteration}: {describe_event(event)}")
         if run.metrics:
             run.metrics.log(run.iteration, event)
 
@@ -274,6 +289,7 @@ def evaluate_and_log(run: Run, bar: tqdm) -> None:
     if run.health.ema is not None:  # the average, beside the raw weights
         ema = evaluate(run.health.ema.model, run.splits, run.c, run.rt, run.objective, run.plan.micro_batch)
         run.final.update({f"ema_{name}": value for name, value in ema.items()})
+    run.evaluated_at = run.iteration
     run.best_val_loss = min(run.best_val_loss, run.final["val_loss"])
     if run.rt.is_main:
         ema = f", EMA val loss {run.final['ema_val_loss']:.4f}" if "ema_val_loss" in run.final else ""
@@ -306,28 +322,60 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
             "health": run.health.state_dict(), **({"ema": run.health.ema.model.state_dict()} if run.health.ema else {})}
 
 
-def save(run: Run) -> None:
+def sound(run: Run) -> bool:
+    """Whether the weights look sound: the latest logged loss and, when evaluated at this step, the val loss are
+    finite and no blow-up (gptlab/health.py; rank 0's answer: under DDP it alone evaluates)."""
+    evaluated = [run.final["val_loss"]] if run.evaluated_at == run.iteration and run.final else []
+    return bool(agree_on(int(all(run.health.sound(x) for x in [run.last_loss, *evaluated])), run.rt))
+
+
+def save(run: Run) -> bool:
+    """Write the checkpoint, unless the weights are not sound: a checkpoint of a diverged model would replace the
+    last good one (nanoGPT and Hugging Face's Trainer keep the best or the latest; neither keeps NaNs as good)."""
+    if not sound(run):
+        if run.rt.is_main:
+            tqdm.write(f"step {run.iteration}: not saved, its loss {run.last_loss:.4g} is not finite or blew up; "
+                       f"{saved_note(run)}")
+        return False
     state = checkpoint_state(run)  # every rank takes part: it gathers from all of them
     if run.rt.is_main:
         save_checkpoint(state, run.c.checkpoint)
+    run.saved_at = run.iteration
+    return True
+
+
+def saved_note(run: Run) -> str:
+    """What a user can go back to: the latest checkpoint of this run, or that there is none."""
+    if run.saved_at is not None:
+        return (f"{run.c.checkpoint} holds step {run.saved_at}, the last saved with a sound loss (continue it with "
+                f"--resume and a lower --lr)")
+    earlier = f" ({run.c.checkpoint} is an earlier run's)" if Path(run.c.checkpoint).exists() else ""
+    return f"no checkpoint of this run was written{earlier}"
 
 
 # ----------------------------------------------------------------------------- finish
 
+def pictures(run: Run) -> None:
+    """Rank 0: close the metrics, and draw the loss-curve and health PNGs from them."""
+    if not run.rt.is_main:
+        return
+    run.metrics.close()
+    png = plot_path(run.c)
+    if plot_losses(run.metrics_path, png):
+        print(f"loss curve: {png}")
+    health_png = plot_path(run.c, "health")
+    if plot_health(run.metrics_path, health_png):
+        print(f"health heat maps: {health_png}")
+
+
 def finish(run: Run) -> None:
-    """The loss-curve and health PNGs and, for a model that writes text, a sample."""
+    """The pictures and, for a model that writes text, a sample."""
     c, rt = run.c, run.rt
     writes_text = c.sample_tokens > 0 and run.objective.writes_text
     sampler = unsharded_copy(run.model, rt) if rt.fsdp and writes_text else run.model
+    pictures(run)
     if not rt.is_main:
         return
-    run.metrics.close()
-    png = plot_path(c)
-    if plot_losses(run.metrics_path, png):
-        print(f"loss curve: {png}")
-    health_png = plot_path(c, "health")
-    if plot_health(run.metrics_path, health_png):
-        print(f"health heat maps: {health_png}")
     print(f"checkpoint: {c.checkpoint}")
     if rt.device.type == "cuda":  # the memory model beside what the allocator saw (evaluations included)
         print(f"memory: peak {gib(torch.cuda.max_memory_allocated(rt.device))} allocated, estimated "
@@ -360,31 +408,39 @@ def train(c: TrainConfig, set_by_flags: set[str] = frozenset(), started: float |
     flags and those the --config file holds. started: time.perf_counter() when the command started (default:
     now), the start of a --time_budget."""
     started = time.perf_counter() if started is None else started
-    ckpt = init = None
+    ckpt = init = note = None
     if c.resume:
-        c, ckpt = resume_config(c, set_by_flags, in_yaml)
+        c, ckpt, note = resume_config(c, set_by_flags, in_yaml)
     else:
         check_fresh_run(c)
         if c.init_from is not None:
             c, init = init_config(c, set_by_flags)
     check_dependent_flags(c, set_by_flags)  # with the settings a resume or --init_from brings
     check_outputs(c)
+    capped = c.time_budget is not None and "max_iters" in set(set_by_flags) | set(in_yaml)
+    if capped and not c.resume:
+        note = f"time budget {c.time_budget:g}s and --max_iters {c.max_iters}: the run stops at whichever comes first"
     rt = setup_runtime(c.device, c.dtype, c.fsdp)
     try:
-        return run_job(c, ckpt, init, rt, started)
+        return run_job(c, ckpt, init, rt, started, c.max_iters if capped else None, note)
     finally:  # after run_job has returned: its model, optimizer and DDP wrapper are gone
         teardown(rt, sys.exception())  # the exception on its way out, or None
 
 
 def run_job(c: TrainConfig, ckpt: dict[str, Any] | None, init: dict[str, Any] | None, rt: Runtime,
-            started: float) -> dict[str, float]:
+            started: float, cap: int | None = None, budget_note: str | None = None) -> dict[str, float]:
     # Rank 0 writes the checkpoint: it holds the lock that keeps a second run off it for the whole job.
     with RunLock(c.checkpoint) if rt.is_main else contextlib.nullcontext():
-        run = build_run(c, ckpt, rt, started, init)
+        run = build_run(c, ckpt, rt, started, init, cap)
+        run.budget_note = budget_note
         if rt.is_main:
             describe(run)
         with run.stop.on_signals():
-            train_loop(run)
+            try:
+                train_loop(run)
+            except Diverged as e:  # the pictures show how; the message says what is left to go back to
+                pictures(run)
+                raise Diverged(f"{e}; {saved_note(run)}") from None
         finish(run)
         return run.final
 

@@ -2,8 +2,10 @@
 
 A UsageError means "the person running the command can fix this": a missing file,
 a bad flag value, a checkpoint that does not match. It is printed as one line on
-stderr and the process exits with status 2. Any other exception is a bug and keeps
-its traceback. Under torchrun every process meets the same mistake; rank 0 says it once.
+stderr and the process exits with status 2. A Diverged run (training went bad beyond
+repair) is not a mistake in what was asked: `stopped: ...` and exit status 3. Any other
+exception is a bug and keeps its traceback. Under torchrun every process meets the same
+mistake; rank 0 says it once.
 """
 
 import argparse
@@ -15,6 +17,13 @@ from collections.abc import Callable
 
 class UsageError(Exception):
     """A mistake in what the user asked for, with a message they can act on."""
+
+
+DIVERGED_EXIT = 3  # the exit status of a run stopped because its training went bad (2: a user mistake)
+
+
+class Diverged(Exception):
+    """A training run stopped by its health checks: it diverged (or --on_spike stop met a bad step)."""
 
 
 class CliParser(argparse.ArgumentParser):
@@ -60,7 +69,8 @@ def _exit(message: str, status: int) -> None:
 
 
 def run_cli(main: Callable[[], None]) -> None:
-    """Run a CLI entry point: UsageError -> 'error: ...' on stderr and exit 2; Ctrl-C -> exit 130.
+    """Run a CLI entry point: UsageError -> 'error: ...' on stderr and exit 2; Diverged -> 'stopped: ...' and exit
+    3; Ctrl-C -> exit 130.
 
     An OSError that reached here (disk full, read-only file system, no permission) is a problem with the
     machine, not a bug: one line naming the file too. Specific messages are raised where the file is known.
@@ -69,6 +79,8 @@ def run_cli(main: Callable[[], None]) -> None:
         main()
     except UsageError as e:
         _exit(f"error: {e}", 2)
+    except Diverged as e:
+        _exit(f"stopped: {e}", DIVERGED_EXIT)
     except OSError as e:
         _exit(f"error: {os_error_message(e)}", 2)
     except KeyboardInterrupt:  # every process got the Ctrl-C: rank 0 says so, none waits

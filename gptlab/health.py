@@ -3,7 +3,9 @@
 Five parts, used by the training loop through one `Health` object (docs/health.md explains the numbers):
     guard        every step: a bad step (a non-finite loss or gradient, or a loss spike) has its update skipped
                  on the device, without a host sync where the optimizer allows it (fused AdamW's found_inf)
-    spikes       a spike is a loss above median + k * MAD of the last SPIKE_WINDOW accepted losses
+    spikes       a spike is a loss above median + k * MAD of the last SPIKE_WINDOW accepted losses, or, from the
+                 first step, a blow-up: a loss above START_FACTOR x the run's first loss
+    divergence   SPIKE_WINDOW steps in a row with a non-finite loss or gradient or a blow-up stop the run (Diverged)
     rollback     --on_spike rollback: an in-memory snapshot of the model and optimizer every snapshot_interval
                  steps, restored when a bad step is seen; the batches in between are skipped
     telemetry    every health_interval steps, per layer (embed, block0 .., head): gradient norm, update-to-weight
@@ -27,13 +29,15 @@ from torch.distributed.tensor import DTensor
 from attention import MultiHeadAttention, apply_rope, attention_mask, rope_cos_sin
 from config import TrainConfig
 from gpt import GPT
-from gptlab.errors import UsageError
+from gptlab.errors import Diverged, UsageError
 from gptlab.metrics import pyplot, read_metrics, save_figure
 from gptlab.runtime import Runtime
 
 SPIKE_WINDOW = 50  # accepted losses the spike threshold is computed from
+START_FACTOR = 3.0  # a loss above this x max(the run's first loss, 1 nat) is a blow-up, judged from the first step
 MAD_FLOOR = 1e-3  # of the median: a window of identical losses must not make every tiny rise a spike
-COUNTS = ("steps", "skipped", "nonfinite", "spikes", "clipped")  # device-side running counts, read at log steps
+# Device-side running counts, read at log steps; "blown": a non-finite step or a blow-up (what divergence counts).
+COUNTS = ("steps", "skipped", "nonfinite", "spikes", "clipped", "blown")
 
 
 def layer_of(name: str) -> str:
@@ -96,6 +100,22 @@ def named(counts: torch.Tensor) -> dict[str, float]:
     return dict(zip(COUNTS, counts.tolist(), strict=True))
 
 
+def padded(counts: torch.Tensor) -> torch.Tensor:
+    """Counts saved before the later ones of COUNTS existed, with those at zero."""
+    return torch.cat([counts, counts.new_zeros(len(COUNTS) - len(counts))])
+
+
+def describe_event(event: dict[str, Any]) -> str:
+    """An event of `Health.check` as the line shown on screen."""
+    if event["event"] == "skipped":
+        return (f"{event['updates']} of the last {event['of']} updates skipped ({event['nonfinite']} non-finite, "
+                f"{event['spikes']} loss spikes)")
+    if event["event"] == "rollback":
+        return (f"rolled back to the snapshot of step {event['to_step']} (lr x {event['lr_factor']:g} until step "
+                f"{event['until_step']})")
+    return f"no rollback: {event['reason']}"
+
+
 def all_reduce(t: torch.Tensor, op: dist.ReduceOp, rt: Runtime) -> torch.Tensor:
     if rt.distributed:
         dist.all_reduce(t, op=op)
@@ -108,6 +128,7 @@ class SpikeDetector:
     def __init__(self, k: float, device: torch.device) -> None:
         self.k = k
         self.losses = torch.full((SPIKE_WINDOW,), math.nan, device=device)  # NaN: not filled yet
+        self.start = torch.full((), math.nan, device=device)  # the run's first finite loss
         self.written = torch.zeros((), dtype=torch.long, device=device)
         self.streak = torch.zeros((), dtype=torch.long, device=device)  # consecutive spikes
 
@@ -117,44 +138,51 @@ class SpikeDetector:
         mad = (self.losses - median).abs().nanmedian().clamp_min(MAD_FLOOR * median.abs())
         return torch.where(self.losses.isnan().any(), math.inf, median + self.k * mad)
 
-    def observe(self, loss: torch.Tensor) -> torch.Tensor:
-        """True (a device bool) if `loss` is a spike; a finite loss that is not one joins the window. After
-        SPIKE_WINDOW spikes in a row the level has moved, not spiked: losses are accepted again."""
-        spike = loss > self.threshold()
+    def observe(self, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(spike, blow-up), device bools: a blow-up (far above the first loss) is a spike from the first step on;
+        a finite loss that is neither joins the window. After SPIKE_WINDOW spikes in a row the level has moved,
+        not spiked: losses are accepted again, but never a blow-up."""
+        self.start = torch.where(self.start.isnan() & loss.isfinite(), loss, self.start)
+        blown = loss > START_FACTOR * self.start.clamp_min(1.0)  # False while start is NaN
+        spike = (loss > self.threshold()) | blown
         self.streak = torch.where(spike, self.streak + 1, 0)
-        write = loss.isfinite() & (~spike | (self.streak > SPIKE_WINDOW))
+        write = loss.isfinite() & ~blown & (~spike | (self.streak > SPIKE_WINDOW))
         slot = (self.written % SPIKE_WINDOW).view(1)
         self.losses.index_copy_(0, slot, torch.where(write, loss, self.losses[slot]).view(1))
         self.written += write.long()
-        return spike
+        return spike, blown
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name).cpu().clone() for name in ("losses", "written", "streak")}
+        return {name: getattr(self, name).cpu().clone() for name in ("losses", "written", "streak", "start")}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for name, value in state.items():
+        for name, value in state.items():  # a checkpoint from before `start` sets it at its next finite loss
             getattr(self, name).copy_(value)
 
 
 class Snapshot:
-    """An in-memory copy of the weights, the optimizer state and the EMA, on their own device."""
+    """An in-memory copy of the weights, the optimizer state and the EMA, on their own device. Under FSDP each rank
+    copies its shards (the local tensors of the DTensors: foreach ops have no DTensor rule)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, ema: "WeightAverage | None",
                  step: int) -> None:
         self.step = step
-        self.weights = [p.detach().clone() for p in model.parameters()]
-        self.optimizer = {p: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
+        self.weights = [local(p).detach().clone() for p in model.parameters()]
+        self.optimizer = {p: {k: local(v).clone() if torch.is_tensor(v) else v for k, v in s.items()}
                           for p, s in optimizer.state.items()}
         self.ema = [t.clone() for t in ema.tensors] if ema else []
 
     @torch.no_grad()
     def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer, ema: "WeightAverage | None") -> None:
         """In place (copy_), so DDP, FSDP and the optimizer keep their references to the same tensors."""
-        torch._foreach_copy_(list(model.parameters()), self.weights)
+        torch._foreach_copy_([local(p) for p in model.parameters()], self.weights)
         for p, saved in self.optimizer.items():
             state = optimizer.state[p]
             for k, v in saved.items():
-                state[k] = state[k].copy_(v) if torch.is_tensor(v) else v
+                if torch.is_tensor(v):
+                    local(state[k]).copy_(v)
+                else:
+                    state[k] = v
         if ema:
             torch._foreach_copy_(ema.tensors, self.ema)
 
@@ -190,7 +218,7 @@ class Health:
         self.checked = torch.zeros(len(COUNTS))  # counts as of the latest check, on the host
         self.snapshot: Snapshot | None = None
         self.rollbacks, self.slow_until = 0, 0  # slow_until: the lr is lowered before this step
-        self.nonfinite_run = 0  # non-finite steps in a row, as seen at the checks
+        self.nonfinite_run = 0  # non-finite or blown-up steps in a row, as seen at the checks
         self.row: dict[str, float] = {}  # the telemetry of a health step, under construction
         self.weights_before: list[torch.Tensor] = []  # on a health step, between before_update and after_update
         self.weight_squares_before = torch.zeros(len(self.layers))
@@ -212,10 +240,11 @@ class Health:
         Where the optimizer supports it, a bad step is skipped on the device instead and True returned."""
         mean_loss = all_reduce(loss.detach().clone(), dist.ReduceOp.SUM, self.rt) / self.rt.world_size
         finite = mean_loss.isfinite() & grad_norm.isfinite()
-        spike = self.detector.observe(mean_loss) & finite
+        spike, blown = self.detector.observe(mean_loss)
+        spike = spike & finite
         ok = finite & ~spike
         clipped = grad_norm > self.c.grad_clip if self.c.grad_clip > 0 else torch.zeros_like(ok)
-        self.counts += torch.stack([torch.ones_like(ok), ~ok, ~finite, spike, clipped]).float()
+        self.counts += torch.stack([torch.ones_like(ok), ~ok, ~finite, spike, clipped, ~finite | blown]).float()
         self.grad_norm = grad_norm.detach().float()
         if self.measures(it + 1):
             self.record_before()
@@ -293,23 +322,30 @@ class Health:
 
     def check(self, step: int) -> list[dict[str, Any]]:
         """Read the device counts (a sync, at log steps only) and act on the bad steps since the last check:
-        rollback restores the snapshot, stop ends the run. Returns the events to log."""
+        rollback restores the snapshot, stop ends the run (Diverged), as do SPIKE_WINDOW non-finite or blown-up
+        steps in a row. Returns the events to log and show."""
         counts = self.counts.cpu().clone()  # .cpu() of a CPU tensor is the tensor itself
         new, self.checked = named(counts - self.checked), counts
         bad = int(new["skipped"])
-        events = []
+        events = [{"event": "skipped", "updates": bad, "of": int(new["steps"]), "nonfinite": int(new["nonfinite"]),
+                   "spikes": int(new["spikes"])}] if bad else []
         if bad and self.c.on_spike == "stop":
-            raise UsageError(f"{bad} bad step(s) (a loss spike or a non-finite loss or gradient) by step {step}, "
-                             f"and --on_spike stop: stopped; the last checkpoint in {self.c.checkpoint} is untouched")
+            raise Diverged(f"{bad} bad step(s) (a loss spike or a non-finite loss or gradient) by step {step}, "
+                           f"and --on_spike stop")
         if bad and self.c.on_spike == "rollback":
             events.append(self.roll_back(step))
-        all_nonfinite = new["nonfinite"] == new["steps"]
-        self.nonfinite_run = self.nonfinite_run + int(new["steps"]) if all_nonfinite else 0
+        all_blown = new["blown"] == new["steps"]
+        self.nonfinite_run = self.nonfinite_run + int(new["steps"]) if all_blown else 0
         if self.nonfinite_run >= SPIKE_WINDOW:
-            raise UsageError(f"the last {self.nonfinite_run} steps up to step {step} all had a non-finite loss or "
-                             f"gradient: the run cannot recover; the last checkpoint in {self.c.checkpoint} is "
-                             f"untouched. Try a lower --lr")
+            raise Diverged(f"the run diverged: the last {self.nonfinite_run} steps up to step {step} all had a "
+                           f"non-finite loss or gradient, or a loss above {START_FACTOR:g}x the first one "
+                           f"({self.detector.start.item():.4g}), and their updates were skipped. Try a lower --lr")
         return events
+
+    def sound(self, loss: float) -> bool:
+        """Whether weights that gave this loss may be kept as good: it is finite and no blow-up."""
+        start = self.detector.start.item()
+        return math.isfinite(loss) and not loss > START_FACTOR * max(start, 1.0)  # NaN start: no judgement yet
 
     def roll_back(self, step: int) -> dict[str, Any]:
         if self.snapshot is None:
@@ -337,8 +373,8 @@ class Health:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.detector.load_state_dict(state["detector"])
-        self.counts.copy_(state["counts"])
-        self.checked = state["checked"].clone()
+        self.counts.copy_(padded(state["counts"]))
+        self.checked = padded(state["checked"])
         self.rollbacks, self.slow_until = state["rollbacks"], state["slow_until"]
         self.nonfinite_run = state["nonfinite_run"]
 

@@ -56,6 +56,7 @@ class TimeBudget:
     agree: Callable[[int], int]  # rank 0's value on every rank
     say: Callable[[str], None]
     log: Callable[[dict[str, float | None]], None]
+    cap: int | None = None  # a --max_iters typed with the budget: the plans stop there
     checks: int = 0
     next_check: int = 0
     done: bool = False  # planned for the last time: from here on an ordinary run
@@ -82,7 +83,7 @@ class TimeBudget:
         n = step + max(0, int(left / step_seconds))
         while n > step and cost(n) > left:
             n -= max(1, (n - step) // 50)
-        n = self.agree(max(n, step))
+        n = self.agree(max(min(n, self.cap or n), step))
         if cost(step) > left:  # even stopping now, the final evaluation ends past the budget: say so
             self.say(f"time budget {self.seconds:g}s cannot be met: {self.spent():.1f}s are spent (tokenizer, data, "
                      f"{step} steps) and the final evaluation takes {eval_seconds:.1f}s, so the run stops at step "

@@ -7,6 +7,7 @@ import io
 import itertools
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ METRICS_NAME = "ckpt.metrics.jsonl"  # playground writes <out_dir>/<checkpoint s
 RESERVED_NAMES = (PLAN_NAME, "report.md", "results.csv", "curves.png")  # the runner's files beside variants
 COUNTED_BYTES = 1 << 20  # validation text up to this size is tokenized before any run, to count its tokens
 BUDGETS = {"max_iters": "equal steps", "tokens": "equal tokens", "time_budget": "equal wall time (seconds)"}
+MAX_RUNS = 10_000  # variants x seeds: more is no experiment one machine finishes (at 60 s a run: a week)
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,27 @@ def variant_overrides(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
             raise UsageError(f"grid values print alike: {name} twice (give each setting's values once)")
         named[name] = combo
     return named
+
+
+def check_size(spec: dict[str, Any], budget: dict[str, float]) -> None:
+    """Refuse a spec of more than MAX_RUNS runs, counted before its grid's combinations or its seeds are listed
+    (a billion seeds would fill the memory), saying how many and what they would take at the budget."""
+    grid, variants, seeds = spec.get("grid"), spec.get("variants"), spec.get("seeds")
+    if isinstance(grid, dict):
+        combinations = math.prod(len(v) if isinstance(v, list) else 1 for v in grid.values())
+    else:
+        combinations = len(variants) if isinstance(variants, dict) else 1
+    count = seeds if isinstance(seeds, int) else len(seeds) if isinstance(seeds, list) else 1
+    runs = combinations * max(count, 1)
+    if runs <= MAX_RUNS:
+        return
+    (kind, amount), = budget.items()
+    cost = {"time_budget": f"{runs * amount / 86400:,.0f} days of training at {show(amount)} s each",
+            "max_iters": f"{runs * amount:,} training steps in all",
+            "tokens": f"{runs * amount:,} training tokens in all"}[kind]
+    raise UsageError(f"the spec asks for {runs:,} runs ({combinations:,} variant(s) x {count:,} seed(s)), "
+                     f"{cost}: more than the {MAX_RUNS:,} one experiment may hold; give fewer seeds or a "
+                     f"smaller grid")
 
 
 def parse_seeds(value: Any) -> list[int]:
@@ -290,7 +313,8 @@ def _interval(ci: tuple[float, float] | None) -> str:
     return "n/a" if ci is None or math.isnan(ci[0]) else f"[{ci[0]:.4f}, {ci[1]:.4f}]"
 
 
-def report_markdown(plan: Plan, rows: list[dict[str, Any]], missing: list[str], has_png: bool) -> str:
+def report_markdown(plan: Plan, rows: list[dict[str, Any]], missing: list[str], has_png: bool,
+                    diverged: Sequence[str] = ()) -> str:
     (kind, amount), = plan.budget.items()
     lines = [f"# Experiment {plan.name}", "",
              f"Budget: {kind} {show(amount)} ({BUDGETS[kind]}). Seeds: {', '.join(map(str, plan.seeds))}. "
@@ -317,6 +341,10 @@ def report_markdown(plan: Plan, rows: list[dict[str, Any]], missing: list[str], 
         changes = ", ".join(f"{k}={show(x) if not isinstance(x, list) else x}" for k, x in v.overrides.items())
         steps = f"; max_iters {v.max_iters}" if v.max_iters is not None else ""
         lines.append(f"- **{v.name}**: {changes or 'the base settings'}{steps}")
+    if diverged:
+        lines += ["", f"## Diverged ({len(diverged)})", "", "Stopped by their health checks, or ended with a "
+                  "non-finite or blown-up loss (docs/health.md): no score, and left out of the numbers above. Each "
+                  "run's run.log says why and which checkpoint is left.", "", *[f"- {d}" for d in diverged]]
     if missing:
         lines += ["", f"## Not finished ({len(missing)})", "", *[f"- {m}" for m in missing]]
     if has_png:
@@ -396,11 +424,14 @@ def unevaluated_note(run: Run) -> str:
 
 def write_report(plan: Plan, folder: Path, states: list[tuple[Run, str]]) -> str:
     """report.md, results.csv and curves.png in `folder`, from its finished runs (states: each run and what
-    the runner found of it: new, partial, finished or unevaluated); returns the markdown."""
-    results, missing = [], []
+    the runner found of it: new, partial, finished, unevaluated, diverged or other plan); returns the markdown."""
+    results, missing, diverged = [], [], []
     for run, state in states:
-        if state == "finished":
-            results.append(read_result(run))
+        result = read_result(run) if state == "finished" else None
+        if result is not None and math.isfinite(result.val_loss):
+            results.append(result)
+        elif result is not None or state == "diverged":  # a run that ended non-finite is diverged, not a score
+            diverged.append(run.label)
         else:
             missing.append(unevaluated_note(run) if state == "unevaluated" else run.label)
     folder.mkdir(parents=True, exist_ok=True)
@@ -408,6 +439,6 @@ def write_report(plan: Plan, folder: Path, states: list[tuple[Run, str]]) -> str
     has_png = plot_curves(plan, results, folder / "curves.png")
     if not has_png:
         print("matplotlib is not installed: no curves.png (pip install matplotlib)")
-    text = report_markdown(plan, summarise(plan, results), missing, has_png)
+    text = report_markdown(plan, summarise(plan, results), missing, has_png, diverged)
     atomic_write_text(folder / "report.md", text, "report")
     return text

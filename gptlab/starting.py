@@ -1,6 +1,7 @@
 """How a training run starts: fresh (never over an earlier run's files), resumed from its checkpoint, or from a
 local Hugging Face folder's weights; and where its files go."""
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,7 @@ from gptlab.checkpoint import load_checkpoint
 from gptlab.convert import checkpoint_from_hf_folder
 from gptlab.errors import UsageError
 from gptlab.fileio import check_output, check_output_dir
+from gptlab.pacing import TIMED_STEPS, UNTIMED_STEPS
 from gptlab.tokenizer import Tokenizer
 
 
@@ -22,10 +24,11 @@ def plot_path(c: TrainConfig, picture: str = "loss") -> Path:
 
 
 def resume_config(c: TrainConfig, set_by_flags: set[str],
-                  in_yaml: set[str] = frozenset()) -> tuple[TrainConfig, dict[str, Any]]:
+                  in_yaml: set[str] = frozenset()) -> tuple[TrainConfig, dict[str, Any], str | None]:
     """On --resume, the run continues with the checkpoint's config. The settings given now, typed as flags or
     held by the --config file alike, override it, except those that would change the model, its tokenizer or
-    its optimizer: those are refused, naming the setting, before any work."""
+    its optimizer: those are refused, naming the setting, before any work. Also returns the line that says how a
+    time budget and max_iters were combined (None without a budget)."""
     ckpt = load_checkpoint(c.checkpoint)
     if "optimizer" not in ckpt or "config" not in ckpt:
         raise UsageError(f"{c.checkpoint} holds no training state to resume (was it exported?)")
@@ -43,22 +46,48 @@ def resume_config(c: TrainConfig, set_by_flags: set[str],
     if c.tokenizer is not None and "tokenizer" in given and \
             Tokenizer.from_file(c.tokenizer).to_json() != ckpt["tokenizer"]:
         raise UsageError(f"{named('tokenizer')} {c.tokenizer} is not the tokenizer {c.checkpoint} was trained with")
-    if c.time_budget is not None and "time_budget" in given and saved["time_budget"] is None:
-        planned = ckpt.get("planned_budget")
-        if c.time_budget != planned:
-            was = f"; it was planned from --time_budget {planned:g}" if planned is not None else ""
-            raise UsageError(f"{named('time_budget')}: {c.checkpoint} has no time budget left to continue (a "
-                             f"budgeted run fixes its max_iters, saved in the checkpoint, once timed{was}): give "
-                             f"--max_iters to train on, or start a fresh run with --time_budget")
-        del now["time_budget"]  # the budget its max_iters was planned from: the run goes on as planned
+    if "ema_decay" in given and now["ema_decay"] == 0 and "ema" in ckpt:
+        raise UsageError(f"{named('ema_decay')} 0: {c.checkpoint} holds a moving average of the weights (decay "
+                         f"{saved['ema_decay']:g}), which generate.py, evaluate.py and export.py use by default; "
+                         f"resuming without it would drop it: leave --ema_decay out to keep it")
     if c.init_from is not None and "init_from" in given:
         raise UsageError(f"{named('init_from')} starts a fresh run from a folder's weights; --resume continues a "
                          f"checkpoint: give one of them")
-    merged = TrainConfig.from_dict({**saved, **now, "resume": True})
+    steps, note = resume_budget(c, saved, ckpt, given, named)
+    merged = TrainConfig.from_dict({**saved, **now, **steps, "resume": True})
     if merged.max_iters <= ckpt["iteration"]:
         raise UsageError(f"{c.checkpoint} is already at step {ckpt['iteration']}: give a --max_iters above it to "
                          f"train on")
-    return merged, ckpt
+    return merged, ckpt, note
+
+
+def resume_budget(c: TrainConfig, saved: dict[str, Any], ckpt: dict[str, Any], given: set[str],
+                  named: Callable[[str], str]) -> tuple[dict[str, Any], str | None]:
+    """The max_iters and time_budget a resumed run trains with, and one line saying how they were combined. A
+    time budget counts the run's whole wall time, its earlier parts included; one typed now bounds the run."""
+    typed = "time_budget" in given and c.time_budget is not None
+    budget = c.time_budget if typed else saved["time_budget"]  # the checkpoint's while it is still planning
+    if budget is None:
+        return {}, None
+    spent, iteration, plan = ckpt.get("seconds", 0.0), ckpt["iteration"], saved["max_iters"]
+    capped = "max_iters" in given
+    if saved["time_budget"] is None and budget == ckpt.get("planned_budget"):  # its plan is made: go on with it
+        steps = min(c.max_iters, plan) if capped else plan
+        if steps <= iteration:
+            raise UsageError(f"{c.checkpoint} is already at step {iteration}, the end its --time_budget {budget:g} "
+                             f"planned ({spent:.1f}s of wall time): give a larger {named('time_budget')} (it counts "
+                             f"the whole run), or --max_iters without it")
+        beyond = f", not --max_iters {c.max_iters}" if capped and c.max_iters > plan else ""
+        return {"max_iters": steps, "time_budget": None}, (
+            f"time budget {budget:g}s: the one this run's max_iters was planned from, so it trains to step {steps}"
+            f"{beyond}")
+    if typed and spent >= budget:
+        raise UsageError(f"{named('time_budget')} {budget:g} counts the whole run's wall time, and {c.checkpoint} "
+                         f"has trained {spent:.1f}s already: give a larger budget, or --max_iters without it")
+    steps = c.max_iters if capped else max(plan, iteration + UNTIMED_STEPS + TIMED_STEPS)  # until the first plan
+    return {"max_iters": steps, "time_budget": budget}, (
+        f"time budget {budget:g}s counts the whole run's wall time ({spent:.1f}s before this resume): max_iters "
+        f"is planned to fit" + (f", at most --max_iters {c.max_iters}" if capped else ""))
 
 
 def init_config(c: TrainConfig, set_by_flags: set[str]) -> tuple[TrainConfig, dict[str, Any]]:

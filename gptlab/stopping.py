@@ -54,10 +54,12 @@ class StopRequest:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
-    def exit(self, step: int, checkpoint: str) -> None:
-        """After the step's checkpoint is saved: say so and exit as the signal asks."""
+    def exit(self, step: int, checkpoint: str | None) -> None:
+        """After the step's checkpoint is saved (None: it was not, its loss being non-finite): say so and exit as
+        the signal asks."""
         if self.rt.is_main:
-            print(f"stopped at step {step}; checkpoint {checkpoint} saved (continue with --resume)", file=sys.stderr)
+            saved = f"checkpoint {checkpoint} saved (continue with --resume)" if checkpoint else "nothing saved"
+            print(f"stopped at step {step}; {saved}", file=sys.stderr)
         if self.signal == signal.SIGINT:
             raise KeyboardInterrupt  # exit status 130, as for any Ctrl-C
         raise SystemExit(128 + self.signal)  # 143 for SIGTERM: what schedulers expect

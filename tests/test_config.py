@@ -132,7 +132,7 @@ def test_every_dependent_flag_is_refused_where_it_does_nothing():
     dependent = {f.name: f.metadata["requires"] for cls in (GPTConfig, TrainConfig) for f in flag_fields(cls)
                  if f.metadata.get("requires")}
     assert {"rope_base", "muon_lr", "muon_momentum", "muon_weight_decay", "mask_prob", "decay_fraction",
-            "tokenizer_kind"} <= set(dependent)
+            "tokenizer_kind", "snapshot_interval", "rollback_lr_factor"} <= set(dependent)
     for name, (needed, value) in dependent.items():
         typed = ["--" + name, str(TrainConfig().to_dict()[name])]
         c, given = parse_config(typed + (["--tokenizer", "t.json"] if value is None else []))

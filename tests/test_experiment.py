@@ -5,6 +5,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -160,13 +161,17 @@ def test_interrupted_run_is_resumed_and_finished_runs_are_left_alone(sweep, caps
     assert float(row["val_bpb"]) == pytest.approx(final["val_bpb"], rel=1e-12)
 
 
-def test_a_smaller_budget_than_the_runs_already_trained_is_refused_before_anything_runs(sweep):
+@pytest.mark.parametrize("steps", [3, 5])
+def test_runs_of_another_budget_are_refused_by_name_before_anything_runs(sweep, steps):
+    """Finished 4-step runs are neither reported as 3-step ones nor resumed into 5-step ones (their schedule
+    decayed over 4 steps): the runner names them and trains nothing."""
     spec, out = sweep
     before = stamps(out)
-    smaller = spec.parent / "smaller.yaml"  # the same experiment (name and folder) with a budget of 3 steps
-    smaller.write_text(spec.read_text().replace("max_iters: 4", "max_iters: 3") + "name: sweep\n")
-    with pytest.raises(UsageError, match="has trained 4 steps, past this budget's 3"):
-        experiment.main([str(smaller)])
+    edited = spec.parent / "edited.yaml"  # the same experiment (name and folder) with another budget
+    edited.write_text(spec.read_text().replace("max_iters: 4", f"max_iters: {steps}") + "name: sweep\n")
+    with pytest.raises(UsageError, match=rf"4 run\(s\) were trained to another budget than this spec's max_iters "
+                                         rf"{steps}: a/seed1337 \(max_iters 4\), b/seed1337 \(max_iters 4\)"):
+        experiment.main([str(edited)])
     assert stamps(out) == before
 
 
@@ -197,6 +202,11 @@ def test_failing_run_is_reported_and_the_others_go_on(tmp_path, data, monkeypatc
     ({"budget": {"max_iters": 4, "tokens": 1000}}, "budget must be exactly one of"),
     ({"base": {"corpus": "no/such.txt"}}, "corpus not found: no/such.txt"),
     ({"baseline": "c"}, "baseline 'c' is not one of the variants"),
+    ({"seeds": 1_000_000_000}, "the spec asks for 2,000,000,000 runs (2 variant(s) x 1,000,000,000 seed(s)), "
+                               "8,000,000,000 training steps in all: more than the 10,000"),
+    ({"variants": None, "grid": {"lr": [i / 1e4 for i in range(1, 101)], "dropout": [i / 1e3 for i in range(100)],
+                                 "weight_decay": [i / 10 for i in range(10)]}, "budget": {"time_budget": 60}},
+     "the spec asks for 200,000 runs (100,000 variant(s) x 2 seed(s)), 139 days of training at 60 s each"),
 ])
 def test_bad_spec_is_one_error_line_and_starts_nothing(tmp_path, data, capsys, change, message):
     spec = write_spec(tmp_path, data, **change)
@@ -206,6 +216,36 @@ def test_bad_spec_is_one_error_line_and_starts_nothing(tmp_path, data, capsys, c
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_diverged_run_is_reported_as_diverged_not_as_a_score_nor_retrained(tmp_path, data, monkeypatch, capsys):
+    # A stand-in for playground.py: seed 1337 diverges (exit status 3); seed 1338 exits 0 having saved nothing.
+    fake = tmp_path / "fake_playground.py"
+    fake.write_text("import sys\nif '1337' in sys.argv:\n    print('stopped: the run diverged')\n    sys.exit(3)\n")
+    monkeypatch.setattr(experiment, "PLAYGROUND", fake)
+    spec = write_spec(tmp_path, data, variants={"a": {}})
+    experiment.main([str(spec)])  # a diverged run is a result, not a failure: no exit status 1
+    out = tmp_path / "out" / "sweep"
+    report_text = (out / "report.md").read_text()
+    assert "## Diverged (1)" in report_text and "- a/seed1337" in report_text and "| a | 0 |" in report_text
+    assert "run a/seed1337 diverged" in capsys.readouterr().out
+    experiment.main([str(spec)])
+    assert "1 finished (1 diverged), 0 to resume, 1 to start" in capsys.readouterr().out
+    assert (out / "a" / "seed1337" / "run.log").read_text().count("$ ") == 1  # not trained again
+
+
+def test_a_finished_run_whose_final_loss_is_nan_is_reported_as_diverged(sweep, tmp_path):
+    _, out = sweep
+    copy = tmp_path / "sweep"
+    shutil.copytree(out, copy)
+    metrics = run_folder(copy, "b", 1338) / "ckpt.metrics.jsonl"
+    rows = read_metrics(metrics)
+    rows[-1] |= {"val_loss": math.nan, "val_bpb": math.nan}  # as an older playground.py left it, exit status 0
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    experiment.main(["--report", str(copy)])
+    text = (copy / "report.md").read_text()
+    assert "## Diverged (1)" in text and "- b/seed1338" in text and "| b | 1 |" in text
+    assert "b,1338" not in (copy / "results.csv").read_text()
 
 
 def test_grid_names_variants_by_their_settings_and_the_first_is_the_baseline():

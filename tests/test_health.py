@@ -17,6 +17,7 @@ from gptlab import checkpoint as checkpoint_module
 from gptlab import health as health_module
 from gptlab.checkpoint import load_checkpoint, model_from_checkpoint
 from gptlab.data import TokenSplit, batch_rng, build_token_cache
+from gptlab.errors import DIVERGED_EXIT, Diverged, UsageError, run_cli
 from gptlab.health import Health
 from gptlab.objectives import NextToken
 from gptlab.runtime import Runtime
@@ -140,12 +141,14 @@ def spike_lr_at(monkeypatch, step: int) -> None:
 def test_rollback_undoes_an_injected_spike_that_ruins_an_unprotected_run(tmp_path, corpus, tokenizer_path,
                                                                          monkeypatch):
     monkeypatch.setattr(health_module, "SPIKE_WINDOW", 20)  # judge spikes after 20 steps, not 50
-    common = ("--max_iters", "60", "--eval_interval", "60", "--snapshot_interval", "20")
+    common = ("--max_iters", "60", "--eval_interval", "60")
     clean = train(tmp_path, corpus, tokenizer_path, *common, name="clean")["val_loss"]
     spike_lr_at(monkeypatch, 40)
-    skipped = train(tmp_path, corpus, tokenizer_path, *common, "--on_spike", "skip", name="skip")["val_loss"]
-    rolled = train(tmp_path, corpus, tokenizer_path, *common, "--on_spike", "rollback", name="rollback")["val_loss"]
-    assert skipped > clean + 1.0  # skipping the spiking steps cannot undo the step that did the damage
+    with pytest.raises(Diverged, match="final loss at step 60 is"):  # skipping cannot undo the damaging step
+        train(tmp_path, corpus, tokenizer_path, *common, "--on_spike", "skip", name="skip")
+    assert not (tmp_path / "skip.tar").exists()  # the blown-up weights are not saved as if good
+    rolled = train(tmp_path, corpus, tokenizer_path, *common, "--on_spike", "rollback", "--snapshot_interval", "20",
+                   name="rollback")["val_loss"]
     assert rolled == pytest.approx(clean, abs=0.05)
     events = [r for r in metrics(tmp_path, "rollback") if r.get("event") == "rollback"]
     assert [(e["step"], e["to_step"]) for e in events] == [(45, 40)]  # seen at the next log step
@@ -191,6 +194,8 @@ def test_the_average_is_what_checkpoint_users_get_unless_they_ask_for_the_raw_we
     assert torch.equal(averaged.wte.weight, ckpt["ema"]["wte.weight"])
     assert torch.equal(raw.wte.weight, ckpt["model"]["wte.weight"])
     assert not torch.equal(averaged.wte.weight, raw.wte.weight)
+    with pytest.raises(UsageError, match="--ema_decay 0: .* holds a moving average of the weights"):
+        train(tmp_path, corpus, tokenizer_path, "--resume", "--max_iters", "12", "--ema_decay", "0")
 
 
 SPIKED_PLAYGROUND = '''import sys
@@ -230,6 +235,37 @@ def test_two_ranks_roll_back_as_one_process_does(tmp_path, corpus, tokenizer_pat
     assert_same_weights(tmp_path / "one" / "ckpt.tar", tmp_path / "two" / "ckpt.tar", tol=1e-4)
 
 
+NAN_AT_STEP_8_PLAYGROUND = '''import math, sys
+sys.path.insert(0, {repo!r})
+import playground
+from gptlab.objectives import NextToken
+real, calls = NextToken.loss, [0]
+
+def loss(self, model, x, y):
+    logits, out = real(self, model, x, y)
+    calls[0] += model.training
+    return logits, out * math.nan if model.training and calls[0] == 8 else out
+
+NextToken.loss = loss
+playground.run_cli(playground.main)
+'''
+
+
+def test_fsdp_ranks_roll_back_their_shards(tmp_path, corpus, tokenizer_path):
+    """Under FSDP (2 gloo ranks) the snapshot holds each rank's shards and a rollback restores them in place."""
+    from test_distributed import TINY as DISTRIBUTED
+    from test_distributed import run, torchrun
+    script = tmp_path / "nan_playground.py"
+    script.write_text(NAN_AT_STEP_8_PLAYGROUND.format(repo=str(Path(playground.__file__).parent)))
+    run([*torchrun(2)[:-1], str(script), str(corpus), "--tokenizer", str(tokenizer_path), *DISTRIBUTED, "--fsdp",
+         "--batch_size", "2", "--max_iters", "10", "--eval_interval", "10", "--on_spike", "rollback",
+         "--snapshot_interval", "5", "--health_interval", "0", "--out_dir", str(tmp_path / "runs"),
+         "--checkpoint", str(tmp_path / "ckpt.tar")])
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "ckpt.metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["to_step"]) for r in rows if r.get("event") == "rollback"] == [(8, 5)]
+    assert all(torch.isfinite(t).all() for t in load_checkpoint(tmp_path / "ckpt.tar")["model"].values())
+
+
 def test_the_benchmark_times_the_guard_and_the_telemetry_it_is_asked_for():
     """bench.py train --health_interval N steps through the training loop's guard (every step counted) and
     records telemetry on every N-th step; without the flag the step has no guard at all."""
@@ -246,3 +282,48 @@ def test_the_benchmark_times_the_guard_and_the_telemetry_it_is_asked_for():
     assert int(guarded.health.counts[0]) == 4  # COUNTS[0]: steps judged
     assert [bool(r) for r in rows] == [False, True, False, True]
     assert {"grad_norm/block0", "update_ratio/head"} <= set(rows[1])
+
+
+def test_a_blow_up_far_above_the_first_loss_is_a_spike_from_the_first_step():
+    """Before the window of SPIKE_WINDOW losses is full, a loss far above the run's first one is judged at once
+    (and never joins the window); an ordinary rise is not."""
+    detector = health_module.SpikeDetector(6.0, torch.device("cpu"))
+    judged = [tuple(bool(b) for b in detector.observe(torch.tensor(x))) for x in (5.7, 7.0, 45_000.0, 5.0, 1e9)]
+    assert judged == [(False, False), (False, False), (True, True), (False, False), (True, True)]
+    assert 45_000.0 not in detector.losses.tolist() and int(detector.written) == 3
+
+
+def test_updates_being_skipped_are_shown_and_a_run_whose_final_loss_is_nan_is_neither_saved_nor_a_success(
+        tmp_path, corpus, tokenizer_path, monkeypatch, capsys):
+    poison_training_loss(monkeypatch, set(range(1, 100)))  # every step after the first
+    with pytest.raises(Diverged, match=r"final loss at step 5 is nan \(4 updates were skipped\).*; no checkpoint of "
+                                       r"this run was written"):
+        train(tmp_path, corpus, tokenizer_path, "--max_iters", "5", "--eval_interval", "5")
+    assert "step 5: 4 of the last 5 updates skipped (4 non-finite, 0 loss spikes)" in capsys.readouterr().out
+    assert not (tmp_path / "ckpt.tar").exists()
+
+
+def test_a_diverged_run_stops_saying_truthfully_which_checkpoint_is_left(tmp_path, corpus, tokenizer_path,
+                                                                        monkeypatch):
+    monkeypatch.setattr(health_module, "SPIKE_WINDOW", 10)
+    poison_training_loss(monkeypatch, set(range(3, 100)))  # steps 4 on
+    with pytest.raises(Diverged, match=r"the last 1\d steps up to step 1\d all had a non-finite loss.*ckpt.tar holds "
+                                       r"step 2, the last saved with a sound loss"):
+        train(tmp_path, corpus, tokenizer_path, "--max_iters", "100", "--checkpoint_interval", "2")
+    assert load_checkpoint(tmp_path / "ckpt.tar")["iteration"] == 2  # steps 4.. had NaN losses: never saved
+
+
+def test_on_spike_stop_says_no_checkpoint_was_written_when_none_was(tmp_path, corpus, tokenizer_path, monkeypatch):
+    poison_training_loss(monkeypatch, {1})
+    with pytest.raises(Diverged, match=r"1 bad step\(s\) .* by step 5, and --on_spike stop; no checkpoint of this run "
+                                       r"was written$"):
+        train(tmp_path, corpus, tokenizer_path, "--max_iters", "10", "--on_spike", "stop")
+
+
+def test_a_diverged_run_exits_3_not_2_which_means_a_mistake(capsys):
+    def diverging() -> None:
+        raise Diverged("the run diverged")
+
+    with pytest.raises(SystemExit) as e:
+        run_cli(diverging)
+    assert e.value.code == DIVERGED_EXIT == 3 and capsys.readouterr().err == "stopped: the run diverged\n"

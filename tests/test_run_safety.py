@@ -98,9 +98,10 @@ def test_resume_refuses_what_would_do_nothing_or_change_the_tokenizer(tmp_path, 
         train(["--resume", "--checkpoint", ckpt, "--max_iters", "5", "--tokenizer", str(other)])
     with pytest.raises(UsageError, match="--optimizer muon differs from the checkpoint's adamw"):
         train(["--resume", "--checkpoint", ckpt, "--max_iters", "5", "--optimizer", "muon"])
-    # A flag typed on resume is applied or refused, never dropped (the budget here: minutes, not 6 s).
-    with pytest.raises(UsageError, match="--time_budget: .* has no time budget left to continue"):
-        train(["--resume", "--checkpoint", ckpt, "--max_iters", "100000", "--time_budget", "6"])
+    # A flag typed on resume is applied or refused, never dropped (a budget counts the whole run: spent already).
+    with pytest.raises(UsageError, match=r"--time_budget 0.001 counts the whole run's wall time, and .* has trained "
+                                         r"[\d.]+s already"):
+        train(["--resume", "--checkpoint", ckpt, "--max_iters", "100000", "--time_budget", "0.001"])
     with pytest.raises(UsageError, match="--init_from starts a fresh run"):
         train(["--resume", "--checkpoint", ckpt, "--max_iters", "5", "--init_from", str(tmp_path)])
 
@@ -222,17 +223,30 @@ def test_a_time_budget_that_cannot_be_met_says_so_and_what_would_fit(tmp_path, c
     assert load_checkpoint(tmp_path / "ckpt.tar")["iteration"] == first_plan
 
 
-def test_resume_takes_the_budget_it_was_planned_from_and_refuses_another(tmp_path, corpus, tokenizer):
+def test_a_time_budget_typed_on_resume_bounds_the_run_and_says_how_it_meets_max_iters(tmp_path, corpus, tokenizer,
+                                                                                     capsys):
     train(args(tmp_path, corpus, tokenizer, "--time_budget", "0.01", "--eval_interval", "50"))  # planned at once
     ckpt = tmp_path / "ckpt.tar"
+    first = load_checkpoint(ckpt)
     settings = tmp_path / "settings.yaml"
-    settings.write_text("time_budget: 0.02\n")
-    with pytest.raises(UsageError, match=r"--time_budget \(from --config\): .* planned from --time_budget 0.01\)"):
+    settings.write_text("time_budget: 0.02\n")  # a budget counts the whole run's wall time: spent already
+    with pytest.raises(UsageError, match=r"--time_budget \(from --config\) 0.02 counts the whole run's wall time"):
         train(["--config", str(settings), "--resume", "--checkpoint", str(ckpt), "--max_iters", "30"])
-    settings.write_text("time_budget: 0.01\n")  # the budget the run started with: it goes on as planned
-    train(["--config", str(settings), "--resume", "--checkpoint", str(ckpt), "--max_iters", "30"])
+    # The budget it was planned from, with a far larger max_iters: it does not train on past its plan's end.
+    with pytest.raises(UsageError, match=rf"already at step {first['iteration']}, the end its --time_budget 0.01 "
+                                         rf"planned"):
+        train(["--resume", "--checkpoint", str(ckpt), "--max_iters", "500000", "--time_budget", "0.01"])
+    budget = first["seconds"] + 3
+    capsys.readouterr()
+    train(["--resume", "--checkpoint", str(ckpt), "--max_iters", "500000", "--time_budget", str(budget),
+           "--eval_interval", "1000"])
+    said = capsys.readouterr().out
+    assert f"time budget {budget:g}s counts the whole run's wall time ({first['seconds']:.1f}s before this resume): " \
+           f"max_iters is planned to fit, at most --max_iters 500000" in said
     saved = load_checkpoint(ckpt)
-    assert (saved["iteration"], saved["config"]["time_budget"], saved["planned_budget"]) == (30, None, 0.01)
+    plans = [json.loads(r).get("planned_max_iters") for r in (tmp_path / "runs" / "ckpt.metrics.jsonl").open()]
+    assert first["iteration"] < saved["iteration"] == [p for p in plans if p][-1] < 500000  # the budget's plan
+    assert saved["planned_budget"] == budget
 
 
 def test_a_model_that_cannot_fit_is_refused_before_allocation(tmp_path, corpus, tokenizer):
@@ -278,3 +292,16 @@ def test_a_text_of_blank_lines_is_named_for_what_it_holds(tmp_path):
     blank.write_text("\n" * 8)
     with pytest.raises(UsageError, match=r"blank.txt holds only whitespace \(8 characters\)"):
         list(iter_corpus([blank]))
+
+
+def test_a_max_iters_given_with_a_time_budget_is_the_most_it_plans():
+    class Meter:  # 1 ms a step: a 100 s budget fits about 100,000 steps
+        def step_seconds(self, step: int) -> float:
+            return 1e-3
+
+    def planned(cap: int | None) -> int:
+        budget = pacing.TimeBudget(100.0, 1000, Meter(), lambda: 0.0, lambda: 0.0, lambda n: n, lambda _: None,
+                                   lambda _: None, cap)
+        return budget.plan(23)
+
+    assert planned(None) > 90_000 and planned(500) == 500
