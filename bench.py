@@ -35,12 +35,11 @@ from gptlab.errors import UsageError, run_cli
 from gptlab.memory import Step, default_budget, estimate, gib, parse_size, plan
 from gptlab.metrics import read_metrics
 from gptlab.runtime import (
-    DTYPE_CHOICES,
-    DTYPE_HELP,
     DTYPES,
     Runtime,
     check_fits,
     device_setting,
+    dtype_setting,
     peak_flops,
     pick_device,
     pick_dtype,
@@ -58,7 +57,7 @@ class TrainBench:
     batch_size: int = setting(12, "sequences per step", rule=POSITIVE)
     vocab_size: int = setting(65, "vocabulary size (random tokens)", rule=POSITIVE)
     attention: str = setting("sdpa", "attention core", choices=("sdpa", "scratch"))
-    dtype: str = setting("auto", DTYPE_HELP, choices=DTYPE_CHOICES)
+    dtype: str = dtype_setting()
     compile: bool = setting(False, "torch.compile the model")
     peak_tflops: float | None = setting(None, "device peak for MFU (known GPUs are looked up)", rule=POSITIVE)
     warmup: int = setting(10, "untimed steps first", rule=NON_NEGATIVE)

@@ -34,7 +34,7 @@ from gptlab.cli import FRACTION, NON_NEGATIVE, POSITIVE, SEED, Rule, check_field
 from gptlab.convert import load_checkpoint_or_folder
 from gptlab.errors import UsageError, run_cli
 from gptlab.fileio import atomic_write_text, check_output
-from gptlab.runtime import DTYPE_CHOICES, DTYPE_HELP, Runtime, device_setting, local_runtime
+from gptlab.runtime import Runtime, device_setting, dtype_setting, local_runtime
 from gptlab.tokenizer import CLS, PAD, SEP, Tokenizer
 from gptlab.training import Schedule, learning_rate, optimizer_step
 
@@ -70,7 +70,7 @@ class FinetuneConfig:
     seed: int = setting(1337, "seeds the head's initialisation, dropout and the shuffling", rule=SEED)
     raw_weights: bool = setting(False, RAW_WEIGHTS_HELP)
     device: str = device_setting()
-    dtype: str = setting("auto", DTYPE_HELP, choices=DTYPE_CHOICES)
+    dtype: str = dtype_setting()
 
     def __post_init__(self) -> None:
         check_fields(self)

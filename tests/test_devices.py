@@ -6,6 +6,7 @@ ValueError) and an index below the device count (else CUDA's "invalid device ord
 command there (`DeviceChosen`), so each test runs exactly the CLI's path up to its choice of GPU."""
 
 import dataclasses
+import inspect
 import socket
 import warnings
 
@@ -175,3 +176,14 @@ def test_the_device_setting_is_declared_once():
                 evaluate.EvaluateArgs, finetune.FinetuneConfig, generate.GenerateArgs):
         device = next(f for f in dataclasses.fields(cls) if f.name == "device")
         assert (device.default, device.metadata["help"]) == ("auto", runtime.DEVICE_HELP), cls.__name__
+
+
+def test_the_dtype_setting_is_declared_once():
+    """Every command that runs a model at a chosen precision takes --dtype from runtime.dtype_setting."""
+    for cls in (config.TrainConfig, bench.TrainBench, evaluate.EvaluateArgs, finetune.FinetuneConfig,
+                generate.GenerateArgs):
+        dtype = next(f for f in dataclasses.fields(cls) if f.name == "dtype")
+        assert (dtype.default, dtype.metadata["help"], dtype.metadata["choices"]) == (
+            "auto", runtime.DTYPE_HELP, runtime.DTYPE_CHOICES), cls.__name__
+        source = inspect.getsource(inspect.getmodule(cls))
+        assert "DTYPE_HELP" not in source and "DTYPE_CHOICES" not in source, cls.__name__  # no copy to drift
