@@ -29,10 +29,10 @@ from tqdm import tqdm
 from gpt import GPT
 from gptlab.checkpoint import RAW_WEIGHTS_HELP, model_from_checkpoint
 from gptlab.cli import POSITIVE, check_fields, parse_dataclass, setting
-from gptlab.convert import load_checkpoint_or_folder
 from gptlab.corpus import CHUNK_BYTES
 from gptlab.data import token_dtype
 from gptlab.errors import UsageError, run_cli
+from gptlab.hf_folder import load_checkpoint_or_folder
 from gptlab.runtime import device_setting, dtype_setting, local_runtime
 from gptlab.tokenizer import Tokenizer, corpus_files, file_hash, iter_corpus
 

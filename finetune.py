@@ -31,9 +31,9 @@ from tqdm import tqdm
 from gpt import GPT
 from gptlab.checkpoint import RAW_WEIGHTS_HELP, model_from_checkpoint, save_checkpoint
 from gptlab.cli import FRACTION, NON_NEGATIVE, POSITIVE, SEED, Rule, check_fields, parse_dataclass, setting
-from gptlab.convert import load_checkpoint_or_folder
 from gptlab.errors import UsageError, run_cli
 from gptlab.fileio import atomic_write_text, check_output
+from gptlab.hf_folder import load_checkpoint_or_folder
 from gptlab.runtime import Runtime, device_setting, dtype_setting, local_runtime
 from gptlab.tokenizer import CLS, PAD, SEP, Tokenizer
 from gptlab.training import Schedule, learning_rate, optimizer_step

@@ -25,8 +25,8 @@ from tqdm import tqdm
 from gpt import GPT
 from gptlab.checkpoint import RAW_WEIGHTS_HELP, model_from_checkpoint
 from gptlab.cli import POSITIVE, SEED, Rule, check_fields, parse_dataclass, setting
-from gptlab.convert import load_checkpoint_or_folder
 from gptlab.errors import UsageError, run_cli
+from gptlab.hf_folder import load_checkpoint_or_folder
 from gptlab.runtime import device_setting, dtype_setting, local_runtime
 from gptlab.tokenizer import MASK, Tokenizer
 
