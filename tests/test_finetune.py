@@ -72,16 +72,6 @@ def tiny_checkpoint(path: Path, tokenizer, causal: bool = True) -> Path:
     return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; a second one only spins when other jobs share the cores
-    (measured: this file took 4 min with two threads on a busy 2-core VM, 17 s with one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tmp(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("finetune")

@@ -36,15 +36,6 @@ SHAPE = {"vocab_size": 128, "block_size": 32, "embedding_dim": 32, "num_of_layer
 CPU = Runtime(torch.device("cpu"), torch.float32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (a second one only spins when other jobs share the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def values_of(f: dataclasses.Field) -> tuple[Any, ...] | None:
     """The values of a switch: its declared choices, both of a bool, or those NUMERIC lists; None: unknown."""
     if f.metadata["choices"]:
