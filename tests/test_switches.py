@@ -137,3 +137,5 @@ def check_telemetry(model: GPT) -> None:
 def test_each_switch_value_builds_is_estimated_exported_or_refused_and_measured(name, value):
     settings = {**SHAPE, **base_for(name, value), name: value}
     check_model(tuple(sorted(settings.items())))
+    if value == GPTConfig.__dataclass_fields__[name].default:  # the defaults are GPT-2 exactly: they export as it
+        assert architecture_for(GPTConfig(**settings)) == "gpt2"
