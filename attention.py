@@ -191,6 +191,21 @@ class MultiHeadAttention(nn.Module):
         qkv = self.qkv(x).view(b, t, 3, self.num_of_heads, e // self.num_of_heads)  # (B, T, 3, H, D)
         return qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, T, D)
 
+    def attention_inputs(self, x: torch.Tensor, positions: torch.Tensor | None = None, start: int = 0
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v (B, H, T, D) as both cores see them: projected, then QK-norm, then RoPE at the given (T,)
+        positions (default start .. start + T - 1). The health telemetry (gptlab/health.py) measures attention
+        logits from these too, so an attention switch changes both in one place."""
+        q, k, v = self.queries_keys_values(x)
+        if self.q_norm is not None:  # QK-norm: unit-RMS queries and keys (times a gain) bound q . k
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope:
+            if positions is None:
+                positions = torch.arange(start, start + x.size(1), device=x.device)
+            cos, sin = rope_cos_sin(positions, q.size(-1), self.rope_base)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q, k, v
+
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None, cache: KVCache | None = None,
                 positions: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, T, E). padding_mask: (B, S) True for real tokens. cache: keys/values of earlier tokens,
@@ -198,17 +213,9 @@ class MultiHeadAttention(nn.Module):
         rotary models; by default they follow the cached tokens (0 .. T - 1 without a cache), which is wrong
         once a sliding cache has dropped some: pass them then."""
         b, t, e = x.shape
-        q, k, v = self.queries_keys_values(x)
-        if self.q_norm is not None:  # QK-norm: unit-RMS queries and keys (times a gain) bound q . k
-            q, k = self.q_norm(q), self.k_norm(k)
-        if self.rope:
-            if positions is None:
-                start = cache.length if cache is not None else 0
-                positions = torch.arange(start, start + t, device=x.device)
-            cos, sin = rope_cos_sin(positions, q.size(-1), self.rope_base)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # keys are cached already rotated
+        q, k, v = self.attention_inputs(x, positions, start=cache.length if cache is not None else 0)
         if cache is not None:
-            k, v = cache.append(k, v)  # (B, H, S, D), S = cached + T
+            k, v = cache.append(k, v)  # (B, H, S, D), S = cached + T; keys are cached already rotated
         s = k.size(2)
         if self.attention == "scratch":
             y = scratch_attention(q, k, v, attention_mask(t, s, self.causal, padding_mask, x.device, self.window),

@@ -23,24 +23,24 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from config import TrainConfig, load_yaml
 from gpt import GPT, GPTConfig
-from gptlab.cli import NON_NEGATIVE, POSITIVE, check_fields, parse_dataclass, setting
+from gptlab.cli import NON_NEGATIVE, POSITIVE, check_fields, parse_dataclass, setting, setting_from
 from gptlab.errors import UsageError, run_cli
 from gptlab.memory import Step, default_budget, estimate, gib, parse_size, plan
 from gptlab.metrics import read_metrics
 from gptlab.runtime import (
-    DTYPE_CHOICES,
-    DTYPE_HELP,
     DTYPES,
     Runtime,
     check_fits,
     device_setting,
+    dtype_setting,
     peak_flops,
     pick_device,
     pick_dtype,
@@ -49,16 +49,27 @@ from gptlab.speed import seconds_per_call, trainer
 from gptlab.tokenizer import corpus_files, train_tokenizer
 
 
+def model_setting(name: str, default: Any) -> Any:
+    """A GPTConfig setting (its help, choices and check) with the benchmark's default."""
+    return setting_from(GPTConfig, name, default)
+
+
+def model_config(args: Any) -> GPTConfig:
+    """The model a benchmark times: its GPTConfig settings, the others at GPTConfig's defaults but dropout 0."""
+    shared = {f.name for f in fields(GPTConfig)} & {f.name for f in fields(args)}
+    return GPTConfig(**{name: getattr(args, name) for name in shared}, dropout=0.0)
+
+
 @dataclass(frozen=True)
 class TrainBench:
-    embedding_dim: int = setting(128, "width of the residual stream", rule=POSITIVE)
-    num_of_layers: int = setting(4, "transformer blocks", rule=POSITIVE)
-    num_of_heads: int = setting(4, "attention heads (must divide embedding_dim)", rule=POSITIVE)
-    block_size: int = setting(64, "context length", rule=POSITIVE)
+    embedding_dim: int = model_setting("embedding_dim", 128)
+    num_of_layers: int = model_setting("num_of_layers", 4)
+    num_of_heads: int = model_setting("num_of_heads", 4)
+    block_size: int = model_setting("block_size", 64)
     batch_size: int = setting(12, "sequences per step", rule=POSITIVE)
-    vocab_size: int = setting(65, "vocabulary size (random tokens)", rule=POSITIVE)
-    attention: str = setting("sdpa", "attention core", choices=("sdpa", "scratch"))
-    dtype: str = setting("auto", DTYPE_HELP, choices=DTYPE_CHOICES)
+    vocab_size: int = model_setting("vocab_size", 65)  # of random tokens
+    attention: str = model_setting("attention", "sdpa")
+    dtype: str = dtype_setting()
     compile: bool = setting(False, "torch.compile the model")
     peak_tflops: float | None = setting(None, "device peak for MFU (known GPUs are looked up)", rule=POSITIVE)
     warmup: int = setting(10, "untimed steps first", rule=NON_NEGATIVE)
@@ -71,7 +82,7 @@ class TrainBench:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        GPTConfig(embedding_dim=self.embedding_dim, num_of_heads=self.num_of_heads)  # checks the heads divide it
+        model_config(self)  # checks the settings together (the heads divide the width)
 
 
 @dataclass(frozen=True)
@@ -95,17 +106,17 @@ class AttentionBench:
 @dataclass(frozen=True)
 class GenerateBench:
     new_tokens: int = setting(500, "tokens to generate", rule=POSITIVE)
-    block_size: int = setting(256, "context length", rule=POSITIVE)
-    embedding_dim: int = setting(256, "width of the residual stream", rule=POSITIVE)
-    num_of_layers: int = setting(4, "transformer blocks", rule=POSITIVE)
-    num_of_heads: int = setting(4, "attention heads (must divide embedding_dim)", rule=POSITIVE)
-    vocab_size: int = setting(2048, "vocabulary size", rule=POSITIVE)
+    block_size: int = model_setting("block_size", 256)
+    embedding_dim: int = model_setting("embedding_dim", 256)
+    num_of_layers: int = model_setting("num_of_layers", 4)
+    num_of_heads: int = model_setting("num_of_heads", 4)
+    vocab_size: int = model_setting("vocab_size", 2048)
     repeats: int = setting(2, "timed runs (after one warm-up)", rule=POSITIVE)
     device: str = device_setting()
 
     def __post_init__(self) -> None:
         check_fields(self)
-        GPTConfig(embedding_dim=self.embedding_dim, num_of_heads=self.num_of_heads)  # checks the heads divide it
+        model_config(self)  # checks the settings together (the heads divide the width)
 
 
 @dataclass(frozen=True)
@@ -185,11 +196,9 @@ def check_fits_device(config: GPTConfig, batch_size: int, device: torch.device,
 def bench_train(args: TrainBench) -> None:
     device = pick_device(args.device)
     rt = Runtime(device, pick_dtype(args.dtype, device))
-    model_config = GPTConfig(vocab_size=args.vocab_size, block_size=args.block_size, embedding_dim=args.embedding_dim,
-                             num_of_layers=args.num_of_layers, num_of_heads=args.num_of_heads, dropout=0.0,
-                             attention=args.attention)
-    check_fits_device(model_config, args.batch_size, device, rt.dtype)
-    run = trainer(model_config, args.batch_size, rt, args.compile, args.health_interval)
+    config = model_config(args)
+    check_fits_device(config, args.batch_size, device, rt.dtype)
+    run = trainer(config, args.batch_size, rt, args.compile, args.health_interval)
     activities = [torch.profiler.ProfilerActivity.CPU] + (
         [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with (torch.profiler.profile(activities=activities) if args.profile else contextlib.nullcontext()) as prof:
@@ -202,7 +211,7 @@ def bench_train(args: TrainBench) -> None:
     health = {None: "off", 0: "guard"}.get(args.health_interval, f"guard + telemetry / {args.health_interval}")
     print("| device | dtype | attention | compile | health | ms/step | tokens/s | MFU |\n"
           "|---|---|---|---|---|---|---|---|")
-    print(f"| {device} | {str(rt.dtype).removeprefix('torch.')} | {model_config.attention} | {args.compile} | "
+    print(f"| {device} | {str(rt.dtype).removeprefix('torch.')} | {config.attention} | {args.compile} | "
           f"{health} | {seconds * 1e3:.1f} | {tokens / seconds:,.0f} | {mfu} |")
     if args.profile:  # warm-up steps included; the profiler itself slows the steps a little
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
@@ -251,8 +260,7 @@ def bench_attention(args: AttentionBench) -> None:
 def bench_generate(args: GenerateBench) -> None:
     """Tokens/s generating --new_tokens greedily from one token, with and without the KV cache."""
     device = pick_device(args.device)
-    config = GPTConfig(vocab_size=args.vocab_size, block_size=args.block_size, embedding_dim=args.embedding_dim,
-                       num_of_layers=args.num_of_layers, num_of_heads=args.num_of_heads, dropout=0.0)
+    config = model_config(args)
     check_fits_device(config, 1, device)
     torch.manual_seed(0)
     model = GPT(config).to(device).eval()

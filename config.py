@@ -31,7 +31,7 @@ from gptlab.cli import (
 from gptlab.data import DEFAULT_VAL_FRACTION
 from gptlab.errors import CliParser, UsageError
 from gptlab.memory import parse_size
-from gptlab.runtime import DTYPE_CHOICES, DTYPE_HELP, device_setting
+from gptlab.runtime import device_setting, dtype_setting
 from gptlab.tokenizer import MAX_VOCAB_SIZE
 
 BUNDLED_CORPUS = str(Path(__file__).resolve().parent / "data" / "shakespeare.txt")
@@ -140,7 +140,7 @@ class TrainConfig:
     # system
     seed: int = setting(1337, "random seed (model init, batches, dropout)", rule=NON_NEGATIVE, group="system")
     device: str = device_setting(group="system")
-    dtype: str = setting("auto", DTYPE_HELP, choices=DTYPE_CHOICES, group="system")
+    dtype: str = dtype_setting(group="system")
     compile: bool = setting(False, "torch.compile the model (first steps are slow while it compiles)",
                             group="system")
     fsdp: bool = setting(False, "under torchrun: shard parameters, gradients and optimizer state across processes "

@@ -29,11 +29,11 @@ from tqdm import tqdm
 from gpt import GPT
 from gptlab.checkpoint import RAW_WEIGHTS_HELP, model_from_checkpoint
 from gptlab.cli import POSITIVE, check_fields, parse_dataclass, setting
-from gptlab.convert import load_checkpoint_or_folder
 from gptlab.corpus import CHUNK_BYTES
 from gptlab.data import token_dtype
 from gptlab.errors import UsageError, run_cli
-from gptlab.runtime import DTYPE_CHOICES, DTYPE_HELP, device_setting, local_runtime
+from gptlab.hf_folder import load_checkpoint_or_folder
+from gptlab.runtime import device_setting, dtype_setting, local_runtime
 from gptlab.tokenizer import Tokenizer, corpus_files, file_hash, iter_corpus
 
 
@@ -85,7 +85,7 @@ class EvaluateArgs:
     checkpoint: str = setting("model_checkpoint.tar", "checkpoint file, or a local Hugging Face model folder")
     batch_size: int = setting(8, "windows per forward pass", rule=POSITIVE)
     device: str = device_setting()
-    dtype: str = setting("auto", DTYPE_HELP, choices=DTYPE_CHOICES)
+    dtype: str = dtype_setting()
     raw_weights: bool = setting(False, RAW_WEIGHTS_HELP)
 
     def __post_init__(self) -> None:

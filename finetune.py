@@ -31,11 +31,12 @@ from tqdm import tqdm
 from gpt import GPT
 from gptlab.checkpoint import RAW_WEIGHTS_HELP, model_from_checkpoint, save_checkpoint
 from gptlab.cli import FRACTION, NON_NEGATIVE, POSITIVE, SEED, Rule, check_fields, parse_dataclass, setting
-from gptlab.convert import load_checkpoint_or_folder
 from gptlab.errors import UsageError, run_cli
 from gptlab.fileio import atomic_write_text, check_output
-from gptlab.runtime import DTYPE_CHOICES, DTYPE_HELP, Runtime, device_setting, local_runtime
+from gptlab.hf_folder import load_checkpoint_or_folder
+from gptlab.runtime import Runtime, device_setting, dtype_setting, local_runtime
 from gptlab.tokenizer import CLS, PAD, SEP, Tokenizer
+from gptlab.training import Schedule, learning_rate, optimizer_step
 
 TASKS = ("single", "pair")
 Label = str | int
@@ -69,7 +70,7 @@ class FinetuneConfig:
     seed: int = setting(1337, "seeds the head's initialisation, dropout and the shuffling", rule=SEED)
     raw_weights: bool = setting(False, RAW_WEIGHTS_HELP)
     device: str = device_setting()
-    dtype: str = setting("auto", DTYPE_HELP, choices=DTYPE_CHOICES)
+    dtype: str = dtype_setting()
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -307,11 +308,9 @@ def loss_terms(model: Classifier, idx: torch.Tensor, mask: torch.Tensor, labels:
     return terms
 
 
-def learning_rate(step: int, total_steps: int, warmup_steps: int, lr: float) -> float:
-    """Linear warmup to lr over warmup_steps, then linear decay to 0 at total_steps (the paper's schedule)."""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    return lr * max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+def schedule(c: FinetuneConfig, total_steps: int) -> Schedule:
+    """The paper's schedule: linear warmup to lr over warmup_fraction of the steps, then linear decay to 0."""
+    return Schedule(c.lr, warmup_iters=math.ceil(c.warmup_fraction * total_steps), lr_schedule="linear", final_lr=0.0)
 
 
 # ----------------------------------------------------------------------------- training and evaluation
@@ -345,23 +344,21 @@ def train_epoch(model: Classifier, optimizer: torch.optim.Optimizer, sequences: 
     """One shuffled pass over the training set; returns the mean total loss."""
     model.train()
     order = torch.randperm(len(sequences), generator=generator).tolist()
-    warmup_steps = math.ceil(c.warmup_fraction * total_steps)
+    lr_schedule = schedule(c, total_steps)
     batches = [order[i:i + c.batch_size] for i in range(0, len(order), c.batch_size)]
     total = 0.0
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)  # float16 needs loss scaling
+
+    def batch_loss(batch: list[int]) -> torch.Tensor:
+        idx, mask = collate([sequences[j] for j in batch], pad_id)
+        return loss_terms(model, idx.to(rt.device), mask.to(rt.device), labels[batch].to(rt.device),
+                          c.lm_weight)["total"]
+
     bar = tqdm(batches, desc=f"epoch {epoch}/{c.epochs}", unit="batch", dynamic_ncols=True, disable=None)
     for i, batch in enumerate(bar):
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(first_step + i, total_steps, warmup_steps, c.lr)
-        idx, mask = collate([sequences[j] for j in batch], pad_id)
-        with rt.autocast():
-            terms = loss_terms(model, idx.to(rt.device), mask.to(rt.device), labels[batch].to(rt.device),
-                               c.lm_weight)
-        scaler.scale(terms["total"]).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        loss = terms["total"].item()
+            group["lr"] = learning_rate(first_step + i, total_steps, lr_schedule)
+        loss = optimizer_step(model, optimizer, scaler, rt, [batch], batch_loss, grad_clip=0.0).item()
         if not math.isfinite(loss):
             raise UsageError(f"loss became {loss} in epoch {epoch}; try a lower --lr")
         total += loss

@@ -25,9 +25,9 @@ from tqdm import tqdm
 from gpt import GPT
 from gptlab.checkpoint import RAW_WEIGHTS_HELP, model_from_checkpoint
 from gptlab.cli import POSITIVE, SEED, Rule, check_fields, parse_dataclass, setting
-from gptlab.convert import load_checkpoint_or_folder
 from gptlab.errors import UsageError, run_cli
-from gptlab.runtime import DTYPE_CHOICES, DTYPE_HELP, device_setting, local_runtime
+from gptlab.hf_folder import load_checkpoint_or_folder
+from gptlab.runtime import device_setting, dtype_setting, local_runtime
 from gptlab.tokenizer import MASK, Tokenizer
 
 
@@ -48,7 +48,7 @@ class GenerateArgs:
     seed: int = setting(1337, "same seed, checkpoint and flags: same text (the default too; pass another seed for "
                         "another sample)", rule=SEED)
     device: str = device_setting()
-    dtype: str = setting("auto", DTYPE_HELP, choices=DTYPE_CHOICES)
+    dtype: str = dtype_setting()
     tokenizer: str | None = setting(None, "a tokenizer.json to use instead of the checkpoint's (must be the same)")
     no_cache: bool = setting(False, "recompute the whole context each step (slow)")
     stats: bool = setting(False, "print tokens generated and tokens/s on stderr")

@@ -61,6 +61,13 @@ def setting(default: Any, help: str, *, rule: Rule | None = None, choices: tuple
                                                         "requires": requires, "output": output})
 
 
+def setting_from(cls: type, name: str, default: Any) -> Any:
+    """The setting `name` of another dataclass (its help, choices and check: what it means, declared once there)
+    as a flag of this one, with this command's default."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return dataclasses.field(default=default, metadata={**f.metadata, "flag": True})
+
+
 def check_requirements(fields: list[dataclasses.Field], values: dict[str, Any], given: set[str]) -> None:
     """A flag given (typed, or named in a variant) that does nothing with the other values is a mistake."""
     for f in fields:

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from attention import MultiHeadAttention, apply_rope, attention_mask, rope_cos_sin
+from attention import MultiHeadAttention, attention_mask
 from config import TrainConfig
 from gpt import GPT
 from gptlab.errors import Diverged, UsageError
@@ -297,7 +297,8 @@ class Health:
         """Output RMS per layer and the largest attention logit per block, from a forward pass in eval mode (no
         dropout, so no random numbers drawn) of the plain model on the step's batch, with hooks on its modules.
         A separate pass leaves the training step (compiled or not) untouched; it costs one forward per health
-        step. Every rank takes part: FSDP's forward needs all of them, and the numbers are averaged over ranks."""
+        step. Every rank takes part: FSDP's forward needs all of them; the output RMS is averaged over ranks, the
+        attention logit is the maximum over ranks."""
         model = self.model
         rms: dict[str, torch.Tensor] = {}
         logit_max: dict[str, torch.Tensor] = {}
@@ -382,16 +383,10 @@ class Health:
 def attention_logit_max(attn: MultiHeadAttention, x: torch.Tensor, padding_mask: torch.Tensor | None,
                         positions: torch.Tensor | None) -> torch.Tensor:
     """The largest q . k / sqrt(d) any query gives a key it may attend to: the queries and keys recomputed from
-    the attention's input as its forward makes them (QK-norm, then RoPE), one sequence at a time to bound
-    memory at H x T x T."""
+    the attention's input by its own attention_inputs (as its forward makes them), one sequence at a time to
+    bound memory at H x T x T."""
     t = x.size(1)
-    q, k, _ = attn.queries_keys_values(x)
-    if attn.q_norm is not None:
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    if attn.rope:
-        cos, sin = rope_cos_sin(positions if positions is not None else torch.arange(t, device=x.device),
-                                q.size(-1), attn.rope_base)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k, _ = attn.attention_inputs(x, positions)
     mask = attention_mask(t, t, attn.causal, padding_mask, x.device, attn.window)
     highest = torch.full((), -math.inf, device=x.device)
     for i in range(x.size(0)):

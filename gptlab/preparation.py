@@ -56,7 +56,8 @@ def wait_for(path: Path, what: str) -> None:
 
 
 def load_data(c: TrainConfig, tokenizer: Tokenizer, files: list[Path], rt: Runtime) -> dict[str, TokenSplit]:
-    """Token files for the train and val splits (built by rank 0 once, then reused)."""
+    """Token files for the train and val splits (built once per machine, by its first process (local rank 0),
+    then reused)."""
     wait = None if rt.prepares_data else partial(wait_for, what="the token cache")
     splits = build_token_cache(files, tokenizer, Path(c.out_dir) / "token_cache", c.val_fraction, wait)
     for name, split in splits.items():

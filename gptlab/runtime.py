@@ -29,6 +29,11 @@ def device_setting(group: str = "options") -> Any:
     return setting("auto", DEVICE_HELP, group=group)
 
 
+def dtype_setting(group: str = "options") -> Any:
+    """The --dtype setting of every command that runs a model, declared once; pick_dtype reads its value."""
+    return setting("auto", DTYPE_HELP, choices=DTYPE_CHOICES, group=group)
+
+
 @dataclass(frozen=True)
 class Runtime:
     """Where this process runs: decided once at start-up and passed down."""

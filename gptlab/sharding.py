@@ -14,10 +14,10 @@ FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def shard(model: GPT, rt: Runtime) -> None:
-    """FSDP2, in place: each block, then the root (embeddings, final norm and the head tied to the token
-    embedding), becomes a unit whose parameters are split across the ranks and gathered whole only while
-    that unit computes. The parameters become DTensors, so make the optimizer afterwards. In bfloat16, the
-    gathered parameters are bfloat16 (half the traffic) and gradients are reduced in float32."""
+    """FSDP2, in place: each block, then the root (embeddings, final norm and the head, tied to the token
+    embedding or a matrix of its own), becomes a unit whose parameters are split across the ranks and gathered
+    whole only while that unit computes. The parameters become DTensors, so make the optimizer afterwards. In
+    bfloat16, the gathered parameters are bfloat16 (half the traffic) and gradients are reduced in float32."""
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if rt.dtype == torch.bfloat16 else MixedPrecisionPolicy()
     for block in model.blocks:

@@ -7,9 +7,9 @@ from typing import Any
 
 from config import TrainConfig, fixed_on_resume
 from gptlab.checkpoint import load_checkpoint
-from gptlab.convert import checkpoint_from_hf_folder
 from gptlab.errors import UsageError
 from gptlab.fileio import check_output, check_output_dir
+from gptlab.hf_folder import checkpoint_from_hf_folder
 from gptlab.pacing import TIMED_STEPS, UNTIMED_STEPS
 from gptlab.tokenizer import Tokenizer
 

@@ -1,10 +1,12 @@
-"""What the training loop (playground.py) and the benchmark (bench.py) share: the learning-rate schedule,
-the optimizer, and one optimiser step over gradient-accumulation micro-batches (with DDP/FSDP gradient sync)."""
+"""What the training loop (playground.py), fine-tuning (finetune.py) and the benchmark (bench.py) share: the
+learning-rate schedule, the optimizer, and one optimiser step over gradient-accumulation micro-batches (with
+DDP/FSDP gradient sync)."""
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from torch.distributed.fsdp import FSDPModule
@@ -22,7 +24,30 @@ from gptlab.runtime import Runtime, to_device
 TRAIN_STREAM = 0  # the random stream of training batches (evaluation draws from its own streams)
 
 
-def learning_rate(it: int, max_iters: int, c: TrainConfig) -> float:
+class ScheduleSettings(Protocol):
+    """What the schedule reads: a TrainConfig, or a Schedule."""
+
+    lr: float
+    warmup_iters: int
+    lr_schedule: str
+    decay_fraction: float
+
+    @property
+    def final_lr(self) -> float: ...
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A schedule's settings for a loop without a TrainConfig (fine-tuning's: warmup, then linear to 0)."""
+
+    lr: float
+    warmup_iters: int
+    lr_schedule: str = "linear"
+    final_lr: float = 0.0
+    decay_fraction: float = 0.0
+
+
+def learning_rate(it: int, max_iters: int, c: ScheduleSettings) -> float:
     """The learning rate for optimiser step `it` (0-based) of `max_iters`: linear warmup, then the chosen schedule.
 
     With p the fraction of the post-warmup steps done (0 -> 1):
@@ -134,25 +159,38 @@ def train_step(s: Stepper, it: int) -> torch.Tensor:
     if s.health is not None and s.health.measures(it + 1):
         s.health.probe(to_device(x_all[:size], rt.device))
     micro_batches = list(zip(x_all.split(size), y_all.split(size), strict=True))
+
+    def micro_loss(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        # [1]: the loss alone; holding the logits (B x T x vocab) through the backward pass costs memory
+        return s.objective.loss(s.model, to_device(batch[0], rt.device), to_device(batch[1], rt.device))[1]
+
+    return optimizer_step(s.model, s.optimizer, s.scaler, rt, micro_batches, micro_loss, c.grad_clip, s.health, it)
+
+
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, rt: Runtime,
+                   micro_batches: Sequence[Any], micro_loss: Callable[[Any], torch.Tensor], grad_clip: float,
+                   health: Health | None = None, it: int = 0) -> torch.Tensor:
+    """One optimiser step, whatever the batches hold: the mean of micro_loss over the micro-batches (run under
+    autocast; gradients synced on the last one only), clipping to grad_clip (0 = off), the health guard, the
+    update. Returns the mean loss (a tensor)."""
     total = torch.zeros((), device=rt.device)
-    for micro, (x, y) in enumerate(micro_batches):
-        with gradient_sync(s.model, micro == len(micro_batches) - 1):
+    for micro, batch in enumerate(micro_batches):
+        with gradient_sync(model, micro == len(micro_batches) - 1):
             with rt.autocast():
-                # [1]: the loss alone; holding the logits (B x T x vocab) through the backward pass costs memory
-                loss = s.objective.loss(s.model, to_device(x, rt.device), to_device(y, rt.device))[1]
-            s.scaler.scale(loss / len(micro_batches)).backward()
+                loss = micro_loss(batch)
+            scaler.scale(loss / len(micro_batches)).backward()
         total += loss.detach()
     loss = total / len(micro_batches)
     grad_norm = None
-    if c.grad_clip > 0 or s.health is not None:  # both need the true (unscaled) gradients
-        s.scaler.unscale_(s.optimizer)
-        grad_norm = gradient_norm(s.model, c.grad_clip)
-    if s.health is None or s.health.before_update(it, loss, grad_norm, s.optimizer, s.scaler):
-        s.scaler.step(s.optimizer)
-    s.scaler.update()
-    if s.health is not None:
-        s.health.after_update(it, s.optimizer)
-    s.optimizer.zero_grad(set_to_none=True)
+    if grad_clip > 0 or health is not None:  # both need the true (unscaled) gradients
+        scaler.unscale_(optimizer)
+        grad_norm = gradient_norm(model, grad_clip)
+    if health is None or health.before_update(it, loss, grad_norm, optimizer, scaler):
+        scaler.step(optimizer)
+    scaler.update()
+    if health is not None:
+        health.after_update(it, optimizer)
+    optimizer.zero_grad(set_to_none=True)
     return loss
 
 

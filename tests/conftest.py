@@ -96,3 +96,15 @@ def tokenizer_path(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
     train_tokenizer(corpus_files([corpus]), "bbpe", 320, show_progress=False).save(path)
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tests run their tiny models on one thread: a second one only spins when other jobs share the cores
+    (measured on a 2-core VM under a load of about 20: tests/test_finetune.py took 4 min with two threads, 17 s
+    with one; test_mlm.py's 200-step run 452 s against 12 s; test_muon.py's 30 Muon steps 78 s against 0.5 s).
+    Commands the tests start get OMP_NUM_THREADS=1 for the same reason."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -6,6 +6,7 @@ ValueError) and an index below the device count (else CUDA's "invalid device ord
 command there (`DeviceChosen`), so each test runs exactly the CLI's path up to its choice of GPU."""
 
 import dataclasses
+import inspect
 import socket
 import warnings
 
@@ -21,6 +22,7 @@ import finetune
 import generate
 import gpu_check
 import playground
+from gpt import GPTConfig
 from gptlab import runtime
 from gptlab.errors import UsageError
 
@@ -175,3 +177,30 @@ def test_the_device_setting_is_declared_once():
                 evaluate.EvaluateArgs, finetune.FinetuneConfig, generate.GenerateArgs):
         device = next(f for f in dataclasses.fields(cls) if f.name == "device")
         assert (device.default, device.metadata["help"]) == ("auto", runtime.DEVICE_HELP), cls.__name__
+
+
+def test_the_dtype_setting_is_declared_once():
+    """Every command that runs a model at a chosen precision takes --dtype from runtime.dtype_setting."""
+    for cls in (config.TrainConfig, bench.TrainBench, evaluate.EvaluateArgs, finetune.FinetuneConfig,
+                generate.GenerateArgs):
+        dtype = next(f for f in dataclasses.fields(cls) if f.name == "dtype")
+        assert (dtype.default, dtype.metadata["help"], dtype.metadata["choices"]) == (
+            "auto", runtime.DTYPE_HELP, runtime.DTYPE_CHOICES), cls.__name__
+        source = inspect.getsource(inspect.getmodule(cls))
+        assert "DTYPE_HELP" not in source and "DTYPE_CHOICES" not in source, cls.__name__  # no copy to drift
+
+
+def test_bench_takes_the_model_settings_from_gptconfig():
+    """bench.py's model flags are GPTConfig's (help, choices, check), only their defaults its own, and the model
+    it times is built from them."""
+    model = {f.name: f for f in dataclasses.fields(GPTConfig)}
+    for cls in (bench.TrainBench, bench.GenerateBench):
+        shared = [f for f in dataclasses.fields(cls) if f.name in model]
+        shape = {"embedding_dim", "num_of_layers", "num_of_heads", "block_size", "vocab_size"}
+        assert shape <= {f.name for f in shared}
+        for f in shared:
+            for key in ("help", "choices", "rule"):
+                assert f.metadata[key] == model[f.name].metadata[key], (cls.__name__, f.name, key)
+    args = bench.TrainBench(embedding_dim=32, num_of_heads=2, attention="scratch")
+    assert bench.model_config(args) == GPTConfig(vocab_size=65, block_size=64, embedding_dim=32, num_of_layers=4,
+                                                 num_of_heads=2, attention="scratch", dropout=0.0)

@@ -15,8 +15,9 @@ import export
 from attention import apply_rope, rope_cos_sin
 from gpt import GPT, GPTConfig, swiglu_hidden_size
 from gptlab.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from gptlab.convert import FREE, TARGETS, architecture_for, checkpoint_from_hf_folder, load_hf_folder, read_hf_tokenizer
+from gptlab.convert import FREE, TARGETS, architecture_for
 from gptlab.errors import UsageError
+from gptlab.hf_folder import checkpoint_from_hf_folder, load_hf_folder, read_hf_tokenizer
 from gptlab.tokenizer import EOT, Tokenizer, train_tokenizer
 
 gguf = pytest.importorskip("gguf")

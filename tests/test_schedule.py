@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from config import TrainConfig
+from config import LR_SCHEDULES, TrainConfig
 from gptlab.training import learning_rate
 
 LR, MIN_LR, WARMUP, MAX = 1e-3, 1e-4, 100, 1100
@@ -14,7 +14,7 @@ def cfg(schedule: str, **kw) -> TrainConfig:
     return TrainConfig(lr=LR, min_lr=MIN_LR, warmup_iters=WARMUP, max_iters=MAX, lr_schedule=schedule, **kw)
 
 
-@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant", "wsd", "inverse_sqrt"])
+@pytest.mark.parametrize("schedule", LR_SCHEDULES)
 def test_warmup_is_linear_from_lr_over_warmup_to_lr(schedule):
     c = cfg(schedule)
     assert learning_rate(0, c.max_iters, c) == pytest.approx(LR / WARMUP)
