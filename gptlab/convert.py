@@ -24,7 +24,7 @@ import torch
 
 from attention import RMSNorm
 from gpt import GPT, GPTConfig, swiglu_hidden_size
-from gptlab.checkpoint import CHECKPOINT_VERSION, load_checkpoint
+from gptlab.checkpoint import CHECKPOINT_VERSION, load_checkpoint, sharded_folder
 from gptlab.errors import UsageError
 from gptlab.tokenizer import EOT, Tokenizer
 
@@ -438,5 +438,7 @@ def _eos_token(folder: Path) -> str | None:
 
 
 def load_checkpoint_or_folder(path: str | Path) -> dict[str, Any]:
-    """A checkpoint file written here, or a local transformers folder (GPT-2, Llama or Qwen3) read as one."""
-    return checkpoint_from_hf_folder(path) if Path(path).is_dir() else load_checkpoint(path)
+    """A checkpoint written here (a file or a sharded folder), or a local transformers folder (GPT-2, Llama or
+    Qwen3) read as one."""
+    hf_folder = Path(path).is_dir() and sharded_folder(path) is None
+    return checkpoint_from_hf_folder(path) if hf_folder else load_checkpoint(path)
