@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 
 from gpt import GPT, GPTConfig
 from gptlab.errors import UsageError, run_cli
@@ -189,6 +190,8 @@ def model_from_checkpoint(ckpt: dict[str, Any], device: str | torch.device = "cp
 SHARDED_ENTRIES = ("model", "optimizer", "ema")  # their tensors go to torch.distributed.checkpoint's files
 STATE_FILE = "state.pt"  # the rest of the checkpoint, in a folder's file that torch.load(weights_only=True) reads
 METADATA_FILE = ".metadata"  # torch.distributed.checkpoint's index of the tensors, written last
+# A single process reads and writes sharded folders too (no_dist); torch warns each time that it assumes so.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
 def _aside(path: Path, what: str) -> Path:
@@ -289,13 +292,20 @@ def read_shards(folder: str | Path, targets: dict[str, torch.Tensor] | None = No
     tensors = {key: targets[key] if key in targets else torch.empty(meta.size, dtype=meta.properties.dtype)
                for key, meta in stored.items() if isinstance(meta, dcp.metadata.TensorStorageMetadata)}
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process": it is
-            dcp.load(tensors, storage_reader=reader, no_dist=not distributed)
-    except Exception as e:  # a missing or cut shard file, a shape that does not fit: torch says which at length
-        detail = " ".join(str(e).split())[:300]
-        raise UsageError(f"{folder} {DAMAGED} or does not fit this model ({detail})") from None
+        dcp.load(tensors, storage_reader=reader, no_dist=not distributed)
+    except (Exception, CheckpointException) as e:  # a missing or cut shard file, a shape that does not fit
+        raise UsageError(f"{folder} {DAMAGED} or does not fit this model ({_reason(e)})") from None
     return tensors
+
+
+def _reason(e: BaseException) -> str:
+    """Why torch.distributed.checkpoint failed, in brief: it wraps each rank's exception with its traceback."""
+    if isinstance(e, CheckpointException) and e.failures:
+        first = next(iter(e.failures.values()))
+        e = first[0] if isinstance(first, tuple) else first
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return " ".join(str(e).split())[:300] or type(e).__name__
 
 
 def _remove(path: Path) -> None:
@@ -343,10 +353,8 @@ class ShardedSaver:
         if self.group is not None:
             dist.barrier(group=self.group)  # no rank writes before the folder is new
         tensors, rest = split_tensors(state)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process": it is
-            written = dcp.async_save(tensors, storage_writer=FileSystemWriter(tmp), process_group=self.group,
-                                     no_dist=self.group is None)
+        written = dcp.async_save(tensors, storage_writer=FileSystemWriter(tmp), process_group=self.group,
+                                 no_dist=self.group is None)
         written = getattr(written, "upload_completion", written)  # newer torch returns a response object
         if self.is_main:
             save_checkpoint(rest, tmp / STATE_FILE)
@@ -371,9 +379,8 @@ class ShardedSaver:
         pending, self.pending = self.pending, None
         try:
             pending.result()
-        except (OSError, RuntimeError) as e:
-            detail = e.strerror if isinstance(e, OSError) else " ".join(str(e).split())[:300]
-            raise UsageError(f"cannot write checkpoint {self.path}: {detail}") from None
+        except (Exception, CheckpointException) as e:  # a full disk, no permission: every rank says why
+            raise UsageError(f"cannot write checkpoint {self.path}: {_reason(e)}") from None
 
 
 def main(argv: list[str] | None = None) -> None:
