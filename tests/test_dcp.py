@@ -51,40 +51,6 @@ def steps_logged(metrics: Path) -> list[int]:
     return [json.loads(row)["step"] for row in metrics.read_text().splitlines() if '"loss"' in row]
 
 
-def test_two_ranks_save_shards_that_one_and_three_processes_resume_bit_exactly(tmp_path, setup):
-    corpus, tokenizer = setup
-    saved = tmp_path / "saved"
-    run(torchrun(2, *args_for(saved, corpus, tokenizer, *SHARDED, "--fsdp", "--max_iters", "4",
-                              "--checkpoint_interval", "2")))
-    folder = saved / "ckpt.tar"
-    assert sorted(p.name for p in folder.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "state.pt"]
-    assert sorted(p.name for p in saved.iterdir()) == ["ckpt.tar", "runs"]  # no temporary folder, no lock left
-    whole = load_checkpoint(folder)
-    assert whole["iteration"] == 4 and len(whole["rng"]["torch"]) == 2
-
-    # One line makes it one file, which holds the same state.
-    checkpoint.main([str(folder), str(tmp_path / "one.tar")])
-    as_file = load_checkpoint(tmp_path / "one.tar")
-    assert same_tensors(as_file["model"], whole["model"]) and as_file["config"] == whole["config"]
-
-    # Three processes reshard it: at learning rate 0 the step they train leaves the weights as they were read.
-    three = shutil.copytree(folder, tmp_path / "three" / "ckpt.tar")
-    run(torchrun(3, "--resume", "--checkpoint", str(three), "--max_iters", "5", "--lr", "0", "--min_lr", "0",
-                 "--out_dir", str(tmp_path / "three" / "runs")))
-    resharded = load_checkpoint(three)
-    assert resharded["iteration"] == 5 and len(list(three.glob("*.distcp"))) == 3
-    assert same_tensors(resharded["model"], whole["model"])
-
-    # One process without torchrun trains on from the folder exactly as from the file of the same state.
-    for start in (shutil.copytree(folder, tmp_path / "one" / "ckpt.tar"), tmp_path / "one.tar"):
-        train(["--resume", "--checkpoint", str(start), "--max_iters", "6", "--grad_accum_steps", "2",
-               "--out_dir", str(start.parent / f"runs_{start.name}")])
-    from_folder, from_file = load_checkpoint(tmp_path / "one" / "ckpt.tar"), load_checkpoint(tmp_path / "one.tar")
-    assert from_folder["iteration"] == 6 and not same_tensors(from_folder["model"], whole["model"])
-    assert same_tensors(from_folder["model"], from_file["model"])
-    assert same_tensors(from_folder["optimizer"]["state"]["wte.weight"], from_file["optimizer"]["state"]["wte.weight"])
-
-
 # torchrun's workers share its rendezvous store by default, where a restarted group can read the addresses of the
 # one that died and fail to connect (pytorch/pytorch#135712, #167288): docs/cluster.md says to set this.
 RESTARTABLE = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
@@ -161,29 +127,67 @@ def test_resume_auto_starts_a_run_then_continues_it(tmp_path, setup, capsys):
     assert steps_logged(metrics) == [1, 2, 3, 4]
 
 
-@pytest.mark.skipif(not Path("/proc").exists(), reason="finds the worker processes through /proc")
-def test_a_worker_killed_under_max_restarts_costs_a_restart_not_the_run(tmp_path, setup):
+@pytest.fixture(scope="module")
+def killed_run(tmp_path_factory, setup) -> tuple[Path, int, str]:
+    """20 steps on 2 FSDP ranks under torchrun --max-restarts 2 --resume auto, one worker killed with SIGKILL
+    after the first checkpoint: (its folder, torchrun's exit status, its output)."""
     corpus, tokenizer = setup
-    metrics = tmp_path / "runs" / "ckpt.metrics.jsonl"
+    folder = tmp_path_factory.mktemp("killed")
+    metrics = folder / "runs" / "ckpt.metrics.jsonl"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--max-restarts",
-           "2", str(REPO / "playground.py"), *args_for(tmp_path, corpus, tokenizer, *SHARDED, "--max_iters", "40",
-                                                        "--checkpoint_interval", "5", "--resume", "auto")]
-    with open(tmp_path / "out.txt", "w") as out:  # files: a full pipe would stall the job
-        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+           "2", str(REPO / "playground.py"), *args_for(folder, corpus, tokenizer, *SHARDED, "--fsdp", "--max_iters",
+                                                        "20", "--checkpoint_interval", "4", "--resume", "auto")]
+    with open(folder / "out.txt", "w") as out:  # files: a full pipe would stall the job
+        proc = subprocess.Popen(cmd, cwd=folder, stdout=out, stderr=subprocess.STDOUT,
                                 env={**os.environ, "OMP_NUM_THREADS": "1", **RESTARTABLE})
     try:
         deadline = time.time() + 120
-        while not (checkpoint_exists(tmp_path / "ckpt.tar") and len(steps_logged(metrics)) >= 8):
+        while not (checkpoint_exists(folder / "ckpt.tar") and len(steps_logged(metrics)) >= 6):
             assert proc.poll() is None and time.time() < deadline, "training did not start"
-            time.sleep(0.1)
+            time.sleep(0.05)
         os.kill(max(_children(proc.pid)), signal.SIGKILL)
         status = proc.wait(timeout=240)
     finally:
         if proc.poll() is None:
             proc.kill()
-    output = (tmp_path / "out.txt").read_text()
+    return folder, status, (folder / "out.txt").read_text()
+
+
+@pytest.mark.skipif(not Path("/proc").exists(), reason="finds the worker processes through /proc")
+def test_a_worker_killed_under_max_restarts_costs_a_restart_not_the_run(killed_run):
+    folder, status, output = killed_run
     assert status == 0, output[-3000:]
     assert output.count("resumed from step ") == 1 and "exitcode: -9" in output
-    assert steps_logged(metrics) == list(range(1, 41))  # each step once: the metrics were cut back to the resume
-    assert load_checkpoint(tmp_path / "ckpt.tar")["iteration"] == 40
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.tar", "out.txt", "runs"]
+    assert steps_logged(folder / "runs" / "ckpt.metrics.jsonl") == list(range(1, 21))  # cut back on resume: once each
+    assert load_checkpoint(folder / "ckpt.tar")["iteration"] == 20
+    assert sorted(p.name for p in folder.iterdir()) == ["ckpt.tar", "out.txt", "runs"]  # nothing left aside
+
+
+@pytest.mark.skipif(not Path("/proc").exists(), reason="finds the worker processes through /proc")
+def test_two_ranks_save_shards_that_one_and_three_processes_resume_bit_exactly(tmp_path, killed_run):
+    folder = killed_run[0] / "ckpt.tar"
+    assert sorted(p.name for p in folder.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "state.pt"]
+    whole = load_checkpoint(folder)
+    assert whole["iteration"] == 20 and len(whole["rng"]["torch"]) == 2
+
+    # One line makes it one file, which holds the same state.
+    checkpoint.main([str(folder), str(tmp_path / "one.tar")])
+    as_file = load_checkpoint(tmp_path / "one.tar")
+    assert same_tensors(as_file["model"], whole["model"]) and as_file["config"] == whole["config"]
+
+    # Three processes reshard it: at learning rate 0 the step they train leaves the weights as they were read.
+    three = shutil.copytree(folder, tmp_path / "three" / "ckpt.tar")
+    run(torchrun(3, "--resume", "--checkpoint", str(three), "--max_iters", "21", "--lr", "0", "--min_lr", "0",
+                 "--out_dir", str(tmp_path / "three" / "runs")))
+    resharded = load_checkpoint(three)
+    assert resharded["iteration"] == 21 and len(list(three.glob("*.distcp"))) == 3
+    assert same_tensors(resharded["model"], whole["model"])
+
+    # One process without torchrun trains on from the folder exactly as from the file of the same state.
+    for start in (shutil.copytree(folder, tmp_path / "one" / "ckpt.tar"), tmp_path / "one.tar"):
+        train(["--resume", "--checkpoint", str(start), "--max_iters", "22", "--grad_accum_steps", "2",
+               "--out_dir", str(start.parent / f"runs_{start.name}")])
+    from_folder, from_file = load_checkpoint(tmp_path / "one" / "ckpt.tar"), load_checkpoint(tmp_path / "one.tar")
+    assert from_folder["iteration"] == 22 and not same_tensors(from_folder["model"], whole["model"])
+    assert same_tensors(from_folder["model"], from_file["model"])
+    assert same_tensors(from_folder["optimizer"]["state"]["wte.weight"], from_file["optimizer"]["state"]["wte.weight"])
