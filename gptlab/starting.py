@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Any
 
 from config import TrainConfig, fixed_on_resume
-from gptlab.checkpoint import load_checkpoint, sharded_folder
+from gptlab.checkpoint import checkpoint_exists, load_checkpoint, sharded_folder
 from gptlab.convert import load_checkpoint_or_folder
 from gptlab.errors import UsageError
 from gptlab.fileio import check_output, check_output_dir
@@ -81,7 +81,7 @@ def check_fresh_run(c: TrainConfig) -> None:
     outlive a checkpoint that was moved, or never written by a run killed before its first save)."""
     if Path(c.checkpoint).is_dir() and sharded_folder(c.checkpoint) is None:  # --overwrite would not help
         raise UsageError(f"--checkpoint {c.checkpoint} is a folder; give a file name inside it")
-    if Path(c.checkpoint).exists() and not c.overwrite:
+    if checkpoint_exists(c.checkpoint) and not c.overwrite:  # a sharded one may be aside (see swap_in)
         raise UsageError(f"{c.checkpoint} already exists: continue it with --resume, choose another --checkpoint, "
                          f"or replace it with --overwrite")
     for path, what in ((metrics_path(c), "metrics"), (plot_path(c), "loss plot"),

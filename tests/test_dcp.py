@@ -19,10 +19,12 @@ from conftest import corpus_slice
 from test_distributed import REPO, _children, args_for, run, torchrun
 from torch.distributed.checkpoint import FileSystemWriter
 
+import generate
 import playground
 from config import parse_settings
 from gptlab import checkpoint
 from gptlab.checkpoint import ShardedSaver, checkpoint_exists, load_checkpoint
+from gptlab.convert import load_checkpoint_or_folder
 from gptlab.errors import UsageError
 from gptlab.tokenizer import corpus_files, train_tokenizer
 
@@ -169,6 +171,10 @@ def test_two_ranks_save_shards_that_one_and_three_processes_resume_bit_exactly(t
     assert sorted(p.name for p in folder.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "state.pt"]
     whole = load_checkpoint(folder)
     assert whole["iteration"] == 20 and len(whole["rng"]["torch"]) == 2
+
+    # What generate, evaluate, finetune and --init_from read it with; and generation from it.
+    assert same_tensors(load_checkpoint_or_folder(folder)["model"], whole["model"])
+    generate.main(["--checkpoint", str(folder), "--prompt", "ROMEO:", "--max_new_tokens", "5", "--device", "cpu"])
 
     # One line makes it one file, which holds the same state.
     checkpoint.main([str(folder), str(tmp_path / "one.tar")])
