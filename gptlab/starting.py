@@ -95,6 +95,9 @@ def check_outputs(c: TrainConfig) -> None:
     """Before any work: every file the run writes can be written, and none of them is one of its inputs."""
     inputs = [("corpus", path) for path in c.corpus] + [("--tokenizer", c.tokenizer)]
     check_output_dir(c.out_dir, "--out_dir")
+    if c.checkpoint_format == "file" and sharded_folder(c.checkpoint) is not None:
+        raise UsageError(f"--checkpoint {c.checkpoint} is a sharded checkpoint: continue it with --checkpoint_format "
+                         f"dcp, or make it one file first (python -m gptlab.checkpoint {c.checkpoint} FILE)")
     # a sharded checkpoint is a folder (check_fresh_run keeps any other folder safe): probe with its lock file
     check_output(c.checkpoint if c.checkpoint_format == "file" else f"{c.checkpoint}.lock", "--checkpoint", inputs)
     check_output(metrics_path(c), "--checkpoint's metrics file", inputs, [("--checkpoint", c.checkpoint)])
