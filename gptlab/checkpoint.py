@@ -122,9 +122,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
     if folder is None:
         return _checked(_read(path, map_location), path)
     ckpt = _checked(_read(folder / STATE_FILE, map_location), path)
+    if not isinstance(ckpt.get("sharded"), dict):
+        raise UsageError(f"{path} {NOT_OURS} (its {STATE_FILE} says nothing of its shards)")
     if not tensors:
         return {**ckpt, "sharded_folder": str(folder)}
-    return join_tensors(ckpt, read_shards(folder))
+    try:
+        return join_tensors(ckpt, read_shards(folder))
+    except (KeyError, TypeError, AttributeError):  # an index and a state.pt of different saves
+        raise UsageError(f"{path} {DAMAGED} (its {STATE_FILE} and its shards do not match)") from None
 
 
 def model_config_from(ckpt: dict[str, Any], source: str = "the checkpoint") -> GPTConfig:
