@@ -143,12 +143,12 @@ def killed_run(tmp_path_factory, setup) -> tuple[Path, int, str]:
         proc = subprocess.Popen(cmd, cwd=folder, stdout=out, stderr=subprocess.STDOUT,
                                 env={**os.environ, "OMP_NUM_THREADS": "1", **RESTARTABLE})
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + 240  # slow on a loaded machine: every process imports torch first
         while not (checkpoint_exists(folder / "ckpt.tar") and len(steps_logged(metrics)) >= 6):
             assert proc.poll() is None and time.time() < deadline, "training did not start"
             time.sleep(0.05)
         os.kill(max(_children(proc.pid)), signal.SIGKILL)
-        status = proc.wait(timeout=240)
+        status = proc.wait(timeout=400)
     finally:
         if proc.poll() is None:
             proc.kill()
