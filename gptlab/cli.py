@@ -149,7 +149,9 @@ def coerce(f: dataclasses.Field, value: Any) -> Any:
         except ValueError:
             pass
     if type(value) is not kind and not _word_for_bool(f, value):
-        raise UsageError(f"config key '{f.name}' must be of type {kind.__name__}, got {value!r}")
+        words = f"true, false or {' or '.join(f.metadata['choices'])}" if kind is bool and f.metadata["choices"] \
+            else f"of type {kind.__name__}"
+        raise UsageError(f"config key '{f.name}' must be {words}, got {value!r}")
     return value
 
 
