@@ -6,6 +6,7 @@
     python bench.py generate  [--device cpu]                                  KV cache vs none
     python bench.py peers --corpus FILE [--baseline DIR] [--nanogpt DIR]      whole training runs side by side
     python bench.py memory --config FILE [--vocab_size N] [--cards 8GB ...]   memory plans (no device needed)
+    python bench.py checkpoint [--config FILE] [--rounds N]                   save time: one file vs sharded
 
 Model flags (train): --embedding_dim --num_of_layers --num_of_heads --block_size --batch_size --vocab_size
 --attention; the defaults are nanoGPT's CPU recipe (4 layers, 4 heads, 128 wide, block 64, batch 12,
@@ -18,19 +19,22 @@ gptlab/runtime.py's GPU_PEAK_FLOPS: bf16 or fp16, and TF32 for float32); elsewhe
 """
 
 import contextlib
+import os
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
 from config import TrainConfig, load_yaml
 from gpt import GPT, GPTConfig
+from gptlab.checkpoint import ShardedSaver, save_checkpoint
 from gptlab.cli import NON_NEGATIVE, POSITIVE, check_fields, parse_dataclass, setting, setting_from
 from gptlab.errors import UsageError, run_cli
 from gptlab.memory import Step, default_budget, estimate, gib, parse_size, plan
@@ -45,6 +49,7 @@ from gptlab.runtime import (
     pick_device,
     pick_dtype,
 )
+from gptlab.sharding import FULL_STATE
 from gptlab.speed import seconds_per_call, trainer
 from gptlab.tokenizer import corpus_files, train_tokenizer
 
@@ -158,6 +163,19 @@ class MemoryBench:
             parse_size(card)
 
 
+@dataclass(frozen=True)
+class CheckpointBench:
+    config: str = setting("configs/gpt2_small.yaml", "the training config (YAML) whose model is saved")
+    vocab_size: int = setting(50257, "the tokenizer's vocabulary size (GPT-2's: 50257)", rule=POSITIVE)
+    rounds: int = setting(3, "rounds, each saving once in each format (interleaved: a machine loaded by others "
+                          "slows both alike)", rule=POSITIVE)
+    out: str | None = setting(None, "folder to write the checkpoints in (default: the system's temporary folder); "
+                              "they are deleted at the end")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
 # What a CUDA context holds before the run allocates anything (0.3-0.6 GiB, by driver and GPU): the free memory
 # that --max_memory's default starts from on a card of a given size.
 CUDA_CONTEXT = 2**29
@@ -184,6 +202,37 @@ def bench_memory(args: MemoryBench) -> None:
             continue
         print(f"| {card} | {gib(budget)} | {p.micro_batch} x {p.micro_steps} | "
               f"{'on' if p.activation_checkpointing else 'off'} | {gib(p.need)} |")
+
+
+def bench_checkpoint(args: CheckpointBench) -> None:
+    """Seconds to save a model of the config with its AdamW moments, in one process on the CPU, as one file
+    (save_checkpoint, as --checkpoint_format file) and as a sharded folder (ShardedSaver, as --checkpoint_format
+    dcp): for the folder, the seconds training waits (the state copied) and those until it is on disk."""
+    config = replace(TrainConfig.from_dict(load_yaml(args.config)).model, vocab_size=args.vocab_size)
+    model = GPT(config)
+    optimizer = torch.optim.AdamW(model.parameters())
+
+    def state(options: StateDictOptions) -> dict:  # the bulk of playground.checkpoint_state
+        return {"model_config": asdict(config), "model": get_model_state_dict(model, options=options),
+                "optimizer": get_optimizer_state_dict(model, optimizer, options=options), "tokenizer": "{}"}
+
+    print(f"{args.config}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters with AdamW's two "
+          f"moments, float32; torch {torch.__version__}, {os.cpu_count()} CPUs, one process")
+    print("| round | file: seconds | dcp: training waits | dcp: on disk |\n|---|---|---|---|")
+    with tempfile.TemporaryDirectory(dir=args.out) as work:
+        saver = ShardedSaver(Path(work) / "folder", is_main=True, distributed=False)
+        for i in range(args.rounds):
+            start = time.perf_counter()
+            save_checkpoint(state(FULL_STATE), Path(work) / "file.tar")
+            file_s = time.perf_counter() - start
+            start = time.perf_counter()
+            saver.save(state(StateDictOptions()))
+            waits_s = time.perf_counter() - start
+            saver.wait()
+            print(f"| {i + 1} | {file_s:.2f} | {waits_s:.2f} | {time.perf_counter() - start:.2f} |")
+        sizes = [sum(f.stat().st_size for f in Path(work, name).rglob("*") if f.is_file()) if name == "folder"
+                 else Path(work, name).stat().st_size for name in ("file.tar", "folder")]
+        print(f"sizes: file {sizes[0] / 1e9:.2f} GB, folder {sizes[1] / 1e9:.2f} GB")
 
 
 def check_fits_device(config: GPTConfig, batch_size: int, device: torch.device,
@@ -358,13 +407,14 @@ BENCHMARKS: dict[str, tuple[type, Callable[..., None], str]] = {
     "generate": (GenerateBench, bench_generate, "generation with and without the KV cache"),
     "peers": (PeersBench, bench_peers, "whole training runs beside an older checkout and nanoGPT"),
     "memory": (MemoryBench, bench_memory, "memory plans of a config on GPUs of several sizes, from the model"),
+    "checkpoint": (CheckpointBench, bench_checkpoint, "save time of one checkpoint file vs a sharded folder"),
 }
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("-h", "--help"):
-        print("usage: bench.py {train,attention,generate,peers,memory} [flags]   (bench.py WHAT --help lists the "
+        print(f"usage: bench.py {{{','.join(BENCHMARKS)}}} [flags]   (bench.py WHAT --help lists the "
               "flags)\n" +
               "\n".join(f"  {name:10} {about}" for name, (_, _, about) in BENCHMARKS.items()))
         return

@@ -110,7 +110,12 @@ class TrainConfig:
                                        "at the step where Ctrl-C stops a run)", rule=POSITIVE, group="evaluation")
     checkpoint: str = setting("model_checkpoint.tar", "checkpoint file to write (and to read with --resume)",
                               group="evaluation", output=True)
-    resume: bool = setting(False, "continue the run saved in --checkpoint", group="evaluation")
+    checkpoint_format: str = setting("file", "file: one file, written by rank 0; dcp: a folder in which each process "
+                                     "writes its shards in the background (torch.distributed.checkpoint), which any "
+                                     "number of processes resumes (docs/cluster.md)", choices=("file", "dcp"),
+                                     group="evaluation")
+    resume: bool | str = setting(False, "continue the run saved in --checkpoint; auto: continue it if it exists, "
+                                 "else start it (for torchrun --max-restarts)", choices=("auto",), group="evaluation")
     overwrite: bool = setting(False, "let a fresh run replace an existing --checkpoint (and its metrics)",
                               group="evaluation")
     sample_tokens: int = setting(200, "tokens of text sampled from the model at the end (0 = none)",

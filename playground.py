@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from config import TrainConfig, check_dependent_flags, parse_settings
 from gpt import GPT, GPTConfig
-from gptlab.checkpoint import save_checkpoint
+from gptlab.checkpoint import ShardedSaver, checkpoint_exists, save_checkpoint
 from gptlab.data import TokenSplit, batch_rng
 from gptlab.errors import Diverged, UsageError, run_cli
 from gptlab.evaluation import batch_loss, evaluate
@@ -51,7 +51,7 @@ from gptlab.runtime import (
     setup_runtime,
     teardown,
 )
-from gptlab.sharding import FULL_STATE, sharded_model, unsharded_copy
+from gptlab.sharding import FULL_STATE, load_shards, sharded_model, unsharded_copy
 from gptlab.starting import check_fresh_run, check_outputs, init_config, metrics_path, plot_path, resume_config
 from gptlab.stopping import StopRequest, exit_on_sigterm
 from gptlab.tokenizer import MASK, LearnedFrom, Tokenizer, corpus_files
@@ -76,6 +76,7 @@ class Run:
     health: Health  # bad-step guard, spike reaction, telemetry, EMA (gptlab/health.py)
     max_iters: int  # the step to train to: --max_iters, or what --time_budget plans
     stop: StopRequest  # set by Ctrl-C or SIGTERM: save at the end of the current step, then stop
+    saver: ShardedSaver | None  # --checkpoint_format dcp: every rank writes its shards in the background
     meter: Throughput = field(default_factory=Throughput)
     budget: TimeBudget | None = None  # --time_budget, until its last plan
     planned_budget: float | None = None  # the --time_budget max_iters is planned from, kept after the last plan
@@ -148,10 +149,13 @@ def build_run(c: TrainConfig, ckpt: dict[str, Any] | None, rt: Runtime, started:
     splits = load_data(c, tokenizer, files, rt)
     config = replace(c.model, vocab_size=tokenizer.vocab_size, causal=objective.causal)
     plan = plan_run(c, config, rt)  # before anything is allocated: refuses what cannot fit
+    sharded = ckpt is not None and "sharded_folder" in ckpt  # a folder each rank reads its part of, below
     model = build_model(c, replace(config, activation_checkpointing=plan.activation_checkpointing), rt,
-                        source["model"] if source else None, ckpt["rng"] if ckpt else None)
+                        source["model"] if source and not sharded else None, ckpt["rng"] if ckpt else None)
     optimizer = make_optimizer(model, c, rt.device)
-    if ckpt is not None:  # the saved state is whole; under FSDP each rank keeps its shard of it
+    if sharded:
+        ckpt = load_shards(ckpt, model, optimizer, rt)
+    elif ckpt is not None:  # the saved state is whole; under FSDP each rank keeps its shard of it
         set_optimizer_state_dict(model, optimizer, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
     step_model = torch.compile(model) if c.compile else model
     if rt.distributed and not rt.fsdp:
@@ -165,8 +169,9 @@ def build_run(c: TrainConfig, ckpt: dict[str, Any] | None, rt: Runtime, started:
         if rt.is_main else None
     health = Health(model, optimizer, c, rt, ckpt.get("health") if ckpt else None, ckpt.get("ema") if ckpt else None)
     stepper = Stepper(step_model, optimizer, scaler, splits["train"], c, rt, objective, plan.micro_batch, health)
+    saver = ShardedSaver(c.checkpoint, rt.is_main, rt.distributed) if c.checkpoint_format == "dcp" else None
     run = Run(c, rt, tokenizer, objective, splits, model, stepper, metrics, metrics_path(c), started, plan, health,
-              c.max_iters, StopRequest(rt), tokenizer_learned_from=learned)
+              c.max_iters, StopRequest(rt), saver, tokenizer_learned_from=learned)
     if ckpt is not None:
         run.iteration, run.best_val_loss = ckpt["iteration"], ckpt["best_val_loss"]
         run.saved_at = run.iteration
@@ -240,6 +245,7 @@ def train_loop(run: Run) -> None:
                 saved = save(run)
         if stopping:
             bar.close()
+            wait_for_checkpoint(run)
             run.stop.exit(run.iteration, run.c.checkpoint if saved else None)
     bar.close()
     if not sound(run):
@@ -311,11 +317,12 @@ def time_eval_batch(run: Run) -> float:
 
 
 def checkpoint_state(run: Run) -> dict[str, Any]:
-    """The checkpoint's contents. Every rank must call it: it gathers their RNG states and, under FSDP, their
-    shards of the model and optimizer state."""
+    """The checkpoint's contents. Every rank must call it: it gathers their RNG states and, for one file under
+    FSDP, their shards of the model and optimizer state (a sharded checkpoint keeps each rank's own)."""
+    options = StateDictOptions() if run.saver else FULL_STATE
     return {"config": run.saved_config().to_dict(), "model_config": asdict(run.model.config),
-            "model": get_model_state_dict(run.model, options=FULL_STATE),
-            "optimizer": get_optimizer_state_dict(run.model, run.stepper.optimizer, options=FULL_STATE),
+            "model": get_model_state_dict(run.model, options=options),
+            "optimizer": get_optimizer_state_dict(run.model, run.stepper.optimizer, options=options),
             "scaler": run.stepper.scaler.state_dict(), "iteration": run.iteration, "best_val_loss": run.best_val_loss,
             "rng": gather_rng_states(run.rt), "seconds": run.seconds, "planned_budget": run.planned_budget,
             "tokenizer": run.tokenizer.to_json(), "tokenizer_learned_from": run.tokenizer_learned_from,
@@ -338,7 +345,9 @@ def save(run: Run) -> bool:
                        f"{saved_note(run)}")
         return False
     state = checkpoint_state(run)  # every rank takes part: it gathers from all of them
-    if run.rt.is_main:
+    if run.saver:
+        run.saver.save(state)
+    elif run.rt.is_main:
         save_checkpoint(state, run.c.checkpoint)
     run.saved_at = run.iteration
     return True
@@ -351,6 +360,12 @@ def saved_note(run: Run) -> str:
                 f"--resume and a lower --lr)")
     earlier = f" ({run.c.checkpoint} is an earlier run's)" if Path(run.c.checkpoint).exists() else ""
     return f"no checkpoint of this run was written{earlier}"
+
+
+def wait_for_checkpoint(run: Run) -> None:
+    """Before the run ends: until the sharded checkpoint in flight is written and in place."""
+    if run.saver:
+        run.saver.wait()
 
 
 # ----------------------------------------------------------------------------- finish
@@ -371,6 +386,7 @@ def pictures(run: Run) -> None:
 def finish(run: Run) -> None:
     """The pictures and, for a model that writes text, a sample."""
     c, rt = run.c, run.rt
+    wait_for_checkpoint(run)
     writes_text = c.sample_tokens > 0 and run.objective.writes_text
     sampler = unsharded_copy(run.model, rt) if rt.fsdp and writes_text else run.model
     pictures(run)
@@ -409,10 +425,13 @@ def train(c: TrainConfig, set_by_flags: set[str] = frozenset(), started: float |
     now), the start of a --time_budget."""
     started = time.perf_counter() if started is None else started
     ckpt = init = note = None
+    restarting = c.resume == "auto" and not checkpoint_exists(c.checkpoint)
+    if restarting:  # --resume auto with nothing saved yet: the files of an attempt killed before its first save go
+        c = c.replace(resume=False)
     if c.resume:
         c, ckpt, note = resume_config(c, set_by_flags, in_yaml)
     else:
-        check_fresh_run(c)
+        check_fresh_run(c.replace(overwrite=True) if restarting else c)
         if c.init_from is not None:
             c, init = init_config(c, set_by_flags)
     check_dependent_flags(c, set_by_flags)  # with the settings a resume or --init_from brings
@@ -439,6 +458,7 @@ def run_job(c: TrainConfig, ckpt: dict[str, Any] | None, init: dict[str, Any] | 
             try:
                 train_loop(run)
             except Diverged as e:  # the pictures show how; the message says what is left to go back to
+                wait_for_checkpoint(run)
                 pictures(run)
                 raise Diverged(f"{e}; {saved_note(run)}") from None
         finish(run)

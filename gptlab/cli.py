@@ -109,10 +109,11 @@ def check_fields(obj: Any) -> None:
             continue
         kind = scalar_type(f)
         number_for_float = kind is float and isinstance(value, int) and not isinstance(value, bool)
-        if not isinstance(value, tuple) and type(value) is not kind and not number_for_float:
+        if not isinstance(value, tuple) and type(value) is not kind and not number_for_float \
+                and not _word_for_bool(f, value):
             raise ValueError(f"--{f.name} must be of type {kind.__name__}, got {value!r}")
         if isinstance(value, bool | str | tuple):
-            if f.metadata["choices"] and value not in f.metadata["choices"]:
+            if f.metadata["choices"] and value not in f.metadata["choices"] and not isinstance(value, bool):
                 raise ValueError(f"--{f.name} must be one of {', '.join(f.metadata['choices'])}, got {value!r}")
             continue
         if isinstance(value, float) and not math.isfinite(value):
@@ -154,9 +155,38 @@ def coerce(f: dataclasses.Field, value: Any) -> Any:
             return float(value)
         except ValueError:
             pass
-    if type(value) is not kind:
-        raise UsageError(f"config key '{f.name}' must be of type {kind.__name__}, got {value!r}")
+    if type(value) is not kind and not _word_for_bool(f, value):
+        words = f"true, false or {' or '.join(f.metadata['choices'])}" if kind is bool and f.metadata["choices"] \
+            else f"of type {kind.__name__}"
+        raise UsageError(f"config key '{f.name}' must be {words}, got {value!r}")
     return value
+
+
+def _word_for_bool(f: dataclasses.Field, value: Any) -> bool:
+    """A switch with words besides true and false (`resume: bool | str`, choices ("auto",)): one of the words."""
+    return scalar_type(f) is bool and isinstance(value, str) and value in (f.metadata["choices"] or ())
+
+
+class _SwitchOrWord(argparse.Action):
+    """--name (True), --no-name (False), or --name WORD, one of the setting's choices (--resume auto)."""
+
+    def __init__(self, option_strings: list[str], dest: str, words: tuple[str, ...], **kwargs: Any) -> None:
+        negated = [s.replace("--", "--no-", 1) for s in option_strings]
+        super().__init__([*option_strings, *negated], dest, nargs="?", metavar="|".join(words), **kwargs)
+        self.words = words
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, value: Any,
+                 option_string: str | None = None) -> None:
+        if option_string is not None and option_string.startswith("--no-"):
+            if value is not None:
+                parser.error(f"argument {option_string}: takes no value, got {value!r}")
+            value = False
+        elif value is None:
+            value = True
+        elif value not in self.words:
+            parser.error(f"argument {option_string}: give {' or '.join(self.words)} or nothing, got {value!r} (a "
+                         f"corpus goes before {option_string})")
+        setattr(namespace, self.dest, value)
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -211,6 +241,8 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, positional: str | None
         kind = scalar_type(f)
         if f.name == positional:
             group.add_argument(f.name, nargs="*", help=help_text)
+        elif kind is bool and meta["choices"]:
+            group.add_argument(f"--{f.name}", action=_SwitchOrWord, words=meta["choices"], help=help_text)
         elif kind is bool:
             group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=help_text)
         else:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from gpt import GPTConfig
-from gptlab.checkpoint import CHECKPOINT_VERSION, load_checkpoint
+from gptlab.checkpoint import CHECKPOINT_VERSION, load_checkpoint, sharded_folder
 from gptlab.convert import gpt2_to_ours, gpt_config_from_hf, llama_to_ours
 from gptlab.errors import UsageError
 from gptlab.tokenizer import EOT, Tokenizer
@@ -147,5 +147,7 @@ def _eos_token(folder: Path) -> str | None:
 
 
 def load_checkpoint_or_folder(path: str | Path) -> dict[str, Any]:
-    """A checkpoint file written here, or a local transformers folder (GPT-2, Llama or Qwen3) read as one."""
-    return checkpoint_from_hf_folder(path) if Path(path).is_dir() else load_checkpoint(path)
+    """A checkpoint written here (a file or a sharded folder), or a local transformers folder (GPT-2, Llama or
+    Qwen3) read as one."""
+    hf_folder = Path(path).is_dir() and sharded_folder(path) is None
+    return checkpoint_from_hf_folder(path) if hf_folder else load_checkpoint(path)

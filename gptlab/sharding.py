@@ -1,11 +1,21 @@
 """FSDP2 for the training loop: shard a GPT across the ranks, build one sharded from the start, and give rank 0
-a whole copy back. Under DDP or a single process none of this runs."""
+a whole copy back; and each rank's part of a sharded checkpoint (--checkpoint_format dcp), under FSDP, DDP or in
+a single process."""
+
+from typing import Any
 
 import torch
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from gpt import GPT, GPTConfig
+from gptlab.checkpoint import join_tensors, read_shards, split_tensors
 from gptlab.runtime import Runtime
 
 # Checkpointed state dicts: whole (unsharded) tensors under a plain GPT's names, copied to the CPU; under
@@ -50,3 +60,16 @@ def unsharded_copy(model: GPT, rt: Runtime) -> GPT | None:
     copy = GPT(model.config)
     copy.load_state_dict(full)
     return copy
+
+
+def load_shards(ckpt: dict[str, Any], model: GPT, optimizer: torch.optim.Optimizer, rt: Runtime) -> dict[str, Any]:
+    """Resume from a sharded folder (ckpt: load_checkpoint(..., tensors=False)): each rank reads its part of the
+    weights and of the optimizer state, whatever number of processes wrote them, and the entries that are whole
+    on every rank (the EMA) whole. Returns the checkpoint with its tensors in place."""
+    model_state = get_model_state_dict(model)  # this rank's shards (whole tensors without FSDP) to read into
+    optimizer_state = get_optimizer_state_dict(model, optimizer)  # makes the moments (a zero step) to read into
+    targets, _ = split_tensors({"model": model_state, "optimizer": optimizer_state})
+    full = join_tensors(ckpt, read_shards(ckpt["sharded_folder"], targets, rt.distributed))
+    set_model_state_dict(model, full["model"])
+    set_optimizer_state_dict(model, optimizer, full["optimizer"])
+    return full

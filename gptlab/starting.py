@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Any
 
 from config import TrainConfig, fixed_on_resume
-from gptlab.checkpoint import load_checkpoint
+from gptlab.checkpoint import checkpoint_exists, load_checkpoint, sharded_folder
 from gptlab.errors import UsageError
 from gptlab.fileio import check_output, check_output_dir
-from gptlab.hf_folder import checkpoint_from_hf_folder
+from gptlab.hf_folder import load_checkpoint_or_folder
 from gptlab.pacing import TIMED_STEPS, UNTIMED_STEPS
 from gptlab.tokenizer import Tokenizer
 
@@ -29,7 +29,7 @@ def resume_config(c: TrainConfig, set_by_flags: set[str],
     held by the --config file alike, override it, except those that would change the model, its tokenizer or
     its optimizer: those are refused, naming the setting, before any work. Also returns the line that says how a
     time budget and max_iters were combined (None without a budget)."""
-    ckpt = load_checkpoint(c.checkpoint)
+    ckpt = load_checkpoint(c.checkpoint, tensors=False)  # a sharded one's tensors: each rank its part, later
     if "optimizer" not in ckpt or "config" not in ckpt:
         raise UsageError(f"{c.checkpoint} holds no training state to resume (was it exported?)")
     saved = TrainConfig.from_dict(ckpt["config"]).to_dict()  # older checkpoints lack newer settings
@@ -91,9 +91,9 @@ def resume_budget(c: TrainConfig, saved: dict[str, Any], ckpt: dict[str, Any], g
 
 
 def init_config(c: TrainConfig, set_by_flags: set[str]) -> tuple[TrainConfig, dict[str, Any]]:
-    """--init_from DIR: the run starts from a local Hugging Face folder's weights, taking its model settings and
-    tokenizer; a flag typed now that contradicts them is an error."""
-    start = checkpoint_from_hf_folder(c.init_from)
+    """--init_from DIR: the run starts from the weights of a local Hugging Face folder (or of a checkpoint),
+    taking its model settings and tokenizer; a flag typed now that contradicts them is an error."""
+    start = load_checkpoint_or_folder(c.init_from)  # or a checkpoint of ours, a file or a sharded folder
     theirs = start["model_config"]
     model_settings = {name: theirs[name] for name in fixed_on_resume() if name in theirs}
     for name in set_by_flags & set(model_settings):
@@ -108,9 +108,9 @@ def init_config(c: TrainConfig, set_by_flags: set[str]) -> tuple[TrainConfig, di
 def check_fresh_run(c: TrainConfig) -> None:
     """A fresh run never silently replaces an earlier run's checkpoint, nor its metrics or loss plot (which
     outlive a checkpoint that was moved, or never written by a run killed before its first save)."""
-    if Path(c.checkpoint).is_dir():  # --overwrite would not help: say so first
+    if Path(c.checkpoint).is_dir() and sharded_folder(c.checkpoint) is None:  # --overwrite would not help
         raise UsageError(f"--checkpoint {c.checkpoint} is a folder; give a file name inside it")
-    if Path(c.checkpoint).exists() and not c.overwrite:
+    if checkpoint_exists(c.checkpoint) and not c.overwrite:  # a sharded one may be aside (see swap_in)
         raise UsageError(f"{c.checkpoint} already exists: continue it with --resume, choose another --checkpoint, "
                          f"or replace it with --overwrite")
     for path, what in ((metrics_path(c), "metrics"), (plot_path(c), "loss plot"),
@@ -124,5 +124,9 @@ def check_outputs(c: TrainConfig) -> None:
     """Before any work: every file the run writes can be written, and none of them is one of its inputs."""
     inputs = [("corpus", path) for path in c.corpus] + [("--tokenizer", c.tokenizer)]
     check_output_dir(c.out_dir, "--out_dir")
-    check_output(c.checkpoint, "--checkpoint", inputs)
+    if c.checkpoint_format == "file" and sharded_folder(c.checkpoint) is not None:
+        raise UsageError(f"--checkpoint {c.checkpoint} is a sharded checkpoint: continue it with --checkpoint_format "
+                         f"dcp, or make it one file first (python -m gptlab.checkpoint {c.checkpoint} FILE)")
+    # a sharded checkpoint is a folder (check_fresh_run keeps any other folder safe): probe with its lock file
+    check_output(c.checkpoint if c.checkpoint_format == "file" else f"{c.checkpoint}.lock", "--checkpoint", inputs)
     check_output(metrics_path(c), "--checkpoint's metrics file", inputs, [("--checkpoint", c.checkpoint)])
