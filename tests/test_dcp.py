@@ -24,8 +24,8 @@ import playground
 from config import parse_settings
 from gptlab import checkpoint
 from gptlab.checkpoint import ShardedSaver, checkpoint_exists, load_checkpoint
-from gptlab.convert import load_checkpoint_or_folder
 from gptlab.errors import UsageError
+from gptlab.hf_folder import load_checkpoint_or_folder
 from gptlab.tokenizer import corpus_files, train_tokenizer
 
 SHARDED = ("--checkpoint_format", "dcp", "--batch_size", "4", "--eval_interval", "100", "--lr_schedule", "constant")
