@@ -18,6 +18,7 @@ from gptlab.cli import (
     NON_NEGATIVE,
     OPEN_FRACTION,
     POSITIVE,
+    SIZE,
     Rule,
     add_flags,
     build,
@@ -30,7 +31,6 @@ from gptlab.cli import (
 )
 from gptlab.data import DEFAULT_VAL_FRACTION
 from gptlab.errors import CliParser, UsageError
-from gptlab.memory import parse_size
 from gptlab.runtime import DTYPE_CHOICES, DTYPE_HELP, device_setting
 from gptlab.tokenizer import MAX_VOCAB_SIZE
 
@@ -145,11 +145,12 @@ class TrainConfig:
     fsdp: bool = setting(False, "under torchrun: shard parameters, gradients and optimizer state across processes "
                          "(FSDP2) instead of replicating them (DDP); for models that do not fit one device. Ignored "
                          "in a single process", group="system")
-    max_memory: str | None = setting(None, "memory budget per process, like 8GB or 512MB (powers of 1024): the "
+    max_memory: str | None = setting(None, "memory budget per process, like 8GB or 512MB (powers of 1024; a bare "
+                                     "number is bytes): the "
                                      "sequences per step (batch_size x grad_accum_steps) stay, split into the "
                                      "largest micro-batch that fits, with activation checkpointing only if even "
                                      "one sequence would not fit; default on CUDA: the free memory less a margin, "
-                                     "none elsewhere", group="system")
+                                     "none elsewhere", rule=SIZE, group="system")
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -164,8 +165,6 @@ class TrainConfig:
                              "encoder cannot tell the order of its tokens")
         if self.checkpoint == "" or self.out_dir == "":
             raise UsageError("--checkpoint and --out_dir cannot be empty")
-        if self.max_memory is not None:
-            parse_size(self.max_memory)
 
     @property
     def final_lr(self) -> float:

@@ -30,12 +30,13 @@ from tqdm import tqdm
 from config import TrainConfig, check_dependent_flags, parse_settings
 from gpt import GPT, GPTConfig
 from gptlab.checkpoint import save_checkpoint
+from gptlab.cli import format_size
 from gptlab.data import TokenSplit, batch_rng
 from gptlab.errors import UsageError, run_cli
 from gptlab.evaluation import batch_loss, evaluate
 from gptlab.fileio import RunLock
 from gptlab.health import Health, plot_health
-from gptlab.memory import MemoryPlan, gib, plan_run
+from gptlab.memory import MemoryPlan, plan_run
 from gptlab.metrics import Metrics, plot_losses
 from gptlab.objectives import Objective, objective_for
 from gptlab.pacing import Throughput, TimeBudget
@@ -330,8 +331,8 @@ def finish(run: Run) -> None:
         print(f"health heat maps: {health_png}")
     print(f"checkpoint: {c.checkpoint}")
     if rt.device.type == "cuda":  # the memory model beside what the allocator saw (evaluations included)
-        print(f"memory: peak {gib(torch.cuda.max_memory_allocated(rt.device))} allocated, estimated "
-              f"{gib(run.plan.need)}")
+        print(f"memory: peak {format_size(torch.cuda.max_memory_allocated(rt.device))} allocated, estimated "
+              f"{format_size(run.plan.need)}")
     if writes_text:
         print("sample:\n" + sample(sampler, run.tokenizer, c.sample_tokens, rt))
     elif c.sample_tokens:
