@@ -52,8 +52,8 @@ class TrainConfig:
     val_fraction: float = setting(DEFAULT_VAL_FRACTION, "fraction of the corpus (its last bytes) held out for "
                                   "validation, from the model and from the tokenizer trained here",
                                   rule=OPEN_FRACTION, group="data")
-    out_dir: str = setting("runs", "folder for the token cache, a trained tokenizer, metrics.jsonl and the "
-                           "loss-curve and health PNGs", group="data")
+    out_dir: str = setting("runs", "folder for the token cache and a trained tokenizer (a run's metrics and "
+                           "PNGs go beside its --checkpoint)", group="data")
     # what the model learns
     objective: str = setting("clm", "clm: next-token prediction with a causal decoder (GPT); mlm: masked-token "
                              "prediction with a bidirectional encoder (BERT)", choices=("clm", "mlm"), group="model")

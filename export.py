@@ -28,7 +28,7 @@ from gptlab.cli import check_fields, parse_dataclass, setting
 from gptlab.convert import HF_CLASS, RMS_EPS, architecture_for, hf_config, to_hf_state_dict
 from gptlab.errors import UsageError, run_cli
 from gptlab.fileio import atomic_write_folder
-from gptlab.metrics import read_metrics
+from gptlab.metrics import METRICS, earlier_run_file, read_metrics, run_file
 from gptlab.tokenizer import BERT_TOKENS, CLS, EOT, MASK, PAD, SEP, UNK, Tokenizer
 
 FORMATS = ("hf", "gguf")
@@ -220,9 +220,8 @@ def ollama_modelfile(gguf_name: str, block_size: int) -> str:
 def final_evaluation(ckpt: dict[str, Any], checkpoint: Path) -> dict[str, Any] | None:
     """The last evaluation line ({"step", "val_loss", "val_bpb", ...}) of the run's metrics file, if found."""
     config = ckpt.get("config") or {}
-    stem = Path(config.get("checkpoint", checkpoint.name)).stem
-    candidates = [checkpoint.with_name(f"{checkpoint.stem}.metrics.jsonl"),
-                  Path(config.get("out_dir", ".")) / f"{stem}.metrics.jsonl"]
+    candidates = [run_file(checkpoint, METRICS),  # beside it; or in --out_dir, where runs before put them
+                  earlier_run_file(config.get("out_dir", "."), config.get("checkpoint", checkpoint), METRICS)]
     for path in candidates:
         if path.is_file():
             lines = read_metrics(path)

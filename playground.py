@@ -53,7 +53,15 @@ from gptlab.runtime import (
     teardown,
 )
 from gptlab.sharding import FULL_STATE, sharded_model, unsharded_copy
-from gptlab.starting import check_fresh_run, check_outputs, init_config, metrics_path, plot_path, resume_config
+from gptlab.starting import (
+    check_fresh_run,
+    check_outputs,
+    check_runtime,
+    init_config,
+    metrics_path,
+    plot_path,
+    resume_config,
+)
 from gptlab.stopping import StopRequest, exit_on_sigterm
 from gptlab.tokenizer import MASK, LearnedFrom, Tokenizer, corpus_files
 from gptlab.training import Stepper, learning_rate, make_optimizer, set_learning_rate, train_step
@@ -131,9 +139,7 @@ def build_model(c: TrainConfig, config: GPTConfig, rt: Runtime, weights: dict[st
 def build_run(c: TrainConfig, ckpt: dict[str, Any] | None, rt: Runtime, started: float,
               init: dict[str, Any] | None = None) -> Run:
     """ckpt: the checkpoint a --resume continues; init: the weights and tokenizer of --init_from."""
-    if rt.fsdp and rt.dtype == torch.float16:
-        raise UsageError("--fsdp with --dtype float16 is not supported: the loss scaler would look for "
-                         "overflows in each rank's shard alone; use --dtype bfloat16")
+    check_runtime(c, rt)  # before the tokenizer, the token cache or the metrics are written
     files = corpus_files(list(c.corpus))
     source = ckpt or init
     if source:  # a checkpoint from before the record, or a Hugging Face folder: unknown (None)
@@ -141,9 +147,9 @@ def build_run(c: TrainConfig, ckpt: dict[str, Any] | None, rt: Runtime, started:
     else:
         tokenizer, learned = resolve_tokenizer(c, files, rt)
     objective = objective_for(c.objective, tokenizer, c.mask_prob)
-    splits = load_data(c, tokenizer, files, rt)
     config = replace(c.model, vocab_size=tokenizer.vocab_size, causal=objective.causal)
-    plan = plan_run(c, config, rt)  # before anything is allocated: refuses what cannot fit
+    plan = plan_run(c, config, rt)  # before anything is allocated, or the token cache built: refuses what cannot fit
+    splits = load_data(c, tokenizer, files, rt)
     model = build_model(c, replace(config, activation_checkpointing=plan.activation_checkpointing), rt,
                         source["model"] if source else None, ckpt["rng"] if ckpt else None)
     optimizer = make_optimizer(model, c, rt.device)
@@ -156,11 +162,11 @@ def build_run(c: TrainConfig, ckpt: dict[str, Any] | None, rt: Runtime, started:
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
     if ckpt is not None and "scaler" in ckpt:
         scaler.load_state_dict(ckpt["scaler"])
+    health = Health(model, optimizer, c, rt, ckpt.get("health") if ckpt else None, ckpt.get("ema") if ckpt else None)
+    stepper = Stepper(step_model, optimizer, scaler, splits["train"], c, rt, objective, plan.micro_batch, health)
     resumed_at = ckpt["iteration"] if ckpt else None
     metrics = Metrics(metrics_path(c), c.to_dict(), resumed_at, c.wandb_project, c.wandb_run_name) \
         if rt.is_main else None
-    health = Health(model, optimizer, c, rt, ckpt.get("health") if ckpt else None, ckpt.get("ema") if ckpt else None)
-    stepper = Stepper(step_model, optimizer, scaler, splits["train"], c, rt, objective, plan.micro_batch, health)
     run = Run(c, rt, tokenizer, objective, splits, model, stepper, metrics, metrics_path(c), started, plan, health,
               c.max_iters, StopRequest(rt), tokenizer_learned_from=learned)
     if ckpt is not None:

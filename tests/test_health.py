@@ -42,7 +42,7 @@ def train(tmp_path: Path, corpus: Path, tokenizer: Path, *extra: str, name: str 
 
 
 def metrics(tmp_path: Path, name: str = "ckpt") -> list[dict]:
-    return [json.loads(line) for line in (tmp_path / "runs" / f"{name}.metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (tmp_path / f"{name}.metrics.jsonl").read_text().splitlines()]
 
 
 def poison_training_loss(monkeypatch, bad_calls: set[int], value: float = math.nan) -> None:
@@ -219,7 +219,7 @@ def test_two_ranks_roll_back_as_one_process_does(tmp_path, corpus, tokenizer_pat
                 "--checkpoint", str(tmp_path / name / "ckpt.tar")]
         launcher = [sys.executable] if name == "one" else torchrun(2)[:-1]  # torchrun(2) ends with playground.py
         run([*launcher, str(script), *args])
-    rows = {name: [json.loads(line) for line in (tmp_path / name / "runs" / "ckpt.metrics.jsonl").read_text()
+    rows = {name: [json.loads(line) for line in (tmp_path / name / "ckpt.metrics.jsonl").read_text()
                    .splitlines()] for name in ("one", "two")}
     events = {name: [(r["step"], r["to_step"]) for r in rows[name] if r.get("event") == "rollback"] for name in rows}
     assert events["one"] == events["two"] == [(45, 40)]

@@ -52,7 +52,7 @@ def train(argv: list[str]) -> dict[str, float]:
 
 
 def metric_steps(tmp_path: Path) -> list[int]:
-    rows = (tmp_path / "runs" / "ckpt.metrics.jsonl").read_text().splitlines()
+    rows = (tmp_path / "ckpt.metrics.jsonl").read_text().splitlines()
     return [json.loads(r)["step"] for r in rows if '"loss"' in r]
 
 
@@ -75,7 +75,7 @@ def test_tokens_per_second_leaves_out_checkpoint_writes(tmp_path, corpus, tokeni
     monkeypatch.setattr(playground, "save_checkpoint", lambda *a: (time.sleep(1.0), real_save(*a)))
     train(args(tmp_path, corpus, tokenizer, "--max_iters", "8", "--checkpoint_interval", "2", "--eval_interval",
                "100"))
-    rows = [json.loads(r) for r in (tmp_path / "runs" / "ckpt.metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(r) for r in (tmp_path / "ckpt.metrics.jsonl").read_text().splitlines()]
     rates = sorted(r["tokens_per_s"] for r in rows if "tokens_per_s" in r)
     # A 1 s save counted in an interval of one 64-token step would show as about 64 tokens/s.
     assert rates[0] > 0.1 * rates[len(rates) // 2], rates
@@ -130,7 +130,7 @@ def test_resume_after_a_kill_logs_each_step_once(tmp_path, corpus, tokenizer):
     """A run killed after its step-4 checkpoint had logged steps 5 and 6 (and half of 7): on resume those lines
     are cut, and the steps are logged again as they are redone."""
     train(args(tmp_path, corpus, tokenizer, "--max_iters", "4", "--eval_interval", "4"))
-    metrics = tmp_path / "runs" / "ckpt.metrics.jsonl"
+    metrics = tmp_path / "ckpt.metrics.jsonl"
     with open(metrics, "a") as f:
         f.write('{"step": 5, "loss": 1.0}\n{"step": 6, "loss": 1.0}\n{"step": 7, "lo')
     train(["--resume", "--checkpoint", str(tmp_path / "ckpt.tar"), "--max_iters", "8"])
@@ -147,7 +147,7 @@ def test_ctrl_c_and_sigterm_save_the_step_they_stopped_at(tmp_path, corpus, toke
                  "--eval_interval", "100000")]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-    metrics = tmp_path / "runs" / "ckpt.metrics.jsonl"
+    metrics = tmp_path / "ckpt.metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
         time.sleep(0.2)
@@ -185,7 +185,7 @@ def test_time_budget_fixes_max_iters_to_fit_and_lands_near_the_budget(tmp_path, 
     start = time.perf_counter()
     train(args(tmp_path, corpus, tokenizer, "--time_budget", str(budget), "--eval_interval", "50"))
     seconds = time.perf_counter() - start
-    rows = [json.loads(r) for r in (tmp_path / "runs" / "ckpt.metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(r) for r in (tmp_path / "ckpt.metrics.jsonl").read_text().splitlines()]
     plans = [r["planned_max_iters"] for r in rows if "planned_max_iters" in r]
     saved = load_checkpoint(tmp_path / "ckpt.tar")
     assert len(plans) == pacing.BUDGET_CHECKS  # planned once, then checked again as the run went on
@@ -240,11 +240,10 @@ def test_muon_run_resumes_bit_exactly(tmp_path, corpus, tokenizer, capsys):
 @pytest.mark.parametrize("earlier", ["ckpt.metrics.jsonl", "ckpt.loss.png"])
 def test_a_fresh_run_never_replaces_an_earlier_runs_metrics_or_plot(tmp_path, corpus, tokenizer, earlier):
     """The checkpoint is gone (moved, or the run was killed before its first save), its metrics or plot stay."""
-    (tmp_path / "runs").mkdir()
-    (tmp_path / "runs" / earlier).write_text("an earlier run's")
+    (tmp_path / earlier).write_text("an earlier run's")
     with pytest.raises(UsageError, match=f"{earlier} already exists .*--overwrite"):
         train(args(tmp_path, corpus, tokenizer, "--max_iters", "2"))
-    assert (tmp_path / "runs" / earlier).read_text() == "an earlier run's"
+    assert (tmp_path / earlier).read_text() == "an earlier run's"
     assert not (tmp_path / "ckpt.tar").exists()
 
 
