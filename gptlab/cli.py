@@ -192,6 +192,8 @@ def coerce(f: dataclasses.Field, value: Any) -> Any:
         return tuple(items)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if f.metadata.get("rule") is SIZE and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)  # `max_memory: 1000000000` in YAML: a number of bytes, as on the command line
     if kind is float and isinstance(value, str):  # YAML reads "6e-4" (no dot) as a string
         try:
             return float(value)

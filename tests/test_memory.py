@@ -179,6 +179,12 @@ def test_a_bad_size_is_one_line_naming_the_flag_and_why(text, why):
         parse_config(["--max_memory", text])
 
 
+def test_a_size_in_yaml_may_be_a_number_of_bytes():
+    assert TrainConfig.from_dict({"max_memory": 1000}).max_memory == "1000"
+    with pytest.raises(UsageError, match="--max_memory '-1' is negative"):
+        TrainConfig.from_dict({"max_memory": -1})
+
+
 def test_a_flag_value_starting_with_a_minus_is_its_value_not_a_flag():
     with pytest.raises(UsageError, match="--lr must be a number >= 0, got -0.001"):
         parse_config(["--lr", "-1e-3"])
