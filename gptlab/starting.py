@@ -109,7 +109,8 @@ def check_outputs(c: TrainConfig) -> None:
 
 def check_runtime(c: TrainConfig, rt: Runtime) -> None:
     """The refusals that depend on how the run is launched (under torchrun with --fsdp), made before the run
-    writes its tokenizer, token cache or metrics; the library repeats them where the work is done."""
+    writes its tokenizer, token cache or metrics (gptlab/health.py and gptlab/muon.py keep their own checks of
+    the last two, for other callers)."""
     if not rt.fsdp:
         return
     if rt.dtype == torch.float16:
