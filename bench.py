@@ -35,9 +35,19 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from config import TrainConfig, load_yaml
 from gpt import GPT, GPTConfig
 from gptlab.checkpoint import ShardedSaver, save_checkpoint
-from gptlab.cli import NON_NEGATIVE, POSITIVE, check_fields, parse_dataclass, setting, setting_from
+from gptlab.cli import (
+    NON_NEGATIVE,
+    POSITIVE,
+    SIZE,
+    check_fields,
+    format_size,
+    parse_dataclass,
+    parse_size,
+    setting,
+    setting_from,
+)
 from gptlab.errors import UsageError, run_cli
-from gptlab.memory import Step, default_budget, estimate, gib, parse_size, plan
+from gptlab.memory import Step, default_budget, estimate, plan
 from gptlab.metrics import read_metrics
 from gptlab.runtime import (
     DTYPES,
@@ -155,12 +165,11 @@ class MemoryBench:
     config: str = setting("configs/gpt2_small.yaml", "the training config (YAML) to plan for")
     vocab_size: int = setting(50257, "the tokenizer's vocabulary size (GPT-2's: 50257)", rule=POSITIVE)
     dtype: str = setting("bfloat16", "autocast precision of the run", choices=tuple(DTYPES))
-    cards: tuple[str, ...] = setting(("8GB", "12GB", "16GB", "24GB", "40GB", "80GB"), "GPU memory sizes to plan for")
+    cards: tuple[str, ...] = setting(("8GB", "12GB", "16GB", "24GB", "40GB", "80GB"), "GPU memory sizes to plan for",
+                                    rule=SIZE)
 
     def __post_init__(self) -> None:
         check_fields(self)
-        for card in self.cards:
-            parse_size(card)
 
 
 @dataclass(frozen=True)
@@ -198,10 +207,10 @@ def bench_memory(args: MemoryBench) -> None:
         try:
             p = plan(config, sequences, step, budget, c.batch_size)
         except UsageError:
-            print(f"| {card} | {gib(budget)} | does not fit | | |")
+            print(f"| {card} | {format_size(budget)} | does not fit | | |")
             continue
-        print(f"| {card} | {gib(budget)} | {p.micro_batch} x {p.micro_steps} | "
-              f"{'on' if p.activation_checkpointing else 'off'} | {gib(p.need)} |")
+        print(f"| {card} | {format_size(budget)} | {p.micro_batch} x {p.micro_steps} | "
+              f"{'on' if p.activation_checkpointing else 'off'} | {format_size(p.need)} |")
 
 
 def bench_checkpoint(args: CheckpointBench) -> None:

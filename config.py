@@ -18,6 +18,7 @@ from gptlab.cli import (
     NON_NEGATIVE,
     OPEN_FRACTION,
     POSITIVE,
+    SIZE,
     Rule,
     add_flags,
     build,
@@ -30,7 +31,6 @@ from gptlab.cli import (
 )
 from gptlab.data import DEFAULT_VAL_FRACTION
 from gptlab.errors import CliParser, UsageError
-from gptlab.memory import parse_size
 from gptlab.runtime import device_setting, dtype_setting
 from gptlab.tokenizer import MAX_VOCAB_SIZE
 
@@ -52,8 +52,8 @@ class TrainConfig:
     val_fraction: float = setting(DEFAULT_VAL_FRACTION, "fraction of the corpus (its last bytes) held out for "
                                   "validation, from the model and from the tokenizer trained here",
                                   rule=OPEN_FRACTION, group="data")
-    out_dir: str = setting("runs", "folder for the token cache, a trained tokenizer, metrics.jsonl and the "
-                           "loss-curve and health PNGs", group="data")
+    out_dir: str = setting("runs", "folder for the token cache and a trained tokenizer (a run's metrics and "
+                           "PNGs go beside its --checkpoint)", group="data")
     # what the model learns
     objective: str = setting("clm", "clm: next-token prediction with a causal decoder (GPT); mlm: masked-token "
                              "prediction with a bidirectional encoder (BERT)", choices=("clm", "mlm"), group="model")
@@ -151,11 +151,12 @@ class TrainConfig:
     fsdp: bool = setting(False, "under torchrun: shard parameters, gradients and optimizer state across processes "
                          "(FSDP2) instead of replicating them (DDP); for models that do not fit one device. Ignored "
                          "in a single process", group="system")
-    max_memory: str | None = setting(None, "memory budget per process, like 8GB or 512MB (powers of 1024): the "
+    max_memory: str | None = setting(None, "memory budget per process, like 8GB or 512MB (powers of 1024; a bare "
+                                     "number is bytes): the "
                                      "sequences per step (batch_size x grad_accum_steps) stay, split into the "
                                      "largest micro-batch that fits, with activation checkpointing only if even "
                                      "one sequence would not fit; default on CUDA: the free memory less a margin, "
-                                     "none elsewhere", group="system")
+                                     "none elsewhere", rule=SIZE, group="system")
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -170,8 +171,6 @@ class TrainConfig:
                              "encoder cannot tell the order of its tokens")
         if self.checkpoint == "" or self.out_dir == "":
             raise UsageError("--checkpoint and --out_dir cannot be empty")
-        if self.max_memory is not None:
-            parse_size(self.max_memory)
 
     @property
     def final_lr(self) -> float:

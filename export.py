@@ -16,6 +16,7 @@ Everything is written into a temporary folder beside --out and renamed at the en
 """
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,20 +29,26 @@ from gptlab.cli import check_fields, parse_dataclass, setting
 from gptlab.convert import HF_CLASS, RMS_EPS, architecture_for, hf_config, to_hf_state_dict
 from gptlab.errors import UsageError, run_cli
 from gptlab.fileio import atomic_write_folder
-from gptlab.metrics import read_metrics
+from gptlab.metrics import METRICS, earlier_run_file, read_metrics, run_file
 from gptlab.tokenizer import BERT_TOKENS, CLS, EOT, MASK, PAD, SEP, UNK, Tokenizer
 
 FORMATS = ("hf", "gguf")
+# Every file an export writes, either format: a folder holding these and nothing else, with our model card, is an
+# earlier export, which --overwrite may replace; any other folder is the user's.
+EXPORT_FILES = frozenset({"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+                          "special_tokens_map.json", "tokenizer_config.json", "model.gguf", "Modelfile", "README.md"})
+CARD_TAG = "tags: [gpt-experiments]"  # in the model card's header
 
 
 @dataclass(frozen=True)
 class ExportArgs:
     checkpoint: str = setting("model_checkpoint.tar", "checkpoint to export")
-    out: str | None = setting(None, "folder to write (required); it must not exist or be empty, unless --overwrite",
+    out: str | None = setting(None, "folder to write (required); it must not exist or be empty, unless it holds an "
+                              "earlier export and --overwrite is given",
                               output=True)
     format: str = setting("hf", "hf: a Hugging Face transformers folder; gguf: a GGUF file for llama.cpp",
                           choices=FORMATS)
-    overwrite: bool = setting(False, "replace the contents of an existing, non-empty --out folder")
+    overwrite: bool = setting(False, "replace an earlier export in --out (a folder of other files is refused)")
     raw_weights: bool = setting(False, RAW_WEIGHTS_HELP)
 
     def __post_init__(self) -> None:
@@ -220,9 +227,8 @@ def ollama_modelfile(gguf_name: str, block_size: int) -> str:
 def final_evaluation(ckpt: dict[str, Any], checkpoint: Path) -> dict[str, Any] | None:
     """The last evaluation line ({"step", "val_loss", "val_bpb", ...}) of the run's metrics file, if found."""
     config = ckpt.get("config") or {}
-    stem = Path(config.get("checkpoint", checkpoint.name)).stem
-    candidates = [checkpoint.with_name(f"{checkpoint.stem}.metrics.jsonl"),
-                  Path(config.get("out_dir", ".")) / f"{stem}.metrics.jsonl"]
+    candidates = [run_file(checkpoint, METRICS),  # beside it; or in --out_dir, where runs before put them
+                  earlier_run_file(config.get("out_dir", "."), config.get("checkpoint", checkpoint), METRICS)]
     for path in candidates:
         if path.is_file():
             lines = read_metrics(path)
@@ -251,7 +257,7 @@ def model_card(model: GPT, tokenizer: Tokenizer, ckpt: dict[str, Any], checkpoin
     c = model.config
     arch = architecture_for(c)
     lines = ["---", "library_name: transformers" if fmt == "hf" else "library_name: gguf",
-             "pipeline_tag: text-generation", "tags: [gpt-experiments]", "---", "",
+             "pipeline_tag: text-generation", CARD_TAG, "---", "",
              f"# {checkpoint.stem}", "",
              f"A {model.num_parameters(non_embedding=False):,}-parameter language model trained with "
              f"GPT-experiments, exported from `{checkpoint.name}` as "
@@ -284,23 +290,46 @@ def model_card(model: GPT, tokenizer: Tokenizer, ckpt: dict[str, Any], checkpoin
 
 # ----------------------------------------------------------------------------- the command
 
-def check_out(out: Path, checkpoint: Path, overwrite: bool) -> None:
-    """--out may be new or an empty folder; a non-empty one only with --overwrite, and never the checkpoint
-    or a folder holding it (the replacement would delete it)."""
+def check_out(out_text: str, checkpoint: Path, overwrite: bool) -> Path:
+    """--out as a full path. It may be new or an empty folder; with --overwrite, a folder holding an earlier export
+    and nothing else (the replacement deletes what it holds); never the folder you are in (or one above it), the
+    checkpoint or a folder holding it."""
+    if not out_text.strip():
+        raise UsageError("--out is empty: give the folder to export into")
+    out = Path(os.path.abspath(out_text))  # "." and "a/.." named by their folder; a link stays a link
+    here = Path.cwd().resolve()
+    if out.resolve() == here or out.resolve() in here.parents:
+        raise UsageError(f"--out {out_text} is the folder you are in, or holds it: name a new folder for the export")
     if out.resolve() == checkpoint.resolve():
-        raise UsageError(f"--out {out} is the checkpoint itself: choose a new folder")
+        raise UsageError(f"--out {out_text} is the checkpoint itself: choose a new folder")
     if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file, not a folder")
+        raise UsageError(f"--out {out_text} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            raise UsageError(f"--out {out} is a folder that is not empty: choose another, or add --overwrite")
+            raise UsageError(f"--out {out_text} is a folder that is not empty: choose another, or add --overwrite to "
+                             f"replace the earlier export it holds")
         if out.resolve() in checkpoint.resolve().parents:
-            raise UsageError(f"--out {out} holds the checkpoint: --overwrite would delete it")
+            raise UsageError(f"--out {out_text} holds the checkpoint: --overwrite would delete it")
+        check_earlier_export(out, out_text)
+    return out
+
+
+def check_earlier_export(out: Path, out_text: str) -> None:
+    """--overwrite replaces a folder only if an export wrote all of it: its files by name, and our model card."""
+    theirs = [p.name + "/" * p.is_dir() for p in sorted(out.iterdir()) if p.name not in EXPORT_FILES or p.is_dir()]
+    if theirs:
+        shown = ", ".join(theirs[:5]) + (f" and {len(theirs) - 5} more" if len(theirs) > 5 else "")
+        raise UsageError(f"--out {out_text} holds what an export does not write ({shown}): --overwrite replaces "
+                         f"only an earlier export; choose another folder")
+    card = out / "README.md"
+    if not card.is_file() or CARD_TAG not in card.read_text(encoding="utf-8", errors="replace"):
+        raise UsageError(f"--out {out_text} is not an earlier export of this project (no model card of ours in "
+                         f"README.md): --overwrite replaces only those; choose another folder")
 
 
 def export(args: ExportArgs) -> None:
-    checkpoint, out = Path(args.checkpoint), Path(args.out)
-    check_out(out, checkpoint, args.overwrite)
+    checkpoint = Path(args.checkpoint)
+    out = check_out(args.out, checkpoint, args.overwrite)
     ckpt = load_checkpoint(checkpoint)
     model, tokenizer = model_from_checkpoint(ckpt, "cpu", raw_weights=args.raw_weights)
     arch = architecture_for(model.config)  # refuses, naming the setting, before anything is written

@@ -198,10 +198,30 @@ def run_prompt(model: GPT, tokenizer: Tokenizer, prompt: str, args: GenerateArgs
         print(f"stats: {n} tokens in {seconds:.2f}s, {n / seconds:.1f} tokens/s", file=sys.stderr)
 
 
+def utf8_text(text: str, source: str) -> str:
+    """`text` if it is valid UTF-8 text. Python hands bytes that are not UTF-8 (in an argument, or on a stdin
+    with a C locale) on as lone surrogates, which the tokenizer cannot take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{source} is not UTF-8 text") from None
+    return text
+
+
+def read_stdin() -> str:
+    """Piped standard input, as UTF-8 text (whatever the locale)."""
+    try:
+        return sys.stdin.buffer.read().decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError("standard input is not UTF-8 text") from None
+    except OSError as e:
+        raise UsageError(f"cannot read standard input: {e.strerror or e}") from None
+
+
 def read_prompt(args: GenerateArgs) -> str | None:
     """The prompt text, or None for the interactive loop."""
     if args.prompt is not None:
-        return args.prompt
+        return utf8_text(args.prompt, "--prompt")
     if args.prompt_file is not None:
         try:
             with open(args.prompt_file, encoding="utf-8") as f:
@@ -210,30 +230,41 @@ def read_prompt(args: GenerateArgs) -> str | None:
             raise UsageError(f"cannot read --prompt_file {args.prompt_file}: {e.strerror or e}") from None
         except UnicodeDecodeError:
             raise UsageError(f"cannot read --prompt_file {args.prompt_file}: not UTF-8 text") from None
+    if sys.stdin is None:  # started with standard input closed (`<&-`), as some daemons and cron jobs are
+        raise UsageError("no prompt: standard input is closed; give --prompt TEXT or --prompt_file FILE "
+                         "(--prompt '' generates from scratch)")
     if sys.stdin.isatty():
         return None
-    return sys.stdin.read()
+    return read_stdin()
+
+
+def interact(model: GPT, tokenizer: Tokenizer, args: GenerateArgs) -> None:
+    """One prompt per line from the terminal until Ctrl-D; a line that is not UTF-8 is said and skipped."""
+    print("interactive: type a prompt and press Enter (Ctrl-D to quit)", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        try:
+            run_prompt(model, tokenizer, utf8_text(line, "that line"), args)
+        except UsageError as e:  # a prompt the model cannot take (an encoder's line without a mask): try again
+            print(f"error: {e}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    prompt = read_prompt(args)  # before the model is loaded: a prompt that cannot be read is said at once
     rt = local_runtime(args.device, args.dtype)  # before the checkpoint: a missing device is the device's fault
     model, tokenizer = model_from_checkpoint(load_checkpoint_or_folder(args.checkpoint), rt.device, args.checkpoint,
                                             args.raw_weights)
     if args.tokenizer:
         tokenizer = check_tokenizer(args.tokenizer, tokenizer)
-    prompt = read_prompt(args)
     with rt.autocast():  # the precision training used
         if prompt is not None:
             return run_prompt(model, tokenizer, prompt, args)
-        print("interactive: type a prompt and press Enter (Ctrl-D to quit)", file=sys.stderr)
-        while True:
-            try:
-                line = input("> ")
-            except EOFError:
-                print(file=sys.stderr)
-                return
-            run_prompt(model, tokenizer, line, args)
+        interact(model, tokenizer, args)
 
 
 if __name__ == "__main__":

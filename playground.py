@@ -30,12 +30,13 @@ from tqdm import tqdm
 from config import TrainConfig, check_dependent_flags, parse_settings
 from gpt import GPT, GPTConfig
 from gptlab.checkpoint import ShardedSaver, checkpoint_exists, save_checkpoint
+from gptlab.cli import format_size
 from gptlab.data import TokenSplit, batch_rng
 from gptlab.errors import Diverged, UsageError, run_cli
 from gptlab.evaluation import batch_loss, evaluate
 from gptlab.fileio import RunLock
 from gptlab.health import Health, describe_event, plot_health
-from gptlab.memory import MemoryPlan, gib, plan_run
+from gptlab.memory import MemoryPlan, plan_run
 from gptlab.metrics import Metrics, plot_losses
 from gptlab.objectives import Objective, objective_for
 from gptlab.pacing import Throughput, TimeBudget
@@ -52,7 +53,15 @@ from gptlab.runtime import (
     teardown,
 )
 from gptlab.sharding import FULL_STATE, load_shards, sharded_model, unsharded_copy
-from gptlab.starting import check_fresh_run, check_outputs, init_config, metrics_path, plot_path, resume_config
+from gptlab.starting import (
+    check_fresh_run,
+    check_outputs,
+    check_runtime,
+    init_config,
+    metrics_path,
+    plot_path,
+    resume_config,
+)
 from gptlab.stopping import StopRequest, exit_on_sigterm
 from gptlab.tokenizer import MASK, LearnedFrom, Tokenizer, corpus_files
 from gptlab.training import Stepper, learning_rate, make_optimizer, set_learning_rate, train_step
@@ -136,9 +145,7 @@ def build_run(c: TrainConfig, ckpt: dict[str, Any] | None, rt: Runtime, started:
               init: dict[str, Any] | None = None, cap: int | None = None) -> Run:
     """ckpt: the checkpoint a --resume continues; init: the weights and tokenizer of --init_from; cap: the
     --max_iters a --time_budget's plan may not pass."""
-    if rt.fsdp and rt.dtype == torch.float16:
-        raise UsageError("--fsdp with --dtype float16 is not supported: the loss scaler would look for "
-                         "overflows in each rank's shard alone; use --dtype bfloat16")
+    check_runtime(c, rt)  # before the tokenizer, the token cache or the metrics are written
     files = corpus_files(list(c.corpus))
     source = ckpt or init
     if source:  # a checkpoint from before the record, or a Hugging Face folder: unknown (None)
@@ -146,10 +153,10 @@ def build_run(c: TrainConfig, ckpt: dict[str, Any] | None, rt: Runtime, started:
     else:
         tokenizer, learned = resolve_tokenizer(c, files, rt)
     objective = objective_for(c.objective, tokenizer, c.mask_prob)
-    splits = load_data(c, tokenizer, files, rt)
     config = replace(c.model, vocab_size=tokenizer.vocab_size, causal=objective.causal)
-    plan = plan_run(c, config, rt)  # before anything is allocated: refuses what cannot fit
+    plan = plan_run(c, config, rt)  # before anything is allocated, or the token cache built: refuses what cannot fit
     sharded = ckpt is not None and "sharded_folder" in ckpt  # a folder each rank reads its part of, below
+    splits = load_data(c, tokenizer, files, rt)
     model = build_model(c, replace(config, activation_checkpointing=plan.activation_checkpointing), rt,
                         source["model"] if source and not sharded else None, ckpt["rng"] if ckpt else None)
     optimizer = make_optimizer(model, c, rt.device)
@@ -164,12 +171,12 @@ def build_run(c: TrainConfig, ckpt: dict[str, Any] | None, rt: Runtime, started:
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
     if ckpt is not None and "scaler" in ckpt:
         scaler.load_state_dict(ckpt["scaler"])
-    resumed_at = ckpt["iteration"] if ckpt else None
-    metrics = Metrics(metrics_path(c), c.to_dict(), resumed_at, c.wandb_project, c.wandb_run_name) \
-        if rt.is_main else None
     health = Health(model, optimizer, c, rt, ckpt.get("health") if ckpt else None, ckpt.get("ema") if ckpt else None)
     stepper = Stepper(step_model, optimizer, scaler, splits["train"], c, rt, objective, plan.micro_batch, health)
     saver = ShardedSaver(c.checkpoint, rt.is_main, rt.distributed) if c.checkpoint_format == "dcp" else None
+    resumed_at = ckpt["iteration"] if ckpt else None
+    metrics = Metrics(metrics_path(c), c.to_dict(), resumed_at, c.wandb_project, c.wandb_run_name) \
+        if rt.is_main else None
     run = Run(c, rt, tokenizer, objective, splits, model, stepper, metrics, metrics_path(c), started, plan, health,
               c.max_iters, StopRequest(rt), saver, tokenizer_learned_from=learned)
     if ckpt is not None:
@@ -394,8 +401,8 @@ def finish(run: Run) -> None:
         return
     print(f"checkpoint: {c.checkpoint}")
     if rt.device.type == "cuda":  # the memory model beside what the allocator saw (evaluations included)
-        print(f"memory: peak {gib(torch.cuda.max_memory_allocated(rt.device))} allocated, estimated "
-              f"{gib(run.plan.need)}")
+        print(f"memory: peak {format_size(torch.cuda.max_memory_allocated(rt.device))} allocated, estimated "
+              f"{format_size(run.plan.need)}")
     if writes_text:
         print("sample:\n" + sample(sampler, run.tokenizer, c.sample_tokens, rt))
     elif c.sample_tokens:

@@ -19,6 +19,7 @@ command line; `parse_dataclass` and `build` turn that ValueError into the UsageE
 import argparse
 import dataclasses
 import math
+import re
 import sys
 import types
 import typing
@@ -45,6 +46,39 @@ FRACTION = Rule("in [0, 1)", lambda v: 0 <= v < 1)  # dropout, betas
 OPEN_FRACTION = Rule("in (0, 1)", lambda v: 0 < v < 1)
 MAX_INT = 2 ** 63 - 1  # what torch and numpy take as a seed or a count
 SEED = Rule(f"in [0, {MAX_INT}]", lambda v: 0 <= v <= MAX_INT)
+
+# Sizes (--max_memory): KB/MB/GB/TB are powers of 1024 like KiB/MiB/GiB/TiB, as GPU memory and files are quoted
+# (nvidia-smi, ls -h); a bare number is bytes.
+SIZE_UNITS = {"B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+SIZE_EXAMPLES = "a size like 8GB, 512MB or 1.5GiB (powers of 1024), or a number of bytes"
+
+
+def parse_size(text: str) -> int:
+    """'8GB', '512MB', '1.5 GiB', '1000000' (bytes) -> bytes; a ValueError, saying why, for anything else and for
+    sizes below one byte (negative ones included)."""
+    match = re.fullmatch(r"\s*([-+]?(?:\d+\.?\d*|\.\d+))\s*([a-zA-Z]*)\s*", text)
+    if match is None or match.group(2).upper() not in {"", *SIZE_UNITS}:
+        raise ValueError(f"{text!r} is not {SIZE_EXAMPLES}")
+    number = float(match.group(1))
+    if number < 0:
+        raise ValueError(f"{text!r} is negative: a size is at least one byte")
+    size = number * SIZE_UNITS.get(match.group(2).upper(), 1)
+    if not 1 <= size < math.inf:
+        raise ValueError(f"{text!r} is {'below one byte' if size < 1 else 'not finite'}: want {SIZE_EXAMPLES}")
+    return int(size)
+
+
+def format_size(n: int) -> str:
+    """Bytes for people, with the digits that tell two sizes apart: 1,000 B, 2.5 KiB, 512.0 MiB, 8.00 GiB."""
+    for unit, decimals in (("TiB", 2), ("GiB", 2), ("MiB", 1), ("KiB", 1)):
+        if n >= SIZE_UNITS[unit.upper()]:
+            return f"{n / SIZE_UNITS[unit.upper()]:,.{decimals}f} {unit}"
+    return f"{n:,} B"
+
+
+SIZE = Rule(SIZE_EXAMPLES, parse_size)  # for a str setting that holds a size: its test says why it is not one
+
 
 T = TypeVar("T")
 
@@ -115,6 +149,7 @@ def check_fields(obj: Any) -> None:
         if isinstance(value, bool | str | tuple):
             if f.metadata["choices"] and value not in f.metadata["choices"] and not isinstance(value, bool):
                 raise ValueError(f"--{f.name} must be one of {', '.join(f.metadata['choices'])}, got {value!r}")
+            check_text(f, value)
             continue
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"--{f.name} must be a finite number, got {value}")
@@ -125,6 +160,21 @@ def check_fields(obj: Any) -> None:
             says = rule.says.replace("a number", "an integer").replace("positive number", "positive integer") \
                 if isinstance(value, int) else rule.says
             raise ValueError(f"--{f.name} must be {says}, got {value}")
+
+
+def check_text(f: dataclasses.Field, value: str | tuple | bool) -> None:
+    """A str setting (or each str of a tuple) against its rule; a rule's test may raise a ValueError saying why
+    (SIZE's parse_size does)."""
+    rule = f.metadata["rule"]
+    if rule is None or isinstance(value, bool):
+        return
+    for text in value if isinstance(value, tuple) else (value,):
+        try:
+            ok = rule.test(text)
+        except ValueError as e:
+            raise ValueError(f"--{f.name} {e}") from None
+        if not ok:
+            raise ValueError(f"--{f.name} must be {rule.says}, got {text!r}")
 
 
 def build(cls: type[T], values: dict[str, Any]) -> T:
@@ -150,6 +200,8 @@ def coerce(f: dataclasses.Field, value: Any) -> Any:
         return tuple(items)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if f.metadata.get("rule") is SIZE and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)  # `max_memory: 1000000000` in YAML: a number of bytes, as on the command line
     if kind is float and isinstance(value, str):  # YAML reads "6e-4" (no dot) as a string
         try:
             return float(value)

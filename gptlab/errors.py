@@ -10,6 +10,7 @@ mistake; rank 0 says it once.
 
 import argparse
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -27,7 +28,15 @@ class Diverged(Exception):
 
 
 class CliParser(argparse.ArgumentParser):
-    """argparse whose mistakes (unknown flag, bad number) are a UsageError: one line, exit 2."""
+    """argparse whose mistakes (unknown flag, bad number) are a UsageError: one line, exit 2.
+
+    A value that starts with a minus and a digit (`--lr -1e-3`, `--max_memory -1GB`) is the flag's value, which
+    its own check then refuses by name; argparse alone takes only `-1` and `-1.5` so, and calls the rest a flag
+    ("expected one argument"). No flag of ours starts with a digit."""
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"-\.?\d")
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(message)

@@ -128,7 +128,7 @@ def atomic_write_folder(out: str | Path, fill: Callable[[Path], None]) -> None:
     """Run fill(folder) on a new temporary folder beside `out`, then put it in out's place: on any failure,
     nothing is left behind and an old `out` is kept. The files inside are written plainly: the folder is what
     appears whole. OSErrors pass through for the caller to name."""
-    out = Path(out)
+    out = Path(os.path.abspath(out))  # "." or "a/..": the folder they name, which has a name to put beside
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     old = out.with_name(f".{out.name}.old{os.getpid()}")

@@ -14,7 +14,6 @@ attention.py keeps for its backward pass, and checked against measured peaks of 
 """
 
 import math
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -22,35 +21,18 @@ from typing import TYPE_CHECKING
 import torch
 
 from gpt import GPT, GPTConfig
+from gptlab.cli import format_size, parse_size
 from gptlab.errors import UsageError
 from gptlab.runtime import Runtime, check_fits
 
-if TYPE_CHECKING:  # config.py imports parse_size from here
+if TYPE_CHECKING:
     from config import TrainConfig
 
 FP32 = 4  # bytes of a float32: weights, gradients, optimizer state, the residual stream, softmax outputs
 INDEX = 8  # bytes of an int64 token id
-UNITS = {"": 1, "B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40, "KIB": 2**10, "MIB": 2**20,
-         "GIB": 2**30, "TIB": 2**40}
 # On CUDA, the default budget leaves this share of the free memory (at least MIN_MARGIN) to what the estimate does
 # not count: the allocator's rounding and fragmentation, cuBLAS and NCCL workspaces.
 MARGIN_FRACTION, MIN_MARGIN = 0.1, 2**30
-
-
-def parse_size(text: str) -> int:
-    """'8GB', '512MB', '1.5 GiB', '1000000' -> bytes. KB/MB/GB/TB are powers of 1024, as GPU memory is quoted."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([a-zA-Z]*)\s*", text)
-    if match is None or match.group(2).upper() not in UNITS:
-        raise UsageError(f"--max_memory {text!r}: want a size like 8GB, 512MB or 1.5GiB")
-    size = float(match.group(1)) * UNITS[match.group(2).upper()]
-    if not 1 <= size < math.inf:
-        raise UsageError(f"--max_memory {text!r} must be at least one byte, and finite")
-    return int(size)
-
-
-def gib(n: int) -> str:
-    """Bytes for people: GiB, or MiB below one GiB."""
-    return f"{n / 2**30:,.2f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
 
 
 @dataclass(frozen=True)
@@ -331,8 +313,9 @@ class MemoryPlan:
     def describe(self) -> str:
         split = f"{self.sequences} sequences per step as {self.micro_steps} micro-batch(es) of {self.micro_batch}"
         ckpt = "on" if self.activation_checkpointing else "off"
-        budget = f"budget {gib(self.budget)}" if self.budget is not None else "no budget (--max_memory)"
-        return f"memory plan: {split}, activation checkpointing {ckpt}; estimated peak {gib(self.need)}, {budget}"
+        budget = f"budget {format_size(self.budget)}" if self.budget is not None else "no budget (--max_memory)"
+        return (f"memory plan: {split}, activation checkpointing {ckpt}; estimated peak {format_size(self.need)}, "
+                f"{budget}")
 
 
 def divisors_descending(n: int) -> list[int]:
@@ -360,9 +343,9 @@ def plan(config: GPTConfig, sequences: int, step: Step, budget: int | None, micr
                 return MemoryPlan(sequences, m, ckpt, need(m, ckpt), budget)
     least = need(1, True)
     raise UsageError(f"training this {config.num_of_layers}-layer, {config.embedding_dim}-wide model needs about "
-                     f"{gib(least)} even one sequence at a time with --activation_checkpointing, above the "
-                     f"{gib(budget)} budget: --max_memory {math.ceil(least / 2**20)}MB would fit; or use a smaller "
-                     f"model or --block_size, or shard it with --fsdp")
+                     f"{format_size(least)} even one sequence at a time with --activation_checkpointing, above the "
+                     f"{format_size(budget)} budget: --max_memory {math.ceil(least / 2**20)}MB would fit; or use a "
+                     f"smaller model or --block_size, or shard it with --fsdp")
 
 
 def default_budget(free: int) -> int:

@@ -1,4 +1,5 @@
-"""Where a run's numbers go: a JSONL file (always), Weights & Biases (when asked), and a loss-curve PNG.
+"""Where a run's numbers go: a JSONL file (always), Weights & Biases (when asked), and a loss-curve PNG; the
+files are named after the run's checkpoint, beside it (run_file).
 
 One JSON object per line, each with its "step"; five kinds of lines, written by playground.py:
     training     "loss", "lr", "tokens_per_s", the health counts, ["loss_scale"], ["mfu"], "time_s"
@@ -17,6 +18,22 @@ from typing import Any
 
 from gptlab.errors import UsageError
 from gptlab.fileio import atomic_write, atomic_write_text
+
+METRICS = "metrics.jsonl"  # a run's files: <checkpoint less its suffix>.metrics.jsonl, .loss.png, .health.png
+
+
+def run_file(checkpoint: str | Path, kind: str) -> Path:
+    """A run's file of `kind` (METRICS, "loss.png", "health.png"), named after its checkpoint and beside it:
+    a/ck.tar -> a/ck.metrics.jsonl. Two runs' checkpoints are two paths, so their files never meet (two
+    checkpoints in one folder that differ only in their suffix would share them: a fresh run refuses that)."""
+    path = Path(checkpoint)
+    return path.with_name(f"{path.stem}.{kind}")
+
+
+def earlier_run_file(out_dir: str | Path, checkpoint: str | Path, kind: str) -> Path:
+    """Where runs before the layout above put their files: <out_dir>/<checkpoint stem>.<kind> (so runs of
+    a/ck.tar and b/ck.tar met there)."""
+    return Path(out_dir) / f"{Path(checkpoint).stem}.{kind}"
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -38,30 +55,40 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 class Metrics:
-    """One place metrics go: a JSONL file (always) and Weights & Biases (when asked)."""
+    """One place metrics go: a JSONL file (always) and Weights & Biases (when asked).
+
+    The file is started at the first row, not before: a run refused before its first step leaves none behind
+    (which would block the corrected command), nor cuts an earlier run's file that --overwrite would replace."""
 
     def __init__(self, path: Path, config: dict[str, Any], resumed_at: int | None, wandb_project: str | None,
                  wandb_run_name: str | None) -> None:
         """resumed_at: the checkpoint's step when resuming (lines past it, logged before a kill, are dropped so
         no step appears twice); None for a fresh run, which starts the file anew."""
-        kept = []
-        if resumed_at is not None and path.exists():
-            kept = [row for row in read_metrics(path) if row.get("step", 0) <= resumed_at]
-        atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in kept), "metrics file")
-        try:
-            self.file = open(path, "a", encoding="utf-8")  # appended line by line; read_metrics skips a torn last one
-        except OSError as e:
-            raise UsageError(f"cannot write metrics file {path}: {e.strerror}") from None
+        self.path, self.resumed_at = path, resumed_at
+        self.file: Any = None
         self.wandb_run = start_wandb(wandb_project, wandb_run_name, config, path.parent) if wandb_project else None
 
+    def _start(self) -> None:
+        kept = []
+        if self.resumed_at is not None:
+            kept = [row for row in read_metrics(self.path) if row.get("step", 0) <= self.resumed_at]
+        atomic_write_text(self.path, "".join(json.dumps(row) + "\n" for row in kept), "metrics file")
+        try:
+            self.file = open(self.path, "a", encoding="utf-8")  # line by line; read_metrics skips a torn last one
+        except OSError as e:
+            raise UsageError(f"cannot write metrics file {self.path}: {e.strerror}") from None
+
     def log(self, step: int, values: dict[str, float]) -> None:
+        if self.file is None:
+            self._start()
         self.file.write(json.dumps({"step": step, **values}) + "\n")
         self.file.flush()
         if self.wandb_run is not None:
             self.wandb_run.log(values, step=step)
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
 

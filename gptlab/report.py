@@ -16,13 +16,13 @@ from gptlab import stats
 from gptlab.checkpoint import load_checkpoint, model_from_checkpoint
 from gptlab.errors import UsageError
 from gptlab.fileio import atomic_write_text
-from gptlab.metrics import pyplot, read_metrics, save_figure
+from gptlab.metrics import METRICS, pyplot, read_metrics, run_file, save_figure
 from gptlab.tokenizer import Tokenizer, corpus_files
 
 BASE_SEED = 1337
 PLAN_NAME = "experiment.json"  # the resolved spec, saved so that --report DIR needs nothing else
 CHECKPOINT_NAME = "ckpt.tar"
-METRICS_NAME = "ckpt.metrics.jsonl"  # playground writes <out_dir>/<checkpoint stem>.metrics.jsonl
+METRICS_NAME = run_file(CHECKPOINT_NAME, METRICS).name  # beside the checkpoint (--out_dir is the run's folder too)
 RESERVED_NAMES = (PLAN_NAME, "report.md", "results.csv", "curves.png")  # the runner's files beside variants
 COUNTED_BYTES = 1 << 20  # validation text up to this size is tokenized before any run, to count its tokens
 BUDGETS = {"max_iters": "equal steps", "tokens": "equal tokens", "time_budget": "equal wall time (seconds)"}

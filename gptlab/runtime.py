@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from gptlab.cli import setting
+from gptlab.cli import format_size, setting
 from gptlab.errors import UsageError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -264,8 +264,8 @@ def check_fits(need: int, device: torch.device, what: str) -> None:
     """Refuse work that needs more than the device's memory (`need` bytes) before allocating any of it."""
     have = available_memory(device)
     if have is not None and need > have:
-        raise UsageError(f"{what} needs about {need / 2**30:,.1f} GiB, but {device} has {have / 2**30:,.1f} GiB: "
-                         f"use a smaller model or batch")
+        raise UsageError(f"{what} needs about {format_size(need)}, but {device} has {format_size(have)}: use a "
+                         f"smaller model or batch")
 
 
 def seconds_since_start() -> float:

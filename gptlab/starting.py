@@ -5,22 +5,30 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from config import TrainConfig, fixed_on_resume
 from gptlab.checkpoint import checkpoint_exists, load_checkpoint, sharded_folder
 from gptlab.errors import UsageError
 from gptlab.fileio import check_output, check_output_dir
 from gptlab.hf_folder import load_checkpoint_or_folder
+from gptlab.metrics import METRICS, earlier_run_file, run_file
 from gptlab.pacing import TIMED_STEPS, UNTIMED_STEPS
+from gptlab.runtime import Runtime
 from gptlab.tokenizer import Tokenizer
 
 
 def metrics_path(c: TrainConfig) -> Path:
-    return Path(c.out_dir) / f"{Path(c.checkpoint).stem}.metrics.jsonl"
+    """Beside the checkpoint (a/ck.tar -> a/ck.metrics.jsonl). A resumed checkpoint whose metrics are where runs
+    put them before, in --out_dir, keeps them there: they are found, cut back and continued."""
+    path, earlier = run_file(c.checkpoint, METRICS), earlier_run_file(c.out_dir, c.checkpoint, METRICS)
+    return earlier if c.resume and not path.exists() and earlier.exists() else path
 
 
 def plot_path(c: TrainConfig, picture: str = "loss") -> Path:
-    """The loss curve (picture="loss") or the health heat maps (picture="health")."""
-    return Path(c.out_dir) / f"{Path(c.checkpoint).stem}.{picture}.png"
+    """The loss curve (picture="loss") or the health heat maps (picture="health"), beside the metrics."""
+    metrics = metrics_path(c)
+    return metrics.with_name(metrics.name.removesuffix(METRICS) + f"{picture}.png")
 
 
 def resume_config(c: TrainConfig, set_by_flags: set[str],
@@ -116,8 +124,8 @@ def check_fresh_run(c: TrainConfig) -> None:
     for path, what in ((metrics_path(c), "metrics"), (plot_path(c), "loss plot"),
                        (plot_path(c, "health"), "health picture")):
         if path.exists() and not c.overwrite:
-            raise UsageError(f"{path} already exists (an earlier run's {what}): choose another --checkpoint or "
-                             f"--out_dir, or replace it with --overwrite")
+            raise UsageError(f"{path} already exists (an earlier run's {what}, named after its checkpoint): choose "
+                             f"another --checkpoint, or replace it with --overwrite")
 
 
 def check_outputs(c: TrainConfig) -> None:
@@ -130,3 +138,20 @@ def check_outputs(c: TrainConfig) -> None:
     # a sharded checkpoint is a folder (check_fresh_run keeps any other folder safe): probe with its lock file
     check_output(c.checkpoint if c.checkpoint_format == "file" else f"{c.checkpoint}.lock", "--checkpoint", inputs)
     check_output(metrics_path(c), "--checkpoint's metrics file", inputs, [("--checkpoint", c.checkpoint)])
+
+
+def check_runtime(c: TrainConfig, rt: Runtime) -> None:
+    """The refusals that depend on how the run is launched (under torchrun with --fsdp), made before the run
+    writes its tokenizer, token cache or metrics (gptlab/health.py and gptlab/muon.py keep their own checks of
+    the last two, for other callers)."""
+    if not rt.fsdp:
+        return
+    if rt.dtype == torch.float16:
+        raise UsageError("--fsdp with --dtype float16 is not supported: the loss scaler would look for "
+                         "overflows in each rank's shard alone; use --dtype bfloat16")
+    if c.ema_decay > 0:
+        raise UsageError("--ema_decay is not supported with --fsdp yet (the average would need sharding too): "
+                         "leave --ema_decay out, or train with DDP (torchrun without --fsdp)")
+    if c.optimizer == "muon":
+        raise UsageError("--optimizer muon does not support --fsdp (FSDP shards the weight matrices Muon "
+                         "orthogonalises whole): train with DDP (torchrun without --fsdp) or --optimizer adamw")

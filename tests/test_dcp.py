@@ -119,7 +119,7 @@ def test_resume_auto_starts_a_run_then_continues_it(tmp_path, setup, capsys):
     assert parse_settings(["--resume", "auto"])[0].resume == "auto" and parse_settings(["--resume"])[0].resume is True
     (tmp_path / "auto.yaml").write_text("resume: auto\n")
     assert parse_settings(["--config", str(tmp_path / "auto.yaml")])[0].resume == "auto"
-    metrics = tmp_path / "runs" / "ckpt.metrics.jsonl"
+    metrics = tmp_path / "ckpt.metrics.jsonl"
     metrics.parent.mkdir()
     metrics.write_text('{"step": 7, "loss": 1.0}\n')  # an attempt killed before its first save
     for max_iters in (2, 4):
@@ -135,7 +135,7 @@ def killed_run(tmp_path_factory, setup) -> tuple[Path, int, str]:
     after the first checkpoint: (its folder, torchrun's exit status, its output)."""
     corpus, tokenizer = setup
     folder = tmp_path_factory.mktemp("killed")
-    metrics = folder / "runs" / "ckpt.metrics.jsonl"
+    metrics = folder / "ckpt.metrics.jsonl"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--max-restarts",
            "2", str(REPO / "playground.py"), *args_for(folder, corpus, tokenizer, *SHARDED, "--fsdp", "--max_iters",
                                                         "20", "--checkpoint_interval", "4", "--resume", "auto")]
@@ -160,7 +160,7 @@ def test_a_worker_killed_under_max_restarts_costs_a_restart_not_the_run(killed_r
     folder, status, output = killed_run
     assert status == 0, output[-3000:]
     assert output.count("resumed from step ") == 1 and "exitcode: -9" in output
-    assert steps_logged(folder / "runs" / "ckpt.metrics.jsonl") == list(range(1, 21))  # cut back on resume: once each
+    assert steps_logged(folder / "ckpt.metrics.jsonl") == list(range(1, 21))  # cut back on resume: once each
     assert load_checkpoint(folder / "ckpt.tar")["iteration"] == 20
     assert sorted(p.name for p in folder.iterdir()) == ["ckpt.tar", "out.txt", "runs"]  # nothing left aside
 

@@ -377,19 +377,43 @@ def test_gguf_refuses_the_character_bpe_tokenizer(tmp_path, corpus, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_non_empty_out_folder_needs_overwrite_and_never_the_checkpoint(tmp_path, tokenizer, corpus, capsys):
+def test_overwrite_replaces_an_earlier_export_and_nothing_else(tmp_path, tokenizer, corpus, capsys):
     ckpt = write_checkpoint(tmp_path, random_model(tokenizer.vocab_size), tokenizer, corpus)
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    for fmt in ("hf", "gguf", "hf"):  # each replaces the earlier export, which holds only an export's files
+        assert run_export(["--checkpoint", str(ckpt), "--out", str(out), "--format", fmt, "--overwrite"]) == 0
+        assert {p.name for p in out.iterdir()} <= export.EXPORT_FILES
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_checkpoint.tar", "out"]  # no temporary left
+    (out / "notes.txt").write_text("mine")
+    (out / "data").mkdir()
     assert run_export(["--checkpoint", str(ckpt), "--out", str(out)]) == 2
-    assert "--overwrite" in capsys.readouterr().err and (out / "keep.txt").exists()
+    assert "--overwrite" in capsys.readouterr().err
+    assert run_export(["--checkpoint", str(ckpt), "--out", str(out), "--overwrite"]) == 2
+    assert "holds what an export does not write (data/, notes.txt)" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "mine" and (out / "model.safetensors").exists()
+    theirs = tmp_path / "theirs"  # a transformers folder this project did not write: its names, not our card
+    theirs.mkdir()
+    for name in ("config.json", "model.safetensors", "README.md"):
+        (theirs / name).write_text("theirs")
+    assert run_export(["--checkpoint", str(ckpt), "--out", str(theirs), "--overwrite"]) == 2
+    assert "is not an earlier export" in capsys.readouterr().err and (theirs / "README.md").read_text() == "theirs"
     assert run_export(["--checkpoint", str(ckpt), "--out", str(ckpt)]) == 2
     assert run_export(["--checkpoint", str(ckpt), "--out", str(tmp_path), "--overwrite"]) == 2
     assert "holds the checkpoint" in capsys.readouterr().err and ckpt.exists()
-    assert run_export(["--checkpoint", str(ckpt), "--out", str(out), "--overwrite"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_checkpoint.tar", "out"]  # no temporary left
+
+
+@pytest.mark.parametrize("named", [".", "", "HERE", "..", "/"])
+def test_the_folder_you_are_in_is_never_out(tmp_path, tokenizer, corpus, capsys, monkeypatch, named):
+    ckpt = write_checkpoint(tmp_path, random_model(tokenizer.vocab_size), tokenizer, corpus)
+    here = tmp_path / "work"
+    here.mkdir()
+    (here / "mine.txt").write_text("mine")
+    monkeypatch.chdir(here)
+    for overwrite in ([], ["--overwrite"]):
+        assert run_export(["--checkpoint", str(ckpt), "--out", named.replace("HERE", str(here)), *overwrite]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --out ") and err.count("\n") == 1, err
+    assert sorted(p.name for p in here.iterdir()) == ["mine.txt"]
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen3"])

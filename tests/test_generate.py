@@ -2,6 +2,7 @@
 byte by hand, and one-line errors for every bad input."""
 
 import dataclasses
+import io
 import math
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import generate
 from evaluate import encode_file, evaluate_tokens
 from gpt import GPT, GPTConfig
 from gptlab.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from gptlab.errors import run_cli
 from gptlab.tokenizer import corpus_files, train_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -215,3 +217,43 @@ def test_evaluate_cli_reports_all_three_figures(ckpt_path, tmp_path):
     r = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--checkpoint", str(ckpt_path), str(empty)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+
+
+def run_generate(argv: list[str], capsys) -> tuple[int, str, str]:
+    """generate.py's main as its script runs it (inside run_cli), in this process: (status, stdout, stderr)."""
+    try:
+        run_cli(lambda: generate.main(argv))
+        status = 0
+    except SystemExit as e:
+        status = e.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+class PipedBytes(io.TextIOWrapper):
+    """A piped standard input holding these bytes, decoded as Python does under a C locale."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(io.BytesIO(data), encoding="ascii", errors="surrogateescape")
+
+    def isatty(self) -> bool:
+        return False
+
+
+@pytest.mark.parametrize(("stdin", "argv", "says"), [
+    (None, [], "error: no prompt: standard input is closed; give --prompt TEXT or --prompt_file FILE (--prompt '' "
+               "generates from scratch)"),
+    (PipedBytes(b"caf\xe9 au lait"), [], "error: standard input is not UTF-8 text"),
+    (PipedBytes(b""), ["--prompt", "caf\udce9"], "error: --prompt is not UTF-8 text"),  # argv bytes, as read
+])
+def test_a_prompt_that_cannot_be_read_is_one_line(ckpt_path, monkeypatch, capsys, stdin, argv, says):
+    monkeypatch.setattr(sys, "stdin", stdin)  # None: started with `<&-`
+    status, out, err = run_generate(["--checkpoint", str(ckpt_path), *argv], capsys)
+    assert (status, out, err) == (2, "", says + "\n")
+
+
+def test_closed_stdin_with_a_prompt_generates(ckpt_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", None)
+    status, out, err = run_generate(["--checkpoint", str(ckpt_path), "--prompt", "KING.", "--max_new_tokens", "3",
+                                     "--device", "cpu"], capsys)
+    assert status == 0 and out.startswith("KING."), err

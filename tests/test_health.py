@@ -43,7 +43,7 @@ def train(tmp_path: Path, corpus: Path, tokenizer: Path, *extra: str, name: str 
 
 
 def metrics(tmp_path: Path, name: str = "ckpt") -> list[dict]:
-    return [json.loads(line) for line in (tmp_path / "runs" / f"{name}.metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (tmp_path / f"{name}.metrics.jsonl").read_text().splitlines()]
 
 
 def poison_training_loss(monkeypatch, bad_calls: set[int], value: float = math.nan) -> None:
@@ -224,7 +224,7 @@ def test_two_ranks_roll_back_as_one_process_does(tmp_path, corpus, tokenizer_pat
                 "--checkpoint", str(tmp_path / name / "ckpt.tar")]
         launcher = [sys.executable] if name == "one" else torchrun(2)[:-1]  # torchrun(2) ends with playground.py
         run([*launcher, str(script), *args])
-    rows = {name: [json.loads(line) for line in (tmp_path / name / "runs" / "ckpt.metrics.jsonl").read_text()
+    rows = {name: [json.loads(line) for line in (tmp_path / name / "ckpt.metrics.jsonl").read_text()
                    .splitlines()] for name in ("one", "two")}
     events = {name: [(r["step"], r["to_step"]) for r in rows[name] if r.get("event") == "rollback"] for name in rows}
     assert events["one"] == events["two"] == [(45, 40)]
@@ -261,7 +261,7 @@ def test_fsdp_ranks_roll_back_their_shards(tmp_path, corpus, tokenizer_path):
          "--batch_size", "2", "--max_iters", "10", "--eval_interval", "10", "--on_spike", "rollback",
          "--snapshot_interval", "5", "--health_interval", "0", "--out_dir", str(tmp_path / "runs"),
          "--checkpoint", str(tmp_path / "ckpt.tar")])
-    rows = [json.loads(line) for line in (tmp_path / "runs" / "ckpt.metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "ckpt.metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["to_step"]) for r in rows if r.get("event") == "rollback"] == [(8, 5)]
     assert all(torch.isfinite(t).all() for t in load_checkpoint(tmp_path / "ckpt.tar")["model"].values())
 

@@ -22,6 +22,7 @@ from config import TrainConfig, fixed_on_resume, parse_config
 from gpt import GPT, GPTConfig
 from gptlab import memory
 from gptlab.checkpoint import load_checkpoint
+from gptlab.cli import format_size, parse_size
 from gptlab.convert import architecture_for
 from gptlab.data import TokenSplit, token_dtype
 from gptlab.errors import UsageError
@@ -163,15 +164,37 @@ def test_activation_checkpointing_is_free_for_the_exporter_and_on_resume():
 
 
 @pytest.mark.parametrize(("text", "size"), [("8GB", 8 * 2**30), ("512MB", 512 * 2**20), ("1.5 GiB", 3 * 2**29),
-                                            ("1000", 1000)])
-def test_sizes_read_as_powers_of_1024(text, size):
-    assert memory.parse_size(text) == size
+                                            ("1000", 1000), ("2TB", 2 * 2**40), ("3KiB", 3072), ("7B", 7)])
+def test_sizes_read_as_powers_of_1024_and_a_bare_number_as_bytes(text, size):
+    assert parse_size(text) == size
 
 
-@pytest.mark.parametrize("text", ["8 parsecs", "GB", "-1GB", "0"])
-def test_a_bad_size_is_a_usage_error(text):
-    with pytest.raises(UsageError, match="--max_memory"):
-        TrainConfig(max_memory=text)
+@pytest.mark.parametrize(("text", "why"), [("8 parsecs", "is not a size"), ("GB", "is not a size"),
+                                           ("-1GB", "is negative"), ("-5", "is negative"), ("0", "is below one byte")])
+def test_a_bad_size_is_one_line_naming_the_flag_and_why(text, why):
+    with pytest.raises(ValueError, match=why):
+        parse_size(text)
+    # typed as `--max_memory -1GB` (not only `--max_memory=-1GB`): argparse used to take it for a flag
+    with pytest.raises(UsageError, match=f"--max_memory '{text}' {why}"):
+        parse_config(["--max_memory", text])
+
+
+def test_a_size_in_yaml_may_be_a_number_of_bytes():
+    assert TrainConfig.from_dict({"max_memory": 1000}).max_memory == "1000"
+    with pytest.raises(UsageError, match="--max_memory '-1' is negative"):
+        TrainConfig.from_dict({"max_memory": -1})
+
+
+def test_a_flag_value_starting_with_a_minus_is_its_value_not_a_flag():
+    with pytest.raises(UsageError, match="--lr must be a number >= 0, got -0.001"):
+        parse_config(["--lr", "-1e-3"])
+
+
+def test_the_budget_in_a_refusal_shows_the_bytes_typed():
+    assert [format_size(n) for n in (1000, 2560, 512 * 2**20, 8 * 2**30)] == \
+        ["1,000 B", "2.5 KiB", "512.0 MiB", "8.00 GiB"]
+    with pytest.raises(UsageError, match="above the 1,000 B budget"):
+        memory.plan(PLAN_MODEL, 12, memory.Step(12, 1, device_type="cpu"), 1000, 12)
 
 
 PLAN_MODEL = GPTConfig(vocab_size=512, block_size=64, embedding_dim=64, num_of_layers=2, num_of_heads=4)
@@ -198,7 +221,7 @@ def test_checkpointing_only_when_one_sequence_does_not_fit_and_a_refusal_names_w
     assert plan.activation_checkpointing and plan.need <= need(1) - 1
     with pytest.raises(UsageError, match=r"--max_memory (\d+)MB would fit") as e:
         memory.plan(PLAN_MODEL, 12, step, 2**20, 12)
-    fits = memory.parse_size(re.search(r"--max_memory (\d+MB)", str(e.value)).group(1))
+    fits = parse_size(re.search(r"--max_memory (\d+MB)", str(e.value)).group(1))
     assert memory.plan(PLAN_MODEL, 12, step, fits, 12).micro_batch == 1
 
 

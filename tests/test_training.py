@@ -36,7 +36,7 @@ def train(argv: list[str]) -> dict[str, float]:
 
 
 def metrics(tmp_path: Path, name: str = "ckpt") -> list[dict]:
-    lines = (tmp_path / "runs" / f"{name}.metrics.jsonl").read_text().splitlines()
+    lines = (tmp_path / f"{name}.metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines]
 
 
@@ -50,7 +50,7 @@ def test_loss_falls_on_the_bundled_corpus(tmp_path, corpus, tokenizer_path):
     assert final["val_bpb"] == pytest.approx(bpb)
     ckpt = load_checkpoint(tmp_path / "ckpt.tar")
     assert ckpt["iteration"] == 60 and ckpt["best_val_loss"] == pytest.approx(final["val_loss"])
-    assert (tmp_path / "runs" / "ckpt.loss.png").exists()
+    assert (tmp_path / "ckpt.loss.png").exists()
 
 
 @pytest.mark.gpu
@@ -179,7 +179,7 @@ def test_wandb_offline_needs_no_network(tmp_path, corpus, tokenizer_path, monkey
     monkeypatch.setenv("WANDB_SILENT", "true")
     train(run_args(tmp_path, corpus, tokenizer_path, "--max_iters", "2", "--eval_interval", "2",
                    "--wandb_project", "gptx-test"))
-    runs = list((tmp_path / "runs" / "wandb").glob("offline-run-*"))
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))  # beside the checkpoint, as its metrics
     assert len(runs) == 1
     assert any(r.get("val_loss") for r in metrics(tmp_path))  # the local copy is always written
 
