@@ -3,6 +3,7 @@ the token files of the reference engine (Hugging Face tokenizers), and a tokeniz
 the reference engine, which the log names."""
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from gptlab.encoding import ReferenceEncoder, encoder_for
 from gptlab.tokenizer import Tokenizer, corpus_files, train_tokenizer
 
 BUNDLED = Path(__file__).resolve().parent.parent / "data" / "shakespeare.txt"
+# The sweep over code points takes every UNICODE_STRIDE-th one (1: all of them, a few seconds more).
+UNICODE_STRIDE = int(os.environ.get("UNICODE_STRIDE", 13))
 SPECIALS = ["<|endoftext|>", "<mask>", "<pad>", "<cls>", "<sep>"]
 # Text a corpus of the world holds, and what tends to break a conversion: CRLF, a lone \r, a byte-order mark,
 # emoji (with a zero-width joiner and skin tones), non-Latin scripts, combining marks, digits of other scripts,
@@ -160,19 +163,45 @@ def test_the_log_names_the_fast_engine(tmp_path, tokenizer, capsys, monkeypatch)
     assert "token cache: encoding with tiktoken (byte-level BPE, converted exactly)" in capsys.readouterr().out
 
 
-def byte_level(vocab: list[str], merges: list[tuple[str, str]]) -> dict:
-    """A byte-level BPE's spec: <|endoftext|>, the 256 bytes, then `vocab` (made by `merges`) in id order."""
+def byte_level(vocab: list[bytes], merges: list[tuple[bytes, bytes]]) -> dict:
+    """A byte-level BPE's tokenizer.json: <|endoftext|>, the 256 bytes, then `vocab` (made by `merges`) in id
+    order, split as GPT-2 splits."""
     symbols = {b: c for c, b in encoding._byte_of_symbol().items()}
-    tokens = ["<|endoftext|>", *(symbols[b] for b in range(256)), *vocab]
-    return {"added_tokens": [{"id": 0, "content": "<|endoftext|>", "single_word": False, "lstrip": False,
+
+    def written(token: bytes) -> str:
+        return "".join(symbols[b] for b in token)
+
+    tokens = ["<|endoftext|>", *(symbols[b] for b in range(256)), *map(written, vocab)]
+    return {"version": "1.0", "truncation": None, "padding": None, "normalizer": None, "post_processor": None,
+            "added_tokens": [{"id": 0, "content": "<|endoftext|>", "single_word": False, "lstrip": False,
                               "rstrip": False, "normalized": False, "special": True}],
-            "model": {"vocab": {t: i for i, t in enumerate(tokens)}, "merges": [list(m) for m in merges]}}
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                              "use_regex": True}, "decoder": None,
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                      "vocab": {t: i for i, t in enumerate(tokens)},
+                      "merges": [[written(a), written(b)] for a, b in merges]}}
+
+
+def test_both_engines_split_every_code_point_alike():
+    """tokenizers splits with Oniguruma, tiktoken with fancy-regex: their Unicode tables must agree on what is a
+    letter, a number, whitespace or neither. A BPE that merges "a", "1", "!" and " " with any following byte
+    shows which of them each code point stays with: after "a" only a letter does, after "1" only a number, ..."""
+    merges = [(p, bytes([b])) for p in (b"a", b"1", b"!", b" ") for b in range(256)]
+    tok = Tokenizer.from_json(json.dumps(byte_level([a + b for a, b in merges], merges)))
+    fast = encoder_for(tok)
+    assert fast.name == "tiktoken"
+    points = [chr(c) for c in range(1, 0x110000, UNICODE_STRIDE) if not 0xD800 <= c <= 0xDFFF]
+    texts = ["\n".join(before + c for c in points) for before in ("a", "1", "!", " ")]  # a few MB
+    assert fast.encode_batch(texts) == tok.encode_batch(texts)
 
 
 def test_a_token_tiktoken_would_reach_through_another_pair_is_found():
     """bc (id 257) is merged before ab (258), so "abc" becomes [a, bc]: tokenizers stops there (abc's merge is
     (ab, c)), tiktoken would join a and bc because abc is in its vocabulary."""
-    spec = byte_level(["bc", "ab", "abc"], [("b", "c"), ("a", "b"), ("ab", "c")])
+    spec = byte_level([b"bc", b"ab", b"abc"], [(b"b", b"c"), (b"a", b"b"), (b"ab", b"c")])
     assert "reachable through another pair" in encoding.tiktoken_ranks(spec)
-    spec = byte_level(["bc", "ab", "abc"], [("b", "c"), ("a", "b"), ("a", "bc")])
+    assert Tokenizer.from_json(json.dumps(spec)).encode("abc") == [ord("a") + 1, 257]  # a, bc
+    spec = byte_level([b"bc", b"ab", b"abc"], [(b"b", b"c"), (b"a", b"b"), (b"a", b"bc")])
     assert encoding.tiktoken_ranks(spec)[b"abc"] == 259
+    assert encoder_for(Tokenizer.from_json(json.dumps(spec))).encode_batch(["abc"]) == [[259]]
