@@ -53,7 +53,12 @@ def readable(path: Path) -> bytes | None:
 
 def make_corpus(folder: Path, mb: int, heldout_mb: int, seed: int) -> tuple[Path, Path]:
     """corpus.txt (mb MB: the documents, repeated as needed) and heldout.txt (heldout_mb MB of other ones)."""
-    texts = [t for t in map(readable, documents(seed)) if t]
+    texts, size = [], 0
+    for text in filter(None, map(readable, documents(seed))):  # read only what is needed
+        texts.append(text)
+        size += len(text)
+        if size >= (mb + heldout_mb) * 1_000_000:
+            break
     heldout, size = [], 0
     while size < heldout_mb * 1_000_000 and len(texts) > 1:
         heldout.append(texts.pop())
