@@ -16,7 +16,7 @@ from gptlab.tokenizer import Tokenizer, corpus_files, train_tokenizer
 
 BUNDLED = Path(__file__).resolve().parent.parent / "data" / "shakespeare.txt"
 # The sweep over code points takes every UNICODE_STRIDE-th one (1: all of them, a few seconds more).
-UNICODE_STRIDE = int(os.environ.get("UNICODE_STRIDE", 13))
+UNICODE_STRIDE = int(os.environ.get("UNICODE_STRIDE", 29))
 SPECIALS = ["<|endoftext|>", "<mask>", "<pad>", "<cls>", "<sep>"]
 # Text a corpus of the world holds, and what tends to break a conversion: CRLF, a lone \r, a byte-order mark,
 # emoji (with a zero-width joiner and skin tones), non-Latin scripts, combining marks, digits of other scripts,
