@@ -2,12 +2,12 @@
 
     encoder_for(tokenizer).encode_batch(texts) -> one list of ids per text
 
-A byte-level BPE (the bbpe kind) is run through `tiktoken`, which encodes the same text 4-6x faster and releases
-the GIL, so threads use every core. tiktoken takes a vocabulary of byte strings ranked by merge priority, split by
-a regex: the tokenizer's vocabulary (GPT-2's byte-to-unicode table inverted) with rank = token id, and GPT-2's
-regex, which is the one the ByteLevel pre-tokenizer splits by. That gives the same ids only when what follows
-holds, so each is checked and anything else (the bpe kind, a normalizer, an unusual setting) keeps the reference
-engine, whose name the log prints:
+A byte-level BPE (the bbpe kind) is run through `tiktoken`, which encodes the same text 6-9x faster on 2 cores
+(docs/speed.md) and releases the GIL, so threads use every core. tiktoken takes a vocabulary of byte strings
+ranked by merge priority, split by a regex: the tokenizer's vocabulary (GPT-2's byte-to-unicode table inverted)
+with rank = token id, and GPT-2's regex, which is the one the ByteLevel pre-tokenizer splits by. That gives the
+same ids only when what follows holds, so each is checked and anything else (the bpe kind, a normalizer, an
+unusual setting) keeps the reference engine, whose name the log prints:
   - nothing before or after the split (no normalizer, no prefix space) and a plain BPE model (no dropout, unknown
     token, word prefix or suffix, byte fallback); all 256 byte symbols in the vocabulary;
   - merges in id order, one per token: tiktoken merges the adjacent pair whose concatenation has the lowest id,
@@ -198,6 +198,8 @@ def _check_merges(merges: list[list[str]], ranks: dict[bytes, int], symbols: dic
     made: dict[bytes, tuple[bytes, bytes]] = {}
     last = -1
     for left, right in merges:
+        if not all(c in symbols for c in left + right):
+            return f"merge {left!r} {right!r} is not byte-level"
         pair = (bytes(symbols[c] for c in left), bytes(symbols[c] for c in right))
         token = pair[0] + pair[1]
         if token not in ranks or token in made or ranks[token] <= last:
