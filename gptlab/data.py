@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from gptlab.corpus import CHUNK_BYTES, Line, read_corpus, regular_file
+from gptlab.encoding import encoder_for
 from gptlab.errors import UsageError
 from gptlab.fileio import atomic_files, atomic_write_text
 from gptlab.progress import byte_progress
@@ -158,13 +159,16 @@ def _tokenize_into(outs: dict[str, BinaryIO], counts: dict[str, dict[str, int]],
     """The corpus goes to the tokenizer in pieces of about CHUNK_BYTES, cut at line ends (and where the
     validation text or a document starts). One batch of pieces at a time is encoded with encode_batch, which
     spreads the pieces over every core; each piece is encoded as it would be alone, so the token files are the
-    same whatever the number of cores, and memory holds one batch."""
+    same whatever the number of cores, and memory holds one batch. The fastest engine that gives the tokenizer's
+    own ids encodes them (encoding.encoder_for); the log says which."""
+    encoder = encoder_for(tokenizer)
+    print(f"token cache: encoding with {encoder.name} ({encoder.reason})")
     pending: dict[str, list[str]] = {"train": [], "val": []}
     batch: list[tuple[str, str, bool]] = []  # (split, text, ends a document) waiting to be encoded
     batch_size = os.cpu_count() or 1
 
     def encode_batch() -> None:
-        for (split, _, end_of_document), ids in zip(batch, tokenizer.encode_batch([t for _, t, _ in batch]),
+        for (split, _, end_of_document), ids in zip(batch, encoder.encode_batch([t for _, t, _ in batch]),
                                                     strict=True):
             if end_of_document:
                 ids.append(tokenizer.eot_id)  # documents are separated by the end-of-text token

@@ -52,6 +52,8 @@ BUDGETS: Budgets = [
     ("bench.py peers", None),  # nanoGPT and the checkout above; minutes of whole training runs of each
     ("bench.py attention", ["--sizes", "16,1,32,2", "--vocab_size", "64", "--warmup", "0", "--iters", "1"]),
     ("bench_tokenizer.py", ["--mb", "1", "--vocab_size", "300"]),
+    ("bench_encoding.py", ["--mb", "2", "--sample_mb", "1", "--encode_mb", "1", "--heldout_mb", "1",
+                           "--vocab_size", "300"]),
     ("gpu_check.py", None),  # GPU: refused without one; tests/test_gpu_check.py runs its CPU rehearsal, --dry_run
 ]
 
