@@ -120,7 +120,6 @@ def test_resume_auto_starts_a_run_then_continues_it(tmp_path, setup, capsys):
     (tmp_path / "auto.yaml").write_text("resume: auto\n")
     assert parse_settings(["--config", str(tmp_path / "auto.yaml")])[0].resume == "auto"
     metrics = tmp_path / "ckpt.metrics.jsonl"
-    metrics.parent.mkdir()
     metrics.write_text('{"step": 7, "loss": 1.0}\n')  # an attempt killed before its first save
     for max_iters in (2, 4):
         train([*args_for(tmp_path, corpus, tokenizer, "--batch_size", "2", "--max_iters", str(max_iters),
@@ -162,7 +161,8 @@ def test_a_worker_killed_under_max_restarts_costs_a_restart_not_the_run(killed_r
     assert output.count("resumed from step ") == 1 and "exitcode: -9" in output
     assert steps_logged(folder / "ckpt.metrics.jsonl") == list(range(1, 21))  # cut back on resume: once each
     assert load_checkpoint(folder / "ckpt.tar")["iteration"] == 20
-    assert sorted(p.name for p in folder.iterdir()) == ["ckpt.tar", "out.txt", "runs"]  # nothing left aside
+    assert sorted(p.name for p in folder.iterdir()) == ["ckpt.loss.png", "ckpt.metrics.jsonl", "ckpt.tar", "out.txt",
+                                                        "runs"]  # nothing left aside
 
 
 @pytest.mark.skipif(not Path("/proc").exists(), reason="finds the worker processes through /proc")

@@ -292,7 +292,8 @@ def test_time_budget_command_passes_the_budget_and_no_step_count():
                                                                                   "--resume"]
 
 
-def test_ablation_spec_parses():
+def test_ablation_spec_parses(monkeypatch):
+    monkeypatch.chdir(REPO)  # its config path is relative to the repository, where its command runs (reads only)
     spec = experiment.read_spec(str(REPO / "experiments" / "ablation.yaml"))
     plan = experiment.make_plan(spec, "ablation", experiment.playground_options())
     assert plan.baseline == "gpt2" and len(plan.seeds) == 3 and plan.budget == {"time_budget": 60}
