@@ -22,7 +22,7 @@ from test_experiment import TINY
 
 import experiment
 from gptlab import search
-from gptlab.errors import run_cli
+from gptlab.errors import UsageError, run_cli
 from gptlab.tokenizer import train_tokenizer
 
 pytest.importorskip("optuna")
@@ -173,7 +173,7 @@ def test_a_changed_space_is_refused_for_an_existing_study(hunt):
     edited = spec.parent / "edited.yaml"
     edited.write_text(spec.read_text().replace("high: 0.03", "high: 0.05") + "name: hunt\n")
     before = stamps(out)
-    with pytest.raises(search.UsageError, match="study was made with other space"):
+    with pytest.raises(UsageError, match="study was made with other space"):
         experiment.main([str(edited)])
     assert stamps(out) == before
 
