@@ -412,8 +412,10 @@ def ended(study: Any) -> list[Any]:
 
 
 def confirmation_plan(search: Search, study: Any, runner: Runner) -> Plan | None:
-    """The base and the `top` best finished trials, as variants trained on the confirmation's seeds."""
-    finished = sorted((t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"),
+    """The base and the `top` best finished trials, as variants trained on the confirmation's seeds. A trial
+    with the base's own settings (say, today's, queued by `first`) is the base: the next one is confirmed."""
+    finished = sorted((t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE" and
+                       any(k not in search.base or show(search.base[k]) != show(v) for k, v in t.params.items())),
                       key=lambda t: (t.value, t.number))
     best = finished[:search.confirm_top]
     if not best:

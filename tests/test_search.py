@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -192,6 +193,20 @@ def test_a_trial_clearly_behind_is_pruned_and_stopped_cleanly(tmp_path, data, mo
     assert json.loads((pruned / "result.json").read_text())["returncode"] == 143
     assert rows(out)[2]["steps"] == "2"
     assert "2 finished, 1 pruned, 0 failed" in (out / "report.md").read_text()
+
+
+def test_the_confirmation_takes_the_best_finished_trials_that_differ_from_the_base():
+    def trial(number, state, value, lr):
+        return SimpleNamespace(number=number, state=SimpleNamespace(name=state), value=value, params={"lr": lr})
+
+    study = SimpleNamespace(get_trials=lambda deepcopy: [
+        trial(0, "COMPLETE", 2.0, 2e-3),  # the best, but the base's own settings
+        trial(1, "PRUNED", None, 1e-3), trial(2, "COMPLETE", 2.3, 5e-3), trial(3, "COMPLETE", 2.1, 4e-3)])
+    runner = SimpleNamespace(make_plan=lambda spec, stem: spec)
+    hunt = search.Search("s", "out/s", {"lr": 0.002}, {"max_iters": 4}, 4, {}, {"tpe": {}}, None, 2, [1338], 1337,
+                         [])
+    assert search.confirmation_plan(hunt, study, runner)["variants"] == {"base": {}, "trial3": {"lr": 4e-3},
+                                                                         "trial2": {"lr": 5e-3}}
 
 
 def test_under_a_time_budget_trials_report_at_tenths_of_its_seconds_not_of_steps(monkeypatch):
