@@ -312,6 +312,14 @@ class Watcher:
         return new
 
     def __call__(self, child: subprocess.Popen, children: Any) -> int:
+        try:
+            return self.wait(child, children)
+        except BaseException:  # an error of the search's own: never leave its run training unwatched
+            child.terminate()
+            child.wait()
+            raise
+
+    def wait(self, child: subprocess.Popen, children: Any) -> int:
         while True:
             try:
                 returncode = child.wait(timeout=POLL_S)
