@@ -119,6 +119,10 @@ def make_variant(name: str, overrides: dict[str, Any], base: dict[str, Any], bud
     try:
         c, given = parse_config(argv)
         check_dependent_flags(c, given)
+        if c.time_budget is not None and "time_budget" not in budget:  # set by its --config file
+            raise UsageError(f"its config sets time_budget {c.time_budget:g}, which would stop each run "
+                             f"on time instead of at the budget's {next(iter(budget))}: use a config without "
+                             f"time_budget")
         report.check_data(list(c.corpus), c.val_fraction, c.model.block_size, c.tokenizer)
     except UsageError as e:
         raise UsageError(f"variant '{name}': {e}") from None
