@@ -297,3 +297,13 @@ def test_search_with_variants_is_refused(tmp_path, data, capsys):
     with pytest.raises(SystemExit):
         run_cli(lambda: experiment.main([str(spec)]))
     assert "search: replaces seeds, variants" in capsys.readouterr().err
+
+
+def test_a_configs_time_budget_under_a_steps_budget_is_refused(data):
+    """A --config file's time_budget would stop each run (trial or variant) on time, not at the budget's steps."""
+    spec = {"base": {**data, "config": str(REPO / "configs" / "cpu_speedrun.yaml")}, "variants": {"a": {}},
+            "seeds": 1, "budget": {"max_iters": 250}}
+    with pytest.raises(UsageError, match="its config sets time_budget 117, which would stop each run on time "
+                                         "instead of at the budget's max_iters"):
+        experiment.make_plan(spec, "s", experiment.playground_options())
+    experiment.make_plan({**spec, "budget": {"time_budget": 117}}, "s", experiment.playground_options())
