@@ -234,9 +234,13 @@ def import_optuna() -> Any:
     return optuna
 
 
-def make_sampler(search: Search, optuna: Any) -> Any:
+def make_sampler(search: Search, optuna: Any, trials_so_far: int = 0) -> Any:
+    """Seeded from the search's seed and the number of trials the study holds: made afresh for each trial, it
+    proposes after a rerun what an uninterrupted search would have (a sampler seeded once per process would
+    replay, after each rerun, the proposals it made first)."""
     (name, keywords), = search.sampler.items()
-    return _construct(getattr(optuna.samplers, SAMPLERS[name]), {"seed": search.seed, **keywords}, "sampler", name)
+    return _construct(getattr(optuna.samplers, SAMPLERS[name]), {"seed": search.seed + trials_so_far, **keywords},
+                      "sampler", name)
 
 
 def make_pruner(search: Search, optuna: Any) -> Any:
@@ -344,6 +348,7 @@ def run_trials(search: Search, study: Any, runner: Runner, optuna: Any) -> None:
         run_trial(search, study, optuna.Trial(study, frozen._trial_id), set(frozen.intermediate_values), runner)
         write_csv(search, study, table)
     while len(ended(study)) < search.trials:
+        study.sampler = make_sampler(search, optuna, len(study.get_trials(deepcopy=False)))
         run_trial(search, study, study.ask(), set(), runner)
         write_csv(search, study, table)
 

@@ -260,6 +260,7 @@ def test_a_killed_search_resumes_its_trial_and_keeps_finished_ones(tmp_path, dat
     assert stamps(out / "trials" / "trial0") == finished  # not retrained
     calls = (tmp_path / "calls.txt").read_text().splitlines()
     assert len(calls) == 4 and f"--lr {lr} " in calls[2]  # trial 1 again, with its settings; then trial 2
+    assert f"--lr {lr} " not in calls[3]  # a new proposal, not the rerun's sampler replaying trial 1's
     assert [r["status"] for r in rows(out)] == ["finished"] * 3
     assert json.loads(log.with_name("result.json").read_text())["returncode"] == 0
 
