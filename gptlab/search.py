@@ -486,7 +486,7 @@ def report_markdown(search: Search, study: Any, confirm: Plan | None, rows: list
                     confirm_text: str) -> str:
     counts = {s: sum(STATUS.get(t.state.name) == s for t in ended(study)) for s in ("finished", "pruned", "failed")}
     (kind, amount), = search.budget.items()
-    prune = "none" if search.prune is None else ", ".join(f"{n} {k}" for n, k in search.prune.items())
+    prune = "none" if search.prune is None else describe_option(search.prune)
     lines = [f"# Search {search.name}", "",
              f"Budget: {kind} {show(amount)} ({report.BUDGETS[kind]}). Trials: {len(ended(study))} of "
              f"{search.trials} ended: {counts['finished']} finished, {counts['pruned']} pruned, {counts['failed']} "
