@@ -22,6 +22,9 @@ The spec (YAML; unknown keys are errors; paths are relative to the current folde
     baseline: gpt2                  # optional: the variant the others are compared with
     seeds: 3                        # seeds 1337, 1338, 1339; or a list of seeds: [1, 2, 3]
     budget: {max_iters: 1000}       # equal steps; or {tokens: N}: equal tokens; or {time_budget: SECONDS}
+    search:                         # instead of variants/grid: Optuna proposes trials (see gptlab/search.py)
+      trials: 20
+      space: {lr: {low: 1.0e-4, high: 3.0e-2, log: true}, num_of_layers: [2, 4]}
 
 Every run is `python playground.py ...` in a subprocess, so it trains exactly what that command would; its
 output goes to the run folder's run.log. A rerun skips finished runs and resumes interrupted ones; it never
@@ -38,15 +41,18 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from config import TrainConfig, build_parser, check_dependent_flags, fixed_on_resume, parse_config
-from gptlab import report
+from gptlab import report, search
 from gptlab.checkpoint import load_checkpoint
 from gptlab.cli import read_yaml
 from gptlab.errors import DIVERGED_EXIT, CliParser, UsageError, run_cli
@@ -55,7 +61,7 @@ from gptlab.metrics import read_metrics
 from gptlab.report import Plan, Run, Variant
 
 PLAYGROUND = Path(__file__).resolve().parent / "playground.py"
-SPEC_KEYS = ("name", "out_dir", "base", "variants", "grid", "baseline", "seeds", "budget")
+SPEC_KEYS = ("name", "out_dir", "base", "variants", "grid", "baseline", "seeds", "budget", "search")
 # Settings the runner decides for every run (per run, or from the budget), never the spec.
 RUNNER_SETTINGS = ("seed", "out_dir", "checkpoint", "resume", "max_iters", "time_budget")
 
@@ -115,6 +121,10 @@ def make_variant(name: str, overrides: dict[str, Any], base: dict[str, Any], bud
     try:
         c, given = parse_config(argv)
         check_dependent_flags(c, given)
+        if c.time_budget is not None and "time_budget" not in budget:  # set by its --config file
+            raise UsageError(f"its config sets time_budget {c.time_budget:g}, which would stop each run "
+                             f"on time instead of at the budget's {next(iter(budget))}: use a config without "
+                             f"time_budget")
         report.check_data(list(c.corpus), c.val_fraction, c.model.block_size, c.tokenizer)
     except UsageError as e:
         raise UsageError(f"variant '{name}': {e}") from None
@@ -292,10 +302,11 @@ class Children:
                 child.send_signal(signum)
 
 
-def train_run(run: Run, state: str, plan: Plan, options: dict[str, bool],
-              children: Children) -> int | None:
+def train_run(run: Run, state: str, plan: Plan, options: dict[str, bool], children: Children,
+              watch: Callable[[subprocess.Popen, Children], int] | None = None) -> int | None:
     """One playground.py subprocess, its output appended to run.log; returns its exit status (None when the
-    runner was stopped before it started)."""
+    runner was stopped before it started). `watch`, when given, waits for the child in place of child.wait()
+    (a search reads the metrics as they grow, and may stop the run early)."""
     if children.stopped_by:
         return None
     run.folder.mkdir(parents=True, exist_ok=True)
@@ -311,7 +322,7 @@ def train_run(run: Run, state: str, plan: Plan, options: dict[str, bool],
         child = children.start(command, log)
         if child is None:
             return None
-        returncode = child.wait()
+        returncode = child.wait() if watch is None else watch(child, children)
     with children.lock:
         children.running.discard(child)
     _write_json(run.result, {"returncode": returncode, "wall_s": earlier_wall + time.perf_counter() - start,
@@ -324,29 +335,43 @@ def train_runs(todo: list[tuple[Run, str]], total: int, plan: Plan, options: dic
     """Train the runs, `jobs` at a time; a failure is reported and the others go on. Returns the failed runs.
     SIGTERM or Ctrl-C stops the running ones cleanly (saved, resumable) and exits 128 + the signal."""
     failed, children = [], Children()
+    with stop_on_signals(children, plan.name), ThreadPoolExecutor(max_workers=jobs) as pool, tqdm(
+            total=total, initial=total - len(todo), desc=f"{plan.name}: runs", unit="run", dynamic_ncols=True) as bar:
+        futures = {pool.submit(train_run, run, state, plan, options, children): run for run, state in todo}
+        for future in as_completed(futures):
+            run, returncode = futures[future], future.result()
+            bar.update(returncode is not None)
+            if returncode == DIVERGED_EXIT:  # a result, not a failure: the report lists it as diverged
+                bar.write(f"run {run.label} diverged; the end of {run.log}:\n{_tail(run.log, 3)}")
+            elif returncode not in (0, None) and not children.stopped_by:
+                failed.append(run)
+                bar.write(f"run {run.label} failed (exit status {returncode}); the end of {run.log}:\n"
+                          f"{_tail(run.log)}", file=sys.stderr)
+    return failed
+
+
+def train_watched(run: Run, state: str, plan: Plan, options: dict[str, bool],
+                  watch: Callable[[subprocess.Popen, Children], int]) -> int | None:
+    """One run, `watch` waiting on it (a search trial, which the search may prune); signals as for train_runs."""
+    children = Children()
+    with stop_on_signals(children, plan.name):
+        return train_run(run, state, plan, options, children, watch)
+
+
+@contextmanager
+def stop_on_signals(children: Children, name: str) -> Iterator[None]:
+    """SIGTERM or Ctrl-C stops the running runs cleanly (saved, resumable); then the runner exits 128 + the
+    signal."""
     previous = {sig: signal.signal(sig, children.stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with ThreadPoolExecutor(max_workers=jobs) as pool, tqdm(
-                total=total, initial=total - len(todo), desc=f"{plan.name}: runs", unit="run",
-                dynamic_ncols=True) as bar:
-            futures = {pool.submit(train_run, run, state, plan, options, children): run for run, state in todo}
-            for future in as_completed(futures):
-                run, returncode = futures[future], future.result()
-                bar.update(returncode is not None)
-                if returncode == DIVERGED_EXIT:  # a result, not a failure: the report lists it as diverged
-                    bar.write(f"run {run.label} diverged; the end of {run.log}:\n{_tail(run.log, 3)}")
-                elif returncode not in (0, None) and not children.stopped_by:
-                    failed.append(run)
-                    bar.write(f"run {run.label} failed (exit status {returncode}); the end of {run.log}:\n"
-                              f"{_tail(run.log)}", file=sys.stderr)
+        yield
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if children.stopped_by:
-        print(f"stopped: the interrupted runs saved their last step; run {plan.name}'s spec again to resume them",
+        print(f"stopped: the interrupted runs saved their last step; run {name}'s spec again to resume them",
               file=sys.stderr)
         raise SystemExit(128 + children.stopped_by)
-    return failed
 
 
 # ----------------------------------------------------------------------------- results
@@ -396,12 +421,25 @@ def main(argv: list[str] | None = None) -> None:
     if args.spec is None and args.report is None:
         raise UsageError("give an experiment spec (e.g. experiments/ablation.yaml), or --report DIR")
     options = playground_options()
-    plan = make_plan(read_spec(args.spec), Path(args.spec).stem, options) if args.spec else None
+    spec = read_spec(args.spec) if args.spec else None
+    if search.is_search(spec, args.report):  # trials proposed by Optuna, then an ordinary plan confirms the best
+        search.main(spec, Path(args.spec).stem if args.spec else None, args.report, search_runner(options, args.jobs))
+        return
+    plan = make_plan(spec, Path(args.spec).stem, options) if spec else None
     if args.report is not None:
         folder = Path(args.report)
         print(write_report(plan or load_plan(folder), folder, options), end="")
         print(f"report: {folder / 'report.md'}")
         return
+    failed = run_plan(plan, options, args.jobs)
+    if failed:
+        print(f"{len(failed)} run(s) failed: {', '.join(r.label for r in failed)} (see their run.log)",
+              file=sys.stderr)
+        sys.exit(1)
+
+
+def run_plan(plan: Plan, options: dict[str, bool], jobs: int) -> list[Run]:
+    """Train a plan's runs not finished yet, then write its report; returns the failed runs."""
     folder = Path(plan.folder)
     runs = report.plan_runs(plan, folder)
     # Before any training: may refuse (runs of another budget, or trained with other settings).
@@ -417,15 +455,23 @@ def main(argv: list[str] | None = None) -> None:
     for run, state in states:
         if state == "unevaluated":
             print(f"note: {report.unevaluated_note(run)}")
-    if args.jobs > 1 and "time_budget" in plan.budget:
+    if jobs > 1 and "time_budget" in plan.budget:
         print("note: under a time budget, runs side by side share the machine and each gets fewer steps")
-    failed = train_runs(todo, len(runs), plan, options, args.jobs)
+    failed = train_runs(todo, len(runs), plan, options, jobs)
     print(write_report(plan, folder, options), end="")
     print(f"report: {folder / 'report.md'}")
-    if failed:
-        print(f"{len(failed)} run(s) failed: {', '.join(r.label for r in failed)} (see their run.log)",
-              file=sys.stderr)
-        sys.exit(1)
+    return failed
+
+
+def search_runner(options: dict[str, bool], jobs: int) -> search.Runner:
+    """What gptlab/search.py borrows from this script (the library never imports a script)."""
+    return search.Runner(make_plan=partial(make_plan, options=options),
+                         make_variant=partial(make_variant, options=options),
+                         check_keys=partial(_check_keys, options=options),
+                         run_state=partial(run_state, options=options),
+                         train=partial(train_watched, options=options),
+                         run_plan=partial(run_plan, options=options, jobs=jobs),
+                         write_report=partial(write_report, options=options))
 
 
 if __name__ == "__main__":
