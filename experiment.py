@@ -22,6 +22,7 @@ The spec (YAML; unknown keys are errors; paths are relative to the current folde
     baseline: gpt2                  # optional: the variant the others are compared with
     seeds: 3                        # seeds 1337, 1338, 1339; or a list of seeds: [1, 2, 3]
     budget: {max_iters: 1000}       # equal steps; or {tokens: N}: equal tokens; or {time_budget: SECONDS}
+    benchmark: {blimp: DIR}         # optional: each finished run's BLiMP score (DIR: its paradigm .jsonl files)
 
 Every run is `python playground.py ...` in a subprocess, so it trains exactly what that command would; its
 output goes to the run folder's run.log. A rerun skips finished runs and resumes interrupted ones; it never
@@ -54,7 +55,7 @@ from gptlab.metrics import read_metrics
 from gptlab.report import Plan, Run, Variant
 
 PLAYGROUND = Path(__file__).resolve().parent / "playground.py"
-SPEC_KEYS = ("name", "out_dir", "base", "variants", "grid", "baseline", "seeds", "budget")
+SPEC_KEYS = ("name", "out_dir", "base", "variants", "grid", "baseline", "seeds", "budget", "benchmark")
 # Settings the runner decides for every run (per run, or from the budget), never the spec.
 RUNNER_SETTINGS = ("seed", "out_dir", "checkpoint", "resume", "max_iters", "time_budget")
 
@@ -98,8 +99,9 @@ def make_plan(spec: dict[str, Any], stem: str, options: dict[str, bool]) -> Plan
         raise UsageError(f"baseline '{baseline}' is not one of the variants: {', '.join(overrides)}")
     seeds = report.parse_seeds(spec.get("seeds"))
     budget = report.parse_budget(spec.get("budget"))
+    benchmark = report.parse_benchmark(spec.get("benchmark"))
     variants = [make_variant(v, changes, base, budget, options) for v, changes in overrides.items()]
-    return Plan(name, str(Path(out_dir) / name), baseline, seeds, budget, variants)
+    return Plan(name, str(Path(out_dir) / name), baseline, seeds, budget, variants, benchmark)
 
 
 def make_variant(name: str, overrides: dict[str, Any], base: dict[str, Any], budget: dict[str, float],

@@ -23,8 +23,10 @@ from tqdm import tqdm
 
 from gpt import GPT
 from gptlab import stats
+from gptlab.checkpoint import load_checkpoint, model_from_checkpoint
 from gptlab.errors import UsageError
 from gptlab.fileio import atomic_write_text
+from gptlab.runtime import local_runtime
 from gptlab.tokenizer import Tokenizer
 
 FIELDS = ("morphology", "syntax", "semantics", "syntax_semantics")
@@ -186,6 +188,25 @@ def report_lines(s: dict) -> list[str]:
 
 def write_summary(s: dict, path: str | Path) -> None:
     atomic_write_text(path, json.dumps(s, indent=1) + "\n", "BLiMP results")
+
+
+def score_checkpoint(checkpoint: Path, data: str | Path, cache: Path, batch_size: int = 64) -> dict:
+    """A checkpoint's BLiMP summary (device and dtype: auto), kept in `cache` (a JSON file) and read back from
+    it while it is newer than the checkpoint and was scored on the same data folder."""
+    data = str(Path(data).absolute())
+    if cache.is_file() and cache.stat().st_mtime_ns >= checkpoint.stat().st_mtime_ns:
+        try:
+            saved = json.loads(cache.read_text(encoding="utf-8"))
+            if saved.get("data") == data:
+                return saved
+        except ValueError:
+            pass  # torn or edited: scored again
+    rt = local_runtime("auto", "auto")
+    model, tokenizer = model_from_checkpoint(load_checkpoint(checkpoint), rt.device, str(checkpoint))
+    with rt.autocast():
+        result = {"data": data, **summary(score_paradigms(model, tokenizer, read_paradigms(data), batch_size))}
+    write_summary(result, cache)
+    return result
 
 
 def bootstrap_interval(s: dict, level: float = 0.95) -> tuple[float, float]:
