@@ -13,6 +13,7 @@ repository (alexwarstadt/blimp, folder data/) or the Hugging Face dataset nyu-ml
 """
 
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,12 +168,16 @@ def score_paradigms(model: GPT, tokenizer: Tokenizer, paradigms: list[Paradigm],
 # ----------------------------------------------------------------------------- summaries
 
 def summary(results: list[ParadigmScore]) -> dict:
-    """The means over paradigms, overall and per field (fields with no paradigm here are left out), and each
-    paradigm's accuracy: what evaluate.py prints and writes."""
+    """The means over paradigms, overall (with a 95% bootstrap interval over paradigms: which phenomena were
+    tested) and per field (fields with no paradigm here are left out), and each paradigm's accuracy: what
+    evaluate.py prints and writes."""
     names = [*FIELDS, *sorted({r.field for r in results} - set(FIELDS))]
     fields = {f: [r.accuracy for r in results if r.field == f] for f in names}
+    accuracies = [r.accuracy for r in results]
+    interval = stats.bootstrap_mean_interval(accuracies)
     return {"benchmark": "blimp",
-            "overall": stats.mean([r.accuracy for r in results]),
+            "overall": stats.mean(accuracies),
+            "overall_interval": None if math.isnan(interval[0]) else list(interval),  # None: one paradigm
             "fields": {f: stats.mean(accs) for f, accs in fields.items() if accs},
             "paradigms": [{"UID": r.uid, "field": r.field, "accuracy": r.accuracy, "correct": r.correct,
                            "pairs": r.pairs} for r in results]}
@@ -182,7 +187,9 @@ def report_lines(s: dict) -> list[str]:
     lines = [f"{p['UID']:<55} {p['accuracy']:.4f}  ({p['correct']}/{p['pairs']}, {p['field']})"
              for p in s["paradigms"]]
     lines += [f"field {name:<49} {acc:.4f}" for name, acc in s["fields"].items()]
-    lines.append(f"{'overall (mean over ' + str(len(s['paradigms'])) + ' paradigms)':<55} {s['overall']:.4f}")
+    interval = "" if s["overall_interval"] is None else \
+        "  (95% bootstrap interval over paradigms {:.4f}-{:.4f})".format(*s["overall_interval"])
+    lines.append(f"{'overall (mean over ' + str(len(s['paradigms'])) + ' paradigms)':<55} {s['overall']:.4f}{interval}")
     return lines
 
 
@@ -207,8 +214,3 @@ def score_checkpoint(checkpoint: Path, data: str | Path, cache: Path, batch_size
         result = {"data": data, **summary(score_paradigms(model, tokenizer, read_paradigms(data), batch_size))}
     write_summary(result, cache)
     return result
-
-
-def bootstrap_interval(s: dict, level: float = 0.95) -> tuple[float, float]:
-    """A percentile bootstrap interval of the overall score over paradigms (which phenomena were tested)."""
-    return stats.bootstrap_mean_interval([p["accuracy"] for p in s["paradigms"]], level)

@@ -117,7 +117,10 @@ def test_one_line_per_paradigm_the_fields_and_overall_and_the_same_in_json(tmp_p
     for uid in uids:
         assert sum(line.split()[0] == uid for line in lines) == 1
         assert f"{accuracy[uid]:.4f}" in next(line for line in lines if line.split()[0] == uid)
-    assert lines[-1].startswith("overall") and lines[-1].endswith(f"{result['overall']:.4f}")
+    low, high = result["overall_interval"]
+    assert low <= result["overall"] <= high
+    assert lines[-1].startswith("overall") and f"{result['overall']:.4f}  (95% bootstrap interval over paradigms " \
+        f"{low:.4f}-{high:.4f})" in lines[-1]
 
 
 def test_missing_or_damaged_data_is_one_error_line(tmp_path, tokenizer, capsys):

@@ -164,7 +164,7 @@ QWEN3 = {**LLAMA, "qk_norm": True}
 
 @pytest.mark.parametrize("shape", ["gpt2", "qwen3"])
 def test_the_shipped_blimp_task_scores_each_pair_as_evaluate_py_does(tmp_path, tokenizer, shape):
-    """lm_eval --include_path lm_eval_tasks --tasks blimp_local on the export: every sentence's log-likelihood
+    """lm_eval --include_path configs/lm_eval --tasks blimp_local on the export: every sentence's log-likelihood
     equal to evaluate.py's (to 1e-6 of its size: lm-eval sums in float32) and the same accuracy (this random
     model ties on no pair: lm-eval counts a tie right, evaluate.py wrong); evaluate.py on the exported folder
     gives the checkpoint's numbers."""
@@ -177,12 +177,12 @@ def test_the_shipped_blimp_task_scores_each_pair_as_evaluate_py_does(tmp_path, t
     ours = [ll for s in scores for pair in s.loglikelihoods for ll in pair]
     assert all(good != bad for s in scores for good, bad in s.loglikelihoods)
 
-    # As the CLI: lm_eval --model hf --model_args pretrained=DIR --include_path lm_eval_tasks --tasks blimp_local
+    # As the CLI: lm_eval --model hf --model_args pretrained=DIR --include_path configs/lm_eval --tasks blimp_local
     #                     --metadata '{"blimp_dir": "tests/data/blimp_tiny"}'
     results = lm_eval.simple_evaluate(
         model="hf", model_args=f"pretrained={tmp_path / 'hf'}", tasks=["blimp_local"], device="cpu",
         batch_size=16, bootstrap_iters=0, log_samples=True,
-        task_manager=TaskManager(include_path=str(ROOT / "lm_eval_tasks"), include_defaults=False,
+        task_manager=TaskManager(include_path=str(ROOT / "configs/lm_eval"), include_defaults=False,
                                  metadata={"blimp_dir": str(TINY_BLIMP)}))
     samples = sorted(results["samples"]["blimp_local"], key=lambda s: s["doc_id"])
     theirs = [ll for sample in samples for ll, _ in sample["filtered_resps"]]
