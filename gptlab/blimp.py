@@ -14,6 +14,7 @@ repository (alexwarstadt/blimp, folder data/) or the Hugging Face dataset nyu-ml
 
 import json
 import math
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,10 +104,7 @@ def _record(line: str, where: str) -> dict:
 
 def read_paradigms(folder: str | Path) -> list[Paradigm]:
     paradigms = [read_paradigm(path) for path in paradigm_files(folder)]
-    seen: dict[str, int] = {}
-    for p in paradigms:
-        seen[p.uid] = seen.get(p.uid, 0) + 1
-    twice = sorted(uid for uid, n in seen.items() if n > 1)
+    twice = sorted(uid for uid, n in Counter(p.uid for p in paradigms).items() if n > 1)
     if twice:
         raise UsageError(f"{folder}: paradigm(s) {', '.join(twice)} in more than one file")
     return paradigms
@@ -114,9 +112,9 @@ def read_paradigms(folder: str | Path) -> list[Paradigm]:
 
 # ----------------------------------------------------------------------------- scoring
 
-def sentence_tokens(tokenizer: Tokenizer, sentence: str) -> list[int]:
-    """<|endoftext|> then the sentence's tokens: the first is context, the rest are scored."""
-    return [tokenizer.eot_id, *tokenizer.encode(DELIMITER + sentence)]
+def sentence_tokens(tokenizer: Tokenizer, sentences: list[str]) -> list[list[int]]:
+    """Per sentence: <|endoftext|> then the sentence's tokens; the first is context, the rest are scored."""
+    return [[tokenizer.eot_id, *ids] for ids in tokenizer.encode_batch([DELIMITER + s for s in sentences])]
 
 
 def windows(tokens: list[int], block_size: int) -> Iterator[tuple[list[int], int]]:
@@ -156,7 +154,7 @@ def score_paradigms(model: GPT, tokenizer: Tokenizer, paradigms: list[Paradigm],
                     progress: bool = False) -> list[ParadigmScore]:
     """Every pair of every paradigm, in one pass of batches; a pair is right only when good scores strictly
     higher than bad (a tie is wrong)."""
-    sequences = [sentence_tokens(tokenizer, s) for p in paradigms for pair in p.pairs for s in pair]
+    sequences = sentence_tokens(tokenizer, [s for p in paradigms for pair in p.pairs for s in pair])
     scores = iter(sentence_loglikelihoods(model, sequences, batch_size, progress))
     results = []
     for p in paradigms:

@@ -73,7 +73,7 @@ def test_sentence_scores_equal_a_token_by_token_computation_with_a_sliding_windo
                                                bias=False, tie_embeddings=False)
     model = random_model(tokenizer.vocab_size, block_size=8, **settings)
     sentences = [s for p in blimp.read_paradigms(TINY_BLIMP) for pair in p.pairs for s in pair]
-    sequences = sorted((blimp.sentence_tokens(tokenizer, s) for s in sentences), key=len)[::6]  # short to long
+    sequences = sorted(blimp.sentence_tokens(tokenizer, sentences), key=len)[::6]  # short to long
     assert sequences[0][0] == tokenizer.eot_id and max(map(len, sequences)) > 2 * 8  # windows must slide
     expected = [token_by_token(model, seq) for seq in sequences]
     for batch_size in (1, 64):
