@@ -25,6 +25,7 @@ The spec (YAML; unknown keys are errors; paths are relative to the current folde
     search:                         # instead of variants/grid: Optuna proposes trials (see gptlab/search.py)
       trials: 20
       space: {lr: {low: 1.0e-4, high: 3.0e-2, log: true}, num_of_layers: [2, 4]}
+    benchmark: {blimp: DIR}         # optional: each finished run's BLiMP score (DIR: its paradigm .jsonl files)
 
 Every run is `python playground.py ...` in a subprocess, so it trains exactly what that command would; its
 output goes to the run folder's run.log. A rerun skips finished runs and resumes interrupted ones; it never
@@ -61,7 +62,7 @@ from gptlab.metrics import read_metrics
 from gptlab.report import Plan, Run, Variant
 
 PLAYGROUND = Path(__file__).resolve().parent / "playground.py"
-SPEC_KEYS = ("name", "out_dir", "base", "variants", "grid", "baseline", "seeds", "budget", "search")
+SPEC_KEYS = ("name", "out_dir", "base", "variants", "grid", "baseline", "seeds", "budget", "benchmark", "search")
 # Settings the runner decides for every run (per run, or from the budget), never the spec.
 RUNNER_SETTINGS = ("seed", "out_dir", "checkpoint", "resume", "max_iters", "time_budget")
 
@@ -106,8 +107,9 @@ def make_plan(spec: dict[str, Any], stem: str, options: dict[str, bool]) -> Plan
     if baseline not in overrides:
         raise UsageError(f"baseline '{baseline}' is not one of the variants: {', '.join(overrides)}")
     seeds = report.parse_seeds(spec.get("seeds"))
+    benchmark = report.parse_benchmark(spec.get("benchmark"))
     variants = [make_variant(v, changes, base, budget, options) for v, changes in overrides.items()]
-    return Plan(name, str(Path(out_dir) / name), baseline, seeds, budget, variants)
+    return Plan(name, str(Path(out_dir) / name), baseline, seeds, budget, variants, benchmark)
 
 
 def make_variant(name: str, overrides: dict[str, Any], base: dict[str, Any], budget: dict[str, float],

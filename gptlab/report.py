@@ -8,11 +8,11 @@ import itertools
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from gptlab import stats
+from gptlab import blimp, stats
 from gptlab.checkpoint import load_checkpoint, model_from_checkpoint
 from gptlab.errors import UsageError
 from gptlab.fileio import atomic_write_text
@@ -45,12 +45,13 @@ class Plan:
     seeds: list[int]
     budget: dict[str, float]  # exactly one of BUDGETS -> its amount
     variants: list[Variant]
+    benchmark: dict[str, str] = field(default_factory=dict)  # {"blimp": DIR}: scored after training, or nothing
 
 
 def plan_from_dict(d: Any) -> Plan:
     """A plan read back from its JSON file, checked field by field (a hand edit or a torn file may hold
     anything): ValueError says what is wrong."""
-    if not isinstance(d, dict) or set(d) != {f.name for f in fields(Plan)}:
+    if not isinstance(d, dict) or set(d) - {"benchmark"} != {f.name for f in fields(Plan)} - {"benchmark"}:
         raise ValueError(f"it must hold exactly {', '.join(f.name for f in fields(Plan))}")
     variant_keys = {f.name for f in fields(Variant)}
     if not isinstance(d["variants"], list) or not all(isinstance(v, dict) and set(v) == variant_keys
@@ -67,6 +68,8 @@ def plan_from_dict(d: Any) -> Plan:
         raise ValueError("its name, folder or baseline is wrong")
     parse_seeds(plan.seeds)
     parse_budget(plan.budget)
+    if plan.benchmark:
+        parse_benchmark(plan.benchmark, check_data=False)  # the data may have moved: --report says so if used
     return plan
 
 
@@ -148,6 +151,17 @@ def parse_budget(value: Any) -> dict[str, float]:
     if isinstance(amount, bool) or not isinstance(amount, int if whole else int | float) or amount <= 0:
         raise UsageError(f"budget {kind} must be a positive {'integer' if whole else 'number'}, got {amount!r}")
     return {kind: amount}
+
+
+def parse_benchmark(value: Any, check_data: bool = True) -> dict[str, str]:
+    """benchmark: {blimp: DIR} (BLiMP's paradigm files), or nothing; the folder is read now, before any run."""
+    if value is None:
+        return {}
+    if not (isinstance(value, dict) and set(value) == {"blimp"} and isinstance(value["blimp"], str)):
+        raise UsageError(f"benchmark must be {{blimp: DIR}} (a folder of BLiMP's paradigm .jsonl files), got {value!r}")
+    if check_data:
+        blimp.read_paradigms(value["blimp"])
+    return {"blimp": value["blimp"]}
 
 
 def mapping(value: Any, where: str) -> dict[str, Any]:
@@ -314,7 +328,7 @@ def _interval(ci: tuple[float, float] | None) -> str:
 
 
 def report_markdown(plan: Plan, rows: list[dict[str, Any]], missing: list[str], has_png: bool,
-                    diverged: Sequence[str] = ()) -> str:
+                    diverged: Sequence[str] = (), benchmark: list[str] | None = None) -> str:
     (kind, amount), = plan.budget.items()
     lines = [f"# Experiment {plan.name}", "",
              f"Budget: {kind} {show(amount)} ({BUDGETS[kind]}). Seeds: {', '.join(map(str, plan.seeds))}. "
@@ -336,7 +350,7 @@ def report_markdown(plan: Plan, rows: list[dict[str, Any]], missing: list[str], 
     lines += ["", "Lower bits/byte is better. 95% CI: Student t interval of the mean over seeds (n/a with one "
               "seed). Δ = variant − baseline, paired by seed (only seeds both finished), with its 95% CI and the "
               "two-sided paired t-test's p. tokens/s and wall s: means over seeds. Parameters: non-embedding "
-              "count, as playground.py prints it.", "", "## Variants", ""]
+              "count, as playground.py prints it.", "", *(benchmark or []), "## Variants", ""]
     for v in plan.variants:
         changes = ", ".join(f"{k}={show(x) if not isinstance(x, list) else x}" for k, x in v.overrides.items())
         steps = f"; max_iters {v.max_iters}" if v.max_iters is not None else ""
@@ -439,6 +453,42 @@ def write_report(plan: Plan, folder: Path, states: list[tuple[Run, str]]) -> str
     has_png = plot_curves(plan, results, folder / "curves.png")
     if not has_png:
         print("matplotlib is not installed: no curves.png (pip install matplotlib)")
-    text = report_markdown(plan, summarise(plan, results), missing, has_png, diverged)
+    benchmark = blimp_section(plan, blimp_scores(plan, [run for run, state in states if state == "finished"]))
+    text = report_markdown(plan, summarise(plan, results), missing, has_png, diverged, benchmark)
     atomic_write_text(folder / "report.md", text, "report")
     return text
+
+
+def blimp_scores(plan: Plan, runs: list[Run]) -> dict[tuple[str, int], float]:
+    """(variant, seed) -> the run's BLiMP score (mean over paradigms), scored once per checkpoint and kept in
+    the run's folder as blimp.json; nothing when the plan names no benchmark."""
+    if "blimp" not in plan.benchmark:
+        return {}
+    return {(run.variant.name, run.seed): blimp.score_checkpoint(run.checkpoint, plan.benchmark["blimp"],
+                                                                 run.folder / "blimp.json")["overall"]
+            for run in runs}
+
+
+def blimp_section(plan: Plan, scores: dict[tuple[str, int], float]) -> list[str]:
+    """The report's BLiMP table: per variant the mean over seeds with its 95% interval, and the difference to
+    the baseline paired by seed with its interval and p (as for bits/byte)."""
+    if not scores:
+        return []
+    lines = [f"## BLiMP ({plan.benchmark['blimp']})", "",
+             "| variant | n | BLiMP accuracy | 95% CI | Δ vs baseline | 95% CI of Δ | p |",
+             "|---|---|---|---|---|---|---|"]
+    base = {seed: x for (v, seed), x in scores.items() if v == plan.baseline}
+    for v in plan.variants:
+        mine = {seed: x for (name, seed), x in scores.items() if name == v.name}
+        if not mine:
+            continue
+        diff = ["baseline", "", ""]
+        pairs = [(x, base[seed]) for seed, x in mine.items() if seed in base]
+        if v.name != plan.baseline and pairs:
+            d, low, high, p = stats.paired_t_test([a for a, _ in pairs], [b for _, b in pairs])
+            diff = [f"{d:+.4f} (n={len(pairs)})", _interval((low, high)), _number(p, 3)]
+        lines.append(f"| {v.name} | {len(mine)} | {stats.mean(list(mine.values())):.4f} | "
+                     f"{_interval(stats.confidence_interval(list(mine.values())))} | {' | '.join(diff)} |")
+    return lines + ["", "Higher is better; chance is 0.5. A run's score is the mean over paradigms of the fraction of "
+                    "pairs whose good sentence it finds more likely (a tie counts wrong; gptlab/blimp.py). "
+                    "Intervals and p as above, over seeds.", ""]

@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 import experiment
-from gptlab import report
-from gptlab.checkpoint import load_checkpoint, save_checkpoint
+from gptlab import blimp, report
+from gptlab.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from gptlab.errors import UsageError, run_cli
 from gptlab.metrics import read_metrics
 from gptlab.tokenizer import train_tokenizer
@@ -207,6 +207,8 @@ def test_failing_run_is_reported_and_the_others_go_on(tmp_path, data, monkeypatc
     ({"variants": None, "grid": {"lr": [i / 1e4 for i in range(1, 101)], "dropout": [i / 1e3 for i in range(100)],
                                  "weight_decay": [i / 10 for i in range(10)]}, "budget": {"time_budget": 60}},
      "the spec asks for 200,000 runs (100,000 variant(s) x 2 seed(s)), 139 days of training at 60 s each"),
+    ({"benchmark": {"blimp": "no/such/folder"}}, "BLiMP folder not found: no/such/folder"),
+    ({"benchmark": {"hellaswag": "x"}}, "benchmark must be {blimp: DIR}"),
 ])
 def test_bad_spec_is_one_error_line_and_starts_nothing(tmp_path, data, capsys, change, message):
     spec = write_spec(tmp_path, data, **change)
@@ -336,6 +338,31 @@ def test_one_seed_shows_n_a_for_intervals_and_p():
     cells = [c.strip() for c in other.strip("|").split("|")]
     assert cells[:4] == ["other", "1", "1.9000", "n/a"] and cells[-3:] == ["-0.1000 (n=1)", "n/a", "n/a"]
     assert "- other/seed2" in text and "curves.png" not in text
+
+
+def test_a_benchmark_in_the_spec_reports_each_variants_blimp_mean_and_paired_difference(sweep):
+    spec, out = sweep
+    blimp_data = REPO / "tests" / "data" / "blimp_tiny"
+    with_blimp = spec.parent / "with_blimp.yaml"
+    with_blimp.write_text(spec.read_text() + f"name: sweep\nbenchmark: {{blimp: {blimp_data}}}\n")
+    experiment.main([str(with_blimp), "--report", str(out)])
+    scores = {}
+    for variant, seed in RUNS:
+        model, tokenizer = model_from_checkpoint(load_checkpoint(run_folder(out, variant, seed) / "ckpt.tar"))
+        results = blimp.score_paradigms(model, tokenizer, blimp.read_paradigms(blimp_data))
+        scores[variant, seed] = blimp.summary(results)["overall"]
+    saved = {run: (run_folder(out, *run) / "blimp.json").stat().st_mtime_ns for run in RUNS}
+    text = (out / "report.md").read_text()
+    section = text[text.index("## BLiMP"):text.index("## Variants")]
+    a = next(line for line in section.splitlines() if line.startswith("| a |"))
+    b = next(line for line in section.splitlines() if line.startswith("| b |"))
+    assert a.startswith(f"| a | 2 | {(scores['a', 1337] + scores['a', 1338]) / 2:.4f} |") and "| baseline |" in a
+    diff = (scores["b", 1337] - scores["a", 1337] + scores["b", 1338] - scores["a", 1338]) / 2
+    assert f"| {diff:+.4f} (n=2) |" in b
+    experiment.main([str(with_blimp), "--report", str(out)])  # scored once: kept beside each checkpoint
+    assert {run: (run_folder(out, *run) / "blimp.json").stat().st_mtime_ns for run in RUNS} == saved
+    for run in RUNS:
+        (run_folder(out, *run) / "blimp.json").unlink()
 
 
 # ----------------------------------------------------------------------------- reruns keep what they made

@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 from lm_eval.tasks import TaskManager
 
+import evaluate
 import export
 from gpt import GPT, GPTConfig
+from gptlab import blimp
 from gptlab.checkpoint import save_checkpoint
 from gptlab.tokenizer import Tokenizer, train_tokenizer
 
@@ -153,3 +155,42 @@ def test_lm_eval_scores_an_export_as_our_model_does(tmp_path, tokenizer, shape):
     acc_norm = sum(c == label for c, label in zip(per_char, labels, strict=True)) / len(items)
     scores = results["results"]["tiny_hellaswag"]
     assert math.isclose(scores["acc,none"], acc) and math.isclose(scores["acc_norm,none"], acc_norm)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_BLIMP = ROOT / "tests" / "data" / "blimp_tiny"
+QWEN3 = {**LLAMA, "qk_norm": True}
+
+
+@pytest.mark.parametrize("shape", ["gpt2", "qwen3"])
+def test_the_shipped_blimp_task_scores_each_pair_as_evaluate_py_does(tmp_path, tokenizer, shape):
+    """lm_eval --include_path configs/lm_eval --tasks blimp_local on the export: every sentence's log-likelihood
+    equal to evaluate.py's (to 1e-6 of its size: lm-eval sums in float32) and the same accuracy (this random
+    model ties on no pair: lm-eval counts a tie right, evaluate.py wrong); evaluate.py on the exported folder
+    gives the checkpoint's numbers."""
+    model = random_model(tokenizer.vocab_size, **({} if shape == "gpt2" else QWEN3))
+    checkpoint = tmp_path / "model.tar"
+    save_checkpoint({"model_config": asdict(model.config), "model": model.state_dict(),
+                     "tokenizer": tokenizer.to_json(), "config": {}, "iteration": 0}, checkpoint)
+    export.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "hf"), "--format", "hf"])
+    scores = blimp.score_paradigms(model, tokenizer, blimp.read_paradigms(TINY_BLIMP))
+    ours = [ll for s in scores for pair in s.loglikelihoods for ll in pair]
+    assert all(good != bad for s in scores for good, bad in s.loglikelihoods)
+
+    # As the CLI: lm_eval --model hf --model_args pretrained=DIR --include_path configs/lm_eval --tasks blimp_local
+    #                     --metadata '{"blimp_dir": "tests/data/blimp_tiny"}'
+    results = lm_eval.simple_evaluate(
+        model="hf", model_args=f"pretrained={tmp_path / 'hf'}", tasks=["blimp_local"], device="cpu",
+        batch_size=16, bootstrap_iters=0, log_samples=True,
+        task_manager=TaskManager(include_path=str(ROOT / "configs/lm_eval"), include_defaults=False,
+                                 metadata={"blimp_dir": str(TINY_BLIMP)}))
+    samples = sorted(results["samples"]["blimp_local"], key=lambda s: s["doc_id"])
+    theirs = [ll for sample in samples for ll, _ in sample["filtered_resps"]]
+    assert theirs == pytest.approx(ours, rel=1e-6)
+    summary = blimp.summary(scores)  # every paradigm has as many pairs: the mean over pairs is that over paradigms
+    assert math.isclose(results["results"]["blimp_local"]["acc,none"], summary["overall"])
+
+    if shape == "gpt2":
+        evaluate.main(["--checkpoint", str(tmp_path / "hf"), "--benchmark", "blimp", "--data", str(TINY_BLIMP),
+                       "--out", str(tmp_path / "hf.json")])
+        assert json.loads((tmp_path / "hf.json").read_text())["paradigms"] == summary["paradigms"]

@@ -2,9 +2,11 @@
 would inject them), and each step leaves what it promises: a live loss curve, finite bits/byte, a sample, the
 experiment's report and curves, an exported folder that transformers' pipeline generates from. No network."""
 
+import ast
 import json
 import math
 import re
+import subprocess
 from pathlib import Path
 
 import nbformat
@@ -101,3 +103,23 @@ def test_the_notebook_runs_end_to_end_on_the_cpu(tmp_path, monkeypatch):
     found = re.search(r"transformers pipeline \(LlamaForCausalLM\):\nROMEO:(.+)", said, re.S)
     assert found and found[1].strip(), said
 
+
+
+def test_repo_url_is_the_origin_of_the_clone_the_notebook_runs_in(tmp_path, monkeypatch):
+    """The setup cell's clone_origin(): `git remote get-url origin` inside a clone, None outside one."""
+    setup = next(c for c in nbformat.read(NOTEBOOK, as_version=4).cells if c.cell_type == "code").source
+    function = next(node for node in ast.parse(setup).body if getattr(node, "name", None) == "clone_origin")
+    namespace = {"subprocess": subprocess}
+    exec(compile(ast.Module([function], []), "setup cell", "exec"), namespace)
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    subprocess.run(["git", "init", "-q", str(clone)], check=True)
+    subprocess.run(["git", "-C", str(clone), "remote", "add", "origin", "https://github.com/someone/fork.git"],
+                   check=True)
+    monkeypatch.chdir(clone)
+    assert namespace["clone_origin"]() == "https://github.com/someone/fork.git"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    monkeypatch.chdir(outside)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # no clone above tmp_path counts either
+    assert namespace["clone_origin"]() is None

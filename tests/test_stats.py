@@ -1,9 +1,11 @@
 """stats.py against printed t tables, closed forms of the t distribution and intervals worked by hand."""
 
 import math
+import random
 
 import pytest
 
+from gptlab import stats
 from gptlab.stats import betainc, confidence_interval, mean, paired_t_test, std, t_cdf, t_quantile, t_two_sided_p
 
 
@@ -88,3 +90,17 @@ def test_paired_t_test_edge_cases():
     assert paired_t_test([2.0, 3.0], [1.0, 2.0]) == (1.0, 1.0, 1.0, 0.0)  # identical differences
     with pytest.raises(ValueError):
         paired_t_test([1.0, 2.0], [1.0])
+
+
+def test_bootstrap_interval_of_a_mean_is_seeded_and_shrinks_with_more_values():
+    rng = random.Random(1)
+    few = [rng.gauss(0.7, 0.1) for _ in range(10)]
+    many = [rng.gauss(0.7, 0.1) for _ in range(1000)]
+    low, high = stats.bootstrap_mean_interval(few)
+    assert low < stats.mean(few) < high and (low, high) == stats.bootstrap_mean_interval(few)
+    # about mean -/+ 1.96 s / sqrt(n) for a near-normal mean
+    half = 1.96 * stats.std(many) / math.sqrt(len(many))
+    low, high = stats.bootstrap_mean_interval(many, resamples=2000)
+    assert (high - low) / 2 == pytest.approx(half, rel=0.15)
+    assert stats.bootstrap_mean_interval([0.5, 0.5, 0.5]) == (0.5, 0.5)
+    assert all(math.isnan(x) for x in stats.bootstrap_mean_interval([0.5]))
