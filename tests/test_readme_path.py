@@ -4,6 +4,7 @@ models, fewer tokens), so the whole path takes seconds; a command this test has 
 to run, fails it, so a new README command is checked from the day it is added."""
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,7 @@ BUDGETS: Budgets = [
     ("configs/modern.yaml", FEW_STEPS),
     ("playground.py", [*TINY, *FEW_STEPS]),
     ("train_tokenizer.py", []),
+    ("prepare_data.py", []),
     ("generate.py", ["--max_new_tokens", "20"]),
     ("evaluate.py", []),
     ("make_finetune_example.py", ["--per_play", "10"]),
@@ -52,6 +54,8 @@ def fresh_copy(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_every_readme_command_runs_as_written_in_readme_order(fresh_copy, monkeypatch):
     isolate(monkeypatch, fresh_copy)
+    # BLiMP is downloaded by the user (the README says from where); a few of its pairs stand in for it here.
+    shutil.copytree(REPO / "tests" / "data" / "blimp_tiny", fresh_copy / "blimp" / "data")
     ran = []
     for command in commands_in(REPO / "README.md"):
         flags = budget_for(command, BUDGETS, "README")
