@@ -39,7 +39,7 @@ from gptlab.memory import MemoryPlan, gib, plan_run
 from gptlab.metrics import Metrics, plot_losses
 from gptlab.objectives import Objective, objective_for
 from gptlab.pacing import Throughput, TimeBudget
-from gptlab.preparation import load_data, resolve_tokenizer
+from gptlab.preparation import corpus_of, load_data, resolve_tokenizer
 from gptlab.runtime import (
     Runtime,
     agree_on,
@@ -54,7 +54,7 @@ from gptlab.runtime import (
 from gptlab.sharding import FULL_STATE, sharded_model, unsharded_copy
 from gptlab.starting import check_fresh_run, check_outputs, init_config, metrics_path, plot_path, resume_config
 from gptlab.stopping import StopRequest, exit_on_sigterm
-from gptlab.tokenizer import MASK, LearnedFrom, Tokenizer, corpus_files
+from gptlab.tokenizer import MASK, LearnedFrom, Tokenizer
 from gptlab.training import Stepper, learning_rate, make_optimizer, set_learning_rate, train_step
 
 
@@ -133,7 +133,7 @@ def build_run(c: TrainConfig, ckpt: dict[str, Any] | None, rt: Runtime, started:
     if rt.fsdp and rt.dtype == torch.float16:
         raise UsageError("--fsdp with --dtype float16 is not supported: the loss scaler would look for "
                          "overflows in each rank's shard alone; use --dtype bfloat16")
-    files = corpus_files(list(c.corpus))
+    files = corpus_of(c)  # none for a folder prepared by preprocessing/prepare_data.py
     source = ckpt or init
     if source:  # a checkpoint from before the record, or a Hugging Face folder: unknown (None)
         tokenizer, learned = Tokenizer.from_json(source["tokenizer"]), source.get("tokenizer_learned_from")

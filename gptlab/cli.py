@@ -19,6 +19,7 @@ command line; `parse_dataclass` and `build` turn that ValueError into the UsageE
 import argparse
 import dataclasses
 import math
+import re
 import sys
 import types
 import typing
@@ -47,6 +48,19 @@ MAX_INT = 2 ** 63 - 1  # what torch and numpy take as a seed or a count
 SEED = Rule(f"in [0, {MAX_INT}]", lambda v: 0 <= v <= MAX_INT)
 
 T = TypeVar("T")
+SIZE_UNITS = {"": 1, "B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40, "KIB": 2**10, "MIB": 2**20,
+              "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'1GB', '512MB', '1.5 GiB', '1000000' (bytes) -> bytes; KB/MB/GB/TB are powers of 1024."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([a-zA-Z]*)\s*", text)
+    if match is None or match.group(2).upper() not in SIZE_UNITS:
+        raise UsageError(f"{text!r} is not a size: want one like 1GB, 512MB or 1.5GiB")
+    size = float(match.group(1)) * SIZE_UNITS[match.group(2).upper()]
+    if not 1 <= size < math.inf:
+        raise UsageError(f"{text!r} must be at least one byte, and finite")
+    return int(size)
 
 
 def setting(default: Any, help: str, *, rule: Rule | None = None, choices: tuple[str, ...] | None = None,
