@@ -18,12 +18,13 @@ from gptlab.runtime import Runtime
 from gptlab.tokenizer import LearnedFrom, Reading, Tokenizer, learned_from, train_tokenizer
 
 DEFAULT_VOCAB_SIZE = 8000
+PREPARED = "prepared.json"  # what prepare_data.py prepared a folder from (its marker)
 PREPARED_TOKENIZER = "tokenizer.json"  # beside the token shards in a prepared folder
 
 
 def prepared_folder(corpus: tuple[str, ...]) -> Path | None:
     """The folder prepare_data.py wrote (its token shards, meta.json and tokenizer.json), if that is the corpus."""
-    found = [Path(p) for p in corpus if (Path(p) / "meta.json").is_file() and (Path(p) / PREPARED_TOKENIZER).is_file()]
+    found = [Path(p) for p in corpus if (Path(p) / PREPARED).is_file() and (Path(p) / PREPARED_TOKENIZER).is_file()]
     if found and len(corpus) > 1:
         raise UsageError(f"{found[0]} is a prepared folder (preprocessing/prepare_data.py): train on it alone")
     return found[0] if found else None
