@@ -177,12 +177,18 @@ def file_lines(path: Path, text_field: str = TEXT_FIELD, digest: Any = None) -> 
                 for number, text in _jsonl_texts(stream, path, text_field):
                     yield from _text_lines(text, f"{path} line {number}")
                     yield None
-        except (OSError, EOFError, zlib.error) as e:
+        except _read_errors(compression, path) as e:
             raise UsageError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
         finally:
             if digest is not None and kind != "parquet":
                 while block := raw.read(CHUNK_BYTES):
                     digest.update(block)
+
+
+def _read_errors(compression: str | None, path: Path) -> tuple[type[BaseException], ...]:
+    """What reading a damaged (or truncated) file raises, besides our own UsageError."""
+    codec = (optional_module("zstandard", path).ZstdError,) if compression == ".zst" else ()
+    return (OSError, EOFError, zlib.error, *codec)
 
 
 def _decompressed(stream: IO[bytes], path: Path, compression: str | None) -> IO[bytes]:

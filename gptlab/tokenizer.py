@@ -176,8 +176,8 @@ def _sampled(lines: Iterator[Line | None], end: int, sample: int, reading: Readi
         if line is None:
             yield None
             continue
-        b = offset // block
-        chosen = end <= sample or (b + 1) * wanted // blocks > b * wanted // blocks
+        b = offset // block  # chosen: the blocks where ceil(b * wanted / blocks) steps up (block 0 first)
+        chosen = end <= sample or -(-(b + 1) * wanted // blocks) > -(-b * wanted // blocks)
         if chosen and taken + line.size <= sample:
             taken, skipping = taken + line.size, False
             if reading is not None:
