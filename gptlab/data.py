@@ -41,7 +41,8 @@ from gptlab.tokenizer import Tokenizer
 
 CACHE_FORMAT = 2  # bump when the layout of the cache files changes (2: shards, resumable)
 DEFAULT_VAL_FRACTION = 0.1  # the last 10% of the bytes, as nanoGPT splits Tiny Shakespeare
-SHARD_BYTES = 256 << 20  # the most a token shard holds (unless one piece of text alone gives more)
+SHARD_BYTES = 64 << 20  # the most a token shard holds (unless one piece of text alone gives more): a killed
+# build loses at most this much work
 SPLITS = ("train", "val")
 
 
@@ -188,9 +189,15 @@ def _pieces(files: list[Path], val_fraction: float, text_field: str) -> Iterator
         buffered += line.size
 
 
-def encode_pieces(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
+def token_encoder(tokenizer: Tokenizer) -> Any:
+    """What encodes the token cache's pieces: an object with encode_batch(texts) -> ids, the same ids as the
+    tokenizer's own."""
+    return tokenizer
+
+
+def encode_pieces(encoder: Any, texts: list[str]) -> list[list[int]]:
     """The one place the token cache encodes text: a batch of pieces in, their ids out (each piece as alone)."""
-    return tokenizer.encode_batch(texts)
+    return encoder.encode_batch(texts)
 
 
 def build_token_cache(files: list[Path], tokenizer: Tokenizer, cache_dir: Path, val_fraction: float,
@@ -327,13 +334,14 @@ def _write_token_files(files: list[Path], tokenizer: Tokenizer, folder: Path, va
     position, done = _resume_point(folder, dtype)
     if position:
         print(f"resuming the token cache in {folder} after its {sum(map(len, done.values()))} finished shard(s)")
+    encoder = token_encoder(tokenizer)
     counts = dict.fromkeys(SPLITS, 0)
     batch: list[Piece] = []
     batch_size = os.cpu_count() or 1
     with _ShardWriter(folder, dtype, shard_bytes, done) as writer, \
             byte_progress(sum(text_sizes(files, text_field)), "tokenizing") as bar:
         def encode_batch() -> None:
-            for piece, ids in zip(batch, encode_pieces(tokenizer, [p.text for p in batch]), strict=True):
+            for piece, ids in zip(batch, encode_pieces(encoder, [p.text for p in batch]), strict=True):
                 writer.write(piece, ids + [tokenizer.eot_id] if piece.end_of_document else ids)
             batch.clear()
 

@@ -233,7 +233,7 @@ def test_a_preparation_killed_with_sigkill_resumes_at_its_last_finished_shard(tm
     code = (f"import sys, time; sys.path.insert(0, {str(REPO)!r})\n"
             "from gptlab import data\nfrom preprocessing import prepare_data\n"
             "encode = data.encode_pieces\n"
-            "data.encode_pieces = lambda tok, texts: (time.sleep(0.05), encode(tok, texts))[1]\n"
+            "data.encode_pieces = lambda encoder, texts: (time.sleep(0.05), encode(encoder, texts))[1]\n"
             f"prepare_data.main([{str(corpus)!r}, '--tokenizer', {str(tmp_path / 'tok.json')!r}, '--out', "
             f"{str(tmp_path / 'out')!r}, '--shard_size', '2KB'])\n")
     child = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -250,9 +250,9 @@ def test_a_preparation_killed_with_sigkill_resumes_at_its_last_finished_shard(tm
     encoded: list[str] = []
     real = data.encode_pieces
 
-    def counting(tok: Tokenizer, texts: list[str]) -> list[list[int]]:
+    def counting(encoder: object, texts: list[str]) -> list[list[int]]:
         encoded.extend(texts)
-        return real(tok, texts)
+        return real(encoder, texts)
 
     data.encode_pieces = counting
     try:

@@ -22,6 +22,7 @@ COMMANDS = [
     ("playground.py",), ("generate.py",), ("evaluate.py",), ("finetune.py",), ("export.py",), ("experiment.py",),
     ("gpu_check.py",), ("bench.py", "train"), ("bench.py", "attention"), ("bench.py", "generate"),
     ("bench.py", "peers"), ("preprocessing/train_tokenizer.py",), ("preprocessing/bench_tokenizer.py",),
+    ("preprocessing/prepare_data.py",),
 ]
 
 
