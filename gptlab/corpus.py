@@ -256,7 +256,8 @@ def _record_text(raw: bytes, where: str, text_field: str) -> str:
     except UnicodeDecodeError:
         raise UsageError(f"{where}: not UTF-8 text") from None
     except json.JSONDecodeError as e:
-        raise UsageError(f"{where}: invalid JSON ({e.msg} at column {e.colno}): give one JSON object per "
+        problem = e.msg.removesuffix(" at")  # "Invalid control character at": the column follows
+        raise UsageError(f"{where}: invalid JSON ({problem}, column {e.colno}): give one JSON object per "
                          f"line") from None
     if not isinstance(record, dict):
         raise UsageError(f"{where}: a JSON {_json_type(record)}, not an object with a {text_field!r} field")
