@@ -157,32 +157,42 @@ def file_lines(path: Path, text_field: str = TEXT_FIELD, digest: Any = None) -> 
     """The file's documents as lines, and None after each document. digest: a hashlib object that sees every
     byte of the file as it is read (read to its end, even where the caller stops early: close the generator)."""
     kind, compression = file_kind(path)
+    rest = digest if kind != "parquet" else None  # a parquet file is hashed whole before it is read
     with open(path, "rb", buffering=0) as raw:
         try:
-            if kind == "parquet":
-                if digest is not None:  # pyarrow reads in its own order: hash the file through the same handle
-                    while block := raw.read(CHUNK_BYTES):
-                        digest.update(block)
-                    raw.seek(0)
-                for row, text in _parquet_texts(raw, path, text_field):
-                    yield from _text_lines(text, f"{path} row {row}")
-                    yield None
-                return
-            hashed = _Hashing(raw, digest) if digest is not None else raw
-            stream = _decompressed(io.BufferedReader(hashed, CHUNK_BYTES), path, compression)
-            if kind == "text":
-                yield from _lines(stream, str(path))
-                yield None
-            else:
-                for number, text in _jsonl_texts(stream, path, text_field):
-                    yield from _text_lines(text, f"{path} line {number}")
-                    yield None
+            yield from _documents(raw, path, text_field, digest)
+        except GeneratorExit:
+            _hash_rest(raw, rest)
+            raise
         except _read_errors(compression, path) as e:
             raise UsageError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
-        finally:
-            if digest is not None and kind != "parquet":
-                while block := raw.read(CHUNK_BYTES):
-                    digest.update(block)
+        _hash_rest(raw, rest)
+
+
+def _hash_rest(raw: IO[bytes], digest: Any) -> None:
+    while digest is not None and (block := raw.read(CHUNK_BYTES)):
+        digest.update(block)
+
+
+def _documents(raw: IO[bytes], path: Path, text_field: str, digest: Any) -> Iterator[Line | None]:
+    kind, compression = file_kind(path)
+    if kind == "parquet":
+        if digest is not None:  # pyarrow reads in its own order: hash the file through the same handle first
+            _hash_rest(raw, digest)
+            raw.seek(0)
+        for row, text in _parquet_texts(raw, path, text_field):
+            yield from _text_lines(text, f"{path} row {row}")
+            yield None
+        return
+    hashed = _Hashing(raw, digest) if digest is not None else raw
+    stream = _decompressed(io.BufferedReader(hashed, CHUNK_BYTES), path, compression)
+    if kind == "text":
+        yield from _lines(stream, str(path))
+        yield None
+        return
+    for number, text in _jsonl_texts(stream, path, text_field):
+        yield from _text_lines(text, f"{path} line {number}")
+        yield None
 
 
 def _read_errors(compression: str | None, path: Path) -> tuple[type[BaseException], ...]:

@@ -38,7 +38,8 @@ from typing import Any
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
-from gptlab.corpus import TEXT_FIELD, Line, corpus_files, file_hash, read_corpus, text_sizes
+from gptlab.corpus import TEXT_FIELD, Line, file_hash, read_corpus, text_sizes
+from gptlab.corpus import corpus_files as corpus_files  # where the CLIs have always imported it from
 from gptlab.errors import UsageError
 from gptlab.fileio import atomic_write_text
 from gptlab.progress import byte_progress
@@ -58,7 +59,6 @@ LINE_END = re.compile(r"\r\n|\r|\n")
 MAX_VOCAB_SIZE = 1_000_000
 LearnedFrom = list[dict[str, str | int]]  # see learned_from
 SAMPLE_BLOCK = 1 << 20  # a tokenizer's sample is taken in blocks of this many bytes of text, spread evenly
-__all__ = ["corpus_files", "file_hash"]  # from gptlab.corpus, where they are made
 
 
 class Tokenizer:

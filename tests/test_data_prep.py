@@ -349,3 +349,15 @@ def test_the_tokenizer_record_hashes_the_text_as_it_was_read(tmp_path, monkeypat
     playground.train(c, given)
     [record] = load_checkpoint(tmp_path / "ck.tar")["tokenizer_learned_from"]
     assert record["blake2b"] == read != file_hash(corpus)
+
+
+def test_each_file_read_is_hashed_whole_in_every_form(tmp_path):
+    """The record's hash is the whole file's, as read: also where reading stops at the validation text, in a
+    compressed file, and in a parquet file (which pyarrow reads in its own order)."""
+    forms = write_forms(tmp_path, DOCUMENTS)
+    for name in ("docs.jsonl.zst", "docs.parquet", "mixed", "txt.gz"):
+        files = forms[name]
+        reading = Reading(files)
+        list(iter_corpus(files, data.val_start(files, 0.1), reading=reading))
+        read = [f for f in files if f in reading.digests]
+        assert read and all(reading.digests[f] == file_hash(f) for f in read), name
