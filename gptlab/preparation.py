@@ -10,7 +10,7 @@ from pathlib import Path
 
 from config import TrainConfig
 from gptlab.cli import parse_size
-from gptlab.corpus import corpus_files
+from gptlab.corpus import corpus_files, file_kind
 from gptlab.data import TokenSplit, build_token_cache, cache_key, read_token_folder, val_start
 from gptlab.errors import UsageError
 from gptlab.fileio import atomic_write_text
@@ -49,34 +49,41 @@ def resolve_tokenizer(c: TrainConfig, files: list[Path], rt: Runtime) -> tuple[T
                              f"{tokenizer.vocab_size} tokens (leave --vocab_size out to use the tokenizer's)")
         return tokenizer, _prepared_record(folder) if c.tokenizer is None else None
     vocab_size = c.vocab_size or DEFAULT_VOCAB_SIZE
-    end = val_start(files, c.val_fraction, c.text_field)  # reads every record first: a bad one stops us here
     sample = parse_size(c.tokenizer_sample)
     # "val<fraction>" in the name: tokenizers saved before the split was held out (named without it) learned
-    # from the validation text too, and are never picked up.
+    # from the validation text too, and are never picked up. "sample<bytes>" wherever the sample may be less than
+    # the training split (named from file sizes: the processes that wait for the file know it without reading).
     key = cache_key(files, None, c.val_fraction, c.text_field)[:12]
-    sampled = f"-sample{sample}" if end > sample else ""
+    may_sample = sum(p.stat().st_size for p in files) > sample or any(file_kind(p) != ("text", None) for p in files)
+    sampled = f"-sample{sample}" if may_sample else ""
     path = Path(c.out_dir) / f"tokenizer-{c.tokenizer_kind}{vocab_size}-val{c.val_fraction:g}{sampled}-{key}.json"
     record = path.with_suffix(".learned_from")  # JSON: what it learned from, written before it (wait_for)
     if rt.prepares_data and not path.exists():
-        print(f"training a {c.tokenizer_kind} tokenizer ({vocab_size} tokens) on the corpus's training split -> "
-              f"{path}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        reading = Reading(files, c.text_field)
-        # With <mask> <pad> <cls> <sep> (4 of the vocab_size ids), so that the same tokenizer serves masked-LM
-        # pretraining and fine-tuning (finetune.py) of the model trained here.
-        tokenizer = train_tokenizer(files, c.tokenizer_kind, vocab_size, show_progress=True, bert_tokens=True,
-                                    end=end, text_field=c.text_field, sample=sample, reading=reading)
-        seen = sum(reading.seen)
-        print(f"the tokenizer learned from {seen / 1e6:,.1f} MB of the {end / 1e6:,.1f} MB training split ("
-              f"{'all of it' if seen == end else f'--tokenizer_sample {c.tokenizer_sample}, spread evenly'})")
-        atomic_write_text(record, json.dumps(reading.learned_from()), "tokenizer record")
-        tokenizer.save(path)
+        _train_own_tokenizer(c, files, vocab_size, sample, path, record)
     wait_for(path, "the tokenizer")
     try:
         learned = json.loads(record.read_text())
     except (OSError, ValueError):  # a tokenizer saved before the record was kept: the files as they are now
-        learned = learned_from(files, end, c.text_field)
+        learned = learned_from(files, val_start(files, c.val_fraction, c.text_field), c.text_field)
     return Tokenizer.from_file(path), learned
+
+
+def _train_own_tokenizer(c: TrainConfig, files: list[Path], vocab_size: int, sample: int, path: Path,
+                         record: Path) -> None:
+    """Train on (a sample of) the training split; write what it read to `record`, then the tokenizer to `path`."""
+    end = val_start(files, c.val_fraction, c.text_field)  # reads every record first: a bad one stops us here
+    print(f"training a {c.tokenizer_kind} tokenizer ({vocab_size} tokens) on the corpus's training split -> {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    reading = Reading(files, c.text_field)
+    # With <mask> <pad> <cls> <sep> (4 of the vocab_size ids), so that the same tokenizer serves masked-LM
+    # pretraining and fine-tuning (finetune.py) of the model trained here.
+    tokenizer = train_tokenizer(files, c.tokenizer_kind, vocab_size, show_progress=True, bert_tokens=True,
+                                end=end, text_field=c.text_field, sample=sample, reading=reading)
+    seen = sum(reading.seen)
+    print(f"the tokenizer learned from {seen / 1e6:,.1f} MB of the {end / 1e6:,.1f} MB training split ("
+          f"{'all of it' if seen == end else f'--tokenizer_sample {c.tokenizer_sample}, spread evenly'})")
+    atomic_write_text(record, json.dumps(reading.learned_from()), "tokenizer record")
+    tokenizer.save(path)
 
 
 def _prepared_record(folder: Path | None) -> LearnedFrom | None:
