@@ -44,6 +44,8 @@ DEFAULT_VAL_FRACTION = 0.1  # the last 10% of the bytes, as nanoGPT splits Tiny 
 SHARD_BYTES = 64 << 20  # the most a token shard holds (unless one piece of text alone gives more): a killed
 # build loses at most this much work
 SPLITS = ("train", "val")
+PREPARED = "prepared.json"  # what prepare_data.py prepared a folder from (its marker)
+PREPARED_TOKENIZER = "tokenizer.json"  # beside the token shards in a prepared folder
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,14 @@ class TokenSplit:
     def tokens(self) -> np.ndarray:
         """Every token of the split (for tests and small splits: it is read into memory)."""
         return np.concatenate([np.fromfile(p, dtype=self.dtype) for p in self.paths] or [np.zeros(0, self.dtype)])
+
+
+def prepared_folder(corpus: tuple[str, ...]) -> Path | None:
+    """The folder prepare_data.py wrote (its token shards, meta.json and tokenizer.json), if that is the corpus."""
+    found = [Path(p) for p in corpus if (Path(p) / PREPARED).is_file() and (Path(p) / PREPARED_TOKENIZER).is_file()]
+    if found and len(corpus) > 1:
+        raise UsageError(f"{found[0]} is a prepared folder (preprocessing/prepare_data.py): train on it alone")
+    return found[0] if found else None
 
 
 def token_dtype(vocab_size: int) -> str:

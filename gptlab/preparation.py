@@ -11,25 +11,21 @@ from pathlib import Path
 from config import TrainConfig
 from gptlab.cli import parse_size
 from gptlab.corpus import corpus_files, file_kind
-from gptlab.data import TokenSplit, build_token_cache, cache_key, read_token_folder, val_start
+from gptlab.data import (
+    PREPARED_TOKENIZER,
+    TokenSplit,
+    build_token_cache,
+    cache_key,
+    prepared_folder,
+    read_token_folder,
+    val_start,
+)
 from gptlab.errors import UsageError
 from gptlab.fileio import atomic_write_text
 from gptlab.runtime import Runtime
 from gptlab.tokenizer import LearnedFrom, Reading, Tokenizer, learned_from, train_tokenizer
 
 DEFAULT_VOCAB_SIZE = 8000
-PREPARED = "prepared.json"  # what prepare_data.py prepared a folder from (its marker)
-PREPARED_TOKENIZER = "tokenizer.json"  # beside the token shards in a prepared folder
-
-
-def prepared_folder(corpus: tuple[str, ...]) -> Path | None:
-    """The folder prepare_data.py wrote (its token shards, meta.json and tokenizer.json), if that is the corpus."""
-    found = [Path(p) for p in corpus if (Path(p) / PREPARED).is_file() and (Path(p) / PREPARED_TOKENIZER).is_file()]
-    if found and len(corpus) > 1:
-        raise UsageError(f"{found[0]} is a prepared folder (preprocessing/prepare_data.py): train on it alone")
-    return found[0] if found else None
-
-
 def corpus_of(c: TrainConfig) -> list[Path]:
     """The corpus's files; none for a prepared folder (its text is not read again)."""
     return [] if prepared_folder(c.corpus) else corpus_files(list(c.corpus))

@@ -18,10 +18,9 @@ from pathlib import Path
 
 from gptlab.cli import FRACTION, check_fields, parse_dataclass, parse_size, setting
 from gptlab.corpus import TEXT_FIELD, corpus_files
-from gptlab.data import DEFAULT_VAL_FRACTION, SHARD_BYTES, cache_key, token_folder
+from gptlab.data import DEFAULT_VAL_FRACTION, PREPARED, PREPARED_TOKENIZER, SHARD_BYTES, cache_key, token_folder
 from gptlab.errors import UsageError, run_cli
 from gptlab.fileio import atomic_write_text
-from gptlab.preparation import PREPARED, PREPARED_TOKENIZER
 from gptlab.tokenizer import Tokenizer
 
 
