@@ -29,6 +29,7 @@ from gptlab.cli import (
     read_yaml,
     setting,
 )
+from gptlab.corpus import TEXT_FIELD
 from gptlab.data import DEFAULT_VAL_FRACTION
 from gptlab.errors import CliParser, UsageError
 from gptlab.runtime import device_setting, dtype_setting
@@ -42,7 +43,9 @@ LR_SCHEDULES = ("cosine", "linear", "constant", "wsd", "inverse_sqrt")
 class TrainConfig:
     model: GPTConfig = field(default_factory=GPTConfig)  # the model's settings (their flags: see gpt.py)
     # data and tokenizer
-    corpus: tuple[str, ...] = setting((BUNDLED_CORPUS,), "text file(s) or folder(s) of .txt files", group="data")
+    corpus: tuple[str, ...] = setting((BUNDLED_CORPUS,), "text file(s) (.txt, .jsonl, .json, .parquet, "
+                                  ".gz, .zst), folder(s) of them, or a folder prepared by "
+                                  "preprocessing/prepare_data.py", group="data")
     tokenizer: str | None = setting(None, "tokenizer.json to use; if omitted, a byte-level BPE tokenizer is "
                                     "trained on the corpus and saved in out_dir", group="data")
     tokenizer_kind: str = setting("bbpe", "kind of tokenizer to train when --tokenizer is not given",
@@ -52,6 +55,11 @@ class TrainConfig:
     val_fraction: float = setting(DEFAULT_VAL_FRACTION, "fraction of the corpus (its last bytes) held out for "
                                   "validation, from the model and from the tokenizer trained here",
                                   rule=OPEN_FRACTION, group="data")
+    text_field: str = setting(TEXT_FIELD, "the field of each .jsonl/.json record, or the .parquet column, that "
+                              "holds a document's text", group="data")
+    tokenizer_sample: str = setting("1GB", "the most of the training split that the tokenizer trained here reads, "
+                                    "like 1GB or 200MB: blocks spread evenly over the whole split (all of it when "
+                                    "it is smaller)", group="data", requires=("tokenizer", None), rule=SIZE)
     out_dir: str = setting("runs", "folder for the token cache and a trained tokenizer (a run's metrics and "
                            "PNGs go beside its --checkpoint)", group="data")
     # what the model learns

@@ -40,7 +40,7 @@ from gptlab.memory import MemoryPlan, plan_run
 from gptlab.metrics import Metrics, plot_losses
 from gptlab.objectives import Objective, objective_for
 from gptlab.pacing import Throughput, TimeBudget
-from gptlab.preparation import load_data, resolve_tokenizer
+from gptlab.preparation import corpus_of, load_data, resolve_tokenizer
 from gptlab.runtime import (
     Runtime,
     agree_on,
@@ -63,7 +63,7 @@ from gptlab.starting import (
     resume_config,
 )
 from gptlab.stopping import StopRequest, exit_on_sigterm
-from gptlab.tokenizer import MASK, LearnedFrom, Tokenizer, corpus_files
+from gptlab.tokenizer import MASK, LearnedFrom, Tokenizer
 from gptlab.training import Stepper, learning_rate, make_optimizer, set_learning_rate, train_step
 
 
@@ -146,7 +146,7 @@ def build_run(c: TrainConfig, ckpt: dict[str, Any] | None, rt: Runtime, started:
     """ckpt: the checkpoint a --resume continues; init: the weights and tokenizer of --init_from; cap: the
     --max_iters a --time_budget's plan may not pass."""
     check_runtime(c, rt)  # before the tokenizer, the token cache or the metrics are written
-    files = corpus_files(list(c.corpus))
+    files = corpus_of(c)  # none for a folder prepared by preprocessing/prepare_data.py
     source = ckpt or init
     if source:  # a checkpoint from before the record, or a Hugging Face folder: unknown (None)
         tokenizer, learned = Tokenizer.from_json(source["tokenizer"]), source.get("tokenizer_learned_from")

@@ -14,6 +14,7 @@ from typing import Any
 
 from gptlab import blimp, stats
 from gptlab.checkpoint import load_checkpoint, model_from_checkpoint
+from gptlab.data import prepared_folder, read_token_folder
 from gptlab.errors import UsageError
 from gptlab.fileio import atomic_write_text
 from gptlab.metrics import METRICS, pyplot, read_metrics, run_file, save_figure
@@ -191,10 +192,14 @@ def check_data(corpus: list[str], val_fraction: float, block_size: int, tokenize
     """What can be known of a run's data before it runs: its files exist and hold text, and its validation
     text holds block_size + 1 tokens: counted with the run's tokenizer when it names one (and the text is
     small), else bounded by its bytes (a token is at least one byte)."""
-    files = corpus_files(corpus)
+    prepared = prepared_folder(tuple(corpus))
+    files = [] if prepared else corpus_files(corpus)
     val_bytes = int(sum(path.stat().st_size for path in files) * val_fraction)
     tokens, unit = val_bytes, "bytes: at most that many tokens"
-    if tokenizer is not None and val_bytes < COUNTED_BYTES:
+    splits = read_token_folder(prepared) if prepared else None
+    if splits is not None:  # a folder from prepare_data.py: its split is counted
+        tokens, unit = splits["val"].num_tokens, "tokens"
+    elif tokenizer is not None and val_bytes < COUNTED_BYTES:
         tokens, unit = len(Tokenizer.from_file(tokenizer).encode(tail_text(files, val_bytes))), "tokens"
     if tokens < block_size + 1:
         raise UsageError(f"its validation text (~{tokens:,} {unit}) is shorter than block_size + 1 = "

@@ -52,7 +52,7 @@ def random_tokens(folder: Path, vocab_size: int, block_size: int) -> TokenSplit:
     dtype = token_dtype(vocab_size)
     path = folder / "random_tokens.bin"
     np.random.default_rng(0).integers(0, vocab_size, n).astype(dtype).tofile(path)  # scratch, in a temp folder
-    return TokenSplit(path, dtype, n, n)
+    return TokenSplit((path,), dtype, n, n)
 
 
 @dataclass

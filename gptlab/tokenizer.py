@@ -26,18 +26,20 @@ and, when trained with bert_tokens (for masked-language-model pretraining and fi
        <sep>          separates the two texts of a pair
 """
 
-import hashlib
+import bisect
 import re
 import sys
 from collections.abc import Iterator
-from itertools import chain
+from dataclasses import dataclass, field
+from itertools import accumulate, chain
 from pathlib import Path
 from typing import Any
 
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
-from gptlab.corpus import read_corpus, regular_file
+from gptlab.corpus import TEXT_FIELD, Line, file_hash, read_corpus, text_sizes
+from gptlab.corpus import corpus_files as corpus_files  # where the CLIs have always imported it from
 from gptlab.errors import UsageError
 from gptlab.fileio import atomic_write_text
 from gptlab.progress import byte_progress
@@ -56,6 +58,7 @@ LINE_END = re.compile(r"\r\n|\r|\n")
 # front, so an absurd size must be refused before training, not end in an out-of-memory abort.
 MAX_VOCAB_SIZE = 1_000_000
 LearnedFrom = list[dict[str, str | int]]  # see learned_from
+SAMPLE_BLOCK = 1 << 20  # a tokenizer's sample is taken in blocks of this many bytes of text, spread evenly
 
 
 class Tokenizer:
@@ -125,51 +128,87 @@ class Tokenizer:
         return token_id
 
 
-def corpus_files(paths: list[str | Path]) -> list[Path]:
-    """The corpus arguments as a list of files: each path a file, or a folder of .txt files (sorted)."""
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found = sorted(q for q in p.rglob("*.txt") if q.is_file())
-            if not found:
-                raise UsageError(f"no .txt files in folder {p}")
-            files.extend(found)
-        else:
-            files.append(regular_file(p))
-    return files
+@dataclass
+class Reading:
+    """What a tokenizer's training read of the corpus, filled as it reads: how many bytes of each file's text it
+    was given, and each file's hash as it was read (a file changed meanwhile is recorded as it was read)."""
+
+    files: list[Path]
+    text_field: str = TEXT_FIELD
+    seen: list[int] = field(default_factory=list)
+    digests: dict[Path, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.seen = [0] * len(self.files)
+
+    def learned_from(self) -> LearnedFrom:
+        """Each file: its name, size, content hash and how many bytes of its text the tokenizer learned from.
+        tokenizer.json has no room for it (the tokenizers library refuses a key it does not know), so
+        checkpoints keep it beside the tokenizer, and evaluate.py can warn when it scores a file the tokenizer
+        learned from."""
+        return [{"file": str(path), "bytes": path.stat().st_size, "learned_bytes": seen,
+                 "blake2b": self.digests.get(path) or file_hash(path)}
+                for path, seen in zip(self.files, self.seen, strict=True)]
 
 
-def learned_from(files: list[Path], end: int | None) -> LearnedFrom:
-    """What a tokenizer trained on these files up to byte `end` learned from, file by file: its name, size,
-    content hash and how many of its first bytes were read. tokenizer.json has no room for it (the tokenizers
-    library refuses a key it does not know), so checkpoints keep it beside the tokenizer, and evaluate.py can
-    warn when it scores a file the tokenizer learned from."""
+def learned_from(files: list[Path], end: int | None, text_field: str = TEXT_FIELD) -> LearnedFrom:
+    """The record of a tokenizer trained on these files up to byte `end` before the record was kept beside it
+    (see Reading): the files as they are now."""
     record, offset = [], 0
-    for path in files:
-        size = path.stat().st_size
+    for path, size in zip(files, text_sizes(files, text_field), strict=True):
         learned = size if end is None else max(0, min(size, end - offset))
-        record.append({"file": str(path), "bytes": size, "learned_bytes": learned, "blake2b": file_hash(path)})
+        record.append({"file": str(path), "bytes": path.stat().st_size, "learned_bytes": learned,
+                       "blake2b": file_hash(path)})
         offset += size
     return record
 
 
-def file_hash(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+def _sampled(lines: Iterator[Line | None], end: int, sample: int, reading: Reading | None) -> Iterator[Line | None]:
+    """The lines of `sample` bytes of blocks spread evenly over the first `end` bytes (all of them when end <=
+    sample), at most `sample` bytes in all; None where a skipped stretch or a document ends (no piece spans it).
+    Counts what each file gave in reading.seen."""
+    block = max(1, min(SAMPLE_BLOCK, sample // 16))
+    blocks, wanted = max(1, -(-end // block)), sample // block
+    file_ends = list(accumulate(text_sizes(reading.files, reading.text_field))) if reading is not None else []
+    offset = taken = 0
+    skipping = False
+    for line in lines:
+        if line is None:
+            yield None
+            continue
+        b = offset // block  # chosen: the blocks where ceil(b * wanted / blocks) steps up (block 0 first)
+        chosen = end <= sample or -(-(b + 1) * wanted // blocks) > -(-b * wanted // blocks)
+        if chosen and taken + line.size <= sample:
+            taken, skipping = taken + line.size, False
+            if reading is not None:
+                reading.seen[bisect.bisect_right(file_ends, offset)] += line.size
+            yield line
+        elif not skipping:
+            skipping = True
+            yield None
+        offset += line.size
 
 
-def iter_corpus(files: list[Path], end: int | None = None) -> Iterator[str]:
+def iter_corpus(files: list[Path], end: int | None = None, text_field: str = TEXT_FIELD, sample: int | None = None,
+                reading: Reading | None = None) -> Iterator[str]:
     """The corpus's text (corpus.read_corpus: its checks; up to `end`, the training text's end, when given) in
     the pieces the trainer learns from: READ_CHARS characters, then up to the end of that line but at most
-    READ_CHARS more, a piece never spanning two files. The trainer counts words piece by piece, so these cuts
-    are part of what it learns: they are the ones it has always been given."""
+    READ_CHARS more, a piece never spanning two documents. The trainer counts words piece by piece, so these cuts
+    are part of what it learns: they are the ones it has always been given.
+
+    sample: at most this many bytes, from blocks spread evenly over the text (see _sampled); reading: filled with
+    what was read (needs `end`)."""
+    lines = read_corpus(files, end, text_field=text_field, digests=reading.digests if reading else None)
+    if sample is not None or reading is not None:
+        training = sum(text_sizes(files, text_field)) if end is None else end
+        lines = _sampled(lines, training, training if sample is None else sample, reading)
     parts: list[str] = []  # text read, not yet yielded: joined once it holds a piece, so short lines copy little
     chars = 0
-    for line in chain(read_corpus(files, end), [None]):  # None: the end of a file, or of what is read
+    for line in chain(lines, [None]):  # None: the end of a document, of a sampled stretch, or of what is read
         if line is not None:
             parts.append(line.text)
             chars += len(line.text)
-            if chars < 2 * READ_CHARS:  # too little to know where the next piece ends, before a file's end
+            if chars < 2 * READ_CHARS:  # too little to know where the next piece ends, before a document's end
                 continue
         text, start = "".join(parts), 0
         while len(text) - start >= 2 * READ_CHARS or (line is None and start < len(text)):
@@ -222,11 +261,13 @@ def check_vocab_size(vocab_size: int) -> None:
 
 
 def train_tokenizer(files: list[Path], kind: str, vocab_size: int, show_progress: bool = True,
-                    bert_tokens: bool = False, end: int | None = None) -> Tokenizer:
+                    bert_tokens: bool = False, end: int | None = None, text_field: str = TEXT_FIELD,
+                    sample: int | None = None, reading: Reading | None = None) -> Tokenizer:
     """Learn BPE merges from the corpus, streamed; the same corpus always gives the same tokenizer.
 
     end: learn from the text before this byte offset only (data.val_start: the training split), so the merges
-    owe nothing to the validation text.
+    owe nothing to the validation text. sample: at most this many bytes of it, spread evenly (--tokenizer_sample).
+    reading: filled with what was read, file by file (Reading.learned_from).
     """
     if kind not in KINDS:
         raise UsageError(f"unknown tokenizer kind {kind!r}: choose bpe or bbpe")
@@ -239,11 +280,11 @@ def train_tokenizer(files: list[Path], kind: str, vocab_size: int, show_progress
     # Counting the corpus's words is most of the time on a large corpus: show it in bytes (MB/s, ETA; in a log
     # file, a line every 30 s); the trainer's own bar (terminals only) then shows the merges. The pieces are
     # ~4 kB of characters: their number, for that bar's total, is about the corpus's bytes / READ_CHARS.
-    total = sum(p.stat().st_size for p in files)
-    reading = total if end is None else min(end, total)
-    with byte_progress(reading, "reading corpus", show_progress) as bar:
-        tok.train_from_iterator(_counted(iter_corpus(files, end), bar), _trainer(
-            kind, vocab_size, specials, show_progress and sys.stderr.isatty()), length=reading // READ_CHARS + 1)
+    total = sum(text_sizes(files, text_field))
+    size = min(total if end is None else min(end, total), sample or total)
+    with byte_progress(size, "reading corpus", show_progress) as bar:
+        tok.train_from_iterator(_counted(iter_corpus(files, end, text_field, sample, reading), bar), _trainer(
+            kind, vocab_size, specials, show_progress and sys.stderr.isatty()), length=size // READ_CHARS + 1)
     return Tokenizer(tok)
 
 

@@ -23,6 +23,7 @@ COMMANDS = [
     ("gpu_check.py",), ("bench.py", "train"), ("bench.py", "attention"), ("bench.py", "generate"),
     ("bench.py", "peers"), ("preprocessing/train_tokenizer.py",), ("preprocessing/bench_tokenizer.py",),
     ("preprocessing/bench_encoding.py",),
+    ("preprocessing/prepare_data.py",),
 ]
 
 

@@ -52,8 +52,8 @@ def test_the_word_is_learned_from_the_whole_corpus(corpus):
 def test_playground_tokenizer_reads_exactly_the_training_bytes(tmp_path, corpus, monkeypatch):
     read: list[str] = []
 
-    def spy(files: list[Path], end: int | None = None):
-        for piece in iter_corpus(files, end):
+    def spy(files: list[Path], end: int | None = None, *args: object):
+        for piece in iter_corpus(files, end, *args):
             read.append(piece)
             yield piece
 

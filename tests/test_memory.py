@@ -70,7 +70,7 @@ def random_split(folder: Path, vocab_size: int) -> TokenSplit:
     n = 50_000
     path = folder / "tokens.bin"
     np.random.default_rng(0).integers(0, vocab_size, n).astype(token_dtype(vocab_size)).tofile(path)
-    return TokenSplit(path, token_dtype(vocab_size), n, n)
+    return TokenSplit((path,), token_dtype(vocab_size), n, n)
 
 
 def training_setup(point: dict) -> tuple[GPTConfig, TrainConfig, Runtime]:

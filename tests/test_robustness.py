@@ -556,11 +556,11 @@ def test_a_torn_token_cache_is_rebuilt(inputs, tmp_path):
     tok = Tokenizer.from_file(inputs["tok"])
     files = [inputs["corpus"]]
     whole = data.build_token_cache(files, tok, tmp_path, 0.1)
-    folder = whole["train"].path.parent
+    folder = whole["train"].paths[0].parent
     reference = {p.name: p.read_bytes() for p in folder.iterdir()}
     tears = [lambda: (folder / "meta.json").write_text(""), lambda: (folder / "meta.json").write_text("{\"dty"),
-             lambda: (folder / "train.bin").write_bytes(b""), lambda: (folder / "val.bin").unlink(),
-             lambda: (folder / "train.bin").write_bytes(reference["train.bin"][:-2])]
+             lambda: (folder / "train-00000.bin").write_bytes(b""), lambda: (folder / "val-00000.bin").unlink(),
+             lambda: (folder / "train-00000.bin").write_bytes(reference["train-00000.bin"][:-2])]
     for tear in tears:
         tear()
         assert data.build_token_cache(files, tok, tmp_path, 0.1) == whole
@@ -571,7 +571,7 @@ def test_a_full_disk_while_building_the_token_cache_is_one_usage_error(inputs, t
     def full(*args: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(data, "_tokenize_into", full)
+    monkeypatch.setattr(data, "_pieces", full)
     with pytest.raises(UsageError, match="cannot write the token cache in .*: No space left on device"):
         data.build_token_cache([inputs["corpus"]], Tokenizer.from_file(inputs["tok"]), tmp_path, 0.1)
     assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == []
@@ -592,8 +592,8 @@ def test_processes_building_the_same_token_cache_at_once_all_succeed(inputs, tmp
     assert len({out for out, _ in results}) == 1
     alone = data.build_token_cache([inputs["corpus"]], Tokenizer.from_file(inputs["tok"]), tmp_path / "alone", 0.1)
     shared = data.build_token_cache([inputs["corpus"]], Tokenizer.from_file(inputs["tok"]), tmp_path, 0.1)
-    assert shared["train"].path.read_bytes() == alone["train"].path.read_bytes()
-    assert [p.name for p in shared["train"].path.parent.iterdir() if ".tmp" in p.name] == []
+    assert shared["train"].tokens().tobytes() == alone["train"].tokens().tobytes()
+    assert [p.name for p in shared["train"].paths[0].parent.iterdir() if ".tmp" in p.name] == []
 
 
 # ---------------------------------------------------------------------------------------------- the run lock
@@ -675,7 +675,7 @@ def test_finetune_reads_a_bom_csv_long_fields_and_refuses_empty_texts(tmp_path):
 
 def test_bench_token_files_fit_large_vocabularies(tmp_path):
     split = speed.random_tokens(tmp_path, 70_000, 16)
-    tokens = torch.from_numpy(np.memmap(split.path, dtype=split.dtype, mode="r").astype("int64"))
+    tokens = torch.from_numpy(np.memmap(split.paths[0], dtype=split.dtype, mode="r").astype("int64"))
     assert split.dtype == "uint32" and int(tokens.max()) >= 65_536 and int(tokens.max()) < 70_000
 
 

@@ -16,7 +16,7 @@ import playground
 from config import parse_config
 from gptlab import checkpoint as checkpoint_module
 from gptlab.checkpoint import load_checkpoint
-from gptlab.data import TokenSplit, build_token_cache
+from gptlab.data import build_token_cache, read_token_folder
 from gptlab.tokenizer import BERT_TOKENS, EOT, Tokenizer, corpus_files
 
 REPO = Path(__file__).resolve().parent.parent
@@ -67,9 +67,7 @@ def test_loss_falls_on_cuda_in_bfloat16_compiled_with_mfu_logged(tmp_path, corpu
 def _val_split(tmp_path: Path):
     meta_files = list((tmp_path / "runs" / "token_cache").glob("*/meta.json"))
     assert len(meta_files) == 1
-    meta = json.loads(meta_files[0].read_text())
-    return TokenSplit(meta_files[0].parent / "val.bin", meta["dtype"], meta["val"]["num_tokens"],
-                                 meta["val"]["num_bytes"])
+    return read_token_folder(meta_files[0].parent)["val"]
 
 
 def test_resume_reproduces_an_uninterrupted_run_exactly(tmp_path, corpus, tokenizer_path, monkeypatch):
@@ -146,8 +144,8 @@ def test_documents_are_separated_by_end_of_text(tmp_path, tokenizer_path):
     (folder / "b.txt").write_text("Second document.\n" * 50)
     tok = Tokenizer.from_file(tokenizer_path)
     splits = build_token_cache(corpus_files([folder]), tok, tmp_path / "cache", val_fraction=0.1)
-    train_ids = np.fromfile(splits["train"].path, dtype=splits["train"].dtype).tolist()
-    val_ids = np.fromfile(splits["val"].path, dtype=splits["val"].dtype).tolist()
+    train_ids = splits["train"].tokens().tolist()
+    val_ids = splits["val"].tokens().tolist()
     assert train_ids.count(tok.eot_id) == 1 and val_ids[-1] == tok.eot_id
     first, second = "First document.\n" * 50, "Second document.\n" * 50
     assert tok.decode(train_ids + val_ids) == first + EOT + second + EOT
@@ -166,7 +164,7 @@ def test_token_files_do_not_depend_on_the_number_of_cores(tmp_path, corpus, toke
     for cores in (1, 3, 64):
         monkeypatch.setattr(data.os, "cpu_count", lambda cores=cores: cores)
         splits = build_token_cache([corpus], tok, tmp_path / f"cores{cores}", val_fraction=0.1)
-        files[cores] = [splits[s].path.read_bytes() for s in ("train", "val")]
+        files[cores] = [splits[s].tokens().tobytes() for s in ("train", "val")]
     assert files[1] == files[3] == files[64]
     text = corpus.read_text(encoding="utf-8")
     ids = np.frombuffer(files[1][0] + files[1][1], dtype=np.uint16).tolist()
