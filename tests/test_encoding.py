@@ -48,7 +48,7 @@ def token_files(files: list[Path], tok: Tokenizer, cache: Path, reference: bool,
         if reference:
             m.setattr(data, "encoder_for", lambda t: ReferenceEncoder(t, "the reference"))
         splits = data.build_token_cache(files, tok, cache, 0.1)
-    return [splits[s].path.read_bytes() for s in ("train", "val")]
+    return [b"".join(p.read_bytes() for p in splits[s].paths) for s in ("train", "val")]
 
 
 def corpus_shape(shape: str, folder: Path, monkeypatch) -> list[Path]:
