@@ -65,7 +65,7 @@ def child(*args: str) -> list[str]:
     if out.returncode != 0:  # the child's own one-line error (or the last line of its crash)
         last = (out.stderr.strip().splitlines() or ["no output"])[-1].removeprefix("error: ")
         raise UsageError(f"{args[1]} failed: {last}")
-    return out.stdout.split()
+    return out.stdout.splitlines()[-1].split()  # its last line: the log lines above it are the library's
 
 
 def main() -> None:
