@@ -53,13 +53,14 @@ from typing import Any
 from tqdm import tqdm
 
 from config import TrainConfig, build_parser, check_dependent_flags, fixed_on_resume, parse_config
-from gptlab import report, search
+from gptlab import planning, report, search
 from gptlab.checkpoint import load_checkpoint
 from gptlab.cli import read_yaml
 from gptlab.errors import DIVERGED_EXIT, CliParser, UsageError, run_cli
 from gptlab.fileio import atomic_write_text
 from gptlab.metrics import read_metrics
-from gptlab.report import Plan, Run, Variant
+from gptlab.planning import Plan, Variant
+from gptlab.report import Run
 
 PLAYGROUND = Path(__file__).resolve().parent / "playground.py"
 SPEC_KEYS = ("name", "out_dir", "base", "variants", "grid", "baseline", "seeds", "budget", "benchmark", "search")
@@ -92,22 +93,22 @@ def make_plan(spec: dict[str, Any], stem: str, options: dict[str, bool]) -> Plan
     unknown = sorted(set(spec) - set(SPEC_KEYS))
     if unknown:
         raise UsageError(f"unknown experiment spec key(s): {', '.join(unknown)} (known: {', '.join(SPEC_KEYS)})")
-    name = report.folder_name(spec.get("name", stem), "name")
+    name = planning.folder_name(spec.get("name", stem), "name")
     out_dir = spec.get("out_dir", "runs/experiments")
     if not isinstance(out_dir, str) or not out_dir:
         raise UsageError(f"out_dir must be a folder path, got {out_dir!r}")
-    base = report.mapping(spec.get("base"), "base")
+    base = planning.mapping(spec.get("base"), "base")
     _check_keys(base, "base", options)
-    budget = report.parse_budget(spec.get("budget"))
-    report.check_size(spec, budget)  # before a grid's combinations or the seeds are listed
-    overrides = report.variant_overrides(spec)
+    budget = planning.parse_budget(spec.get("budget"))
+    planning.check_size(spec, budget)  # before a grid's combinations or the seeds are listed
+    overrides = planning.variant_overrides(spec)
     for variant_name, changes in overrides.items():
         _check_keys(changes, f"variant '{variant_name}'", options)
     baseline = spec.get("baseline", next(iter(overrides)))
     if baseline not in overrides:
         raise UsageError(f"baseline '{baseline}' is not one of the variants: {', '.join(overrides)}")
-    seeds = report.parse_seeds(spec.get("seeds"))
-    benchmark = report.parse_benchmark(spec.get("benchmark"))
+    seeds = planning.parse_seeds(spec.get("seeds"))
+    benchmark = planning.parse_benchmark(spec.get("benchmark"))
     variants = [make_variant(v, changes, base, budget, options) for v, changes in overrides.items()]
     return Plan(name, str(Path(out_dir) / name), baseline, seeds, budget, variants, benchmark)
 
@@ -119,7 +120,7 @@ def make_variant(name: str, overrides: dict[str, Any], base: dict[str, Any], bud
     _check_files(settings)
     argv = playground_args(settings, options)
     if "time_budget" in budget:
-        argv += ["--time_budget", report.show(budget["time_budget"])]
+        argv += ["--time_budget", planning.show(budget["time_budget"])]
     try:
         c, given = parse_config(argv)
         check_dependent_flags(c, given)
@@ -127,7 +128,7 @@ def make_variant(name: str, overrides: dict[str, Any], base: dict[str, Any], bud
             raise UsageError(f"its config sets time_budget {c.time_budget:g}, which would stop each run "
                              f"on time instead of at the budget's {next(iter(budget))}: use a config without "
                              f"time_budget")
-        report.check_data(list(c.corpus), c.val_fraction, c.model.block_size, c.tokenizer)
+        planning.check_data(list(c.corpus), c.val_fraction, c.model.block_size, c.tokenizer)
     except UsageError as e:
         raise UsageError(f"variant '{name}': {e}") from None
     if "max_iters" in budget:
@@ -153,7 +154,7 @@ def playground_args(settings: dict[str, Any], options: dict[str, bool]) -> list[
         elif isinstance(value, bool) or not isinstance(value, int | float | str):
             raise UsageError(f"{key} needs a single number or word, got {value!r}")
         else:
-            args += [f"--{key}", report.show(value)]
+            args += [f"--{key}", planning.show(value)]
     return args
 
 
@@ -178,16 +179,16 @@ def _check_files(settings: dict[str, Any]) -> None:
 
 def save_plan(plan: Plan, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    _write_json(folder / report.PLAN_NAME, asdict(plan))
+    _write_json(folder / planning.PLAN_NAME, asdict(plan))
 
 
 def load_plan(folder: Path) -> Plan:
-    path = folder / report.PLAN_NAME
+    path = folder / planning.PLAN_NAME
     if not path.is_file():
-        raise UsageError(f"{folder} holds no {report.PLAN_NAME} (the runner writes it when it starts): give the spec "
+        raise UsageError(f"{folder} holds no {planning.PLAN_NAME} (the runner writes it when it starts): give the spec "
                          f"file too, or check the folder")
     try:
-        return report.plan_from_dict(json.loads(path.read_text(encoding="utf-8")))
+        return planning.plan_from_dict(json.loads(path.read_text(encoding="utf-8")))
     except (ValueError, UsageError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise UsageError(f"{path} is damaged ({str(e).splitlines()[0]}): run the spec file again to rewrite it "
                          f"(finished runs are kept)") from None
@@ -203,7 +204,7 @@ def run_command(run: Run, plan: Plan, options: dict[str, bool], resume: bool) ->
     if run.variant.max_iters is not None:
         args += ["--max_iters", str(run.variant.max_iters)]
     if "time_budget" in plan.budget:  # on resume, the budget the checkpoint holds or was planned from
-        args += ["--time_budget", report.show(plan.budget["time_budget"])]
+        args += ["--time_budget", planning.show(plan.budget["time_budget"])]
     if resume:  # playground refuses to overwrite a checkpoint: an existing one is always continued
         args.append("--resume")
     return [sys.executable, str(PLAYGROUND), *args]
@@ -259,7 +260,7 @@ def trained_plan(ckpt: dict[str, Any], run: Run, plan: Plan) -> str | None:
         same = planned == plan.budget["time_budget"]
     else:
         same = planned is None and steps == run.variant.max_iters
-    return None if same else f"time_budget {report.show(planned)}" if planned is not None else f"max_iters {steps}"
+    return None if same else f"time_budget {planning.show(planned)}" if planned is not None else f"max_iters {steps}"
 
 
 def check_settings(run: Run, plan: Plan, options: dict[str, bool], saved: dict[str, Any]) -> None:
@@ -270,9 +271,10 @@ def check_settings(run: Run, plan: Plan, options: dict[str, bool], saved: dict[s
     ignored = set(NOT_COMPARED) | (set(fixed_on_resume()) if now["init_from"] else set())  # from the folder
     changed = [k for k in now if k not in ignored and saved[k] != now[k]]
     if changed:
-        raise UsageError(f"{run.label} was trained with {', '.join(f'{k}={report.show(saved[k])}' for k in changed)}, "
+        was = ", ".join(f"{k}={planning.show(saved[k])}" for k in changed)
+        raise UsageError(f"{run.label} was trained with {was}, "
                          f"but variant '{run.variant.name}' now has "
-                         f"{', '.join(f'{k}={report.show(now[k])}' for k in changed)}: delete {run.folder} to train "
+                         f"{', '.join(f'{k}={planning.show(now[k])}' for k in changed)}: delete {run.folder} to train "
                          f"it again, or give the experiment another name")
 
 
@@ -387,7 +389,7 @@ def check_plan(states: list[tuple[Run, str]], plan: Plan) -> None:
         named = ", ".join(f"{run.label} ({trained_plan(load_checkpoint(run.checkpoint), run, plan)})"
                           for run in stale[:5]) + (f" and {len(stale) - 5} more" if len(stale) > 5 else "")
         raise UsageError(f"{len(stale)} run(s) were trained to another budget than this spec's {kind} "
-                         f"{report.show(amount)}: {named}. A run resumes only into the plan it started with (its "
+                         f"{planning.show(amount)}: {named}. A run resumes only into the plan it started with (its "
                          f"learning-rate schedule spans it): delete their folders to train them again, or give the "
                          f"experiment another name")
 

@@ -22,11 +22,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from gptlab import report
+from gptlab import planning, report
 from gptlab.errors import UsageError
 from gptlab.fileio import atomic_write_text
 from gptlab.metrics import read_metrics
-from gptlab.report import Plan, Run, Variant, show
+from gptlab.planning import Plan, Variant, show
+from gptlab.report import Run
 
 SEARCH_KEYS = ("trials", "space", "sampler", "prune", "confirm", "seed", "first")
 # Optuna's samplers and pruners by the names a spec gives them; a spec may pass keyword arguments to each.
@@ -91,11 +92,11 @@ def parse_search(spec: dict[str, Any], stem: str, runner: Runner) -> Search:
     if clash:
         raise UsageError(f"search: replaces {', '.join(clash)} (the trials are the variants; the confirmation's "
                          f"seeds are search: confirm: {{seeds: N}})")
-    s = report.mapping(spec["search"], "search")
+    s = planning.mapping(spec["search"], "search")
     unknown = sorted(set(s) - set(SEARCH_KEYS))
     if unknown:
         raise UsageError(f"unknown search key(s): {', '.join(unknown)} (known: {', '.join(SEARCH_KEYS)})")
-    seed = s.get("seed", report.BASE_SEED)
+    seed = s.get("seed", planning.BASE_SEED)
     if not _whole(seed, 0):
         raise UsageError(f"search seed must be an integer >= 0, got {seed!r}")
     base = runner.make_plan({**{k: v for k, v in spec.items() if k != "search"}, "variants": {"base": {}},
@@ -119,7 +120,7 @@ def _whole(value: Any, least: int) -> bool:
 
 
 def parse_space(value: Any, base: dict[str, Any], budget: dict[str, float], runner: Runner) -> dict[str, Any]:
-    space = report.mapping(value, "search space")
+    space = planning.mapping(value, "search space")
     if not space:
         raise UsageError("search space is empty: map each flag to {low: A, high: B} (log: true for a log scale) "
                          "or to a list of choices")
@@ -149,7 +150,7 @@ def distribution(key: str, dimension: Any, optuna: Any) -> Any:
         if len(set(shown)) != len(shown):
             raise UsageError(f"search space {key}: a choice is listed twice in {dimension}")
         return d.CategoricalDistribution(dimension)
-    r = report.mapping(dimension, f"search space {key}")
+    r = planning.mapping(dimension, f"search space {key}")
     unknown = sorted(set(r) - {"low", "high", "log", "step"})
     ends = [r.get("low"), r.get("high")]
     if unknown or not all(isinstance(x, int | float) and not isinstance(x, bool) for x in ends):
@@ -182,20 +183,20 @@ def named_option(value: Any, what: str, known: dict[str, str]) -> dict[str, dict
     (name, keywords), = value.items()
     if name not in known:
         raise UsageError(f"unknown {what} '{name}': use one of {', '.join(known)}")
-    return {name: report.mapping(keywords, f"{what} {name}")}
+    return {name: planning.mapping(keywords, f"{what} {name}")}
 
 
 def parse_confirm(value: Any, seed: int) -> tuple[int, list[int]]:
     """(how many of the best trials, the seeds): seeds: N are the N seeds after the search's own, so no trial's
     luck on its seed counts in the confirmation."""
-    confirm = report.mapping(value, "confirm")
+    confirm = planning.mapping(value, "confirm")
     unknown = sorted(set(confirm) - {"top", "seeds"})
     top, seeds = confirm.get("top", 1), confirm.get("seeds", 5)
     if unknown or not _whole(top, 0):
         raise UsageError(f"confirm must be {{top: N (0: none), seeds: N or a list}}, got {value!r}")
     if _whole(seeds, 1):
         return top, [seed + 1 + i for i in range(seeds)]
-    seeds = report.parse_seeds(seeds)
+    seeds = planning.parse_seeds(seeds)
     if seed in seeds:
         raise UsageError(f"confirm seeds include the search's seed {seed}: the confirmation needs seeds no trial "
                          f"was chosen on")
@@ -488,7 +489,7 @@ def report_markdown(search: Search, study: Any, confirm: Plan | None, rows: list
     (kind, amount), = search.budget.items()
     prune = "none" if search.prune is None else describe_option(search.prune)
     lines = [f"# Search {search.name}", "",
-             f"Budget: {kind} {show(amount)} ({report.BUDGETS[kind]}). Trials: {len(ended(study))} of "
+             f"Budget: {kind} {show(amount)} ({planning.BUDGETS[kind]}). Trials: {len(ended(study))} of "
              f"{search.trials} ended: {counts['finished']} finished, {counts['pruned']} pruned, {counts['failed']} "
              f"failed. Sampler: {describe_option(search.sampler)} (seed {search.seed}). Pruning: {prune}.", "",
              f"Space: {space_text(search.space)}.", "",
@@ -573,10 +574,10 @@ def _storage(folder: Path) -> Any:
 
 
 def _saved_confirmation(folder: Path) -> Plan | None:
-    path = folder / CONFIRM_DIR / report.PLAN_NAME
+    path = folder / CONFIRM_DIR / planning.PLAN_NAME
     if not path.is_file():
         return None
     try:
-        return report.plan_from_dict(json.loads(path.read_text(encoding="utf-8")))
+        return planning.plan_from_dict(json.loads(path.read_text(encoding="utf-8")))
     except (ValueError, UsageError) as e:
         raise UsageError(f"{path} is damaged ({e}): run the spec file again to rewrite it") from None

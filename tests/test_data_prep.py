@@ -21,7 +21,7 @@ from conftest import BUNDLED_CORPUS
 import playground
 from config import parse_config
 from gptlab import corpus as corpus_module
-from gptlab import data, report
+from gptlab import data, planning
 from gptlab import tokenizer as tokenizer_module
 from gptlab.checkpoint import load_checkpoint
 from gptlab.corpus import corpus_files, file_hash
@@ -306,9 +306,9 @@ def test_playground_trains_from_a_prepared_folder_without_the_text(tmp_path, tok
     assert Tokenizer.from_json(load_checkpoint(tmp_path / "ck.tar")["tokenizer"]).to_json() == tokenizer.to_json()
     assert token_bytes(data.read_token_folder(tmp_path / "prep")) == token_bytes(own)
     assert not (tmp_path / "runs" / "token_cache").exists()
-    report.check_data([str(tmp_path / "prep")], 0.1, 16, None)  # experiment.py's check before its runs
+    planning.check_data([str(tmp_path / "prep")], 0.1, 16, None)  # experiment.py's check before its runs
     with pytest.raises(UsageError, match=f"~{own['val'].num_tokens:,} tokens"):
-        report.check_data([str(tmp_path / "prep")], 0.1, 100_000, None)
+        planning.check_data([str(tmp_path / "prep")], 0.1, 100_000, None)
     (tmp_path / "user").mkdir()
     (tmp_path / "user" / "notes.txt").write_text("mine")
     with pytest.raises(UsageError, match="is a folder of other files"):

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 import experiment
-from gptlab import blimp, report
+from gptlab import blimp, planning, report
 from gptlab.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from gptlab.errors import UsageError, run_cli
 from gptlab.metrics import read_metrics
@@ -281,8 +281,8 @@ def test_token_budget_gives_each_variant_the_steps_its_batch_needs():
 
 
 def test_time_budget_command_passes_the_budget_and_no_step_count():
-    variant = report.Variant("v", {}, {"corpus": "c.txt", "bias": False}, None)
-    plan = report.Plan("p", "out/p", "v", [1], {"time_budget": 120}, [variant])
+    variant = planning.Variant("v", {}, {"corpus": "c.txt", "bias": False}, None)
+    plan = planning.Plan("p", "out/p", "v", [1], {"time_budget": 120}, [variant])
     run = experiment.Run(variant, 1, Path("out/p/v/seed1"))
     command = experiment.run_command(run, plan, {"bias": True}, resume=False)
     assert command[:3] == [sys.executable, str(experiment.PLAYGROUND), "c.txt"]
@@ -327,8 +327,8 @@ def test_seeds_that_share_no_step_are_drawn_as_points():
 
 
 def test_one_seed_shows_n_a_for_intervals_and_p():
-    variants = [report.Variant(n, {}, {}, 10) for n in ("base", "other")]
-    plan = report.Plan("p", "out/p", "base", [1], {"max_iters": 10}, variants)
+    variants = [planning.Variant(n, {}, {}, 10) for n in ("base", "other")]
+    plan = planning.Plan("p", "out/p", "base", [1], {"max_iters": 10}, variants)
     results = [report.RunResult(n, 1, 10, bpb, 1.0, 100.0, 5.0, 1000, []) for n, bpb in
                (("base", 2.0), ("other", 1.9))]
     rows = report.summarise(plan, results)
@@ -434,8 +434,8 @@ def test_report_on_a_damaged_plan_file_is_one_error_line(tmp_path, capsys, conte
 
 
 def test_a_masked_lm_variant_is_not_compared_with_a_causal_baseline():
-    variants = [report.Variant(n, {}, {}, 10) for n in ("gpt", "bert")]
-    plan = report.Plan("p", "out/p", "gpt", [1, 2], {"max_iters": 10}, variants)
+    variants = [planning.Variant(n, {}, {}, 10) for n in ("gpt", "bert")]
+    plan = planning.Plan("p", "out/p", "gpt", [1, 2], {"max_iters": 10}, variants)
     results = [report.RunResult("gpt", s, 10, 2.0 + s / 10, 1.0, 100.0, 5.0, 1000, [], "clm") for s in (1, 2)] + \
               [report.RunResult("bert", s, 10, math.nan, 1.0, 100.0, 5.0, 1000, [], "mlm") for s in (1, 2)]
     text = report.report_markdown(plan, report.summarise(plan, results), [], has_png=False)
