@@ -52,6 +52,7 @@ BUDGETS: Budgets = [
     ("bench.py peers", None),  # nanoGPT and the checkout above; minutes of whole training runs of each
     ("bench.py attention", ["--sizes", "16,1,32,2", "--vocab_size", "64", "--warmup", "0", "--iters", "1"]),
     ("bench_tokenizer.py", ["--mb", "1", "--vocab_size", "300"]),
+    ("--sample_mb 100 --encode_mb 100", None),  # the benchmark below again, at other sizes: once is enough here
     ("bench_encoding.py", ["--mb", "2", "--sample_mb", "1", "--encode_mb", "1", "--heldout_mb", "1",
                            "--vocab_size", "300"]),
     ("gpu_check.py", None),  # GPU: refused without one; tests/test_gpu_check.py runs its CPU rehearsal, --dry_run
@@ -127,4 +128,4 @@ def test_the_docs_commands_run_as_written_in_order(fresh_copy, monkeypatch):
     assert mlm.startswith("<mask> 1: ")  # an encoder fills the mask, as masked-lm.md shows
     attention = next(out for command, out in ran.items() if "bench.py attention" in command)
     assert "| block | layers | width | heads | batch |" in attention
-    assert len(ran) == 16
+    assert len(ran) == 17
