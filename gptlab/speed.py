@@ -96,3 +96,15 @@ def trainer(model_config: GPTConfig, batch_size: int, rt: Runtime, compile: bool
                    torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16), c, rt,
                    random_tokens(Path(folder.name), model_config.vocab_size, model_config.block_size), folder,
                    Health(model, optimizer, c, rt) if health_interval is not None else None)
+
+
+def write_repeated(path: Path, texts: list[bytes], mb: float) -> None:
+    """A benchmark corpus: `texts` as documents (one per line break), repeated until `mb` MB are written."""
+    written = 0
+    with open(path, "wb") as f:  # scratch input in a temporary folder: nothing to keep whole
+        while written < mb * 1_000_000:
+            for text in texts:
+                f.write(text + b"\n")
+                written += len(text) + 1
+                if written >= mb * 1_000_000:
+                    break

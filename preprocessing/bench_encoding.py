@@ -28,6 +28,7 @@ from pathlib import Path
 
 from gptlab.encoding import GPT2_SPLIT, ReferenceEncoder, encoder_for, tiktoken_ranks
 from gptlab.errors import CliParser, UsageError, run_cli
+from gptlab.speed import write_repeated
 from gptlab.tokenizer import READ_CHARS, Tokenizer, iter_corpus, train_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -64,15 +65,8 @@ def make_corpus(folder: Path, mb: int, heldout_mb: int, seed: int) -> tuple[Path
         heldout.append(texts.pop())
         size += len(heldout[-1])
     (folder / "heldout.txt").write_bytes(b"\n".join(heldout))
-    corpus, written = folder / "corpus.txt", 0
-    with open(corpus, "wb") as f:  # scratch input in a temporary folder: nothing to keep whole
-        while written < mb * 1_000_000:
-            for text in texts:
-                f.write(text + b"\n")
-                written += len(text) + 1
-                if written >= mb * 1_000_000:
-                    break
-    return corpus, folder / "heldout.txt"
+    write_repeated(folder / "corpus.txt", texts, mb)
+    return folder / "corpus.txt", folder / "heldout.txt"
 
 
 def pieces(path: Path, mb: float) -> list[str]:

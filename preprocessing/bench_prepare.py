@@ -17,6 +17,7 @@ import filecmp
 import json
 import random
 import resource
+import runpy
 import signal
 import subprocess
 import sys
@@ -28,8 +29,8 @@ from pathlib import Path
 from gptlab.cli import parse_size
 from gptlab.data import val_start
 from gptlab.errors import CliParser, UsageError, run_cli
+from gptlab.speed import write_repeated
 from gptlab.tokenizer import Reading, train_tokenizer
-from preprocessing import prepare_data
 
 REPO = Path(__file__).resolve().parent.parent
 PREPARE = REPO / "preprocessing" / "prepare_data.py"
@@ -49,14 +50,7 @@ def make_corpus(path: Path, mb: int, seed: int = 0) -> None:
             continue
         if b"\0" not in data:
             texts.append(data)
-    written = 0
-    with open(path, "wb") as f:
-        while written < mb * 1_000_000:
-            for text in texts:
-                f.write(text + b"\n")
-                written += len(text) + 1
-                if written >= mb * 1_000_000:
-                    break
+    write_repeated(path, texts, mb)
 
 
 def peak_rss_mb() -> float:
@@ -76,8 +70,9 @@ def tokenizer_phase(corpus: str, out: str, vocab_size: int, sample: str) -> None
 
 
 def prepare_phase(corpus: str, tokenizer: str, out: str) -> None:
-    """Runs in a child process: prepare_data.py's work; its peak RSS MB."""
-    prepare_data.main([corpus, "--tokenizer", tokenizer, "--out", out])
+    """Runs in a child process: prepare_data.py as its command runs (a script imports no other); its peak RSS MB."""
+    sys.argv = [str(PREPARE), corpus, "--tokenizer", tokenizer, "--out", out]
+    runpy.run_path(str(PREPARE), run_name="__main__")
     print(json.dumps({"rss_mb": peak_rss_mb()}))
 
 
