@@ -26,9 +26,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import IO, Any, NamedTuple
 
+import numpy as np
+
 from gptlab.errors import UsageError
 
 CHUNK_BYTES = 1 << 20  # the longest piece of a line the reader holds (and the token cache's piece size)
+BLOCK_BYTES = 8 * CHUNK_BYTES  # what a text file is read in when its lines are wanted as Blocks
 TEXT_FIELD = "text"  # the default --text_field
 PARQUET_ROWS = 1024  # rows read from a parquet file at a time
 TEXT_KINDS = {".txt": "text", ".jsonl": "jsonl", ".json": "jsonl"}
@@ -40,6 +43,32 @@ class Line(NamedTuple):
 
     text: str
     size: int  # its length in UTF-8 bytes (for a text file: in the file)
+
+
+class Block(NamedTuple):
+    """Many whole lines of a text file at once, none longer than CHUNK_BYTES: the lines _lines would give, one
+    object for thousands of them (readers that take Blocks handle them with bytes and numpy, not line by line)."""
+
+    data: bytes  # UTF-8 text, checked as _lines checks it
+    ends: np.ndarray  # where each line ends in data (the last: len(data))
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    @property
+    def text(self) -> str:
+        return self.data.decode("utf-8")
+
+    def lines(self, i: int, j: int) -> "Block":
+        """Its lines i to j - 1."""
+        first = int(self.ends[i - 1]) if i else 0
+        return Block(self.data[first:int(self.ends[j - 1])], self.ends[i:j] - first)
+
+    def split(self, at: int) -> tuple["Block", "Block"]:
+        """The lines that end at or before byte `at` (a line end), and the rest."""
+        k = int(np.searchsorted(self.ends, at, side="right"))
+        return Block(self.data[:at], self.ends[:k]), Block(self.data[at:], self.ends[k:] - at)
 
 
 def file_kind(path: Path) -> tuple[str, str | None]:
@@ -153,14 +182,16 @@ class _Hashing(io.RawIOBase):
         return n
 
 
-def file_lines(path: Path, text_field: str = TEXT_FIELD, digest: Any = None) -> Iterator[Line | None]:
+def file_lines(path: Path, text_field: str = TEXT_FIELD, digest: Any = None,
+               blocks: bool = False) -> Iterator[Line | Block | None]:
     """The file's documents as lines, and None after each document. digest: a hashlib object that sees every
-    byte of the file as it is read (read to its end, even where the caller stops early: close the generator)."""
+    byte of the file as it is read (read to its end, even where the caller stops early: close the generator).
+    blocks: a text file's lines in Blocks (the same lines, many at a time)."""
     kind, compression = file_kind(path)
     rest = digest if kind != "parquet" else None  # a parquet file is hashed whole before it is read
     with open(path, "rb", buffering=0) as raw:
         try:
-            yield from _documents(raw, path, text_field, digest)
+            yield from _documents(raw, path, text_field, digest, blocks)
         except GeneratorExit:
             _hash_rest(raw, rest)
             raise
@@ -174,7 +205,7 @@ def _hash_rest(raw: IO[bytes], digest: Any) -> None:
         digest.update(block)
 
 
-def _documents(raw: IO[bytes], path: Path, text_field: str, digest: Any) -> Iterator[Line | None]:
+def _documents(raw: IO[bytes], path: Path, text_field: str, digest: Any, blocks: bool) -> Iterator[Line | Block | None]:
     kind, compression = file_kind(path)
     if kind == "parquet":
         if digest is not None:  # pyarrow reads in its own order: hash the file through the same handle first
@@ -187,7 +218,7 @@ def _documents(raw: IO[bytes], path: Path, text_field: str, digest: Any) -> Iter
     hashed = _Hashing(raw, digest) if digest is not None else raw
     stream = _decompressed(io.BufferedReader(hashed, CHUNK_BYTES), path, compression)
     if kind == "text":
-        yield from _lines(stream, str(path))
+        yield from _blocks(stream, str(path)) if blocks else _lines(stream, str(path))
         yield None
         return
     for number, text in _jsonl_texts(stream, path, text_field):
@@ -227,14 +258,64 @@ def _lines(stream: IO[bytes], where: str) -> Iterator[Line]:
         if not piece.endswith(b"\n"):  # part of a long line (or the file's end): keep characters whole
             cut = _whole_characters(piece)
             piece, carry = piece[:cut], piece[cut:]
-        try:
-            text = piece.decode("utf-8")
-        except UnicodeDecodeError:
-            raise UsageError(f"{where} is not UTF-8 text (a binary file?)") from None
-        # Binary data can decode as UTF-8 (a token cache of small ids does), a sparse file is all NUL bytes.
-        if "\0" in text:
-            raise UsageError(f"{where} holds NUL bytes: a binary file, not text")
-        yield Line(text, len(piece))
+        yield Line(_checked_text(piece, where), len(piece))
+
+
+def _checked_text(data: bytes, where: str) -> str:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{where} is not UTF-8 text (a binary file?)") from None
+    # Binary data can decode as UTF-8 (a token cache of small ids does), a sparse file is all NUL bytes.
+    if "\0" in text:
+        raise UsageError(f"{where} holds NUL bytes: a binary file, not text")
+    return text
+
+
+def _blocks(stream: IO[bytes], where: str) -> Iterator[Line | Block]:
+    """The lines _lines gives, as a Block of the whole lines of each read of BLOCK_BYTES; from a line longer than
+    CHUNK_BYTES on (rare), the rest of the stream through _lines itself, which cuts such lines."""
+    carry = b""
+    while chunk := stream.read(BLOCK_BYTES):
+        data = carry + chunk
+        whole = data.rfind(b"\n") + 1  # the bytes of the whole lines
+        ends = np.flatnonzero(np.frombuffer(data, np.uint8, whole) == ord("\n")) + 1
+        long = np.flatnonzero(np.diff(ends, prepend=0) > CHUNK_BYTES)
+        if long.size or len(data) - whole >= CHUNK_BYTES:  # a long line starts at `stop`
+            stop = (int(ends[long[0] - 1]) if long[0] else 0) if long.size else whole
+            if stop:
+                _check_block(data[:stop], where)
+                yield Block(data[:stop], ends[ends <= stop])
+            yield from _lines(_Prefixed(data[stop:], stream), where)
+            return
+        if whole:
+            _check_block(data[:whole], where)
+            yield Block(data[:whole], ends)
+        carry = data[whole:]
+    if carry:  # a last line without its line end
+        yield from _lines(io.BytesIO(carry), where)
+
+
+def _check_block(data: bytes, where: str) -> None:
+    try:
+        _checked_text(data, where)
+    except UsageError:
+        for _ in _lines(io.BytesIO(data), where):  # the error of its first bad line, as _lines would say it
+            pass
+        raise
+
+
+class _Prefixed:
+    """`head`, then the rest of `stream`, for readline."""
+
+    def __init__(self, head: bytes, stream: IO[bytes]) -> None:
+        self.head, self.stream = io.BytesIO(head), stream
+
+    def readline(self, limit: int) -> bytes:
+        line = self.head.readline(limit)
+        if len(line) < limit and not line.endswith(b"\n"):
+            line += self.stream.readline(limit - len(line))
+        return line
 
 
 def _text_lines(text: str, where: str) -> Iterator[Line]:
@@ -311,38 +392,49 @@ def _parquet_texts(raw: IO[bytes], path: Path, text_field: str) -> Iterator[tupl
 
 
 def read_corpus(files: list[Path], end: int | None = None, past_end: bool = False, text_field: str = TEXT_FIELD,
-                digests: dict[Path, str] | None = None) -> Iterator[Line | None]:
+                digests: dict[Path, str] | None = None, blocks: bool = False) -> Iterator[Line | Block | None]:
     """The corpus's lines, document after document, and None after each document.
 
     end: where the training text ends (data.val_start: a line start), in bytes of the documents read one after
     another; None: at the corpus's end. The training text must hold more than whitespace, which is checked
     once it has all been read. Reading stops at `end` unless past_end (the token cache reads the validation
-    text too). digests: filled with the blake2b of each file read, hashed as it was read (to its end).
+    text too). digests: filled with the blake2b of each file read, hashed as it was read (to its end). blocks:
+    text files' lines in Blocks (file_lines), one cut at `end` if it spans it.
     """
     for path in files:  # all of them first, before a FIFO among them blocks the reading
         regular_file(path)
     offset, blank, chars = 0, True, 0
     for path in files:
         digest = hashlib.blake2b(digest_size=16) if digests is not None else None
-        lines = file_lines(path, text_field, digest)
-        for line in lines:
-            if line is None:
+        lines = file_lines(path, text_field, digest, blocks)
+        for item in lines:
+            if item is None:
                 yield None
                 continue
-            if end is None or offset < end:
-                blank, chars = blank and line.text.isspace(), chars + len(line.text)
-            else:
-                _check_training_text(blank, chars, files, end)
-                if not past_end:
-                    lines.close()  # reads the rest of the file into its hash
-                    if digests is not None:
-                        digests[path] = digest.hexdigest()
-                    return
-            yield line
-            offset += line.size
+            for line in _cut_at(item, None if end is None else end - offset):
+                if end is None or offset < end:
+                    if blank:  # (chars is only reported while it is)
+                        text = line.text
+                        blank, chars = text.isspace(), chars + len(text)
+                else:
+                    _check_training_text(blank, chars, files, end)
+                    if not past_end:
+                        lines.close()  # reads the rest of the file into its hash
+                        if digests is not None:
+                            digests[path] = digest.hexdigest()
+                        return
+                yield line
+                offset += line.size
         if digests is not None:
             digests[path] = digest.hexdigest()
     _check_training_text(blank, chars, files, end)
+
+
+def _cut_at(item: Line | Block, at: int | None) -> tuple[Line | Block, ...]:
+    """A Block that spans byte `at` (a line start) as its two parts; anything else as it is."""
+    if isinstance(item, Block) and at is not None and 0 < at < item.size:
+        return item.split(at)
+    return (item,)
 
 
 def _whole_characters(piece: bytes) -> int:

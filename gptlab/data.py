@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
@@ -25,6 +26,7 @@ import torch
 
 from gptlab.corpus import (
     CHUNK_BYTES,
+    Block,
     TEXT_FIELD,
     Line,
     file_hash,
@@ -151,7 +153,7 @@ def _line_end(path: Path, at: int, text_field: str) -> int:
 
 
 def _split_lines(files: list[Path], val_fraction: float,
-                 text_field: str = TEXT_FIELD) -> Iterator[tuple[str, Line | None]]:
+                 text_field: str = TEXT_FIELD) -> Iterator[tuple[str, Line | Block | None]]:
     """Yield (split, line) for every line of the corpus (corpus.read_corpus: its checks, a line longer than
     CHUNK_BYTES in pieces); (split, None) marks the end of a document.
 
@@ -162,7 +164,7 @@ def _split_lines(files: list[Path], val_fraction: float,
     threshold = val_threshold(files, val_fraction, text_field)
     seen = 0
     for line in read_corpus(files, val_start(files, val_fraction, text_field), past_end=True,
-                            text_field=text_field):
+                            text_field=text_field, blocks=True):
         if line is None:
             yield ("train" if seen <= threshold else "val"), None
         else:
@@ -183,21 +185,37 @@ class Piece(NamedTuple):
 
 def _pieces(files: list[Path], val_fraction: float, text_field: str) -> Iterator[Piece]:
     """The corpus in pieces of about CHUNK_BYTES, cut at line ends, where the validation text starts and where a
-    document ends (the token files are these cuts: they are the ones they have always been)."""
+    document ends (the token files are these cuts: they are the ones they have always been). A piece ends with
+    the first line that brings `buffered` to CHUNK_BYTES; a Block's lines are cut by the same rule, found with
+    a binary search over their ends instead of line by line."""
     parts: list[str] = []
-    buffered = size = start = 0  # buffered: not reset at a document's end (the cuts have always been so)
-    current = "train"
-    for index, (split, line) in enumerate(_split_lines(files, val_fraction, text_field)):
-        if split != current or buffered >= CHUNK_BYTES:
-            yield Piece(current, "".join(parts), False, size, start)
-            parts, size, start, buffered, current = [], 0, index, 0, split
-        if line is None:
+    buffered = size = start = index = 0  # buffered: not reset at a document's end (the cuts have always been so)
+    current = "train"  # index: of the line (or document end) in _split_lines, where a resumed build restarts
+    for split, item in _split_lines(files, val_fraction, text_field):
+        if item is None:
+            if split != current or buffered >= CHUNK_BYTES:
+                yield Piece(current, "".join(parts), False, size, start)
+                parts, size, start, buffered, current = [], 0, index, 0, split
             yield Piece(split, "".join(parts), True, size, start)
-            parts, size, start = [], 0, index + 1
+            parts, size, start, index = [], 0, index + 1, index + 1
             continue
-        parts.append(line.text)
-        size += line.size
-        buffered += line.size
+        count = 1 if isinstance(item, Line) else len(item.ends)
+        done = 0  # the item's lines added so far
+        while done < count:
+            if split != current or buffered >= CHUNK_BYTES:
+                yield Piece(current, "".join(parts), False, size, start)
+                parts, size, start, buffered, current = [], 0, index + done, 0, split
+            if isinstance(item, Line):
+                text, n, done = item.text, item.size, 1
+            else:  # up to the first line whose end brings buffered to CHUNK_BYTES, or the Block's end
+                first = int(item.ends[done - 1]) if done else 0
+                last = min(int(np.searchsorted(item.ends, first + CHUNK_BYTES - buffered)), len(item.ends) - 1)
+                end = int(item.ends[last])
+                text, n, done = item.data[first:end].decode("utf-8"), end - first, last + 1
+            parts.append(text)
+            size += n
+            buffered += n
+        index += done
 
 
 def token_encoder(tokenizer: Tokenizer) -> Encoder:
@@ -340,7 +358,7 @@ def _resume_point(folder: Path, dtype: str) -> tuple[int, dict[str, list[int]]]:
 def _write_token_files(files: list[Path], tokenizer: Tokenizer, folder: Path, val_fraction: float,
                        text_field: str, shard_bytes: int) -> None:
     """Stream the corpus's pieces through the tokenizer into the shards, a batch of pieces at a time (memory holds
-    one batch); after a killed build, the pieces its finished shards hold are read again but not encoded. Then
+    two batches); after a killed build, the pieces its finished shards hold are read again but not encoded. Then
     meta.json, written last (atomically), so a half-built cache is never taken for a whole one."""
     folder.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tokenizer.vocab_size)
@@ -349,15 +367,10 @@ def _write_token_files(files: list[Path], tokenizer: Tokenizer, folder: Path, va
         print(f"resuming the token cache in {folder} after its {sum(map(len, done.values()))} finished shard(s)")
     encoder = token_encoder(tokenizer)
     counts = dict.fromkeys(SPLITS, 0)
-    batch: list[Piece] = []
-    batch_size = os.cpu_count() or 1
-    with _ShardWriter(folder, dtype, shard_bytes, done) as writer, \
-            byte_progress(sum(text_sizes(files, text_field)), "tokenizing") as bar:
-        def encode_batch() -> None:
-            for piece, ids in zip(batch, encode_pieces(encoder, [p.text for p in batch]), strict=True):
-                writer.write(piece, ids + [tokenizer.eot_id] if piece.end_of_document else ids)
-            batch.clear()
+    batch_size = 4 * (os.cpu_count() or 1)  # pieces: a few per thread, so that threads end close together
 
+    def batches() -> Iterator[list[Piece]]:
+        batch: list[Piece] = []
         for piece in _pieces(files, val_fraction, text_field):
             counts[piece.split] += piece.num_bytes
             bar.update(piece.num_bytes)
@@ -365,8 +378,25 @@ def _write_token_files(files: list[Path], tokenizer: Tokenizer, folder: Path, va
                 continue  # in a shard the killed build finished
             batch.append(piece)
             if len(batch) >= batch_size:
-                encode_batch()
-        encode_batch()
+                yield batch
+                batch = []
+        yield batch
+
+    with _ShardWriter(folder, dtype, shard_bytes, done) as writer, \
+            byte_progress(sum(text_sizes(files, text_field)), "tokenizing") as bar, \
+            ThreadPoolExecutor(1) as background:
+        def write(batch: list[Piece], encoded: Future) -> None:
+            for piece, ids in zip(batch, encoded.result(), strict=True):
+                writer.write(piece, ids + [tokenizer.eot_id] if piece.end_of_document else ids)
+
+        # Each batch is encoded in the background while the next one is read (reading is the one serial part).
+        previous = None
+        for batch in batches():
+            encoded = background.submit(encode_pieces, encoder, [p.text for p in batch])
+            if previous is not None:
+                write(*previous)
+            previous = batch, encoded
+        write(*previous)
         writer.finish_shard(position=None)
     meta = {"format": CACHE_FORMAT, "dtype": dtype,
             **{split: {"num_tokens": sum(done[split]), "num_bytes": counts[split], "shards": done[split]}

@@ -35,10 +35,11 @@ from itertools import accumulate, chain
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
-from gptlab.corpus import TEXT_FIELD, Line, file_hash, read_corpus, text_sizes
+from gptlab.corpus import TEXT_FIELD, Block, Line, file_hash, read_corpus, text_sizes
 from gptlab.corpus import corpus_files as corpus_files  # where the CLIs have always imported it from
 from gptlab.errors import UsageError
 from gptlab.fileio import atomic_write_text
@@ -163,30 +164,50 @@ def learned_from(files: list[Path], end: int | None, text_field: str = TEXT_FIEL
     return record
 
 
-def _sampled(lines: Iterator[Line | None], end: int, sample: int, reading: Reading | None) -> Iterator[Line | None]:
+def _sampled(lines: Iterator[Line | Block | None], end: int, sample: int,
+             reading: Reading | None) -> Iterator[Line | Block | None]:
     """The lines of `sample` bytes of blocks spread evenly over the first `end` bytes (all of them when end <=
     sample), at most `sample` bytes in all; None where a skipped stretch or a document ends (no piece spans it).
-    Counts what each file gave in reading.seen."""
+    A line is taken whole if it starts in a chosen block and fits in what is left of the sample (a Block's lines
+    a run at a time, line by line only where the sample is nearly full). Counts what each file gave in
+    reading.seen."""
     block = max(1, min(SAMPLE_BLOCK, sample // 16))
     blocks, wanted = max(1, -(-end // block)), sample // block
+
+    def chosen(starts: np.ndarray) -> np.ndarray:  # the blocks where ceil(b * wanted / blocks) steps up
+        b = starts // block
+        return np.full(len(b), True) if end <= sample else -(-(b + 1) * wanted // blocks) > -(-b * wanted // blocks)
+
     file_ends = list(accumulate(text_sizes(reading.files, reading.text_field))) if reading is not None else []
     offset = taken = 0
     skipping = False
-    for line in lines:
-        if line is None:
+    for item in lines:
+        if item is None:
             yield None
             continue
-        b = offset // block  # chosen: the blocks where ceil(b * wanted / blocks) steps up (block 0 first)
-        chosen = end <= sample or -(-(b + 1) * wanted // blocks) > -(-b * wanted // blocks)
-        if chosen and taken + line.size <= sample:
-            taken, skipping = taken + line.size, False
-            if reading is not None:
-                reading.seen[bisect.bisect_right(file_ends, offset)] += line.size
-            yield line
-        elif not skipping:
-            skipping = True
-            yield None
-        offset += line.size
+        for run, take in _runs(item, offset, chosen):
+            near_full = take and taken + run.size > sample and isinstance(run, Block)
+            for part in (run.lines(i, i + 1) for i in range(len(run.ends))) if near_full else [run]:
+                if take and taken + part.size <= sample:
+                    taken, skipping = taken + part.size, False
+                    if reading is not None:
+                        reading.seen[bisect.bisect_right(file_ends, offset)] += part.size
+                    yield part
+                elif not skipping:
+                    skipping = True
+                    yield None
+                offset += part.size
+
+
+def _runs(item: Line | Block, offset: int, chosen: Any) -> Iterator[tuple[Line | Block, bool]]:
+    """The item (at byte `offset`) in runs of lines that are all chosen or all not, by where each line starts."""
+    if isinstance(item, Line):
+        yield item, bool(chosen(np.array([offset]))[0])
+        return
+    take = chosen(offset + np.concatenate(([0], item.ends[:-1])))
+    cuts = [0, *(np.flatnonzero(take[1:] != take[:-1]) + 1).tolist(), len(take)]
+    for i, j in zip(cuts, cuts[1:]):
+        yield item.lines(i, j), bool(take[i])
 
 
 def iter_corpus(files: list[Path], end: int | None = None, text_field: str = TEXT_FIELD, sample: int | None = None,
@@ -198,7 +219,8 @@ def iter_corpus(files: list[Path], end: int | None = None, text_field: str = TEX
 
     sample: at most this many bytes, from blocks spread evenly over the text (see _sampled); reading: filled with
     what was read (needs `end`)."""
-    lines = read_corpus(files, end, text_field=text_field, digests=reading.digests if reading else None)
+    lines = read_corpus(files, end, text_field=text_field, digests=reading.digests if reading else None,
+                        blocks=True)
     if sample is not None or reading is not None:
         training = sum(text_sizes(files, text_field)) if end is None else end
         lines = _sampled(lines, training, training if sample is None else sample, reading)
@@ -206,8 +228,9 @@ def iter_corpus(files: list[Path], end: int | None = None, text_field: str = TEX
     chars = 0
     for line in chain(lines, [None]):  # None: the end of a document, of a sampled stretch, or of what is read
         if line is not None:
-            parts.append(line.text)
-            chars += len(line.text)
+            text = line.text
+            parts.append(text)
+            chars += len(text)
             if chars < 2 * READ_CHARS:  # too little to know where the next piece ends, before a document's end
                 continue
         text, start = "".join(parts), 0

@@ -104,3 +104,66 @@ def test_outside_a_terminal_the_long_phases_print_a_line_every_30_s(tmp_path, to
     for phase in ("tokenizing", "reading corpus"):
         line = next(line for line in err.splitlines() if line.startswith(f"{phase}: "))
         assert " of 0 MB (" in line and " MB/s, about " in line and line.endswith(" s left"), line
+
+
+def _random_corpus(folder: Path, rng: np.random.Generator, chunk: int) -> list[Path]:
+    """A few files of lines of every shape: empty, short, multi-byte, CRLF, longer than the patched piece size
+    `chunk` or just as long, with and without a last line end."""
+    words = ["a", "Romeo", "é日本", "🙂", " ", "\t", "\r\n", "x" * 150, *("y" * (chunk - k) for k in (0, 1, 2))]
+    files = []
+    for i in range(int(rng.integers(1, 4))):
+        lines = ["".join(rng.choice(words, size=int(rng.geometric(0.2 if rng.random() < 0.9 else 0.01))))
+                 for _ in range(int(rng.integers(0, 120)))]
+        text = "\n".join(lines) + ("\n" if rng.random() < 0.7 else "")
+        files.append(folder / f"{i}.txt")
+        files[-1].write_text(text, encoding="utf-8", newline="")
+    return files
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_blocks_of_lines_give_the_pieces_and_samples_that_single_lines_give(tmp_path, monkeypatch, seed):
+    """The token cache and the tokenizer's sample read text files in Blocks (thousands of lines at once, for
+    speed); the line-by-line reader is the reference: the same pieces at the same line indices, and the same
+    sampled text and record, at random piece, read and sample sizes."""
+    from gptlab import tokenizer as tokenizer_module
+
+    rng = np.random.default_rng(seed)
+    chunk = int(rng.integers(40, 400))
+    files = _random_corpus(tmp_path, rng, chunk)
+    if not any("".join(f.read_text(encoding="utf-8") for f in files).split()):
+        files[0].write_text("some text\n", encoding="utf-8")
+    monkeypatch.setattr(corpus_module, "CHUNK_BYTES", chunk)
+    monkeypatch.setattr(data, "CHUNK_BYTES", chunk)
+    monkeypatch.setattr(corpus_module, "BLOCK_BYTES", int(rng.integers(1, 8 * chunk)))
+    monkeypatch.setattr(tokenizer_module, "READ_CHARS", int(rng.integers(20, 200)))
+    monkeypatch.setattr(tokenizer_module, "SAMPLE_BLOCK", int(rng.integers(1, 300)))
+    val_fraction, sample = float(rng.choice([0.05, 0.1, 0.5])), int(rng.integers(50, 4000))
+
+    def read() -> tuple[list, list, list]:
+        end = data.val_start(files, val_fraction)
+        reading = tokenizer_module.Reading(files, "text")
+        sampled = list(tokenizer_module.iter_corpus(files, end, "text", sample, reading))
+        return list(data._pieces(files, val_fraction, "text")), sampled, reading.learned_from()
+
+    in_blocks = read()
+    monkeypatch.setattr(corpus_module, "_blocks", corpus_module._lines)
+    assert in_blocks == read()
+
+
+@pytest.mark.parametrize("sample", [2990, 2500, 1234, 31])
+def test_a_sample_that_fills_up_inside_a_block_takes_the_lines_that_fit(sample):
+    """Where the sample's last chosen stretch overflows it, a Block is taken line by line, as single lines are."""
+    from gptlab.tokenizer import _sampled
+
+    lines = [f"line {i:03d} of thirty bytes ....\n".encode() for i in range(100)]
+    assert {len(line) for line in lines} == {30}
+    block = corpus_module.Block(b"".join(lines), np.cumsum([len(line) for line in lines]))
+    single = [corpus_module.Line(line.decode(), len(line)) for line in lines]
+
+    def texts(items: list) -> list[str | None]:
+        return [None if item is None else item.text for item in items]
+
+    taken = texts(list(_sampled(iter(single), 3000, sample, None)))
+    assert "".join(t for t in taken if t) and len("".join(t for t in taken if t)) <= sample
+    assert "".join(t or "|" for t in texts(list(_sampled(iter([block]), 3000, sample, None)))) == \
+        "".join(t or "|" for t in taken)

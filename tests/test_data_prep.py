@@ -269,12 +269,13 @@ def test_a_preparation_killed_with_sigkill_resumes_at_its_last_finished_shard(tm
 
 def test_reading_a_corpus_holds_a_piece_not_the_corpus(tmp_path, monkeypatch):
     """Bounded memory whatever the corpus size: the reader and the cache's pieces stream (checked with 4 kB
-    pieces on a 2 MB corpus in three forms)."""
+    pieces and 32 kB reads of a text file on a 2 MB corpus in three forms)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     monkeypatch.setattr(corpus_module, "CHUNK_BYTES", 4096)
     monkeypatch.setattr(data, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(corpus_module, "BLOCK_BYTES", 8 * 4096)
     monkeypatch.setattr(corpus_module, "PARQUET_ROWS", 16)
     line = "All the world's a stage, and all the men and women merely players. " * 3 + "\n"
     documents = [line * 50] * 200  # 2 MB
