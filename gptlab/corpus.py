@@ -9,7 +9,8 @@ A folder stands for the files of these kinds inside it (sorted, subfolders inclu
 
 Each document is read as lines, a line longer than CHUNK_BYTES in pieces cut between UTF-8 characters, so that
 memory stays bounded whatever the corpus holds; the same document gives the same lines in every kind, and so the
-same token files. Both uses refuse the same corpora, each with a one-line UsageError: a path that is not a regular
+same token files. The token cache and the tokenizer's sample take a text file's lines in Blocks (thousands of
+lines per object, for speed): the same lines, checked the same way. Both uses refuse the same corpora, each with a one-line UsageError: a path that is not a regular
 file, a file holding NUL bytes or that is not UTF-8 text, a bad record (named by file and line, or row), a training
 text that is empty or only whitespace, and a corpus that names a file twice.
 """
@@ -403,7 +404,7 @@ def read_corpus(files: list[Path], end: int | None = None, past_end: bool = Fals
     """
     for path in files:  # all of them first, before a FIFO among them blocks the reading
         regular_file(path)
-    offset, blank, chars = 0, True, 0
+    offset, training = 0, _TrainingText(files, end)
     for path in files:
         digest = hashlib.blake2b(digest_size=16) if digests is not None else None
         lines = file_lines(path, text_field, digest, blocks)
@@ -413,11 +414,9 @@ def read_corpus(files: list[Path], end: int | None = None, past_end: bool = Fals
                 continue
             for line in _cut_at(item, None if end is None else end - offset):
                 if end is None or offset < end:
-                    if blank:  # (chars is only reported while it is)
-                        text = line.text
-                        blank, chars = text.isspace(), chars + len(text)
+                    training.read(line)
                 else:
-                    _check_training_text(blank, chars, files, end)
+                    training.check()
                     if not past_end:
                         lines.close()  # reads the rest of the file into its hash
                         if digests is not None:
@@ -427,7 +426,7 @@ def read_corpus(files: list[Path], end: int | None = None, past_end: bool = Fals
                 offset += line.size
         if digests is not None:
             digests[path] = digest.hexdigest()
-    _check_training_text(blank, chars, files, end)
+    training.check()
 
 
 def _cut_at(item: Line | Block, at: int | None) -> tuple[Line | Block, ...]:
@@ -447,8 +446,20 @@ def _whole_characters(piece: bytes) -> int:
     return len(piece)
 
 
-def _check_training_text(blank: bool, chars: int, files: list[Path], end: int | None) -> None:
-    if blank:
-        held = f"holds only whitespace ({chars:,} characters)" if chars else "holds nothing"
-        before = "" if end is None else " before its validation text (the last --val_fraction of it)"
-        raise UsageError(f"the corpus is empty: {', '.join(map(str, files))} {held}{before}")
+class _TrainingText:
+    """Whether the training text read so far holds only whitespace (refused once it has all been read)."""
+
+    def __init__(self, files: list[Path], end: int | None) -> None:
+        self.files, self.end = files, end
+        self.blank, self.chars = True, 0  # chars: only counted (and reported) while blank
+
+    def read(self, line: Line | Block) -> None:
+        if self.blank:
+            text = line.text
+            self.blank, self.chars = text.isspace(), self.chars + len(text)
+
+    def check(self) -> None:
+        if self.blank:
+            held = f"holds only whitespace ({self.chars:,} characters)" if self.chars else "holds nothing"
+            before = "" if self.end is None else " before its validation text (the last --val_fraction of it)"
+            raise UsageError(f"the corpus is empty: {', '.join(map(str, self.files))} {held}{before}")

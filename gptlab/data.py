@@ -26,8 +26,8 @@ import torch
 
 from gptlab.corpus import (
     CHUNK_BYTES,
-    Block,
     TEXT_FIELD,
+    Block,
     Line,
     file_hash,
     file_kind,

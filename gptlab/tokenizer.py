@@ -31,7 +31,7 @@ import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from itertools import accumulate, chain
+from itertools import accumulate, chain, pairwise
 from pathlib import Path
 from typing import Any
 
@@ -206,7 +206,7 @@ def _runs(item: Line | Block, offset: int, chosen: Any) -> Iterator[tuple[Line |
         return
     take = chosen(offset + np.concatenate(([0], item.ends[:-1])))
     cuts = [0, *(np.flatnonzero(take[1:] != take[:-1]) + 1).tolist(), len(take)]
-    for i, j in zip(cuts, cuts[1:]):
+    for i, j in pairwise(cuts):
         yield item.lines(i, j), bool(take[i])
 
 
