@@ -10,9 +10,10 @@ A folder stands for the files of these kinds inside it (sorted, subfolders inclu
 Each document is read as lines, a line longer than CHUNK_BYTES in pieces cut between UTF-8 characters, so that
 memory stays bounded whatever the corpus holds; the same document gives the same lines in every kind, and so the
 same token files. The token cache and the tokenizer's sample take a text file's lines in Blocks (thousands of
-lines per object, for speed): the same lines, checked the same way. Both uses refuse the same corpora, each with a one-line UsageError: a path that is not a regular
-file, a file holding NUL bytes or that is not UTF-8 text, a bad record (named by file and line, or row), a training
-text that is empty or only whitespace, and a corpus that names a file twice.
+lines per object, for speed): the same lines, checked the same way. Both uses refuse the same corpora, each with
+a one-line UsageError: a path that is not a regular file, a file holding NUL bytes or that is not UTF-8 text, a
+bad record (named by file and line, or row), a training text that is empty or only whitespace, and a corpus that
+names a file twice.
 """
 
 import functools
