@@ -33,7 +33,7 @@ from gptlab.corpus import TEXT_FIELD
 from gptlab.data import DEFAULT_VAL_FRACTION
 from gptlab.errors import CliParser, UsageError
 from gptlab.runtime import device_setting, dtype_setting
-from gptlab.tokenizer import MAX_VOCAB_SIZE
+from gptlab.tokenizer import MAX_VOCAB_SIZE, TOKENIZER_SAMPLE
 
 BUNDLED_CORPUS = str(Path(__file__).resolve().parent / "data" / "shakespeare.txt")
 LR_SCHEDULES = ("cosine", "linear", "constant", "wsd", "inverse_sqrt")
@@ -57,9 +57,9 @@ class TrainConfig:
                                   rule=OPEN_FRACTION, group="data")
     text_field: str = setting(TEXT_FIELD, "the field of each .jsonl/.json record, or the .parquet column, that "
                               "holds a document's text", group="data")
-    tokenizer_sample: str = setting("1GB", "the most of the training split that the tokenizer trained here reads, "
-                                    "like 1GB or 200MB: blocks spread evenly over the whole split (all of it when "
-                                    "it is smaller)", group="data", requires=("tokenizer", None), rule=SIZE)
+    tokenizer_sample: str = setting(TOKENIZER_SAMPLE, "the most of the training split that the tokenizer trained "
+                                    "here reads, like 100MB or 1GB: blocks spread evenly over the whole split (all "
+                                    "of it when it is smaller)", group="data", requires=("tokenizer", None), rule=SIZE)
     out_dir: str = setting("runs", "folder for the token cache and a trained tokenizer (a run's metrics and "
                            "PNGs go beside its --checkpoint)", group="data")
     # what the model learns

@@ -59,6 +59,9 @@ LINE_END = re.compile(r"\r\n|\r|\n")
 # front, so an absurd size must be refused before training, not end in an out-of-memory abort.
 MAX_VOCAB_SIZE = 1_000_000
 LearnedFrom = list[dict[str, str | int]]  # see learned_from
+# The most of the training split a tokenizer learns from by default (--tokenizer_sample): on a 1 GB corpus, a
+# 100 MB sample costs 0.3% more tokens per byte of held-out text than all 900 MB and trains 6x faster (docs/data.md).
+TOKENIZER_SAMPLE = "100MB"
 SAMPLE_BLOCK = 1 << 20  # a tokenizer's sample is taken in blocks of this many bytes of text, spread evenly
 
 

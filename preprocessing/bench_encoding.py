@@ -11,14 +11,17 @@
 3. Encoding, the same --encode_mb MB in ~1 MB pieces as the token cache cuts them: tokenizers' own encode_batch
    (its threads) against the fast engine (gptlab.encoding: tiktoken) on one thread and on every core; the ids are
    checked equal.
-4. playground.py on the whole corpus with that tokenizer, one step (--max_iters 1): its wall time holds the token
-   cache (the fast engine), start-up and the step. With the trainer's time, that is text to first step.
+4. Text to first step, as a user runs it: `playground.py corpus.txt --vocab_size V --max_iters 1` (its own
+   tokenizer on a --tokenizer_sample of the training split, the token cache, start-up, one step of a quick-start
+   sized model and its evaluation), timed whole, with its peak resident memory. --first_step_only skips 2 and 3
+   (for big corpora).
 The machine may be shared: compare the rows of one run (ratios), not runs made at different times.
 """
 
 import json
 import os
 import random
+import resource
 import subprocess
 import sys
 import sysconfig
@@ -149,18 +152,33 @@ def engines(corpus: Path, tok: Tokenizer, encode_mb: int) -> None:
               flush=True)
 
 
-def first_step(corpus: Path, tokenizer: Path, folder: Path) -> float:
-    """Seconds of `playground.py corpus --tokenizer T --max_iters 1` (the token cache built inside)."""
-    command = [sys.executable, str(REPO / "playground.py"), str(corpus), "--tokenizer", str(tokenizer),
+# The quick start's shape: the step is not what this measures (GPT-2's default 124M would add ~1 GB and seconds).
+SMALL_MODEL = ["--embedding_dim", "128", "--num_of_layers", "4", "--num_of_heads", "4", "--block_size", "128"]
+
+
+def first_step(corpus: Path, heldout: Path, folder: Path, vocab_size: int, tokenizer_sample: str | None) -> float:
+    """Seconds of a user's first command on the corpus, to its first step (its own tokenizer, the token cache,
+    start-up, one step and its evaluation); prints them with the process's peak resident memory and its
+    tokenizer's tokens per byte on the held-out text."""
+    command = [sys.executable, str(REPO / "playground.py"), str(corpus), "--vocab_size", str(vocab_size),
                "--out_dir", str(folder / "runs"), "--checkpoint", str(folder / "runs" / "ckpt.pt"),
-               "--max_iters", "1", "--eval_iters", "1", "--sample_tokens", "0"]
+               "--max_iters", "1", "--eval_iters", "1", "--sample_tokens", "0", *SMALL_MODEL]
+    command += ["--tokenizer_sample", tokenizer_sample] if tokenizer_sample else []
     start = time.perf_counter()
-    out = subprocess.run(command, capture_output=True, text=True, cwd=folder)
-    if out.returncode != 0:
-        raise UsageError(f"playground.py failed: {(out.stderr.strip().splitlines() or ['no output'])[-1]}")
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=folder)
+    out, err = child.communicate()
     seconds = time.perf_counter() - start
-    engine = [line for line in out.stdout.splitlines() if line.startswith("token cache: encoding with")]
-    print(f"playground.py ({(engine or ['engine not logged'])[0]}): {seconds:.1f} s", flush=True)
+    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # (Linux: kB) its only child process
+    if child.returncode != 0:
+        raise UsageError(f"playground.py failed: {(err.strip().splitlines() or ['no output'])[-1]}")
+    said = [line for line in out.splitlines()
+            if line.startswith(("the tokenizer learned from", "token cache: encoding"))]
+    print(f"\n`{' '.join(['playground.py', corpus.name, *command[3:]])}`\n" + "".join(f"- {line}\n" for line in said)
+          + f"- **text to first step: {seconds:.1f} s**, peak resident memory {peak_mb:,.0f} MB", flush=True)
+    (learned,) = (folder / "runs").glob("tokenizer-*.json")
+    texts = pieces(heldout, float("inf"))
+    tokens = sum(map(len, encoder_for(Tokenizer.from_file(learned)).encode_batch(texts)))
+    print(f"- its tokenizer: {tokens / heldout.stat().st_size:.4f} tokens per byte of the held-out text", flush=True)
     return seconds
 
 
@@ -172,6 +190,8 @@ def main() -> None:
     parser.add_argument("--heldout_mb", type=int, default=10, help="held-out documents for tokens per byte")
     parser.add_argument("--vocab_size", type=int, default=8192)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tokenizer_sample", help="passed to playground.py in step 4 (default: its own default)")
+    parser.add_argument("--first_step_only", action="store_true", help="skip the trainers and engines (2 and 3)")
     args = parser.parse_args()
     if not (1 <= args.sample_mb <= args.mb and 1 <= args.encode_mb <= args.mb and args.heldout_mb >= 1):
         raise UsageError("need 1 <= --sample_mb, --encode_mb <= --mb and --heldout_mb >= 1")
@@ -184,12 +204,10 @@ def main() -> None:
         print(f"{os.cpu_count()} cores; corpus {size:,.0f} MB (this Python's sources and the bundled corpus, "
               f"shuffled documents, repeated; made in {make_s:.0f} s); pieces of {READ_CHARS} characters for the "
               f"trainers", flush=True)
-        tokenizer, train_s = trainers(corpus, heldout, args.sample_mb, args.vocab_size, folder)
-        engines(corpus, Tokenizer.from_file(tokenizer), args.encode_mb)
-        step_s = first_step(corpus, tokenizer, folder)
-        print(f"\nText to first step, {size:,.0f} MB: {train_s:.1f} s training the tokenizer on {args.sample_mb:,} MB "
-              f"(tokenizers) + {step_s:.1f} s of playground.py (token cache, start-up, one step) = "
-              f"{train_s + step_s:.1f} s")
+        if not args.first_step_only:
+            tokenizer, _ = trainers(corpus, heldout, args.sample_mb, args.vocab_size, folder)
+            engines(corpus, Tokenizer.from_file(tokenizer), args.encode_mb)
+        first_step(corpus, heldout, folder, args.vocab_size, args.tokenizer_sample)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Benchmark: a corpus's preparation, phase by phase, with time and peak resident memory (prints a markdown table).
 
-    python preprocessing/bench_prepare.py [--mb 1000] [--vocab_size 8192] [--tokenizer_sample 1GB] [--kill_at 0.4]
+    python preprocessing/bench_prepare.py [--mb 1000] [--vocab_size 8192] [--tokenizer_sample 100MB] [--kill_at 0.4]
 
 The corpus: this Python installation's standard-library sources and the bundled corpus, shuffled, written as one
 .txt file of --mb MB (repeated as needed). Each phase runs in a fresh process, so its peak resident memory
@@ -30,7 +30,7 @@ from gptlab.cli import parse_size
 from gptlab.data import val_start
 from gptlab.errors import CliParser, UsageError, run_cli
 from gptlab.speed import write_repeated
-from gptlab.tokenizer import Reading, train_tokenizer
+from gptlab.tokenizer import TOKENIZER_SAMPLE, Reading, train_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 PREPARE = REPO / "preprocessing" / "prepare_data.py"
@@ -108,7 +108,7 @@ def main() -> None:
     parser = CliParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=int, default=1000, help="corpus size in MB")
     parser.add_argument("--vocab_size", type=int, default=8192)
-    parser.add_argument("--tokenizer_sample", default="1GB")
+    parser.add_argument("--tokenizer_sample", default=TOKENIZER_SAMPLE)
     parser.add_argument("--kill_at", type=float, default=None, help="also kill a preparation at this fraction of "
                         "the full build's time, and time its rerun")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)

@@ -1,7 +1,7 @@
 """Train a tokenizer on a corpus and save it as tokenizer.json.
 
     python preprocessing/train_tokenizer.py CORPUS [CORPUS ...] {bpe,bbpe} [--vocab_size N] [--out PATH]
-                                            [--bert_tokens] [--val_fraction F] [--tokenizer_sample 1GB]
+                                            [--bert_tokens] [--val_fraction F] [--tokenizer_sample 100MB]
                                             [--text_field NAME]
 
 CORPUS: files (.txt, .jsonl/.json, .parquet, .gz/.zst: see gptlab/corpus.py) and/or folders of them. See
@@ -27,6 +27,7 @@ from gptlab.fileio import check_output
 from gptlab.tokenizer import (
     KINDS,
     MAX_VOCAB_SIZE,
+    TOKENIZER_SAMPLE,
     Reading,
     Tokenizer,
     check_vocab_size,
@@ -48,7 +49,8 @@ class TokenizerArgs:
     val_fraction: float = setting(DEFAULT_VAL_FRACTION, "fraction of the corpus (its last bytes, from a line start) "
                                   "not learned from: the validation split of playground.py with the same "
                                   "--val_fraction; 0 learns from all of it", rule=FRACTION)
-    tokenizer_sample: str = setting("1GB", "the most of the training split the trainer reads, like 1GB or 200MB: "
+    tokenizer_sample: str = setting(TOKENIZER_SAMPLE, "the most of the training split the trainer reads, like 100MB "
+                                    "or 1GB: "
                                     "blocks spread evenly over the whole split (all of it when it is smaller)",
                                     rule=SIZE)
     text_field: str = setting(TEXT_FIELD, "the field of each .jsonl/.json record, or the .parquet column, holding "
