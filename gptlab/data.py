@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import os
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -366,6 +367,7 @@ def _write_token_files(files: list[Path], tokenizer: Tokenizer, folder: Path, va
     if position:
         print(f"resuming the token cache in {folder} after its {sum(map(len, done.values()))} finished shard(s)")
     encoder = token_encoder(tokenizer)
+    started = time.monotonic()
     counts = dict.fromkeys(SPLITS, 0)
     batch_size = 4 * (os.cpu_count() or 1)  # pieces: a few per thread, so that threads end close together
 
@@ -403,6 +405,9 @@ def _write_token_files(files: list[Path], tokenizer: Tokenizer, folder: Path, va
                for split in SPLITS}}
     atomic_write_text(folder / "meta.json", json.dumps(meta), "token cache index")
     (folder / "progress.json").unlink(missing_ok=True)
+    seconds, text_mb = time.monotonic() - started, sum(counts.values()) / 1e6
+    print(f"token cache: {text_mb:,.1f} MB of text in {seconds:.1f} s ({text_mb / max(seconds, 1e-9):.1f} MB/s), "
+          f"{sum(meta[split]['num_tokens'] for split in SPLITS):,} tokens")
 
 
 @dataclass(frozen=True)

@@ -70,14 +70,15 @@ def _train_own_tokenizer(c: TrainConfig, files: list[Path], vocab_size: int, sam
     end = val_start(files, c.val_fraction, c.text_field)  # reads every record first: a bad one stops us here
     print(f"training a {c.tokenizer_kind} tokenizer ({vocab_size} tokens) on the corpus's training split -> {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    reading = Reading(files, c.text_field)
+    reading, started = Reading(files, c.text_field), time.monotonic()
     # With <mask> <pad> <cls> <sep> (4 of the vocab_size ids), so that the same tokenizer serves masked-LM
     # pretraining and fine-tuning (finetune.py) of the model trained here.
     tokenizer = train_tokenizer(files, c.tokenizer_kind, vocab_size, show_progress=True, bert_tokens=True,
                                 end=end, text_field=c.text_field, sample=sample, reading=reading)
     seen = sum(reading.seen)
     print(f"the tokenizer learned from {seen / 1e6:,.1f} MB of the {end / 1e6:,.1f} MB training split ("
-          f"{'all of it' if seen == end else f'--tokenizer_sample {c.tokenizer_sample}, spread evenly'})")
+          f"{'all of it' if seen == end else f'--tokenizer_sample {c.tokenizer_sample}, spread evenly'}) in "
+          f"{time.monotonic() - started:.1f} s")
     atomic_write_text(record, json.dumps(reading.learned_from()), "tokenizer record")
     tokenizer.save(path)
 

@@ -172,7 +172,7 @@ def first_step(corpus: Path, heldout: Path, folder: Path, vocab_size: int, token
     if child.returncode != 0:
         raise UsageError(f"playground.py failed: {(err.strip().splitlines() or ['no output'])[-1]}")
     said = [line for line in out.splitlines()
-            if line.startswith(("the tokenizer learned from", "token cache: encoding"))]
+            if line.startswith(("the tokenizer learned from", "token cache:"))]
     print(f"\n`{' '.join(['playground.py', corpus.name, *command[3:]])}`\n" + "".join(f"- {line}\n" for line in said)
           + f"- **text to first step: {seconds:.1f} s**, peak resident memory {peak_mb:,.0f} MB", flush=True)
     (learned,) = (folder / "runs").glob("tokenizer-*.json")
