@@ -21,7 +21,6 @@ The machine may be shared: compare the rows of one run (ratios), not runs made a
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 import sysconfig
@@ -160,26 +159,43 @@ def first_step(corpus: Path, heldout: Path, folder: Path, vocab_size: int, token
     """Seconds of a user's first command on the corpus, to its first step (its own tokenizer, the token cache,
     start-up, one step and its evaluation); prints them with the process's peak resident memory and its
     tokenizer's tokens per byte on the held-out text."""
-    command = [sys.executable, str(REPO / "playground.py"), str(corpus), "--vocab_size", str(vocab_size),
-               "--out_dir", str(folder / "runs"), "--checkpoint", str(folder / "runs" / "ckpt.pt"),
+    command = [sys.executable, str(REPO / "playground.py"), corpus.name, "--vocab_size", str(vocab_size),
+               "--out_dir", "runs", "--checkpoint", "runs/ckpt.pt",  # in `folder`, the corpus's folder
                "--max_iters", "1", "--eval_iters", "1", "--sample_tokens", "0", *SMALL_MODEL]
     command += ["--tokenizer_sample", tokenizer_sample] if tokenizer_sample else []
     start = time.perf_counter()
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=folder)
-    out, err = child.communicate()
-    seconds = time.perf_counter() - start
-    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # (Linux: kB) its only child process
+    with open(folder / "first_step.log", "w+") as log:
+        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=folder)
+        peak_mb = wait_for_peak(child)
+        seconds = time.perf_counter() - start
+        log.seek(0)
+        out = log.read()
     if child.returncode != 0:
-        raise UsageError(f"playground.py failed: {(err.strip().splitlines() or ['no output'])[-1]}")
+        raise UsageError(f"playground.py failed: {(out.strip().splitlines() or ['no output'])[-1]}")
     said = [line for line in out.splitlines()
             if line.startswith(("the tokenizer learned from", "token cache:"))]
-    print(f"\n`{' '.join(['playground.py', corpus.name, *command[3:]])}`\n" + "".join(f"- {line}\n" for line in said)
-          + f"- **text to first step: {seconds:.1f} s**, peak resident memory {peak_mb:,.0f} MB", flush=True)
+    print(f"\n`{' '.join(['playground.py', *command[2:]])}`\n" + "".join(f"- {line}\n" for line in said)
+          + f"- **text to first step: {seconds:.1f} s**, peak resident memory "
+          + (f"{peak_mb:,.0f} MB" if peak_mb else "not measured (no /proc)"), flush=True)
     (learned,) = (folder / "runs").glob("tokenizer-*.json")
     texts = pieces(heldout, float("inf"))
     tokens = sum(map(len, encoder_for(Tokenizer.from_file(learned)).encode_batch(texts)))
     print(f"- its tokenizer: {tokens / heldout.stat().st_size:.4f} tokens per byte of the held-out text", flush=True)
     return seconds
+
+
+def wait_for_peak(child: subprocess.Popen) -> float | None:
+    """Wait for the child; its peak resident memory in MB: Linux's high-water mark (VmHWM), read every 0.2 s
+    (getrusage would count the memory of this process, which the child is forked from)."""
+    peak, status = None, Path(f"/proc/{child.pid}/status")
+    while child.poll() is None:
+        try:
+            hwm = [line for line in status.read_text().splitlines() if line.startswith("VmHWM:")]
+            peak = int(hwm[0].split()[1]) / 1024 if hwm else peak
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.2)
+    return peak
 
 
 def main() -> None:
