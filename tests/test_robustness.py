@@ -593,7 +593,7 @@ def test_processes_building_the_same_token_cache_at_once_all_succeed(inputs, tmp
                              env={**os.environ, "OMP_NUM_THREADS": "1"}) for _ in range(3)]
     results = [r.communicate(timeout=120) for r in runs]
     assert [r.returncode for r in runs] == [0, 0, 0], results
-    assert len({out for out, _ in results}) == 1
+    assert len({out.splitlines()[-1] for out, _ in results}) == 1  # the same token counts (the log's times vary)
     alone = data.build_token_cache([inputs["corpus"]], Tokenizer.from_file(inputs["tok"]), tmp_path / "alone", 0.1)
     shared = data.build_token_cache([inputs["corpus"]], Tokenizer.from_file(inputs["tok"]), tmp_path, 0.1)
     assert shared["train"].tokens().tobytes() == alone["train"].tokens().tobytes()
