@@ -177,9 +177,9 @@ def _sampled(lines: Iterator[Line | Block | None], end: int, sample: int,
     block = max(1, min(SAMPLE_BLOCK, sample // 16))
     blocks, wanted = max(1, -(-end // block)), sample // block
 
-    def chosen(starts: np.ndarray) -> np.ndarray:  # the blocks where ceil(b * wanted / blocks) steps up
+    def chosen(starts: Any) -> Any:  # an offset or an array: the blocks where ceil(b * wanted / blocks) steps up
         b = starts // block
-        return np.full(len(b), True) if end <= sample else -(-(b + 1) * wanted // blocks) > -(-b * wanted // blocks)
+        return b >= 0 if end <= sample else -(-(b + 1) * wanted // blocks) > -(-b * wanted // blocks)
 
     file_ends = list(accumulate(text_sizes(reading.files, reading.text_field))) if reading is not None else []
     offset = taken = 0
@@ -188,9 +188,10 @@ def _sampled(lines: Iterator[Line | Block | None], end: int, sample: int,
         if item is None:
             yield None
             continue
-        for run, take in _runs(item, offset, chosen):
+        runs = ((item, chosen(offset)),) if isinstance(item, Line) else _runs(item, offset, chosen)
+        for run, take in runs:
             near_full = take and taken + run.size > sample and isinstance(run, Block)
-            for part in (run.lines(i, i + 1) for i in range(len(run.ends))) if near_full else [run]:
+            for part in (run.lines(i, i + 1) for i in range(len(run.ends))) if near_full else (run,):
                 if take and taken + part.size <= sample:
                     taken, skipping = taken + part.size, False
                     if reading is not None:
@@ -202,11 +203,8 @@ def _sampled(lines: Iterator[Line | Block | None], end: int, sample: int,
                 offset += part.size
 
 
-def _runs(item: Line | Block, offset: int, chosen: Any) -> Iterator[tuple[Line | Block, bool]]:
-    """The item (at byte `offset`) in runs of lines that are all chosen or all not, by where each line starts."""
-    if isinstance(item, Line):
-        yield item, bool(chosen(np.array([offset]))[0])
-        return
+def _runs(item: Block, offset: int, chosen: Any) -> Iterator[tuple[Block, bool]]:
+    """The Block (at byte `offset`) in runs of lines that are all chosen or all not, by where each line starts."""
     take = chosen(offset + np.concatenate(([0], item.ends[:-1])))
     cuts = [0, *(np.flatnonzero(take[1:] != take[:-1]) + 1).tolist(), len(take)]
     for i, j in pairwise(cuts):
