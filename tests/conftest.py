@@ -6,10 +6,13 @@ runs/) cannot change a result, and a test that writes a default output path writ
 if the repository's working tree gained or lost a file while it ran."""
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+
+from gptlab.errors import run_cli
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -80,6 +83,18 @@ def corpus_slice(folder: Path, chars: int, name: str = "corpus.txt") -> Path:
     path = folder / name
     path.write_text(text[: text.rindex("\n") + 1], encoding="utf-8")
     return path
+
+
+def run_main(main: Callable[[list[str]], object], argv: list[str],
+             capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    """A CLI's main as its script runs it (inside errors.run_cli), in this process: (exit status, stdout, stderr)."""
+    try:
+        run_cli(lambda: main(argv))
+        status = 0
+    except SystemExit as e:
+        status = e.code
+    out, err = capsys.readouterr()
+    return status, out, err
 
 
 @pytest.fixture(scope="module")

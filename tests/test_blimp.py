@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import run_main
 
 import evaluate
 from gpt import GPT, GPTConfig
 from gptlab import blimp
 from gptlab.checkpoint import save_checkpoint
-from gptlab.errors import run_cli
 from gptlab.tokenizer import Tokenizer, train_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,13 +58,7 @@ def token_by_token(model: GPT, tokens: list[int]) -> float:
 
 
 def run_evaluate(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        run_cli(lambda: evaluate.main(argv))
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_main(evaluate.main, argv, capsys)
 
 
 @pytest.mark.parametrize("shape", ["gpt2", "qwen3"])

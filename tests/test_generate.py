@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_main
 
 import evaluate
 import generate
 from evaluate import encode_file, evaluate_tokens
 from gpt import GPT, GPTConfig
 from gptlab.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from gptlab.errors import run_cli
 from gptlab.tokenizer import corpus_files, train_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -220,14 +220,7 @@ def test_evaluate_cli_reports_all_three_figures(ckpt_path, tmp_path):
 
 
 def run_generate(argv: list[str], capsys) -> tuple[int, str, str]:
-    """generate.py's main as its script runs it (inside run_cli), in this process: (status, stdout, stderr)."""
-    try:
-        run_cli(lambda: generate.main(argv))
-        status = 0
-    except SystemExit as e:
-        status = e.code
-    out, err = capsys.readouterr()
-    return status, out, err
+    return run_main(generate.main, argv, capsys)
 
 
 class PipedBytes(io.TextIOWrapper):
