@@ -8,6 +8,6 @@ cd "$(dirname "$0")/.."
 venv=.venv-newest
 [ -x "$venv/bin/python" ] || python -m venv "$venv"
 # -U: a reused environment moves to a newer torch once one is out, as a fresh install would.
-"$venv/bin/python" -m pip install -q -U -r requirements.txt "$(grep '^pytest' requirements-dev.txt)"
+"$venv/bin/python" -m pip install -q -U -r requirements.txt "$(grep '^pytest>' requirements-dev.txt)"
 "$venv/bin/python" -c "import torch; print(f'distributed tests on the newest allowed torch: {torch.__version__}')"
 WANDB_MODE=disabled "$venv/bin/python" -m pytest -q tests/test_distributed.py
